@@ -1,0 +1,51 @@
+# Two environments, by necessity (see README): the core at .venv, TFF's runtime at .venv-tff.
+PYTHON ?= python3.11
+CORE := .venv/bin/python
+TFF := .venv-tff/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: demo test test-quick lint fixtures bench envs clean-envs
+
+envs: .venv/.ready .venv-tff/.ready
+
+.venv/.ready: requirements/core.txt requirements/core.lock pyproject.toml
+	rm -rf .venv
+	$(PYTHON) -m venv .venv
+	.venv/bin/pip install -q --disable-pip-version-check -r requirements/core.txt -c requirements/core.lock
+	.venv/bin/pip install -q --disable-pip-version-check --no-deps -e .
+	touch $@
+
+# tensorflow-federated 0.87.0 pins jaxlib==0.4.14, which was never published: install its other
+# requirements (jaxlib 0.4.13 instead) and then TFF itself without dependency resolution.
+.venv-tff/.ready: requirements/tff.txt requirements/tff.lock
+	rm -rf .venv-tff
+	$(PYTHON) -m venv .venv-tff
+	.venv-tff/bin/pip install -q --disable-pip-version-check -r requirements/tff.txt -c requirements/tff.lock
+	.venv-tff/bin/pip install -q --disable-pip-version-check --no-deps tensorflow-federated==0.87.0
+	touch $@
+
+# The main job on the bundled default example: export FedAvg to TFF and prove it on TFF 0.87.
+demo: envs
+	$(CORE) -m faxbridge demo
+
+# The whole suite, both environments. pytest's exit code 5 ("no tests ran") is a failure here.
+test: envs
+	$(CORE) -m pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests"; exit 1; fi; exit $$rc
+
+# The quick suite: everything but the slow round trips (under two minutes).
+test-quick: .venv/.ready
+	$(CORE) -m pytest -m "not slow" $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests"; exit 1; fi; exit $$rc
+
+lint: .venv/.ready
+	.venv/bin/ruff check .
+
+fixtures: envs
+	$(CORE) -m faxbridge.fixtures
+
+bench: .venv/.ready
+	$(CORE) benchmarks/run.py
+
+clean-envs:
+	rm -rf .venv .venv-tff

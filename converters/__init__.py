@@ -1,0 +1,1 @@
+"""Export targets: one package per target (tf, tff, stablehlo, tflite) plus runtimes."""

@@ -1,0 +1,45 @@
+"""faxbridge: federated computations written once in JAX, run as sharded XLA, exported to
+TensorFlow Federated, StableHLO (IREE) and TFLite (LiteRT), and proven equal by execution.
+
+    import faxbridge as fb
+
+    @fb.computation(in_placements=(fb.SERVER, fb.CLIENTS))
+    def fedavg_round(params, data):
+      updates = fb.map(local_training, fb.broadcast(params), data)
+      return fb.mean(updates)
+"""
+
+from faxbridge.api import broadcast, map, max, mean, min, secure_sum, sum, weighted_mean
+from faxbridge.computation import Computation, TracedComputation, computation
+from faxbridge.errors import (
+    ExportError,
+    FaxbridgeError,
+    PlacementError,
+    UnsupportedPrimitiveError,
+    VerificationError,
+)
+from faxbridge.placements import CLIENTS, SERVER, Placement
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CLIENTS",
+    "SERVER",
+    "Computation",
+    "ExportError",
+    "FaxbridgeError",
+    "Placement",
+    "PlacementError",
+    "TracedComputation",
+    "UnsupportedPrimitiveError",
+    "VerificationError",
+    "broadcast",
+    "computation",
+    "map",
+    "max",
+    "mean",
+    "min",
+    "secure_sum",
+    "sum",
+    "weighted_mean",
+]

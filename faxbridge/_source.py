@@ -1,0 +1,33 @@
+"""Turn a JAX equation's ``source_info`` into the user's ``file:line`` for error messages."""
+
+from __future__ import annotations
+
+import os
+
+from jax._src import source_info_util
+
+_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Frames inside these folders are ours or JAX's, never the line a user wants to see.
+_INTERNAL_DIRS = tuple(
+    os.path.join(_PACKAGE_ROOT, d) + os.sep for d in ("faxbridge", "converters")
+)
+
+
+def _is_internal(file_name: str) -> bool:
+  return file_name.startswith(_INTERNAL_DIRS) or source_info_util.is_user_filename(file_name) is False
+
+
+def user_location(source_info) -> str | None:
+  """``file:line (function)`` of the innermost user frame of ``source_info``, or None."""
+  if source_info is None or source_info.traceback is None:
+    return None
+  for frame in source_info_util.user_frames(source_info.traceback):
+    if not _is_internal(frame.file_name):
+      return f"{frame.file_name}:{frame.start_line} ({frame.function_name})"
+  return None
+
+
+def describe(source_info) -> str:
+  """`` at file:line (function)`` or the empty string when JAX kept no traceback."""
+  where = user_location(source_info)
+  return f" at {where}" if where else ""

@@ -1,0 +1,190 @@
+"""The federated operations a computation is written with. All take pytrees.
+
+Inside an :func:`faxbridge.computation`, SERVER values are ordinary arrays and CLIENTS values are
+arrays whose leading axis is the clients axis (size ``n``). These functions are the only way across
+the boundary; placement inference checks every use when the computation is traced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax._src import source_info_util
+
+from faxbridge import primitives as P
+from faxbridge._source import describe
+from faxbridge.errors import PlacementError
+
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class _Context:
+  clients: int | None
+  mesh: jax.sharding.Mesh | None
+
+
+_CONTEXT: contextvars.ContextVar[_Context | None] = contextvars.ContextVar("fb", default=None)
+
+
+@contextlib.contextmanager
+def federated_context(clients: int | None, mesh=None) -> Iterator[None]:
+  token = _CONTEXT.set(_Context(clients, mesh))
+  try:
+    yield
+  finally:
+    _CONTEXT.reset(token)
+
+
+def _here() -> str:
+  return describe(source_info_util.current())
+
+
+def _context(op: str) -> _Context:
+  ctx = _CONTEXT.get()
+  if ctx is None:
+    raise PlacementError(
+        f"fb.{op} was called outside a federated computation{_here()}. Wrap the function in "
+        "@fb.computation(in_placements=(...)) and call it, or call comp.trace(...)."
+    )
+  return ctx
+
+
+def _clients_of(op: str, leaves) -> int:
+  ctx = _context(op)
+  n = ctx.clients
+  for leaf in leaves:
+    shape = jnp.shape(leaf)
+    if not shape or (n is not None and shape[0] != n):
+      expected = f"{n}" if n is not None else "the number of clients"
+      raise PlacementError(
+          f"fb.{op} received a value of shape {shape}{_here()}, which is not CLIENTS-placed: a "
+          f"CLIENTS value has the clients axis (size {expected}) first. Broadcast SERVER values "
+          "with fb.broadcast(x)."
+      )
+    n = shape[0]
+  if n is None:
+    raise PlacementError(f"fb.{op} needs at least one CLIENTS-placed value{_here()}.")
+  return n
+
+
+def _constrain_to_clients(leaves: list) -> list:
+  """Shard CLIENTS values along the mesh's ``clients`` axis, when the computation has one."""
+  ctx = _CONTEXT.get()
+  mesh = ctx.mesh if ctx else None
+  if mesh is None or "clients" not in mesh.axis_names:
+    return leaves
+  spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("clients"))
+  return [jax.lax.with_sharding_constraint(x, spec) for x in leaves]
+
+
+def broadcast(x: PyTree) -> PyTree:
+  """SERVER -> CLIENTS: every client receives ``x`` (result: ``x`` stacked ``n`` times)."""
+  ctx = _context("broadcast")
+  if ctx.clients is None:
+    raise PlacementError(
+        f"fb.broadcast{_here()} needs the number of clients, and the computation has no "
+        "CLIENTS-placed input to infer it from: pass clients=n to fb.computation."
+    )
+  leaves, tree = jax.tree.flatten(x)
+  out = [P.broadcast_p.bind(jnp.asarray(v), clients=ctx.clients) for v in leaves]
+  return jax.tree.unflatten(tree, _constrain_to_clients(out))
+
+
+def map(fn: Callable, *args: PyTree) -> PyTree:  # noqa: A001 - the federated map, like jax.vmap
+  """CLIENTS -> CLIENTS: ``fn`` applied to each client's slice of ``args``.
+
+  ``fn`` sees one client's values (the clients axis removed) and may return any pytree; it is kept
+  as a per-client sub-jaxpr. It may not capture traced values: pass them as broadcast arguments.
+  """
+  leaves, in_tree = jax.tree.flatten(args)
+  n = _clients_of("map", leaves)
+  out_tree_box = []
+
+  def flat_fn(*flat):
+    out = fn(*jax.tree.unflatten(in_tree, list(flat)))
+    out_leaves, out_tree = jax.tree.flatten(out)
+    out_tree_box.append(out_tree)
+    return out_leaves
+
+  avals = [jax.ShapeDtypeStruct(jnp.shape(v)[1:], jnp.result_type(v)) for v in leaves]
+  closed = P.trace_per_client(flat_fn, avals)
+  out = P.map_p.bind(*[jnp.asarray(v) for v in leaves], jaxpr=closed, clients=n)
+  return jax.tree.unflatten(out_tree_box[-1], _constrain_to_clients(list(out)))
+
+
+def _aggregate(op: str, prim, x: PyTree, **params) -> PyTree:
+  leaves, tree = jax.tree.flatten(x)
+  _clients_of(op, leaves)
+  return jax.tree.unflatten(tree, [prim.bind(jnp.asarray(v), **params) for v in leaves])
+
+
+def sum(x: PyTree) -> PyTree:  # noqa: A001
+  """CLIENTS -> SERVER: ``sum_i x_i``."""
+  return _aggregate("sum", P.sum_p, x)
+
+
+def mean(x: PyTree) -> PyTree:
+  """CLIENTS -> SERVER: ``(1/n) sum_i x_i`` (floating values)."""
+  _require_float("mean", x)
+  return _aggregate("mean", P.mean_p, x)
+
+
+def weighted_mean(x: PyTree, weight: jax.Array) -> PyTree:
+  """CLIENTS -> SERVER: ``sum_i w_i x_i / sum_i w_i``, ``weight`` one scalar per client."""
+  _require_float("weighted_mean", x)
+  leaves, tree = jax.tree.flatten(x)
+  n = _clients_of("weighted_mean", leaves)
+  weight = jnp.asarray(weight)
+  if weight.shape != (n,):
+    raise PlacementError(
+        f"fb.weighted_mean{_here()}: the weight must be one scalar per client, shape ({n},), "
+        f"not {weight.shape}."
+    )
+  out = []
+  for v in leaves:
+    w = weight
+    if w.dtype != v.dtype:  # the cast is per-client work
+      (w,) = P.bind_map(lambda wi, dt=v.dtype: [wi.astype(dt)], weight)
+    out.append(P.weighted_mean_p.bind(jnp.asarray(v), w))
+  return jax.tree.unflatten(tree, out)
+
+
+def secure_sum(x: PyTree, bitwidth: int) -> PyTree:
+  """CLIENTS -> SERVER: ``sum_i x_i`` of integers in ``[0, 2**bitwidth)``, by secure aggregation.
+
+  Natively this is a plain sum; exported, it becomes TFF's ``federated_secure_sum_bitwidth``.
+  """
+  if not isinstance(bitwidth, int) or not 1 <= bitwidth <= 62:
+    raise ValueError(f"fb.secure_sum: bitwidth must be an int in [1, 62], got {bitwidth!r}")
+  for v in jax.tree.leaves(x):
+    if not jnp.issubdtype(jnp.result_type(v), jnp.integer):
+      raise TypeError(
+          f"fb.secure_sum{_here()} sums integers, got {jnp.result_type(v)}: quantize first."
+      )
+  return _aggregate("secure_sum", P.secure_sum_p, x, bitwidth=bitwidth)
+
+
+def max(x: PyTree) -> PyTree:  # noqa: A001
+  """CLIENTS -> SERVER: elementwise ``max_i x_i``."""
+  return _aggregate("max", P.max_p, x)
+
+
+def min(x: PyTree) -> PyTree:  # noqa: A001
+  """CLIENTS -> SERVER: elementwise ``min_i x_i``."""
+  return _aggregate("min", P.min_p, x)
+
+
+def _require_float(op: str, x: PyTree) -> None:
+  for v in jax.tree.leaves(x):
+    if not jnp.issubdtype(jnp.result_type(v), jnp.inexact):
+      raise TypeError(
+          f"fb.{op}{_here()} averages floating values, got {jnp.result_type(v)}: cast inside "
+          "fb.map first, or use fb.sum."
+      )

@@ -1,0 +1,222 @@
+"""``fb.computation``: tracing, placement checking, caching and native (sharded XLA) execution."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.extend import core as jcore
+
+from faxbridge import placements
+from faxbridge.api import federated_context
+from faxbridge.errors import PlacementError
+from faxbridge.placements import CLIENTS, SERVER, Placement
+
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class TracedComputation:
+  """A federated computation traced for one input signature.
+
+  Attributes:
+    jaxpr: the whole computation as a ClosedJaxpr; federated operations are faxbridge primitives
+      and every ``fb.map`` keeps its per-client function as a sub-jaxpr.
+    in_placements / out_placements: one placement per flat input / output leaf.
+    in_tree / out_tree: pytree structures of the (positional) inputs and of the output.
+    clients: the number of clients.
+    var_placements: the placement of every variable of ``jaxpr`` (for printing and splitting).
+  """
+
+  jaxpr: jcore.ClosedJaxpr
+  in_placements: tuple[Placement, ...]
+  out_placements: tuple[Placement, ...]
+  in_tree: Any
+  out_tree: Any
+  clients: int | None
+  var_placements: dict = dataclasses.field(repr=False, compare=False)
+  name: str = "computation"
+
+  def pretty(self) -> str:
+    """The jaxpr as text with the placement of every variable shown (``{f32[3]}@CLIENTS``)."""
+    from faxbridge._pretty import pretty_traced
+
+    return pretty_traced(self)
+
+  def __str__(self) -> str:
+    return self.pretty()
+
+
+def _flat_placements(in_placements: Sequence[Placement], args: Sequence) -> list[Placement]:
+  out = []
+  for place, arg in zip(in_placements, args):
+    out += [place] * len(jax.tree.leaves(arg))
+  return out
+
+
+def _shape_of(x) -> tuple[int, ...]:
+  return tuple(np.shape(x)) if not hasattr(x, "shape") else tuple(x.shape)
+
+
+class Computation:
+  """A federated computation: call it to run natively; ``trace`` it to see its federated jaxpr."""
+
+  def __init__(
+      self,
+      fn: Callable,
+      *,
+      clients: int | None = None,
+      in_placements: Sequence[Placement] = (),
+      mesh: jax.sharding.Mesh | None = None,
+  ):
+    for p in in_placements:
+      if not isinstance(p, Placement):
+        raise TypeError(f"in_placements takes fb.SERVER or fb.CLIENTS, got {p!r}")
+    self.fn = fn
+    self.clients = clients
+    self.in_placements = tuple(in_placements)
+    self.mesh = mesh
+    self._signatures: dict = {}
+    functools.update_wrapper(self, fn)
+
+  # -- tracing -------------------------------------------------------------------------------
+  def _check_args(self, args: Sequence) -> int | None:
+    if len(args) != len(self.in_placements):
+      raise TypeError(
+          f"{self.__name__} takes {len(self.in_placements)} positional arguments (one per entry of "
+          f"in_placements), got {len(args)}"
+      )
+    n = self.clients
+    for i, (place, arg) in enumerate(zip(self.in_placements, args)):
+      if place is not CLIENTS:
+        continue
+      for path, leaf in jax.tree_util.tree_leaves_with_path(arg):
+        shape = _shape_of(leaf)
+        if not shape or (n is not None and shape[0] != n):
+          raise PlacementError(
+              f"argument {i}{jax.tree_util.keystr(path)} of {self.__name__} is CLIENTS-placed, so "
+              f"its leading axis is the clients axis{'' if n is None else f' (size {n})'}; got "
+              f"shape {shape}"
+          )
+        n = shape[0]
+    return n
+
+  def _wrapped(self, clients: int | None, mesh) -> Callable:
+    def run(*args):
+      with federated_context(clients, mesh):
+        return self.fn(*args)
+
+    return run
+
+  def trace(self, *args: PyTree) -> TracedComputation:
+    """Trace for the signature of ``args`` (arrays or ``jax.ShapeDtypeStruct`` pytrees)."""
+    return self._trace(args, self._resolve_mesh())
+
+  def _trace(self, args: Sequence, mesh) -> TracedComputation:
+    clients = self._check_args(args)
+    closed, out_shape = jax.make_jaxpr(self._wrapped(clients, mesh), return_shape=True)(*args)
+    in_places = _flat_placements(self.in_placements, args)
+    out_places, env = placements.infer(closed.jaxpr, in_places)
+    return TracedComputation(
+        jaxpr=closed,
+        in_placements=tuple(in_places),
+        out_placements=tuple(out_places),
+        in_tree=jax.tree.structure(tuple(args)),
+        out_tree=jax.tree.structure(out_shape),
+        clients=clients,
+        var_placements=env,
+        name=self.__name__,
+    )
+
+  # -- native execution ------------------------------------------------------------------------
+  def _resolve_mesh(self):
+    if self.mesh is not None:
+      return self.mesh
+    try:
+      ambient = jax.sharding.get_mesh()
+    except ValueError:  # under an outer transformation only the abstract mesh is known
+      return None
+    return None if ambient.empty else ambient
+
+  def _executable(self, args: Sequence, mesh):
+    avals = tuple(jax.ShapeDtypeStruct(_shape_of(x), jax.numpy.result_type(x)) for x in
+                  jax.tree.leaves(args))
+    key = (jax.tree.structure(tuple(args)), avals, mesh)
+    entry = self._signatures.get(key)
+    if entry is None:
+      traced = self._trace(args, mesh)
+      run = self._wrapped(traced.clients, mesh)
+      shardings = _shardings(traced, mesh)
+      if shardings is None:
+        jitted = jax.jit(run)
+      else:
+        in_shard, out_shard = shardings
+        jitted = jax.jit(run, in_shardings=in_shard, out_shardings=out_shard)
+      entry = self._signatures[key] = (traced, jitted, shardings)
+    return entry
+
+  def __call__(self, *args: PyTree) -> PyTree:
+    mesh = self._resolve_mesh()
+    _, jitted, shardings = self._executable(args, mesh)
+    if shardings is not None:
+      args = jax.tree.map(_put, args, shardings[0])
+    return jitted(*args)
+
+
+def _put(x, sharding):
+  # Host data goes onto the mesh explicitly: under multi-process jax.distributed a jit cannot take
+  # numpy inputs for arrays that span other processes' devices.
+  if isinstance(x, jax.core.Tracer) or (isinstance(x, jax.Array) and x.sharding == sharding):
+    return x
+  return jax.device_put(x, sharding)
+
+
+def _shardings(traced: TracedComputation, mesh):
+  """In/out shardings: CLIENTS leaves split over the mesh's ``clients`` axis, SERVER replicated."""
+  if mesh is None or "clients" not in mesh.axis_names:
+    return None
+  size = mesh.shape["clients"]
+  if traced.clients is not None and traced.clients % size:
+    raise ValueError(
+        f"{traced.name}: {traced.clients} clients cannot be split evenly over the mesh's "
+        f"'clients' axis of size {size}"
+    )
+  P = jax.sharding.PartitionSpec
+  by_place = {
+      CLIENTS: jax.sharding.NamedSharding(mesh, P("clients")),
+      SERVER: jax.sharding.NamedSharding(mesh, P()),
+  }
+  ins = jax.tree.unflatten(traced.in_tree, [by_place[p] for p in traced.in_placements])
+  outs = jax.tree.unflatten(traced.out_tree, [by_place[p] for p in traced.out_placements])
+  return ins, outs
+
+
+def computation(
+    fn: Callable | None = None,
+    *,
+    clients: int | None = None,
+    in_placements: Sequence[Placement] = (),
+    mesh: jax.sharding.Mesh | None = None,
+) -> Computation | Callable[[Callable], Computation]:
+  """Make ``fn`` a federated computation.
+
+  Args:
+    fn: a function of JAX values written with ``fb.broadcast``, ``fb.map`` and aggregations.
+    clients: the number of clients; inferred from the CLIENTS-placed inputs when None.
+    in_placements: one placement per positional argument (a pytree argument shares it).
+    mesh: a device mesh; with an axis named ``clients``, CLIENTS values are sharded along it.
+      Defaults to JAX's ambient mesh (``jax.set_mesh``).
+
+  Example::
+
+    @fb.computation(in_placements=(fb.SERVER, fb.CLIENTS))
+    def fedavg_round(params, data):
+      updates = fb.map(local_training, fb.broadcast(params), data)
+      return fb.mean(updates)
+  """
+  make = functools.partial(Computation, clients=clients, in_placements=in_placements, mesh=mesh)
+  return make if fn is None else make(fn)

@@ -1,0 +1,108 @@
+"""Placements (SERVER, CLIENTS) and placement inference over a jaxpr.
+
+A federated computation's jaxpr is ordinary JAX plus the federated primitives of
+``faxbridge.primitives``. Placement inference walks it once, from the placements of the inputs:
+
+* ``broadcast``: SERVER -> CLIENTS; ``map``: CLIENTS... -> CLIENTS;
+* aggregations (``sum``, ``mean``, ``weighted_mean``, ``secure_sum``, ``max``, ``min``): CLIENTS -> SERVER;
+* call-like primitives (``jit``, ``custom_jvp_call``...) are entered, so placements flow through them;
+* every other JAX primitive is server work: it may only see SERVER values.
+
+Anything else is a :class:`~faxbridge.errors.PlacementError` naming the user's ``file:line``.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from jax.extend import core as jcore
+
+from faxbridge._source import describe
+from faxbridge.errors import PlacementError
+
+
+class Placement(enum.Enum):
+  """Where a value lives: on the one server, or one copy per client (leading axis = clients)."""
+
+  SERVER = "SERVER"
+  CLIENTS = "CLIENTS"
+
+  def __repr__(self) -> str:
+    return f"fb.{self.value}"
+
+  __str__ = __repr__
+
+
+SERVER = Placement.SERVER
+CLIENTS = Placement.CLIENTS
+
+# Primitives that merely wrap a sub-jaxpr: placements flow into and out of them unchanged.
+_CALL_LIKE = {
+    "jit": "jaxpr",
+    "pjit": "jaxpr",
+    "closed_call": "call_jaxpr",
+    "core_call": "call_jaxpr",
+    "custom_jvp_call": "call_jaxpr",
+    "custom_vjp_call": "call_jaxpr",
+    "custom_vjp_call_jaxpr": "fun_jaxpr",
+    "remat": "jaxpr",
+    "checkpoint": "jaxpr",
+}
+# Primitives that only annotate a value (its layout on devices), at any placement.
+_PLACEMENT_PRESERVING = frozenset({"sharding_constraint", "copy", "copy_p", "device_put"})
+
+# primitive name -> rule(eqn, in_placements) -> out_placements. Filled by faxbridge.primitives.
+RULES: dict[str, Callable[[Any, Sequence[Placement]], list[Placement]]] = {}
+
+
+def _server_work(eqn, in_places: Sequence[Placement]) -> list[Placement]:
+  if CLIENTS in in_places:
+    raise PlacementError(
+        f"JAX operation '{eqn.primitive.name}' was applied to a CLIENTS-placed value outside "
+        f"fb.map{describe(eqn.source_info)}. Outside fb.map only SERVER values may be computed on. "
+        "Write per-client work inside fb.map(fn, ...), and combine clients with an aggregation: "
+        "fb.sum(x) instead of x.sum(axis=0), fb.mean(x) instead of x.mean(axis=0)."
+    )
+  return [SERVER] * len(eqn.outvars)
+
+
+def _sub_jaxpr(eqn) -> jcore.Jaxpr | None:
+  param = _CALL_LIKE.get(eqn.primitive.name)
+  if param is None or param not in eqn.params:
+    return None
+  sub = eqn.params[param]
+  return sub.jaxpr if isinstance(sub, jcore.ClosedJaxpr) else sub
+
+
+def infer(jaxpr: jcore.Jaxpr, in_places: Sequence[Placement]) -> tuple[list[Placement], dict]:
+  """Placements of ``jaxpr``'s outputs, and of every variable (``{Var: Placement}``).
+
+  Raises:
+    PlacementError: at the first equation that uses a value at the wrong placement.
+  """
+  env: dict = {}
+  for v in jaxpr.constvars:
+    env[v] = SERVER
+  if len(in_places) != len(jaxpr.invars):
+    raise ValueError(f"{len(in_places)} placements for {len(jaxpr.invars)} jaxpr inputs")
+  env.update(zip(jaxpr.invars, in_places))
+
+  def read(atom) -> Placement:
+    return SERVER if isinstance(atom, jcore.Literal) else env[atom]
+
+  for eqn in jaxpr.eqns:
+    places = [read(a) for a in eqn.invars]
+    name = eqn.primitive.name
+    if name in RULES:
+      out = RULES[name](eqn, places)
+    elif name in _PLACEMENT_PRESERVING:
+      out = places[: len(eqn.outvars)]
+    elif (sub := _sub_jaxpr(eqn)) is not None and CLIENTS in places:
+      out, sub_env = infer(sub, places)
+      env.update(sub_env)
+    else:
+      out = _server_work(eqn, places)
+    env.update(zip(eqn.outvars, out))
+  return [read(v) for v in jaxpr.outvars], env

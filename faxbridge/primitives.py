@@ -1,0 +1,393 @@
+"""The federated primitives, each with its whole story side by side.
+
+A CLIENTS-placed array carries the clients on its leading axis, so for ``n`` clients:
+
+* ``broadcast``: ``x -> [x] * n``                              (SERVER -> CLIENTS)
+* ``map[jaxpr]``: ``xs -> [f(x_i) for i]``, ``f`` kept as a sub-jaxpr (CLIENTS -> CLIENTS)
+* ``sum``: ``xs -> sum_i x_i``; ``mean``: ``sum_i x_i / n``   (CLIENTS -> SERVER)
+* ``weighted_mean``: ``(xs, ws) -> sum_i w_i x_i / sum_i w_i``
+* ``secure_sum[bitwidth]``: ``sum_i x_i`` of integers in ``[0, 2**bitwidth)``
+* ``max`` / ``min``: elementwise over clients
+
+For each: abstract evaluation, native impl and XLA lowering (plain ``broadcast_to``, ``vmap`` and
+reductions), JVP, transpose and batching rule, and the placement rule. Derivative rules are written
+with the primitives themselves, so the jaxprs of ``jax.grad`` keep the client/server boundary:
+``transpose(broadcast) = sum``, ``transpose(sum) = broadcast``, ``transpose(mean) = broadcast / n``,
+and per-client work (``mul`` by a per-client weight, a max mask) is wrapped in ``map``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import core as jax_core
+from jax.extend import core as jcore
+from jax._src import source_info_util
+from jax.interpreters import ad, batching, mlir
+
+from faxbridge import placements
+from faxbridge._source import describe
+from faxbridge.errors import PlacementError
+from faxbridge.placements import CLIENTS, SERVER
+
+__all__ = [
+    "AGGREGATIONS",
+    "broadcast_p",
+    "map_p",
+    "max_p",
+    "mean_p",
+    "min_p",
+    "secure_sum_p",
+    "sum_p",
+    "weighted_mean_p",
+]
+
+
+def _shaped(shape, dtype, weak_type=False) -> jax_core.ShapedArray:
+  return jax_core.ShapedArray(tuple(shape), dtype, weak_type=weak_type)
+
+
+def _to_clients_axis0(x, bdim):
+  """Batching keeps the clients axis first: move a batch axis that sits at 0 to axis 1."""
+  return (jnp.moveaxis(x, bdim, 1), 1) if bdim == 0 else (x, bdim)
+
+
+def _placement_rule(kind: str, expects: placements.Placement, out: placements.Placement, hint: str):
+  def rule(eqn, in_places):
+    for i, place in enumerate(in_places):
+      if place is not expects:
+        raise PlacementError(
+            f"fb.{kind} received a {place.value}-placed value as argument {i}"
+            f"{describe(eqn.source_info)}; it takes {expects.value}-placed values. {hint}"
+        )
+    return [out] * len(eqn.outvars)
+
+  placements.RULES[kind] = rule
+
+
+# --------------------------------------------------------------------------------------------------
+# broadcast: SERVER -> CLIENTS.  y = [x] * n
+# --------------------------------------------------------------------------------------------------
+broadcast_p = jcore.Primitive("broadcast")
+
+
+def _broadcast_impl(x, *, clients):
+  return jnp.broadcast_to(x, (clients, *jnp.shape(x)))
+
+
+broadcast_p.def_impl(_broadcast_impl)
+broadcast_p.def_abstract_eval(
+    lambda x, *, clients: _shaped((clients, *x.shape), x.dtype, x.weak_type)
+)
+mlir.register_lowering(broadcast_p, mlir.lower_fun(_broadcast_impl, multiple_results=False))
+# Linear; its transpose sums the per-client cotangents back onto the server.
+ad.deflinear2(broadcast_p, lambda ct, x, *, clients: [sum_p.bind(ct)])
+
+
+def _broadcast_batch(args, dims, *, clients):
+  (x,), (d,) = args, dims
+  # The new clients axis goes first, pushing the batch axis one to the right.
+  return broadcast_p.bind(x, clients=clients), d + 1
+
+
+batching.primitive_batchers[broadcast_p] = _broadcast_batch
+_placement_rule(
+    "broadcast", SERVER, CLIENTS,
+    "It is already at the clients: pass it to fb.map directly, or aggregate it first.",
+)
+
+
+# --------------------------------------------------------------------------------------------------
+# map[jaxpr]: CLIENTS -> CLIENTS.  ys = [f(x_1, ...), ..., f(x_n, ...)], f a per-client jaxpr
+# --------------------------------------------------------------------------------------------------
+map_p = jcore.Primitive("map")
+map_p.multiple_results = True
+
+
+def _per_client_avals(args) -> list[jax_core.ShapedArray]:
+  return [_shaped(jnp.shape(a)[1:], jnp.result_type(a)) for a in args]
+
+
+def trace_per_client(fn: Callable, avals: Sequence, what: str = "fb.map") -> jcore.ClosedJaxpr:
+  """The jaxpr of ``fn`` on one client's values; values it captures from outside are refused.
+
+  A captured tracer is a SERVER value (or a whole CLIENTS array) smuggled into per-client work; it
+  must travel as an argument so that the boundary stays explicit.
+  """
+  closed = jax.make_jaxpr(fn)(*avals)
+  if any(isinstance(c, jax_core.Tracer) for c in closed.consts):
+    raise PlacementError(
+        f"the function given to {what} captures a traced value from the enclosing computation"
+        f"{describe(source_info_util.current())}. Per-client functions may only use their "
+        "arguments and constants: pass SERVER values as fb.broadcast(value) arguments."
+    )
+  return closed
+
+
+def bind_map(fn: Callable, *args) -> list:
+  """Apply ``fn`` per client to flat CLIENTS arrays ``args`` (all with leading axis n)."""
+  clients = jnp.shape(args[0])[0]
+  closed = trace_per_client(fn, _per_client_avals(args))
+  return map_p.bind(*args, jaxpr=closed, clients=clients)
+
+
+def _map_impl(*args, jaxpr, clients):
+  del clients
+  return jax.vmap(jcore.jaxpr_as_fun(jaxpr))(*args)
+
+
+def _map_abstract_eval(*args, jaxpr, clients):
+  del args
+  return [_shaped((clients, *a.shape), a.dtype, a.weak_type) for a in jaxpr.out_avals]
+
+
+map_p.def_impl(_map_impl)
+map_p.def_abstract_eval(_map_abstract_eval)
+mlir.register_lowering(map_p, mlir.lower_fun(_map_impl, multiple_results=True))
+
+
+def _is_float(aval) -> bool:
+  return jnp.issubdtype(aval.dtype, jnp.inexact)
+
+
+def _map_jvp(primals, tangents, *, jaxpr, clients):
+  # Primal and tangent maps are bound separately so that partial evaluation (linearize, grad) sees
+  # a known primal map and an unknown, linear tangent map. The tangent map recomputes the primal per
+  # client: that is the price of keeping each half a plain per-client function.
+  primal_out = map_p.bind(*primals, jaxpr=jaxpr, clients=clients)
+  nonzero = [type(t) is not ad.Zero for t in tangents]
+  out_float = [_is_float(a) for a in jaxpr.out_avals]
+  if not any(nonzero) or not any(out_float):
+    return primal_out, [ad.Zero(a.to_tangent_aval()) for a in map(jax_core.get_aval, primal_out)]
+  inner = jcore.jaxpr_as_fun(jaxpr)
+  in_avals = jaxpr.in_avals
+
+  def tangent_fn(*primals_and_tangents):
+    ps = primals_and_tangents[: len(primals)]
+    it = iter(primals_and_tangents[len(primals):])
+    ts = [next(it) if nz else _zero_tangent(a) for nz, a in zip(nonzero, in_avals)]
+    _, t_out = jax.jvp(inner, tuple(ps), tuple(ts))
+    return [t for t, f in zip(t_out, out_float) if f]
+
+  nz_tangents = [t for t, nz in zip(tangents, nonzero) if nz]
+  avals = _per_client_avals(primals) + _per_client_avals(nz_tangents)
+  t_jaxpr = trace_per_client(tangent_fn, avals, "the JVP of fb.map")
+  t_float = iter(map_p.bind(*primals, *nz_tangents, jaxpr=t_jaxpr, clients=clients))
+  tangent_out = [
+      next(t_float) if f else ad.Zero(jax.typeof(p).to_tangent_aval())
+      for p, f in zip(primal_out, out_float)
+  ]
+  return primal_out, tangent_out
+
+
+def _zero_tangent(aval):
+  t_aval = aval.to_tangent_aval()
+  return np.zeros(t_aval.shape, t_aval.dtype)
+
+
+ad.primitive_jvps[map_p] = _map_jvp
+
+
+def _map_transpose(cts, *args, jaxpr, clients):
+  # The map is linear in its undefined (linear) arguments given the others (residuals), so its
+  # transpose is the per-client VJP at any point of the linear arguments: zeros will do.
+  linear = [ad.is_undefined_primal(a) for a in args]
+  residuals = [a for a, lin in zip(args, linear) if not lin]
+  lin_avals = [a.aval for a, lin in zip(args, linear) if lin]
+  cts = [
+      jnp.zeros((clients, *a.shape), a.dtype) if type(ct) is ad.Zero else ct
+      for ct, a in zip(cts, jaxpr.out_avals)
+  ]
+  inner = jcore.jaxpr_as_fun(jaxpr)
+
+  def per_client_transpose(*res_and_cts):
+    res, ct = res_and_cts[: len(residuals)], res_and_cts[len(residuals):]
+
+    def on_linear(*lin):
+      it_res, it_lin = iter(res), iter(lin)
+      return inner(*[next(it_lin) if is_lin else next(it_res) for is_lin in linear])
+
+    lin_zeros = [jnp.zeros(a.shape[1:], a.dtype) for a in lin_avals]
+    _, vjp = jax.vjp(on_linear, *lin_zeros)
+    return vjp(list(ct))
+
+  t_jaxpr = trace_per_client(
+      per_client_transpose, _per_client_avals([*residuals, *cts]), "the transpose of fb.map"
+  )
+  lin_cts = iter(map_p.bind(*residuals, *cts, jaxpr=t_jaxpr, clients=clients))
+  return [next(lin_cts) if lin else None for lin in linear]
+
+
+ad.primitive_transposes[map_p] = _map_transpose
+
+
+def _map_batch(args, dims, *, jaxpr, clients):
+  args, dims = zip(*[_to_clients_axis0(a, d) if d is not None else (a, d) for a, d in zip(args, dims)])
+  # Per client the batch axis of a clients-first array sits at d - 1.
+  in_axes = [None if d is None else d - 1 for d in dims]
+  fn = jax.vmap(jcore.jaxpr_as_fun(jaxpr), in_axes=in_axes, out_axes=0)
+  batched = trace_per_client(fn, _per_client_avals(args), "a vmapped fb.map")
+  out = map_p.bind(*args, jaxpr=batched, clients=clients)
+  return out, [1] * len(out)
+
+
+batching.primitive_batchers[map_p] = _map_batch
+_placement_rule(
+    "map", CLIENTS, CLIENTS,
+    "fb.map applies a per-client function to CLIENTS-placed values: broadcast SERVER values first, "
+    "as in fb.map(fn, fb.broadcast(params), data).",
+)
+
+
+# --------------------------------------------------------------------------------------------------
+# Aggregations: CLIENTS -> SERVER.
+# --------------------------------------------------------------------------------------------------
+_AGGREGATION_HINT = (
+    "Aggregations combine CLIENTS values into one SERVER value; a SERVER value is already "
+    "aggregated (compute on it directly, or fb.broadcast it first)."
+)
+
+
+def _define_reducer(name: str, impl: Callable, doc: str) -> jcore.Primitive:
+  prim = jcore.Primitive(name)
+  prim.__doc__ = doc
+  prim.def_impl(impl)
+  prim.def_abstract_eval(lambda x, **_: _shaped(x.shape[1:], x.dtype, x.weak_type))
+  mlir.register_lowering(prim, mlir.lower_fun(impl, multiple_results=False))
+
+  def batch(args, dims, **params):
+    x, d = _to_clients_axis0(args[0], dims[0])
+    return prim.bind(x, **params), d - 1
+
+  batching.primitive_batchers[prim] = batch
+  _placement_rule(name, CLIENTS, SERVER, _AGGREGATION_HINT)
+  return prim
+
+
+# sum: sum_i x_i. Linear; transpose(sum) = broadcast.
+sum_p = _define_reducer("sum", lambda x: jnp.sum(x, axis=0), "sum_i x_i")
+ad.deflinear2(sum_p, lambda ct, x: [broadcast_p.bind(ct, clients=x.aval.shape[0])])
+
+# mean: sum_i x_i / n. Linear; transpose(mean) = broadcast(ct / n), the division done on the server.
+mean_p = _define_reducer("mean", lambda x: jnp.mean(x, axis=0), "sum_i x_i / n")
+ad.deflinear2(
+    mean_p,
+    lambda ct, x: [broadcast_p.bind(ct / x.aval.shape[0], clients=x.aval.shape[0])],
+)
+
+
+# secure_sum[bitwidth]: sum_i x_i for integers in [0, 2**bitwidth). Natively a plain sum, as TFF's
+# test backends compute it; the bitwidth is the contract a secure aggregation protocol needs.
+def _secure_sum_impl(x, *, bitwidth):
+  del bitwidth
+  return jnp.sum(x, axis=0)
+
+
+secure_sum_p = _define_reducer("secure_sum", _secure_sum_impl, "sum_i x_i, x_i in [0, 2**b)")
+ad.deflinear2(
+    secure_sum_p, lambda ct, x, *, bitwidth: [broadcast_p.bind(ct, clients=x.aval.shape[0])]
+)
+
+
+# max / min over clients. JVP as jnp.max's: the tangent of the extreme clients, averaged over ties;
+# the tie mask is per-client work, so it runs inside map.
+def _extremum_jvp(prim):
+  def jvp(primals, tangents):
+    (x,), (t,) = primals, tangents
+    out = prim.bind(x)
+    n = x.shape[0]
+    mask, masked = bind_map(
+        lambda xi, ti, oi: (
+            (xi == oi).astype(ti.dtype),
+            jnp.where(xi == oi, ti, jnp.zeros_like(ti)),
+        ),
+        x, ad.instantiate_zeros(t), broadcast_p.bind(out, clients=n),
+    )
+    return out, sum_p.bind(masked) / sum_p.bind(mask)
+
+  return jvp
+
+
+max_p = _define_reducer("max", lambda x: jnp.max(x, axis=0), "max_i x_i, elementwise")
+min_p = _define_reducer("min", lambda x: jnp.min(x, axis=0), "min_i x_i, elementwise")
+ad.primitive_jvps[max_p] = _extremum_jvp(max_p)
+ad.primitive_jvps[min_p] = _extremum_jvp(min_p)
+
+
+# weighted_mean: sum_i w_i x_i / sum_i w_i, w_i one scalar per client (w has shape (n, *B) for a
+# batch B shared with x, which only vmap produces).
+weighted_mean_p = jcore.Primitive("weighted_mean")
+
+
+def _expand_weight(w, x):
+  return jnp.reshape(w, w.shape + (1,) * (x.ndim - w.ndim)).astype(x.dtype)
+
+
+def _weighted_mean_impl(x, w):
+  w = _expand_weight(w, x)
+  return jnp.sum(w * x, axis=0) / jnp.sum(w, axis=0)
+
+
+def _weighted_mean_abstract_eval(x, w):
+  if w.shape != x.shape[: w.ndim] or w.dtype != x.dtype:
+    raise TypeError(
+        f"fb.weighted_mean: weight {w.str_short()} does not fit value {x.str_short()}: it needs "
+        "one weight per client, of the value's dtype"
+    )
+  return _shaped(x.shape[1:], x.dtype, x.weak_type)
+
+
+weighted_mean_p.def_impl(_weighted_mean_impl)
+weighted_mean_p.def_abstract_eval(_weighted_mean_abstract_eval)
+mlir.register_lowering(
+    weighted_mean_p, mlir.lower_fun(_weighted_mean_impl, multiple_results=False)
+)
+
+
+def _weighted_mean_jvp(primals, tangents):
+  # d(sum w x / W) = (sum w dx + sum dw x - out * sum dw) / W, with W = sum w. The products of
+  # per-client values are per-client work (map); the rest is server work on aggregates.
+  (x, w), (dx, dw) = primals, tangents
+  out = weighted_mean_p.bind(x, w)
+  total_w = sum_p.bind(w)
+  numerator = None
+  if type(dx) is not ad.Zero:
+    (wdx,) = bind_map(lambda xi, wi: [_expand_weight(wi, xi) * xi], dx, w)
+    numerator = sum_p.bind(wdx)
+  if type(dw) is not ad.Zero:
+    (dwx,) = bind_map(lambda xi, dwi: [_expand_weight(dwi, xi) * xi], x, dw)
+    sum_dw = sum_p.bind(dw)
+    term = sum_p.bind(dwx) - _expand_weight(sum_dw, out) * out
+    numerator = term if numerator is None else numerator + term
+  if numerator is None:
+    return out, ad.Zero(jax.typeof(out).to_tangent_aval())
+  return out, numerator / _expand_weight(total_w, out)
+
+
+ad.primitive_jvps[weighted_mean_p] = _weighted_mean_jvp
+
+
+def _weighted_mean_batch(args, dims):
+  # Canonical batched form: x of shape (n, B, ...) and w of shape (n,) or (n, B).
+  (x, w), (dx, dw) = args, dims
+  if dx is None:
+    size = w.shape[dw]
+    x = jnp.broadcast_to(jnp.expand_dims(x, 1), (x.shape[0], size, *x.shape[1:]))
+  else:
+    x = jnp.moveaxis(x, dx, 1)
+  if dw is not None:
+    w = jnp.moveaxis(w, dw, 1)
+  return weighted_mean_p.bind(x, w), 0
+
+
+batching.primitive_batchers[weighted_mean_p] = _weighted_mean_batch
+_placement_rule("weighted_mean", CLIENTS, SERVER, _AGGREGATION_HINT)
+
+# The aggregation primitives, by the name the split and the converters use for them.
+AGGREGATIONS: dict[str, jcore.Primitive] = {
+    p.name: p for p in (sum_p, mean_p, weighted_mean_p, secure_sum_p, max_p, min_p)
+}
+FEDERATED_PRIMITIVES = frozenset({broadcast_p, map_p, *AGGREGATIONS.values()})
