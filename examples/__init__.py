@@ -1,0 +1,6 @@
+"""Bundled federated programs. Each module defines a computation and ``example_inputs()``.
+
+They are the default inputs of ``faxbridge export``/``verify`` and of the round-trip tests.
+"""
+
+EXAMPLES = ("fedavg", "fedsgd", "fedadam", "analytics", "two_stage")

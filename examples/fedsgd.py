@@ -1,0 +1,27 @@
+"""FedSGD: clients compute a gradient at the server model; the server takes one SGD step with
+their mean."""
+
+from __future__ import annotations
+
+import jax
+
+import faxbridge as fb
+from examples import _mlp
+
+CLIENTS = 8
+SERVER_LR = 0.5
+
+
+@fb.computation(in_placements=(fb.SERVER, fb.CLIENTS))
+def fedsgd_round(params, batch):
+  grads = fb.map(jax.grad(_mlp.loss), fb.broadcast(params), batch)
+  mean_grad = fb.mean(grads)
+  return jax.tree.map(lambda p, g: p - SERVER_LR * g, params, mean_grad)
+
+
+computation = fedsgd_round
+
+
+def example_inputs(clients: int = CLIENTS):
+  data = _mlp.client_data(clients, batches=1, batch_size=32, seed=2)
+  return _mlp.init_params(), jax.tree.map(lambda d: d[:, 0], data)
