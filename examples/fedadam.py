@@ -38,10 +38,17 @@ def adam(state, grad):
 def fedadam_round(state, data):
   updates = fb.map(client_update, fb.broadcast(state["params"]), data)
   pseudo_grad = jax.tree.map(jnp.negative, fb.mean(updates))
-  return adam(state, pseudo_grad)
+  update_norm = jnp.sqrt(sum(jnp.sum(g * g) for g in jax.tree.leaves(pseudo_grad)))
+  return adam(state, pseudo_grad), {"update_norm": update_norm}
+
+
+@fb.computation()
+def initialize():
+  return init_state()
 
 
 computation = fedadam_round
+process = fb.IterativeProcess(initialize, fedadam_round)
 
 
 def example_inputs(clients: int = CLIENTS):

@@ -14,12 +14,18 @@ SERVER_LR = 0.5
 
 @fb.computation(in_placements=(fb.SERVER, fb.CLIENTS))
 def fedsgd_round(params, batch):
-  grads = fb.map(jax.grad(_mlp.loss), fb.broadcast(params), batch)
+  losses, grads = fb.map(jax.value_and_grad(_mlp.loss), fb.broadcast(params), batch)
   mean_grad = fb.mean(grads)
-  return jax.tree.map(lambda p, g: p - SERVER_LR * g, params, mean_grad)
+  return jax.tree.map(lambda p, g: p - SERVER_LR * g, params, mean_grad), fb.mean(losses)
+
+
+@fb.computation()
+def initialize():
+  return _mlp.init_params()
 
 
 computation = fedsgd_round
+process = fb.IterativeProcess(initialize, fedsgd_round)
 
 
 def example_inputs(clients: int = CLIENTS):

@@ -18,7 +18,11 @@ from faxbridge.errors import (
     UnsupportedPrimitiveError,
     VerificationError,
 )
+from faxbridge.export import export
+from faxbridge.iterative import IterativeProcess
 from faxbridge.placements import CLIENTS, SERVER, Placement
+from faxbridge.split import FederatedForm, split
+from faxbridge.verify import verify
 
 __version__ = "0.1.0"
 
@@ -28,6 +32,8 @@ __all__ = [
     "Computation",
     "ExportError",
     "FaxbridgeError",
+    "FederatedForm",
+    "IterativeProcess",
     "Placement",
     "PlacementError",
     "TracedComputation",
@@ -35,11 +41,14 @@ __all__ = [
     "VerificationError",
     "broadcast",
     "computation",
+    "export",
     "map",
     "max",
     "mean",
     "min",
     "secure_sum",
+    "split",
     "sum",
+    "verify",
     "weighted_mean",
 ]

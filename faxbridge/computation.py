@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import numpy as np
+from jax._src import source_info_util
 from jax.extend import core as jcore
 
 from faxbridge import placements
+from faxbridge._source import describe
 from faxbridge.api import federated_context
 from faxbridge.errors import PlacementError
 from faxbridge.placements import CLIENTS, SERVER, Placement
@@ -40,6 +44,7 @@ class TracedComputation:
   clients: int | None
   var_placements: dict = dataclasses.field(repr=False, compare=False)
   name: str = "computation"
+  arg_names: tuple[str, ...] = ()
 
   def pretty(self) -> str:
     """The jaxpr as text with the placement of every variable shown (``{f32[3]}@CLIENTS``)."""
@@ -49,6 +54,21 @@ class TracedComputation:
 
   def __str__(self) -> str:
     return self.pretty()
+
+
+def _caller() -> str:
+  """`` at file:line (function)`` of the user code that called or traced the computation."""
+  return describe(source_info_util.current())
+
+
+def arg_names(fn: Callable, count: int) -> list[str]:
+  """The user's names for the positional parameters (``params``, ``data``...), else ``arg{i}``."""
+  try:
+    params = list(inspect.signature(fn).parameters.values())
+  except (TypeError, ValueError):
+    params = []
+  positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+  return positional[:count] if len(positional) >= count else [f"arg{i}" for i in range(count)]
 
 
 def _flat_placements(in_placements: Sequence[Placement], args: Sequence) -> list[Placement]:
@@ -86,9 +106,9 @@ class Computation:
   # -- tracing -------------------------------------------------------------------------------
   def _check_args(self, args: Sequence) -> int | None:
     if len(args) != len(self.in_placements):
-      raise TypeError(
-          f"{self.__name__} takes {len(self.in_placements)} positional arguments (one per entry of "
-          f"in_placements), got {len(args)}"
+      raise PlacementError(
+          f"{self.__name__}{_caller()} takes {len(self.in_placements)} positional arguments (one "
+          f"per entry of in_placements), got {len(args)}"
       )
     n = self.clients
     for i, (place, arg) in enumerate(zip(self.in_placements, args)):
@@ -98,7 +118,8 @@ class Computation:
         shape = _shape_of(leaf)
         if not shape or (n is not None and shape[0] != n):
           raise PlacementError(
-              f"argument {i}{jax.tree_util.keystr(path)} of {self.__name__} is CLIENTS-placed, so "
+              f"argument {i}{jax.tree_util.keystr(path)} of {self.__name__}{_caller()} is "
+              "CLIENTS-placed, so "
               f"its leading axis is the clients axis{'' if n is None else f' (size {n})'}; got "
               f"shape {shape}"
           )
@@ -114,7 +135,9 @@ class Computation:
 
   def trace(self, *args: PyTree) -> TracedComputation:
     """Trace for the signature of ``args`` (arrays or ``jax.ShapeDtypeStruct`` pytrees)."""
-    return self._trace(args, self._resolve_mesh())
+    mesh = self._resolve_mesh()
+    with _as_ambient(mesh):
+      return self._trace(args, mesh)
 
   def _trace(self, args: Sequence, mesh) -> TracedComputation:
     clients = self._check_args(args)
@@ -130,17 +153,18 @@ class Computation:
         clients=clients,
         var_placements=env,
         name=self.__name__,
+        arg_names=tuple(arg_names(self.fn, len(args))),
     )
 
   # -- native execution ------------------------------------------------------------------------
   def _resolve_mesh(self):
     if self.mesh is not None:
-      return self.mesh
+      return _auto_axes(self.mesh)
     try:
       ambient = jax.sharding.get_mesh()
     except ValueError:  # under an outer transformation only the abstract mesh is known
       return None
-    return None if ambient.empty else ambient
+    return None if ambient.empty else _auto_axes(ambient)
 
   def _executable(self, args: Sequence, mesh):
     avals = tuple(jax.ShapeDtypeStruct(_shape_of(x), jax.numpy.result_type(x)) for x in
@@ -161,10 +185,37 @@ class Computation:
 
   def __call__(self, *args: PyTree) -> PyTree:
     mesh = self._resolve_mesh()
-    _, jitted, shardings = self._executable(args, mesh)
-    if shardings is not None:
-      args = jax.tree.map(_put, args, shardings[0])
-    return jitted(*args)
+    with _as_ambient(mesh):
+      _, jitted, shardings = self._executable(args, mesh)
+      if shardings is not None:
+        args = jax.tree.map(_put, args, shardings[0])
+      return jitted(*args)
+
+
+def _auto_axes(mesh):
+  """``mesh`` with every axis of type Auto, so faxbridge may place values with sharding constraints.
+
+  ``jax.make_mesh`` makes Explicit axes by default, and ``with_sharding_constraint`` refuses those.
+  """
+  auto = jax.sharding.AxisType.Auto
+  if all(t == auto for t in mesh.axis_types):
+    return mesh
+  return jax.sharding.Mesh(mesh.devices, mesh.axis_names, axis_types=(auto,) * mesh.devices.ndim)
+
+
+def _as_ambient(mesh):
+  """Make ``mesh`` (Auto axes) the ambient mesh while tracing and running, when another is set.
+
+  Under ``jax.set_mesh`` of a mesh with Explicit axes, JAX checks sharding constraints against that
+  ambient mesh; the computation's own (Auto) copy of it must be the one in force.
+  """
+  try:
+    ambient = jax.sharding.get_mesh()
+  except ValueError:
+    return contextlib.nullcontext()
+  if mesh is None or ambient.empty or ambient == mesh:
+    return contextlib.nullcontext()
+  return jax.set_mesh(mesh)
 
 
 def _put(x, sharding):
