@@ -18,9 +18,9 @@ from typing import Any
 
 import federated_language as fl
 import jax
+
 from faxbridge.converters.tff import local
 from faxbridge.converters.tff.types import nest, path_keys, struct_type_of
-
 from faxbridge.errors import ExportError
 from faxbridge.placements import CLIENTS, SERVER
 from faxbridge.split import FederatedForm

@@ -12,10 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from faxbridge.computation import Computation
 from faxbridge.converters.tff.compose import leaf_paths, to_federated_computation
 from faxbridge.converters.tff.local import LOCAL_FORMS
-
-from faxbridge.computation import Computation
 from faxbridge.errors import ExportError
 from faxbridge.iterative import IterativeProcess
 from faxbridge.split import FederatedForm, split

@@ -15,10 +15,10 @@ from collections.abc import Sequence
 import federated_language as fl
 import jax
 import numpy as np
-from faxbridge.converters.tff.types import struct_items, tensor_type
 from federated_language.proto import computation_pb2 as pb
 from google.protobuf import any_pb2
 
+from faxbridge.converters.tff.types import struct_items, tensor_type
 from faxbridge.split import Piece, TensorSpec
 
 LOCAL_FORMS = ("tensorflow", "xla")

@@ -10,8 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from faxbridge.converters.runtimes.tff import run_computation
 
+from faxbridge.converters.runtimes.tff import run_computation
 from faxbridge.verify import RuntimeResult
 
 
