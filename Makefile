@@ -26,7 +26,7 @@ envs: .venv/.ready .venv-tff/.ready
 
 # The main job on the bundled default example: export FedAvg to TFF and prove it on TFF 0.87.
 demo: envs
-	$(CORE) -m faxbridge demo
+	$(CORE) -m faxbridge demo -o build/demo
 
 # The whole suite, both environments. pytest's exit code 5 ("no tests ran") is a failure here.
 test: envs

@@ -10,6 +10,8 @@ name, placement, per-client shape, dtype and path in the parameter or result.
 from __future__ import annotations
 
 from pathlib import Path
+
+import federated_language as fl
 from typing import Any
 
 from faxbridge.computation import Computation
@@ -78,12 +80,12 @@ def export_tff(program, example_args, out: Path, local: str = "tensorflow",
 
 
 def _check_iterative(init, nxt, program) -> None:
+  """``tff.templates.IterativeProcess`` feeds element 0 of ``next``'s result back as the state."""
   state_type = init.type_signature.result
-  param = nxt.type_signature.parameter
-  result = nxt.type_signature.result
-  first_out = result[0] if hasattr(result, "__getitem__") and len(result) and not \
-      hasattr(result, "placement") else result
-  if not param[0].is_equivalent_to(state_type) or not first_out.is_equivalent_to(state_type):
+  param, result = nxt.type_signature.parameter, nxt.type_signature.result
+  is_pair = isinstance(result, fl.StructType) and len(result) == 2
+  if not is_pair or not result[0].is_equivalent_to(state_type) or \
+      not param[0].is_equivalent_to(state_type):
     raise ExportError(
-        f"{program.__name__}: next must take and return the state initialize makes "
-        f"({state_type}); got next: {nxt.type_signature}")
+        f"{program.__name__}: next must take the state initialize makes ({state_type}) first and "
+        f"return (new_state, metrics); got {nxt.type_signature}")

@@ -53,10 +53,10 @@ def _graph_def_bytes(piece: Piece, in_names, out_names) -> bytes:
   from tensorflow.core.framework import graph_pb2
 
   from faxbridge.converters.tf import jaxpr_to_graph_def
+  from faxbridge.converters.tf.canonical import canonical_bytes
 
   graph = jaxpr_to_graph_def(piece.jaxpr, in_names, out_names)
-  # Deterministic serialization (sorted attribute maps): the same piece gives the same bytes.
-  return graph_pb2.GraphDef.FromString(graph).SerializeToString(deterministic=True)
+  return canonical_bytes(graph_pb2.GraphDef.FromString(graph))
 
 
 def tensorflow_computation(piece: Piece) -> pb.Computation:
