@@ -97,7 +97,7 @@ def broadcast(x: PyTree) -> PyTree:
   return jax.tree.unflatten(tree, _constrain_to_clients(out))
 
 
-def map(fn: Callable, *args: PyTree) -> PyTree:  # noqa: A001 - the federated map, like jax.vmap
+def map(fn: Callable, *args: PyTree) -> PyTree:
   """CLIENTS -> CLIENTS: ``fn`` applied to each client's slice of ``args``.
 
   ``fn`` sees one client's values (the clients axis removed) and may return any pytree; it is kept
@@ -125,8 +125,14 @@ def _aggregate(op: str, prim, x: PyTree, **params) -> PyTree:
   return jax.tree.unflatten(tree, [prim.bind(jnp.asarray(v), **params) for v in leaves])
 
 
-def sum(x: PyTree) -> PyTree:  # noqa: A001
-  """CLIENTS -> SERVER: ``sum_i x_i``."""
+def sum(x: PyTree) -> PyTree:
+  """CLIENTS -> SERVER: ``sum_i x_i`` (in the values' own dtype)."""
+  for v in jax.tree.leaves(x):
+    if jnp.result_type(v) == jnp.bool_:
+      raise TypeError(
+          f"fb.sum{_here()} adds numbers, got bool: cast inside fb.map first, "
+          "e.g. fb.map(lambda b: b.astype(jnp.int32), x)."
+      )
   return _aggregate("sum", P.sum_p, x)
 
 
@@ -171,12 +177,12 @@ def secure_sum(x: PyTree, bitwidth: int) -> PyTree:
   return _aggregate("secure_sum", P.secure_sum_p, x, bitwidth=bitwidth)
 
 
-def max(x: PyTree) -> PyTree:  # noqa: A001
+def max(x: PyTree) -> PyTree:
   """CLIENTS -> SERVER: elementwise ``max_i x_i``."""
   return _aggregate("max", P.max_p, x)
 
 
-def min(x: PyTree) -> PyTree:  # noqa: A001
+def min(x: PyTree) -> PyTree:
   """CLIENTS -> SERVER: elementwise ``min_i x_i``."""
   return _aggregate("min", P.min_p, x)
 

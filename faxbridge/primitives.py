@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import core as jax_core
-from jax.extend import core as jcore
 from jax._src import source_info_util
+from jax.extend import core as jcore
 from jax.interpreters import ad, batching, mlir
 
 from faxbridge import placements
@@ -161,7 +161,7 @@ def _map_jvp(primals, tangents, *, jaxpr, clients):
   nonzero = [type(t) is not ad.Zero for t in tangents]
   out_float = [_is_float(a) for a in jaxpr.out_avals]
   if not any(nonzero) or not any(out_float):
-    return primal_out, [ad.Zero(a.to_tangent_aval()) for a in map(jax_core.get_aval, primal_out)]
+    return primal_out, [ad.Zero(jax.typeof(p).to_tangent_aval()) for p in primal_out]
   inner = jcore.jaxpr_as_fun(jaxpr)
   in_avals = jaxpr.in_avals
 
@@ -268,7 +268,9 @@ def _define_reducer(name: str, impl: Callable, doc: str) -> jcore.Primitive:
 
 
 # sum: sum_i x_i. Linear; transpose(sum) = broadcast.
-sum_p = _define_reducer("sum", lambda x: jnp.sum(x, axis=0), "sum_i x_i")
+# The sum keeps the clients' dtype (jnp.sum alone would widen int8/int16/uint8 to 32 bits, and the
+# lowering would then disagree with the abstract evaluation).
+sum_p = _define_reducer("sum", lambda x: jnp.sum(x, axis=0, dtype=x.dtype), "sum_i x_i")
 ad.deflinear2(sum_p, lambda ct, x: [broadcast_p.bind(ct, clients=x.aval.shape[0])])
 
 # mean: sum_i x_i / n. Linear; transpose(mean) = broadcast(ct / n), the division done on the server.
@@ -283,7 +285,7 @@ ad.deflinear2(
 # test backends compute it; the bitwidth is the contract a secure aggregation protocol needs.
 def _secure_sum_impl(x, *, bitwidth):
   del bitwidth
-  return jnp.sum(x, axis=0)
+  return jnp.sum(x, axis=0, dtype=x.dtype)
 
 
 secure_sum_p = _define_reducer("secure_sum", _secure_sum_impl, "sum_i x_i, x_i in [0, 2**b)")
@@ -298,15 +300,13 @@ def _extremum_jvp(prim):
   def jvp(primals, tangents):
     (x,), (t,) = primals, tangents
     out = prim.bind(x)
-    n = x.shape[0]
-    mask, masked = bind_map(
-        lambda xi, ti, oi: (
-            (xi == oi).astype(ti.dtype),
-            jnp.where(xi == oi, ti, jnp.zeros_like(ti)),
-        ),
-        x, ad.instantiate_zeros(t), broadcast_p.bind(out, clients=n),
+    # The tie mask depends on primals only, so it is its own map: a map that also took the tangent
+    # would make the mask (and the division by its sum) look tangent-dependent, i.e. nonlinear.
+    (ties,) = bind_map(
+        lambda xi, oi: [(xi == oi).astype(xi.dtype)], x, broadcast_p.bind(out, clients=x.shape[0])
     )
-    return out, sum_p.bind(masked) / sum_p.bind(mask)
+    (masked,) = bind_map(lambda ti, tie: [ti * tie], t, ties)
+    return out, sum_p.bind(masked) / sum_p.bind(ties)
 
   return jvp
 
@@ -380,6 +380,8 @@ def _weighted_mean_batch(args, dims):
     x = jnp.moveaxis(x, dx, 1)
   if dw is not None:
     w = jnp.moveaxis(w, dw, 1)
+  elif w.ndim > 1:  # w carries an inner vmap's batch axes: give it this one too
+    w = jnp.broadcast_to(jnp.expand_dims(w, 1), (w.shape[0], x.shape[1], *w.shape[1:]))
   return weighted_mean_p.bind(x, w), 0
 
 

@@ -10,9 +10,9 @@ name, placement, per-client shape, dtype and path in the parameter or result.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import federated_language as fl
-from typing import Any
 
 from faxbridge.computation import Computation
 from faxbridge.converters.tff.compose import leaf_paths, to_federated_computation
