@@ -42,7 +42,7 @@ lint: .venv/.ready
 	.venv/bin/ruff check .
 
 fixtures: envs
-	$(CORE) -m faxbridge.fixtures
+	$(CORE) interop_fixtures/regenerate.py
 
 bench: .venv/.ready
 	$(CORE) benchmarks/run.py

@@ -15,6 +15,7 @@ from faxbridge.errors import (
     ExportError,
     FaxbridgeError,
     PlacementError,
+    TraceError,
     UnsupportedPrimitiveError,
     VerificationError,
 )
@@ -36,6 +37,7 @@ __all__ = [
     "IterativeProcess",
     "Placement",
     "PlacementError",
+    "TraceError",
     "TracedComputation",
     "UnsupportedPrimitiveError",
     "VerificationError",

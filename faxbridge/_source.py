@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import traceback
 
 from jax._src import source_info_util
 
@@ -31,3 +32,12 @@ def describe(source_info) -> str:
   """`` at file:line (function)`` or the empty string when JAX kept no traceback."""
   where = user_location(source_info)
   return f" at {where}" if where else ""
+
+
+def traceback_location(exc: BaseException) -> str:
+  """`` at file:line (function)`` of the innermost user frame of an exception's traceback."""
+  for frame in reversed(traceback.extract_tb(exc.__traceback__)):
+    if source_info_util.is_user_filename(frame.filename) and not _is_internal(frame.filename) \
+        and "importlib" not in frame.filename and not frame.filename.startswith("<"):
+      return f" at {frame.filename}:{frame.lineno} ({frame.name})"
+  return ""

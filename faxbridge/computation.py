@@ -15,9 +15,9 @@ from jax._src import source_info_util
 from jax.extend import core as jcore
 
 from faxbridge import placements
-from faxbridge._source import describe
+from faxbridge._source import describe, traceback_location
 from faxbridge.api import federated_context
-from faxbridge.errors import PlacementError
+from faxbridge.errors import PlacementError, TraceError
 from faxbridge.placements import CLIENTS, SERVER, Placement
 
 PyTree = Any
@@ -141,7 +141,15 @@ class Computation:
 
   def _trace(self, args: Sequence, mesh) -> TracedComputation:
     clients = self._check_args(args)
-    closed, out_shape = jax.make_jaxpr(self._wrapped(clients, mesh), return_shape=True)(*args)
+    try:
+      closed, out_shape = jax.make_jaxpr(self._wrapped(clients, mesh), return_shape=True)(*args)
+    except jax.errors.ConcretizationTypeError as e:
+      raise TraceError(
+          f"{self.__name__}: Python control flow depends on a traced value{traceback_location(e)}. "
+          "A federated computation must be one static program: use jnp.where, lax.cond or "
+          "lax.fori_loop instead of if/while on array values, or pass the value as a static "
+          "Python number."
+      ) from e
     in_places = _flat_placements(self.in_placements, args)
     out_places, env = placements.infer(closed.jaxpr, in_places)
     return TracedComputation(

@@ -22,6 +22,16 @@ class PlacementError(FaxbridgeError, TypeError):
   """
 
 
+class TraceError(FaxbridgeError, TypeError):
+  """A computation cannot be traced into one static federated program.
+
+  Example::
+
+    TraceError: round_fn: Python control flow depends on a traced value at train.py:30 (round_fn).
+    A federated computation must be one static program: use jnp.where, lax.cond or lax.fori_loop...
+  """
+
+
 class UnsupportedPrimitiveError(FaxbridgeError, NotImplementedError):
   """A JAX primitive has no rule in a converter's table.
 

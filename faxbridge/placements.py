@@ -57,7 +57,21 @@ _PLACEMENT_PRESERVING = frozenset({"sharding_constraint", "copy", "copy_p", "dev
 RULES: dict[str, Callable[[Any, Sequence[Placement]], list[Placement]]] = {}
 
 
+def _has_federated(jaxpr: jcore.Jaxpr) -> bool:
+  return any(
+      eqn.primitive.name in RULES or any(_has_federated(s) for s in jcore.jaxprs_in_params(eqn.params))
+      for eqn in jaxpr.eqns
+  )
+
+
 def _server_work(eqn, in_places: Sequence[Placement]) -> list[Placement]:
+  if any(_has_federated(s) for s in jcore.jaxprs_in_params(eqn.params)):
+    raise PlacementError(
+        f"federated operations inside '{eqn.primitive.name}'{describe(eqn.source_info)}: lax control "
+        "flow cannot contain fb.broadcast, fb.map or aggregations, because the number of server/client "
+        "round trips must be static. Unroll the loop in Python (for _ in range(k): ...), or keep "
+        "the fb operations outside the loop."
+    )
   if CLIENTS in in_places:
     raise PlacementError(
         f"JAX operation '{eqn.primitive.name}' was applied to a CLIENTS-placed value outside "
@@ -99,7 +113,7 @@ def infer(jaxpr: jcore.Jaxpr, in_places: Sequence[Placement]) -> tuple[list[Plac
       out = RULES[name](eqn, places)
     elif name in _PLACEMENT_PRESERVING:
       out = places[: len(eqn.outvars)]
-    elif (sub := _sub_jaxpr(eqn)) is not None and CLIENTS in places:
+    elif (sub := _sub_jaxpr(eqn)) is not None and (CLIENTS in places or _has_federated(sub)):
       out, sub_env = infer(sub, places)
       env.update(sub_env)
     else:

@@ -1,0 +1,90 @@
+"""Regenerate the interop fixtures: ``make fixtures``.
+
+Each fixture is one bundled program exported for each target, with the inputs it was exported for
+and the outputs the live Python computation gives on them (``expected.npz``, keyed as
+``fb.verify`` keys runtime outputs: ``initialize/NAME`` and ``round{r}/NAME`` for iterative
+processes). Tests check that re-exporting gives byte-identical directories and that the runtimes
+execute every fixture to the expected outputs.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT.parent))
+
+import faxbridge as fb  # noqa: E402
+from faxbridge.iterative import IterativeProcess  # noqa: E402
+
+ROUNDS = 5
+# fixture name -> program (MODULE:ATTR)
+PROGRAMS = {
+    "fedavg_mlp": "examples.fedavg:process",
+    "fedsgd": "examples.fedsgd:process",
+    "fedadam": "examples.fedadam:process",
+    "analytics_secure_sum": "examples.analytics:computation",
+    "two_stage": "examples.two_stage:computation",
+}
+TARGETS = ("tff",)
+
+
+def load(spec: str):
+  module_name, attr = spec.split(":")
+  module = importlib.import_module(module_name)
+  program = getattr(module, attr)
+  args = tuple(module.example_inputs())
+  return program, (args[1:] if isinstance(program, IterativeProcess) else args)
+
+
+def expected_outputs(program, args, block: dict, init_block: dict | None) -> dict[str, np.ndarray]:
+  """The live computation's outputs, named as the manifest names them."""
+  names = [s["name"] for s in block["outputs"]]
+  if init_block is None:
+    return {n: np.asarray(v) for n, v in zip(names, jax.tree.leaves(program(*args)))}
+  state = program.initialize()
+  out = {f"initialize/{s['name']}": np.asarray(v)
+         for s, v in zip(init_block["outputs"], jax.tree.leaves(state))}
+  for r in range(1, ROUNDS + 1):
+    result = program.next(state, *args)
+    out.update({f"round{r}/{n}": np.asarray(v) for n, v in zip(names, jax.tree.leaves(result))})
+    state = result[0]
+  return out
+
+
+def export_fixture(name: str, out_root: Path, target: str) -> Path:
+  program, args = load(PROGRAMS[name])
+  return fb.export(program, *args, target=target, out_dir=out_root / name / target, force=True)
+
+
+def regenerate(out_root: Path = ROOT) -> None:
+  from faxbridge.export import read_manifest
+  from faxbridge.verify import _blocks
+
+  for name, spec in PROGRAMS.items():
+    program, args = load(spec)
+    fixture = out_root / name
+    if fixture.exists():
+      shutil.rmtree(fixture)
+    for target in TARGETS:
+      export_fixture(name, out_root, target)
+    block, init_block = _blocks(read_manifest(fixture / TARGETS[0]))
+    inputs = {s["name"]: np.asarray(v) for s, v in zip(block["inputs"], jax.tree.leaves(args))}
+    np.savez(fixture / "inputs.npz", **inputs)
+    np.savez(fixture / "expected.npz", **expected_outputs(program, args, block, init_block))
+    (fixture / "fixture.json").write_text(json.dumps(
+        {"program": spec, "targets": list(TARGETS),
+         "rounds": ROUNDS if isinstance(program, IterativeProcess) else None},
+        indent=2, sort_keys=True) + "\n")
+    print(f"{name}: {spec} -> {', '.join(TARGETS)}")
+
+
+if __name__ == "__main__":
+  regenerate()

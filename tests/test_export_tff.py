@@ -1,0 +1,236 @@
+"""The TFF target: what an export directory holds, determinism, atomic writes, and round trips."""
+
+from __future__ import annotations
+
+import filecmp
+import importlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import federated_language as fl
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from federated_language.proto import computation_pb2 as pb
+
+import faxbridge as fb
+from examples import EXAMPLES
+from faxbridge.export import read_manifest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _program(name, process=False):
+  module = importlib.import_module(f"examples.{name}")
+  args = tuple(module.example_inputs())
+  if process:
+    return module.process, args[1:]
+  return module.computation, args
+
+
+def _walk(msg):
+  """Every Computation message nested in ``msg`` (depth first), ``msg`` included."""
+  if isinstance(msg, pb.Computation):
+    yield msg
+  for field, value in msg.ListFields():
+    if field.message_type is None:
+      continue
+    for item in value if field.is_repeated else [value]:
+      yield from _walk(item)
+
+
+def _intrinsics(comp: pb.Computation) -> set[str]:
+  return {c.intrinsic.uri for c in _walk(comp) if c.WhichOneof("computation") == "intrinsic"}
+
+
+def _local_kinds(comp: pb.Computation) -> set[str]:
+  return {c.WhichOneof("computation") for c in _walk(comp)} & {"tensorflow", "xla"}
+
+
+def test_export_writes_proto_manifest_and_rendering(tmp_path):
+  comp, args = _program("analytics")
+  out = fb.export(comp, *args, target="tff", out_dir=tmp_path / "analytics")
+  files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+  assert files == ["computation.pb", "computation.txt", "manifest.json", "native/computation.jax"]
+  manifest = read_manifest(out)
+  assert manifest["format_version"] == 1 and manifest["target"] == "tff"
+  assert set(manifest["versions"]) == {"faxbridge", "jax", "federated_language"}
+  assert set(manifest["files"]) == {"computation.pb", "computation.txt", "native/computation.jax"}
+  block = manifest["computation"]
+  assert block["type_signature"] == (
+      "(<threshold=float32@SERVER,values={float32[32]}@CLIENTS> -> <count_above=int32,max=float32,"
+      "mean=float32,min_peak=float32,variance=float32>@SERVER)")
+  assert [(i["name"], i["placement"], i["shape"]) for i in block["inputs"]] == [
+      ("threshold", "SERVER", []), ("values", "CLIENTS", [32])]
+  assert {o["name"] for o in block["outputs"]} == {
+      "out_count_above", "out_max", "out_mean", "out_min_peak", "out_variance"}
+  # The proto is a federated_language Computation whose type matches the manifest's.
+  proto = pb.Computation.FromString((out / "computation.pb").read_bytes())
+  loaded = fl.framework.ConcreteComputation.from_proto(proto)
+  assert str(loaded.type_signature) == block["type_signature"]
+  assert {"federated_broadcast", "federated_map", "federated_mean", "federated_max",
+          "federated_min", "federated_secure_sum_bitwidth", "federated_apply",
+          "federated_zip_at_clients"} <= _intrinsics(proto)
+  assert _local_kinds(proto) == {"tensorflow"}
+  assert "federated_secure_sum_bitwidth" in (out / "computation.txt").read_text()
+
+
+def test_weighted_mean_sum_and_local_xla(tmp_path):
+  @fb.computation(in_placements=(fb.SERVER, fb.CLIENTS, fb.CLIENTS))
+  def stats(scale, x, w):
+    scaled = fb.map(lambda s, v: s * v, fb.broadcast(scale), x)
+    return fb.weighted_mean(scaled, w), fb.sum(scaled)
+
+  args = (np.float32(2), np.ones((4, 3), np.float32), np.arange(1, 5, dtype=np.float32))
+  out = fb.export(stats, *args, target="tff", out_dir=tmp_path / "xla", local="xla")
+  proto = pb.Computation.FromString((out / "computation.pb").read_bytes())
+  assert _local_kinds(proto) == {"xla"}
+  assert {"federated_weighted_mean", "federated_sum"} <= _intrinsics(proto)
+  assert read_manifest(out)["local"] == "xla"
+
+
+def test_export_is_deterministic(tmp_path):
+  process, args = _program("fedavg", process=True)
+  a = fb.export(process, *args, target="tff", out_dir=tmp_path / "a")
+  b = fb.export(process, *args, target="tff", out_dir=tmp_path / "b")
+  names = sorted(str(p.relative_to(a)) for p in a.rglob("*") if p.is_file())
+  assert names == sorted(str(p.relative_to(b)) for p in b.rglob("*") if p.is_file())
+  _, mismatch, errors = filecmp.cmpfiles(a, b, names, shallow=False)
+  assert mismatch == [] and errors == []
+
+
+def test_existing_directory_is_refused_unless_forced(tmp_path):
+  comp, args = _program("two_stage")
+  out = tmp_path / "out"
+  out.mkdir()
+  (out / "keep.txt").write_text("mine")
+  with pytest.raises(fb.ExportError, match="exists"):
+    fb.export(comp, *args, target="tff", out_dir=out)
+  assert (out / "keep.txt").read_text() == "mine"
+  fb.export(comp, *args, target="tff", out_dir=out, force=True)
+  assert not (out / "keep.txt").exists() and (out / "computation.pb").exists()
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary folder left
+
+
+def test_failed_export_leaves_nothing_behind(tmp_path):
+  @fb.computation(in_placements=(fb.CLIENTS,))
+  def uses_fft(x):
+    return fb.sum(fb.map(lambda v: jnp.real(jnp.fft.fft(v)), x))
+
+  with pytest.raises(fb.FaxbridgeError, match="fft"):
+    fb.export(uses_fft, np.ones((2, 4), np.float32), target="tff", out_dir=tmp_path / "fft")
+  assert list(tmp_path.iterdir()) == []
+
+
+def test_iterative_process_exports_initialize_and_next(tmp_path):
+  process, args = _program("fedadam", process=True)
+  out = fb.export(process, *args, target="tff", out_dir=tmp_path / "fedadam")
+  manifest = read_manifest(out)
+  assert manifest["kind"] == "iterative_process"
+  init = fl.framework.ConcreteComputation.from_proto(
+      pb.Computation.FromString((out / "initialize.pb").read_bytes()))
+  nxt = fl.framework.ConcreteComputation.from_proto(
+      pb.Computation.FromString((out / "next.pb").read_bytes()))
+  state = init.type_signature.result
+  assert init.type_signature.parameter is None
+  assert isinstance(state, fl.FederatedType) and state.placement is fl.SERVER
+  assert nxt.type_signature.parameter[0].is_equivalent_to(state)
+  assert nxt.type_signature.result[0].is_equivalent_to(state)
+  # next's inputs in the manifest are the client data only: the state is fed back.
+  assert all(i["path"][0] == 1 for i in manifest["next"]["inputs"])
+
+
+def test_next_must_return_state_and_metrics(tmp_path):
+  @fb.computation()
+  def init():
+    return jnp.zeros(3)
+
+  @fb.computation(in_placements=(fb.SERVER, fb.CLIENTS))
+  def state_only(state, x):
+    return state + fb.mean(x)
+
+  with pytest.raises(fb.ExportError, match=r"return \(new_state, metrics\)"):
+    fb.export(fb.IterativeProcess(init, state_only), np.ones((2, 3), np.float32),
+              target="tff", out_dir=tmp_path / "bad")
+  assert list(tmp_path.iterdir()) == []
+
+
+def test_tampered_artifact_is_reported_and_nothing_runs(tmp_path, monkeypatch):
+  comp, args = _program("two_stage")
+  out = fb.export(comp, *args, target="tff", out_dir=tmp_path / "t")
+  blob = bytearray((out / "computation.pb").read_bytes())
+  blob[len(blob) // 2] ^= 0xFF
+  (out / "computation.pb").write_bytes(bytes(blob))
+  # Were anything run, the missing runtime would be the error instead.
+  monkeypatch.setenv("FAXBRIDGE_TFF_PYTHON", str(tmp_path / "no-such-python"))
+  with pytest.raises(fb.VerificationError, match=r"computation.pb: sha256 mismatch.*") as info:
+    fb.verify(out, *args, runtime="tff")
+  assert "nothing was run" in str(info.value)
+
+
+def test_missing_tff_environment_names_the_command(tmp_path, monkeypatch):
+  comp, args = _program("two_stage")
+  out = fb.export(comp, *args, target="tff", out_dir=tmp_path / "t")
+  monkeypatch.setenv("FAXBRIDGE_TFF_PYTHON", str(tmp_path / "no-such-python"))
+  with pytest.raises(fb.VerificationError, match=r"make \.venv-tff/\.ready"):
+    fb.verify(out, *args, runtime="tff")
+
+
+def test_verify_checks_input_names_and_dtypes(tmp_path):
+  comp, args = _program("two_stage")
+  out = fb.export(comp, *args, target="tff", out_dir=tmp_path / "t")
+  with pytest.raises(fb.VerificationError, match="dtype"):
+    fb.verify(out, np.float64(2.0), args[1], runtime="tff")
+  with pytest.raises(fb.VerificationError, match="lack"):
+    fb.verify(out, runtime="tff", inputs={"scale": args[0]})
+
+
+# -- round trips on TFF 0.87 ------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_computation_round_trips_on_tff(tmp_path, name):
+  comp, args = _program(name)
+  out = fb.export(comp, *args, target="tff", out_dir=tmp_path / name)
+  report = fb.verify(out, *args, runtime="tff")
+  assert report.ok, str(report)
+  assert len(report.checks) == len(jax.tree.leaves(comp(*args)))
+  assert report.info["context"] == ("test" if name == "analytics" else "native")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["fedavg", "fedadam"])
+def test_iterative_process_round_trips_five_rounds_and_forms(tmp_path, name):
+  process, args = _program(name, process=True)
+  out = fb.export(process, *args, target="tff", out_dir=tmp_path / name)
+  report = fb.verify(out, *args, runtime="tff", rounds=5)
+  assert report.ok, str(report)
+  assert {c.name.split("/")[0] for c in report.checks} == {
+      "initialize", *(f"round{r}" for r in range(1, 6))}
+  assert report.info["mapreduce_form"] == "built"
+  assert report.info["distribute_aggregate_form"] == "built"
+  assert set(report.extra_checks) == {"mapreduce rebuilt", "distribute_aggregate rebuilt"}
+  assert all(c.ok for c in report.extra_checks["mapreduce rebuilt"])
+
+
+@pytest.mark.slow
+def test_cli_export_and_verify(tmp_path):
+  env = {**os.environ, "PYTHONPATH": str(ROOT)}
+  out, inputs = tmp_path / "two_stage", tmp_path / "inputs.npz"
+  cmd = [sys.executable, "-m", "faxbridge", "export", "examples.two_stage:computation",
+         "--target=tff", "-o", str(out), "--save-inputs", str(inputs)]
+  done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr
+  again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert again.returncode == 2 and "exists" in again.stderr
+  verify = subprocess.run(
+      [sys.executable, "-m", "faxbridge", "verify", str(out), "--runtime=tff", "--inputs",
+       str(inputs)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert verify.returncode == 0, verify.stdout + verify.stderr
+  assert "OK" in verify.stdout and "out_0" in verify.stdout
+  assert json.loads((out / "manifest.json").read_text())["name"] == "centred_variance"
+  shutil.rmtree(out)

@@ -1,0 +1,72 @@
+"""interop_fixtures/: re-export is byte-identical, and the runtimes execute every fixture to the
+outputs the Python computation gave when it was exported."""
+
+from __future__ import annotations
+
+import filecmp
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from faxbridge.converters.runtimes.tff import ComputationJob, run_computations
+from faxbridge.export import read_manifest
+from faxbridge.verify import ATOL, RTOL, check_files
+
+FIXTURES = Path(__file__).resolve().parent.parent / "interop_fixtures"
+NAMES = sorted(p.name for p in FIXTURES.iterdir() if (p / "fixture.json").exists())
+
+
+def _regenerate_module():
+  spec = importlib.util.spec_from_file_location("regenerate", FIXTURES / "regenerate.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def _meta(name) -> dict:
+  return json.loads((FIXTURES / name / "fixture.json").read_text())
+
+
+def test_every_program_of_the_generator_has_a_fixture():
+  assert sorted(_regenerate_module().PROGRAMS) == NAMES
+  assert len(NAMES) >= 5
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fixture_files_match_their_manifests(name):
+  for target in _meta(name)["targets"]:
+    check_files(FIXTURES / name / target, read_manifest(FIXTURES / name / target))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_reexport_is_byte_identical(tmp_path, name):
+  regenerate = _regenerate_module()
+  for target in _meta(name)["targets"]:
+    fresh = regenerate.export_fixture(name, tmp_path, target)
+    fixture = FIXTURES / name / target
+    files = sorted(str(p.relative_to(fixture)) for p in fixture.rglob("*") if p.is_file())
+    assert files == sorted(str(p.relative_to(fresh)) for p in fresh.rglob("*") if p.is_file())
+    _, mismatch, errors = filecmp.cmpfiles(fixture, fresh, files, shallow=False)
+    assert (mismatch, errors) == ([], []), f"{name}/{target} differs in {mismatch + errors}"
+
+
+@pytest.mark.slow
+def test_tff_executes_every_fixture_to_the_expected_outputs():
+  jobs = []
+  for name in NAMES:
+    inputs = np.load(FIXTURES / name / "inputs.npz", allow_pickle=False)
+    jobs.append(ComputationJob(FIXTURES / name / "tff", {k: inputs[k] for k in inputs.files},
+                               rounds=_meta(name)["rounds"]))
+  runs = run_computations(jobs)  # one TFF process for all fixtures
+  for name, run in zip(NAMES, runs):
+    expected = np.load(FIXTURES / name / "expected.npz", allow_pickle=False)
+    assert sorted(run.outputs) == sorted(expected.files), name
+    for key in expected.files:
+      want, got = expected[key], run.outputs[key]
+      if want.dtype.kind in "biu":
+        np.testing.assert_array_equal(got, want, err_msg=f"{name}: {key}")
+      else:
+        np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL, err_msg=f"{name}: {key}")
