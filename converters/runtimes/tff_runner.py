@@ -615,11 +615,14 @@ class Program:
     state = contexts.run(context, self.init)
     out = extract_outputs(state, self.init.type_signature.result, init_block.get("outputs", []),
                           "initialize/", "initialize outputs")
+    self.round_s = []
     for r in range(1, (rounds or 1) + 1):
       arg = build_argument(comp.type_signature.parameter, next_block.get("inputs", []),
                            _round_inputs(arrays, r), fixed={(0,): state},
                            where=f"next inputs (round {r})")
+      start = time.perf_counter()
       result = contexts.run(context, comp, arg)
+      self.round_s.append(time.perf_counter() - start)  # per-round TFF time, for benchmarks
       out.update(extract_outputs(result, comp.type_signature.result,
                                  next_block.get("outputs", []), f"round{r}/", "next outputs"))
       state = _element(result, 0)
@@ -665,6 +668,8 @@ def run_computation_job(job: dict, base: Path, contexts: Contexts) -> dict:
     start = time.perf_counter()
     outputs = program.execute(contexts, program.context, program.comp, arrays, rounds)
     timings["execute_s"] = time.perf_counter() - start
+    if program.kind == "iterative_process":
+      timings["round_s"] = list(program.round_s)
     if job.get("forms"):
       start = time.perf_counter()
       status["forms"] = {}
