@@ -124,6 +124,8 @@ class Computation:
               f"shape {shape}"
           )
         n = shape[0]
+    if n == 0:
+      raise PlacementError(f"{self.__name__}{_caller()}: the CLIENTS-placed inputs hold no client")
     return n
 
   def _wrapped(self, clients: int | None, mesh) -> Callable:
