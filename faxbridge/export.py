@@ -9,7 +9,6 @@ computation exports to the same bytes.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib
 import json
@@ -23,6 +22,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from faxbridge._jax_export import export as export_without_locations
 from faxbridge.computation import Computation
 from faxbridge.errors import ExportError
 from faxbridge.iterative import IterativeProcess
@@ -69,16 +69,6 @@ def write_json(path: Path, obj: Any) -> None:
   path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-@contextlib.contextmanager
-def deterministic_locations():
-  """Lower without Python tracebacks in MLIR locations: they name the files of whoever traced the
-  program (a test, a script), and an export must not depend on who made it."""
-  from jax._src import config
-
-  with config.traceback_in_locations_limit(0), config.include_full_tracebacks_in_locations(False):
-    yield
-
-
 def _native(program: Program, example_args, out: Path) -> dict:
   """The computation itself, serialized with jax.export: what verify runs as the native side."""
   out.mkdir()
@@ -90,8 +80,7 @@ def _native(program: Program, example_args, out: Path) -> dict:
   else:
     parts = {"computation": (program, tuple(specs))}
   for name, (comp, args) in parts.items():
-    with deterministic_locations():
-      exported = jax.export.export(jax.jit(comp))(*args)
+    exported = export_without_locations(comp, *args)
     (out / f"{name}.jax").write_bytes(exported.serialize())
   return {"native": {name: f"native/{name}.jax" for name in parts}}
 
