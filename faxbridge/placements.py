@@ -51,21 +51,22 @@ _CALL_LIKE = {
     "checkpoint": "jaxpr",
 }
 # Primitives that only annotate a value (its layout on devices), at any placement.
-_PLACEMENT_PRESERVING = frozenset({"sharding_constraint", "copy", "copy_p", "device_put"})
+PLACEMENT_PRESERVING = frozenset({"sharding_constraint", "copy", "copy_p", "device_put"})
 
 # primitive name -> rule(eqn, in_placements) -> out_placements. Filled by faxbridge.primitives.
 RULES: dict[str, Callable[[Any, Sequence[Placement]], list[Placement]]] = {}
 
 
-def _has_federated(jaxpr: jcore.Jaxpr) -> bool:
+def has_federated(jaxpr: jcore.Jaxpr) -> bool:
+  """Whether ``jaxpr`` or any jaxpr nested in it holds a federated primitive."""
   return any(
-      eqn.primitive.name in RULES or any(_has_federated(s) for s in jcore.jaxprs_in_params(eqn.params))
+      eqn.primitive.name in RULES or any(has_federated(s) for s in jcore.jaxprs_in_params(eqn.params))
       for eqn in jaxpr.eqns
   )
 
 
 def _server_work(eqn, in_places: Sequence[Placement]) -> list[Placement]:
-  if any(_has_federated(s) for s in jcore.jaxprs_in_params(eqn.params)):
+  if any(has_federated(s) for s in jcore.jaxprs_in_params(eqn.params)):
     raise PlacementError(
         f"federated operations inside '{eqn.primitive.name}'{describe(eqn.source_info)}: lax control "
         "flow cannot contain fb.broadcast, fb.map or aggregations, because the number of server/client "
@@ -82,12 +83,13 @@ def _server_work(eqn, in_places: Sequence[Placement]) -> list[Placement]:
   return [SERVER] * len(eqn.outvars)
 
 
-def _sub_jaxpr(eqn) -> jcore.Jaxpr | None:
+def call_body(eqn) -> tuple[jcore.Jaxpr, tuple] | None:
+  """The jaxpr and consts a call-like equation (jit, custom_jvp_call...) runs, else None."""
   param = _CALL_LIKE.get(eqn.primitive.name)
   if param is None or param not in eqn.params:
     return None
   sub = eqn.params[param]
-  return sub.jaxpr if isinstance(sub, jcore.ClosedJaxpr) else sub
+  return (sub.jaxpr, tuple(sub.consts)) if isinstance(sub, jcore.ClosedJaxpr) else (sub, ())
 
 
 def infer(jaxpr: jcore.Jaxpr, in_places: Sequence[Placement]) -> tuple[list[Placement], dict]:
@@ -111,10 +113,10 @@ def infer(jaxpr: jcore.Jaxpr, in_places: Sequence[Placement]) -> tuple[list[Plac
     name = eqn.primitive.name
     if name in RULES:
       out = RULES[name](eqn, places)
-    elif name in _PLACEMENT_PRESERVING:
+    elif name in PLACEMENT_PRESERVING:
       out = places[: len(eqn.outvars)]
-    elif (sub := _sub_jaxpr(eqn)) is not None and (CLIENTS in places or _has_federated(sub)):
-      out, sub_env = infer(sub, places)
+    elif (body := call_body(eqn)) is not None and (CLIENTS in places or has_federated(body[0])):
+      out, sub_env = infer(body[0], places)
       env.update(sub_env)
     else:
       out = _server_work(eqn, places)

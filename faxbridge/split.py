@@ -32,7 +32,7 @@ from faxbridge._source import describe
 from faxbridge.computation import Computation, TracedComputation
 from faxbridge.errors import ExportError
 from faxbridge.placements import CLIENTS, SERVER, Placement
-from faxbridge.primitives import AGGREGATIONS, FEDERATED_PRIMITIVES, broadcast_p, map_p
+from faxbridge.primitives import AGGREGATIONS, broadcast_p, map_p
 
 # Primitives that call back into Python cannot run on a client device or a TFF worker.
 _CALLBACKS = frozenset({"pure_callback", "io_callback", "debug_callback", "callback"})
@@ -197,19 +197,6 @@ def _jitted(closed: jcore.ClosedJaxpr) -> Callable:
   return fn
 
 
-def _contains_federated(jaxpr) -> bool:
-  for eqn in jaxpr.eqns:
-    if eqn.primitive in FEDERATED_PRIMITIVES:
-      return True
-    if any(_contains_federated(sub) for sub in jcore.jaxprs_in_params(eqn.params)):
-      return True
-  return False
-
-
-def _sub_of_call(eqn):
-  return placements._sub_jaxpr(eqn)
-
-
 def _bind(eqn, invals):
   params = eqn.primitive.get_bind_params(eqn.params)
   with source_info_util.user_context(eqn.source_info.traceback,
@@ -227,14 +214,12 @@ def _inline_federated_calls(closed: jcore.ClosedJaxpr) -> jcore.ClosedJaxpr:
     read = lambda a: a.val if isinstance(a, jcore.Literal) else env[a]
     for eqn in jaxpr.eqns:
       invals = [read(a) for a in eqn.invars]
-      sub = _sub_of_call(eqn)
-      if sub is not None and _contains_federated(sub):
-        sub_consts = eqn.params[placements._CALL_LIKE[eqn.primitive.name]]
-        sub_consts = sub_consts.consts if isinstance(sub_consts, jcore.ClosedJaxpr) else ()
-        outs = interpret(sub, sub_consts, *invals)
+      body = placements.call_body(eqn)
+      if body is not None and placements.has_federated(body[0]):
+        outs = interpret(body[0], body[1], *invals)
       else:
         if eqn.primitive is not map_p and any(
-            _contains_federated(s) for s in jcore.jaxprs_in_params(eqn.params)
+            placements.has_federated(s) for s in jcore.jaxprs_in_params(eqn.params)
         ):
           raise ExportError(
               f"federated operations inside '{eqn.primitive.name}'{describe(eqn.source_info)} "
@@ -245,7 +230,7 @@ def _inline_federated_calls(closed: jcore.ClosedJaxpr) -> jcore.ClosedJaxpr:
       env.update(zip(eqn.outvars, outs))
     return [read(v) for v in jaxpr.outvars]
 
-  if not any(_sub_of_call(e) is not None and _contains_federated(_sub_of_call(e))
+  if not any((body := placements.call_body(e)) is not None and placements.has_federated(body[0])
              for e in closed.jaxpr.eqns):
     return closed
   return jax.make_jaxpr(lambda *a: interpret(closed.jaxpr, closed.consts, *a))(*closed.in_avals)
@@ -306,7 +291,7 @@ class _Splitter:
     for eqn in jaxpr.eqns:
       d = max((dep(a) for a in eqn.invars), default=0)
       prim = eqn.primitive
-      if prim.name in placements._PLACEMENT_PRESERVING:
+      if prim.name in placements.PLACEMENT_PRESERVING:
         self.alias[eqn.outvars[0]] = eqn.invars[0]
         continue
       if prim.name in AGGREGATIONS:
