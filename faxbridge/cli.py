@@ -65,6 +65,8 @@ def cmd_export(ns) -> int:
     options["local"] = ns.local
   if ns.stablehlo_version:
     options["stablehlo_version"] = ns.stablehlo_version
+  if ns.lowering:
+    options["lowering"] = ns.lowering
   start = time.perf_counter()
   out = fb.export(program, *args, target=ns.target, out_dir=ns.output, force=ns.force, **options)
   print(f"exported {ns.program} to {out} ({ns.target}) in {time.perf_counter() - start:.2f} s")
@@ -134,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--force", action="store_true", help="replace an existing directory")
   p.add_argument("--local", choices=["tensorflow", "xla"], help="tff: form of local computations")
   p.add_argument("--stablehlo-version", help="stablehlo: version of the portable artifacts")
+  p.add_argument("--lowering", choices=["tf", "jax2tf"], help="tflite: how pieces reach TF")
   p.add_argument("--example-inputs", default="example_inputs", help="function giving the inputs")
   p.add_argument("--save-inputs", help="also write the example inputs, by name, to this .npz")
   p.set_defaults(fn=cmd_export)

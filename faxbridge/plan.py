@@ -36,7 +36,8 @@ PieceCall = Callable[[dict, list[np.ndarray]], Sequence[np.ndarray]]
 
 
 # --------------------------------------------------------------------------------------------------
-# Building: FederatedForm -> plan dict.
+# Building: FederatedForm -> plan dict. (jax and the splitter are imported where used: the loading
+# and running halves below need only numpy, and runtimes import this module.)
 # --------------------------------------------------------------------------------------------------
 def leaf_paths(tree) -> list[list[str | int]]:
   """The path of every leaf of a PyTreeDef: dict keys as strings, sequence positions as ints."""

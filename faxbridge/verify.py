@@ -107,6 +107,11 @@ def check_files(export_dir: Path, manifest: dict) -> None:
     elif sha256(path) != digest:
       problems.append(f"{rel}: sha256 mismatch (manifest {digest[:12]}..., file "
                       f"{sha256(path)[:12]}...)")
+  listed = set(manifest.get("files", {})) | {"manifest.json"}
+  for path in sorted(export_dir.rglob("*")):
+    rel = str(path.relative_to(export_dir))
+    if path.is_file() and rel not in listed:
+      problems.append(f"{rel}: not in the manifest")
   if problems:
     raise VerificationError(
         f"{export_dir} does not match its manifest, so nothing was run:\n  " + "\n  ".join(problems))

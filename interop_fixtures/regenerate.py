@@ -33,7 +33,7 @@ PROGRAMS = {
     "analytics_secure_sum": "examples.analytics:computation",
     "two_stage": "examples.two_stage:computation",
 }
-TARGETS = ("tff",)
+TARGETS = ("tff", "stablehlo", "tflite")
 
 
 def load(spec: str):

@@ -1,0 +1,98 @@
+"""``fb.verify(..., runtime="iree")``: compile each StableHLO piece with IREE and run a round.
+
+Each piece's StableHLO text (``.mlir``) is compiled by ``iree.compiler`` for ``llvm-cpu`` (a
+generic CPU, so a compiled module runs on any x86-64/arm64 host alike) and run by ``iree.runtime``
+on the ``local-task`` driver; ``faxbridge.plan.run_plan`` orchestrates the round from ``plan.json``
+alone. Compiled ``.vmfb`` modules are cached by content hash in a temporary directory (never in
+the export, whose files the manifest pins): ``$FAXBRIDGE_IREE_CACHE`` or
+``<tmp>/faxbridge-iree-cache``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from faxbridge.errors import VerificationError
+from faxbridge.plan import load_plan, pieces, run_plan
+from faxbridge.verify import RuntimeResult
+
+FORMAT = "stablehlo_text"
+COMPILE_FLAGS = ("--iree-llvmcpu-target-cpu=generic",)
+
+
+def _cache_dir() -> Path:
+  path = Path(os.environ.get("FAXBRIDGE_IREE_CACHE") or Path(tempfile.gettempdir()) /
+              "faxbridge-iree-cache")
+  path.mkdir(parents=True, exist_ok=True)
+  return path
+
+
+def compile_stablehlo(text: str, where: str = "module") -> bytes:
+  """The IREE ``.vmfb`` of a StableHLO module's text (cached by the text, flags and IREE version).
+
+  Raises:
+    VerificationError: IREE rejects the module (its diagnostics are included).
+  """
+  import iree.compiler as ic
+
+  # A .vmfb is only valid for the compiler that wrote it and a runtime that reads its format.
+  versions = [importlib.metadata.version(p) for p in ("iree-base-compiler", "iree-base-runtime")]
+  key = hashlib.sha256("\0".join([text, *COMPILE_FLAGS, *versions]).encode()).hexdigest()
+  cached = _cache_dir() / f"{key}.vmfb"
+  if cached.is_file():
+    return cached.read_bytes()
+  try:
+    vmfb = ic.compile_str(text, target_backends=["llvm-cpu"], input_type="stablehlo",
+                          extra_args=list(COMPILE_FLAGS))
+  except Exception as e:  # CompilerToolError carries IREE's diagnostics
+    raise VerificationError(f"IREE cannot compile {where}: {e}") from e
+  tmp = cached.with_suffix(f".{os.getpid()}.tmp")
+  tmp.write_bytes(vmfb)
+  os.replace(tmp, cached)  # atomic: parallel runs may fill the same entry
+  return vmfb
+
+
+class _Modules:
+  """Loaded IREE modules of an export, one system context per piece."""
+
+  def __init__(self, export_dir: Path, plan: dict):
+    import iree.runtime as ireert
+
+    self.config = ireert.Config("local-task")
+    self.functions = {}
+    for piece in pieces(plan):
+      if FORMAT not in piece["files"]:
+        raise VerificationError(f"{export_dir}: piece {piece['name']} has no StableHLO "
+                                "(export with --target=stablehlo to run on IREE)")
+      rel = piece["files"][FORMAT]
+      vmfb = compile_stablehlo((export_dir / rel).read_text(), rel)
+      module = ireert.VmModule.copy_buffer(self.config.vm_instance, vmfb)
+      context = ireert.SystemContext(vm_modules=[module], config=self.config)
+      self.functions[rel] = context.modules[module.name]["main"]
+
+  def __call__(self, piece: dict, args: list[np.ndarray]) -> list[np.ndarray]:
+    result = self.functions[piece["files"][FORMAT]](*args)
+    result = result if isinstance(result, tuple | list) else [result]
+    return [np.asarray(r.to_host() if hasattr(r, "to_host") else r) for r in result]
+
+
+def verify_run(export_dir: Path, manifest: dict, inputs: dict[str, np.ndarray],
+               rounds: int) -> RuntimeResult:
+  """Run the export's round(s) on IREE from ``plan.json``: outputs keyed as ``fb.verify`` keys them."""
+  plan = load_plan(export_dir)
+  try:
+    import iree.compiler
+    import iree.runtime  # noqa: F401
+  except ImportError as e:
+    raise VerificationError("runtime 'iree' needs iree-base-compiler and iree-base-runtime: "
+                            "pip install iree-base-compiler==3.13.0 iree-base-runtime==3.13.0") from e
+  modules = _Modules(export_dir, plan)
+  outputs = run_plan(plan, modules, inputs, rounds)
+  return RuntimeResult(outputs=outputs, info={"iree_pieces": len(modules.functions),
+                                              "iree_flags": " ".join(COMPILE_FLAGS)})

@@ -1,0 +1,56 @@
+"""``fb.verify(..., runtime="jax")``: reload the ``jax.export`` pieces in a fresh process and run.
+
+The child (``jax_runner``) starts from nothing but the export directory: it proves the serialized
+pieces and ``plan.json`` suffice, without the program's Python or anything this process traced.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from faxbridge.converters.runtimes import jax_runner
+from faxbridge.errors import VerificationError
+from faxbridge.plan import load_plan, pieces
+from faxbridge.verify import RuntimeResult
+
+TIMEOUT_S = 600
+
+
+def verify_run(export_dir: Path, manifest: dict, inputs: dict[str, np.ndarray],
+               rounds: int) -> RuntimeResult:
+  """Run the export's round(s) from its ``.jax`` pieces in a subprocess; outputs keyed as
+  ``fb.verify`` keys them."""
+  plan = load_plan(export_dir)
+  missing = [p["name"] for p in pieces(plan) if "jax" not in p["files"]]
+  if missing:
+    raise VerificationError(f"{export_dir}: pieces {missing} have no jax.export artifact "
+                            "(export with --target=stablehlo to run on runtime 'jax')")
+  with tempfile.TemporaryDirectory(prefix="faxbridge-jax-") as tmp:
+    in_path, out_path = Path(tmp) / "inputs.npz", Path(tmp) / "outputs.npz"
+    jax_runner.save(in_path, inputs)
+    cmd = [sys.executable, "-m", "faxbridge.converters.runtimes.jax_runner", str(export_dir),
+           str(in_path), str(out_path), str(rounds)]
+    # The child runs in an empty directory and imports the same faxbridge as this process; it
+    # never imports the program (it is given nothing but the export's path).
+    path = os.pathsep.join(p for p in [_faxbridge_root(), os.environ.get("PYTHONPATH")] if p)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S, cwd=tmp,
+                          env={**os.environ, "PYTHONPATH": path})
+    if proc.returncode != 0:
+      raise VerificationError(f"runtime 'jax' failed (exit {proc.returncode}):\n"
+                              f"{proc.stderr[-4000:]}")
+    outputs = jax_runner.load(out_path)
+  return RuntimeResult(outputs=outputs, info={"jax_process": "fresh subprocess"})
+
+
+def _faxbridge_root() -> str:
+  """The directory holding the ``faxbridge`` package this process imported (an editable checkout
+  or site-packages), so the child imports the same code."""
+  import faxbridge
+
+  return str(Path(faxbridge.__file__).resolve().parent.parent)

@@ -1,0 +1,51 @@
+"""Run an export's ``jax.export`` pieces in this (fresh) process: the child side of runtime "jax".
+
+    python -m faxbridge.converters.runtimes.jax_runner EXPORT_DIR INPUTS.npz OUTPUTS.npz ROUNDS
+
+It reads ``plan.json`` and the ``.jax`` artifacts only (no Python of the program is importable
+here), deserializes each piece with ``jax.export.deserialize``, runs the round(s) with
+``faxbridge.plan.run_plan`` and writes the outputs. Arrays travel as ``np.savez`` files: entries
+``a0, a1, ...`` plus ``names``, the keys in order (keys like ``round1/out`` are not safe zip names).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+def save(path: str | Path, arrays: dict[str, np.ndarray]) -> None:
+  names = list(arrays)
+  np.savez(path, names=np.array(names, dtype=np.str_),
+           **{f"a{i}": np.asarray(arrays[n]) for i, n in enumerate(names)})
+
+
+def load(path: str | Path) -> dict[str, np.ndarray]:
+  with np.load(path, allow_pickle=False) as f:
+    return {str(n): f[f"a{i}"] for i, n in enumerate(f["names"])}
+
+
+def main(argv: list[str]) -> int:
+  import jax
+
+  from faxbridge.plan import load_plan, pieces, run_plan
+
+  export_dir, inputs_path, outputs_path, rounds = argv
+  export_dir = Path(export_dir)
+  plan = load_plan(export_dir)
+  loaded = {}
+  for piece in pieces(plan):
+    rel = piece["files"]["jax"]
+    loaded[rel] = jax.export.deserialize(bytearray((export_dir / rel).read_bytes()))
+
+  def call(piece: dict, args: list[np.ndarray]) -> list[np.ndarray]:
+    return [np.asarray(x) for x in loaded[piece["files"]["jax"]].call(*args)]
+
+  save(outputs_path, run_plan(plan, call, load(inputs_path), int(rounds)))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv[1:]))

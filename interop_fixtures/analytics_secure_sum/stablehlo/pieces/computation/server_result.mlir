@@ -1,0 +1,17 @@
+#loc2 = loc("-":2:26)
+#loc3 = loc("-":2:46)
+#loc4 = loc("-":2:66)
+#loc5 = loc("-":2:86)
+#loc6 = loc("-":2:106)
+module @jit_jaxpr_as_fun attributes {jax.uses_shape_polymorphism = false, mhlo.num_partitions = 1 : i32, mhlo.num_replicas = 1 : i32} {
+  func.func public @main(%arg0: tensor<f32> loc("-":2:26), %arg1: tensor<f32> loc("-":2:46), %arg2: tensor<i32> loc("-":2:66), %arg3: tensor<f32> loc("-":2:86), %arg4: tensor<f32> loc("-":2:106)) -> (tensor<i32> {jax.result_info = "result[0]"}, tensor<f32> {jax.result_info = "result[1]"}, tensor<f32> {jax.result_info = "result[2]"}, tensor<f32> {jax.result_info = "result[3]"}, tensor<f32> {jax.result_info = "result[4]"}) {
+    %0 = stablehlo.multiply %arg0, %arg0 : tensor<f32> loc(#loc7)
+    %1 = stablehlo.subtract %arg1, %0 : tensor<f32> loc(#loc8)
+    return %arg2, %arg3, %arg0, %arg4, %1 : tensor<i32>, tensor<f32>, tensor<f32>, tensor<f32>, tensor<f32> loc(#loc9)
+  } loc(#loc1)
+} loc(#loc)
+#loc = loc("-":1:1)
+#loc1 = loc("-":2:3)
+#loc7 = loc("-":3:10)
+#loc8 = loc("-":4:10)
+#loc9 = loc("-":5:5)

@@ -1,0 +1,206 @@
+"""Tests of faxbridge/plan.py: plan.json against its published schema, its self-consistency check,
+the numpy aggregations against split's reference semantics, and run_plan's orchestration against
+the whole computation compiled by XLA."""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import jsonschema
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from jax.extend import core as jcore
+
+import faxbridge as fb
+from examples import EXAMPLES
+from faxbridge import plan as fplan
+from faxbridge.errors import ExportError, VerificationError
+from faxbridge.split import Aggregation, TensorSpec, aggregate
+
+SCHEMA = json.loads((pathlib.Path(__file__).parent.parent / "docs" / "plan.schema.json").read_text())
+VALIDATOR = jsonschema.Draft202012Validator(SCHEMA)
+
+
+# The quick suite runs one single-stage, one two-stage and one iterative program; the rest are slow.
+QUICK = {"two_stage-computation", "analytics-computation", "fedsgd-process"}
+
+
+def _programs() -> list:
+  params = []
+  for name in EXAMPLES:
+    module = importlib.import_module(f"examples.{name}")
+    args = module.example_inputs()
+    cases = [("computation", module.computation, args)]
+    if hasattr(module, "process"):
+      cases.append(("process", module.process, args[1:]))
+    for kind, program, program_args in cases:
+      case = f"{name}-{kind}"
+      marks = () if case in QUICK else (pytest.mark.slow,)
+      params.append(pytest.param(program, program_args, id=case, marks=marks))
+  return params
+
+
+def _plan_with_pieces(program, args):
+  """A plan whose pieces are kept in memory by file name, to run them with plain jax."""
+  kept = {}
+
+  def files(comp_name, piece):
+    rel = f"pieces/{comp_name}/{piece.name}.jaxpr"
+    kept[rel] = piece.jaxpr
+    return {"jax": rel}
+
+  return fplan.build_plan(program, args, files), kept
+
+
+def _jax_call(kept):
+  jitted = {rel: jax.jit(jcore.jaxpr_as_fun(closed)) for rel, closed in kept.items()}
+
+  def call(piece, args):
+    return jitted[piece["files"]["jax"]](*args)
+
+  return call
+
+
+def test_schema_is_valid_json_schema():
+  jsonschema.Draft202012Validator.check_schema(SCHEMA)
+
+
+@pytest.mark.parametrize("program,args", _programs())
+def test_plan_validates_and_runs_like_the_whole_computation(program, args):
+  plan, kept = _plan_with_pieces(program, args)
+  VALIDATOR.validate(plan)
+  fplan.check_plan(plan)
+  assert json.loads(json.dumps(plan)) == plan  # plain JSON, nothing Python-only inside
+  if plan["kind"] == "computation":
+    named = dict(zip([b["name"] for b in plan["computations"]["computation"]["inputs"]],
+                     jax.tree.leaves(args)))
+    got = fplan.run_plan(plan, _jax_call(kept), named, rounds=0)
+    # The independent answer: the computation as one XLA program (fb.computation's native run).
+    want = jax.tree.leaves(program(*args))
+    names = [b["name"] for b in plan["computations"]["computation"]["outputs"]]
+  else:
+    nxt = plan["computations"]["next"]
+    named = dict(zip([b["name"] for b in nxt["inputs"] if b["path"][0] != 0],
+                     jax.tree.leaves(args)))
+    got = fplan.run_plan(plan, _jax_call(kept), named, rounds=2)
+    _, history = program.run(2, *args)
+    want = jax.tree.leaves(history[-1])
+    names = [f"round2/{b['name']}" for b in nxt["outputs"]]
+  assert len(want) == len(names)
+  for name, w in zip(names, want):
+    np.testing.assert_allclose(got[name], np.asarray(w), rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_plan_records_stages_broadcasts_and_aggregations():
+  from examples import analytics, fedavg, two_stage
+
+  plan, _ = _plan_with_pieces(fedavg.computation, fedavg.example_inputs())
+  comp = plan["computations"]["computation"]
+  (stage,) = comp["stages"]
+  kinds = {a["kind"] for a in stage["aggregations"]}
+  assert kinds == {"weighted_mean", "mean"}
+  weights = {a.get("weight") for a in stage["aggregations"] if a["kind"] == "weighted_mean"}
+  assert len(weights) == 1 and weights <= set(stage["uploads"])
+  assert {s["name"] for s in stage["client_work"]["inputs"]} >= set(stage["broadcasts"])
+  data_x = next(b for b in comp["inputs"] if b["name"] == "data_x")
+  assert data_x["placement"] == "CLIENTS" and data_x["shape"] == [3, 16, 8]  # one client's
+  assert data_x["path"] == [1, "x"]
+  assert plan["clients"] == fedavg.CLIENTS
+
+  plan, _ = _plan_with_pieces(analytics.computation, analytics.example_inputs())
+  (secure,) = [a for s in plan["computations"]["computation"]["stages"] for a in s["aggregations"]
+               if a["kind"] == "secure_sum"]
+  assert secure["bitwidth"] == 16 and secure["result"]["dtype"] == "int32"
+
+  plan, _ = _plan_with_pieces(two_stage.computation, two_stage.example_inputs())
+  stages = plan["computations"]["computation"]["stages"]
+  assert len(stages) == 2
+  # Stage 1 broadcasts what stage 0 aggregated.
+  assert set(stages[1]["broadcasts"]) & {s["name"] for s in stages[1]["server_prepare"]["outputs"]}
+
+
+def test_iterative_plan_links_the_state():
+  from examples import fedadam
+
+  plan, _ = _plan_with_pieces(fedadam.process, fedadam.example_inputs()[1:])
+  links = plan["state"]
+  state_inputs = [b["name"] for b in plan["computations"]["next"]["inputs"] if b["path"][0] == 0]
+  assert [link["to"] for link in links["initialize_to_next"]] == state_inputs
+  assert [link["to"] for link in links["next_to_next"]] == state_inputs
+  # next returns (state, metrics): only the state's leaves feed back.
+  metrics = [b["name"] for b in plan["computations"]["next"]["outputs"] if b["path"][0] == 1]
+  assert metrics and not set(metrics) & {link["from"] for link in links["next_to_next"]}
+  blocks = fplan.manifest_blocks(plan)
+  assert [b["name"] for b in blocks["next"]["inputs"]] == ["data_x", "data_y"]
+
+
+def test_mismatched_state_is_an_export_error():
+  @fb.computation()
+  def init():
+    return jnp.zeros(3)
+
+  @fb.computation(in_placements=(fb.SERVER, fb.CLIENTS))
+  def step(state, x):
+    return jnp.zeros(4) + fb.mean(x)
+
+  process = fb.IterativeProcess(init, step)
+  with pytest.raises(ExportError, match="next's returned state"):
+    fplan.build_plan(process, (np.zeros((2,), np.float32),), lambda c, p: {})
+
+
+def test_check_plan_names_broken_references():
+  from examples import two_stage
+
+  plan, _ = _plan_with_pieces(two_stage.computation, two_stage.example_inputs())
+  broken = copy.deepcopy(plan)
+  stage = broken["computations"]["computation"]["stages"][1]
+  stage["broadcasts"] = []  # the client work then reads a value nobody sent
+  with pytest.raises(VerificationError, match=r"stage1_client_work: reads 'out_0', which nothing defines"):
+    fplan.check_plan(broken)
+  broken = copy.deepcopy(plan)
+  broken["computations"]["computation"]["server_result"]["inputs"][0]["shape"] = [7]
+  with pytest.raises(VerificationError, match="server_result: reads"):
+    fplan.check_plan(broken)
+  broken = copy.deepcopy(plan)
+  broken["computations"]["computation"]["stages"][0]["aggregations"][0]["kind"] = "median"
+  with pytest.raises(VerificationError, match="unknown aggregation kind 'median'"):
+    fplan.check_plan(broken)
+  assert list(VALIDATOR.iter_errors(broken))  # the schema refuses it too
+
+
+def test_load_plan_refuses_other_versions(tmp_path):
+  with pytest.raises(VerificationError, match="is missing"):
+    fplan.load_plan(tmp_path)
+  from examples import two_stage
+
+  plan, _ = _plan_with_pieces(two_stage.computation, two_stage.example_inputs())
+  plan["plan_version"] = 99
+  (tmp_path / "plan.json").write_text(json.dumps(plan))
+  with pytest.raises(VerificationError, match="plan_version 99"):
+    fplan.load_plan(tmp_path)
+
+
+@given(kind=st.sampled_from(["sum", "mean", "weighted_mean", "secure_sum", "max", "min"]),
+       clients=st.integers(1, 6), shape=st.sampled_from([(), (3,), (2, 2)]),
+       seed=st.integers(0, 2**16), integer=st.booleans())
+def test_numpy_aggregation_matches_split_reference(kind, clients, shape, seed, integer):
+  rng = np.random.default_rng(seed)
+  if integer and kind not in ("mean", "weighted_mean"):
+    values = rng.integers(-50, 50, size=(clients, *shape)).astype(np.int32)
+  else:
+    values = rng.normal(size=(clients, *shape)).astype(np.float32)
+  weights = rng.uniform(0.5, 3.0, size=(clients,)).astype(np.float32)
+  want = aggregate(Aggregation(kind, "v", TensorSpec("r", shape, "float32"),
+                               weight="w" if kind == "weighted_mean" else None),
+                   {"v": values, "w": weights})
+  got = fplan.aggregate(kind, values, weights if kind == "weighted_mean" else None,
+                        str(np.asarray(want).dtype))
+  assert got.dtype == np.asarray(want).dtype and got.shape == shape
+  np.testing.assert_allclose(got, np.asarray(want), rtol=1e-6, atol=1e-7)

@@ -1,0 +1,204 @@
+"""Round trips of the stablehlo and tflite exports on IREE, LiteRT and jax.export (fresh process):
+each runtime orchestrates the round from plan.json and its artifacts and must match the native
+jax.export run within verify's tolerance; plus the runtimes' errors and an independent numpy check
+with a client count other than the exported one."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import pathlib
+import shutil
+
+import numpy as np
+import pytest
+
+import faxbridge as fb
+from examples import EXAMPLES, two_stage
+from faxbridge.converters.runtimes import iree as iree_rt
+from faxbridge.converters.runtimes import jax_runner
+from faxbridge.converters.runtimes import litert as litert_rt
+from faxbridge.errors import VerificationError
+from faxbridge.export import sha256
+from faxbridge.verify import compare
+
+TARGET_OF = {"iree": "stablehlo", "jax": "stablehlo", "litert": "tflite"}
+ROUNDS = 3
+
+
+def _cases() -> list:
+  cases = []
+  for name in EXAMPLES:
+    module = importlib.import_module(f"examples.{name}")
+    kinds = ["computation", *(["process"] if hasattr(module, "process") else [])]
+    for kind in kinds:
+      for runtime in ("iree", "litert", "jax"):
+        cases.append(pytest.param(name, kind, runtime, id=f"{name}-{kind}-{runtime}"))
+  return cases
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+  """Exports made on first use, shared by the runtimes that read the same target."""
+  made = {}
+
+  def get(name: str, kind: str, target: str):
+    key = (name, kind, target)
+    if key not in made:
+      module = importlib.import_module(f"examples.{name}")
+      args = module.example_inputs()
+      program, program_args = (module.process, args[1:]) if kind == "process" else \
+          (module.computation, args)
+      out = tmp_path_factory.mktemp("rt") / f"{name}-{kind}-{target}"
+      made[key] = (fb.export(program, *program_args, target=target, out_dir=out), program_args)
+    return made[key]
+
+  return get
+
+
+@pytest.fixture(autouse=True)
+def _iree_cache(tmp_path_factory, monkeypatch):
+  # One compile cache for the session, away from the user's temp cache.
+  monkeypatch.setenv("FAXBRIDGE_IREE_CACHE", str(tmp_path_factory.getbasetemp() / "iree-cache"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,kind,runtime", _cases())
+def test_round_trip(exports, name, kind, runtime):
+  out, args = exports(name, kind, TARGET_OF[runtime])
+  report = fb.verify(out, *args, runtime=runtime, rounds=ROUNDS)
+  assert report.ok, str(report)
+  manifest = json.loads((out / "manifest.json").read_text())
+  if kind == "process":
+    per_round = len(manifest["next"]["outputs"])
+    expected = len(manifest["initialize"]["outputs"]) + ROUNDS * per_round
+  else:
+    expected = len(manifest["computation"]["outputs"])
+  assert len(report.checks) == expected  # every output of every round was compared
+  assert report.max_abs < 1e-5
+
+
+def _runtime_module(runtime: str):
+  return importlib.import_module("faxbridge.converters.runtimes." +
+                                 {"iree": "iree", "litert": "litert", "jax": "jax_export"}[runtime])
+
+
+FIXTURES = pathlib.Path(__file__).resolve().parent.parent / "interop_fixtures"
+
+
+def _fixture_cases() -> list:
+  names = sorted(p.parent.name for p in FIXTURES.glob("*/fixture.json"))
+  return [pytest.param(n, rt, id=f"{n}-{rt}") for n in names for rt in ("iree", "litert", "jax")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fixture,runtime", _fixture_cases())
+def test_interop_fixture_matches_the_live_computation(tmp_path, fixture, runtime):
+  """Each interop fixture's program, run on the runtime, equals the outputs the live Python
+  computation gave (expected.npz), not just the native artifact. A committed export of the
+  fixture for the target is used when there is one."""
+  spec = json.loads((FIXTURES / fixture / "fixture.json").read_text())
+  target = TARGET_OF[runtime]
+  out = FIXTURES / fixture / target
+  if not (out / "manifest.json").is_file():
+    module_name, attr = spec["program"].split(":")
+    module = importlib.import_module(module_name)
+    program = getattr(module, attr)
+    args = tuple(module.example_inputs())
+    args = args[1:] if isinstance(program, fb.IterativeProcess) else args
+    out = fb.export(program, *args, target=target, out_dir=tmp_path / target)
+  with np.load(FIXTURES / fixture / "inputs.npz") as f:
+    inputs = {k: f[k] for k in f.files}
+  with np.load(FIXTURES / fixture / "expected.npz") as f:
+    expected = {k: f[k] for k in f.files}
+  manifest = json.loads((out / "manifest.json").read_text())
+  result = _runtime_module(runtime).verify_run(out, manifest, inputs, spec["rounds"] or 0)
+  assert set(result.outputs) == set(expected)
+  checks = [compare(k, v, result.outputs[k]) for k, v in expected.items()]
+  assert all(c.ok for c in checks), [c for c in checks if not c.ok]
+
+
+def _numpy_two_stage(scale, values):
+  """centred_variance written directly in numpy (float64)."""
+  v = values.astype(np.float64)
+  mean = np.mean(scale * v.mean(axis=1), axis=0)
+  return mean, np.mean(np.mean((v - mean) ** 2, axis=1), axis=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("runtime", ["iree", "litert"])
+def test_plan_runs_any_number_of_clients(exports, runtime):
+  """Pieces are per client: the plan runs 3 clients (exported with 8), equal to numpy."""
+  out, _ = exports("two_stage", "computation", TARGET_OF[runtime])
+  scale, values = two_stage.example_inputs(clients=3)
+  result = _runtime_module(runtime).verify_run(out, {}, {"scale": scale, "values": values}, 0)
+  want = _numpy_two_stage(scale, values)
+  np.testing.assert_allclose(result.outputs["out_0"], want[0], rtol=1e-5)
+  np.testing.assert_allclose(result.outputs["out_1"], want[1], rtol=1e-5)
+
+
+def test_jax_runtime_in_a_fresh_process(tmp_path):
+  args = two_stage.example_inputs()
+  out = fb.export(two_stage.computation, *args, target="stablehlo", out_dir=tmp_path / "e")
+  report = fb.verify(out, *args, runtime="jax")
+  assert report.ok, str(report)
+  assert report.info["jax_process"] == "fresh subprocess"
+  assert [c.name for c in report.checks] == ["out_0", "out_1"]
+
+
+def test_jax_runtime_reports_a_broken_artifact(tmp_path):
+  args = two_stage.example_inputs()
+  out = fb.export(two_stage.computation, *args, target="stablehlo", out_dir=tmp_path / "e")
+  manifest = json.loads((out / "manifest.json").read_text())
+  rel = "pieces/computation/stage0_client_work.jax"
+  (out / rel).write_bytes(b"not a jax.export artifact")
+  manifest["files"][rel] = sha256(out / rel)  # re-signed: only running it can tell
+
+  (out / "manifest.json").write_text(json.dumps(manifest))
+  with pytest.raises(VerificationError, match="runtime 'jax' failed"):
+    fb.verify(out, *args, runtime="jax")
+
+
+def test_runtimes_refuse_the_other_targets_exports(tmp_path):
+  args = two_stage.example_inputs()
+  out = fb.export(two_stage.computation, *args, target="stablehlo", out_dir=tmp_path / "e")
+  with pytest.raises(VerificationError, match="export with --target=tflite"):
+    fb.verify(out, *args, runtime="litert")
+  shutil.copytree(out, tmp_path / "f")
+  plan = json.loads((tmp_path / "f" / "plan.json").read_text())
+  for stage in plan["computations"]["computation"]["stages"]:
+    stage["client_work"]["files"] = {"tflite": "x.tflite"}
+  (tmp_path / "f" / "plan.json").write_text(json.dumps(plan))
+  with pytest.raises(VerificationError, match="export with --target=stablehlo"):
+    iree_rt.verify_run(tmp_path / "f", {}, {}, 0)
+
+
+def test_plan_is_required(tmp_path):
+  args = two_stage.example_inputs()
+  out = fb.export(two_stage.computation, *args, target="stablehlo", out_dir=tmp_path / "e")
+  (out / "plan.json").unlink()
+  with pytest.raises(VerificationError, match=r"plan\.json is missing"):
+    litert_rt.verify_run(out, {}, {}, 0)
+  with pytest.raises(VerificationError, match=r"plan\.json: missing"):
+    fb.verify(out, *args, runtime="iree")  # the manifest pins it, so verify refuses first
+
+
+def test_npz_exchange_keeps_names_and_dtypes(tmp_path):
+  arrays = {"round1/out_0": np.arange(3, dtype=np.int32), "initialize/w": np.ones((2, 2), np.float32),
+            "s": np.float32(2.5)}
+  jax_runner.save(tmp_path / "a.npz", arrays)
+  back = jax_runner.load(tmp_path / "a.npz")
+  assert list(back) == list(arrays)
+  for k, v in arrays.items():
+    assert back[k].dtype == np.asarray(v).dtype and np.array_equal(back[k], v)
+
+
+def test_iree_compile_cache(tmp_path, monkeypatch):
+  monkeypatch.setenv("FAXBRIDGE_IREE_CACHE", str(tmp_path / "cache"))
+  text = ("module @m {\n  func.func public @main(%a: tensor<3xf32>) -> tensor<3xf32> {\n"
+          "    %0 = stablehlo.add %a, %a : tensor<3xf32>\n    return %0 : tensor<3xf32>\n  }\n}\n")
+  first = iree_rt.compile_stablehlo(text)
+  assert len(list((tmp_path / "cache").glob("*.vmfb"))) == 1
+  assert iree_rt.compile_stablehlo(text) == first
+  with pytest.raises(VerificationError, match=r"IREE cannot compile bad\.mlir"):
+    iree_rt.compile_stablehlo("module @m { func.func @main( }", "bad.mlir")
