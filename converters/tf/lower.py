@@ -1,0 +1,130 @@
+"""The driver: walk a jaxpr equation by equation and emit plain TensorFlow ops.
+
+An environment maps every jaxpr variable to a ``tf.Tensor``; each equation's rule (``registry``) turns
+the tensors of its inputs into the tensors of its outputs. Sub-jaxprs (``jit``, ``custom_jvp_call``,
+loop bodies...) are lowered by the same walk, so the cost is linear in the number of equations.
+
+PRNG keys (``key<fry>``) are carried as their uint32 data, shape ``key_shape + (2,)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+import tensorflow as tf
+from jax.extend import core as jcore
+
+from faxbridge._source import describe
+from faxbridge.errors import ExportError, FaxbridgeError, UnsupportedPrimitiveError
+
+from . import registry
+
+
+def is_key(aval: Any) -> bool:
+  """True for an aval whose dtype is a typed PRNG key (``key<fry>``)."""
+  return jax.dtypes.issubdtype(getattr(aval, "dtype", None), jax.dtypes.prng_key)
+
+
+def physical(aval: Any) -> tuple[tuple[int, ...], np.dtype]:
+  """Shape and dtype of the TF tensor that carries ``aval`` (keys: their uint32 key data)."""
+  if is_key(aval):
+    return tuple(aval.shape) + tuple(aval.dtype._impl.key_shape), np.dtype(np.uint32)
+  return tuple(aval.shape), np.dtype(aval.dtype)
+
+
+def tf_dtype(dtype: Any) -> tf.DType:
+  """The TF dtype of a numpy/jax dtype (a ``tf.DType`` passes through)."""
+  return dtype if isinstance(dtype, tf.DType) else tf.as_dtype(np.dtype(dtype))
+
+
+def constant(value: Any, dtype: Any = None) -> tf.Tensor:
+  """A ``Const`` op holding ``value`` (a numpy/jax array or a python scalar)."""
+  if isinstance(value, jax.Array) and is_key(value):
+    value = jax.random.key_data(value)
+  arr = np.asarray(value, dtype=None if dtype is None else np.dtype(dtype))
+  return tf.constant(arr, dtype=tf_dtype(arr.dtype))
+
+
+def _x64_check(aval: Any, where: str) -> None:
+  dt = np.dtype(physical(aval)[1])
+  if dt.itemsize == 8 and dt.kind in "fiu" and not jax.config.jax_enable_x64:
+    raise ExportError(f"64-bit value of dtype {dt}{where} while jax_enable_x64 is off")
+  if dt.kind == "c":
+    raise ExportError(f"complex dtype {dt}{where} is not supported by the tf converter")
+
+
+class Lowering:
+  """State of one lowering.
+
+  ``producers`` maps each jaxpr variable seen so far to the equation that defined it, so a rule can
+  look at how its operands were made (e.g. ``bitwise.known_zero_bits`` proves an OR disjoint).
+  """
+
+  def __init__(self) -> None:
+    self.producers: dict[Any, Any] = {}
+
+  def lower_closed(self, closed: jcore.ClosedJaxpr, args: Sequence[tf.Tensor]) -> list[tf.Tensor]:
+    """Outputs of ``closed`` applied to ``args``, as TF tensors in the current graph."""
+    return self.lower(closed.jaxpr, closed.consts, args)
+
+  def lower(self, jaxpr: jcore.Jaxpr, consts: Sequence[Any], args: Sequence[tf.Tensor]) -> list[tf.Tensor]:
+    """Outputs of the open ``jaxpr`` given its ``consts`` (any arrays) and ``args`` (TF tensors)."""
+    if len(args) != len(jaxpr.invars) or len(consts) != len(jaxpr.constvars):
+      raise ExportError(
+          f"internal: jaxpr takes {len(jaxpr.constvars)} consts and {len(jaxpr.invars)} args, "
+          f"got {len(consts)} and {len(args)}")
+    env: dict[Any, tf.Tensor] = {}
+    for v, c in zip(jaxpr.constvars, consts):
+      env[v] = c if isinstance(c, tf.Tensor) else constant(c, physical(v.aval)[1])
+    env.update(zip(jaxpr.invars, args))
+
+    def read(atom: Any) -> tf.Tensor:
+      if isinstance(atom, jcore.Literal):
+        return constant(atom.val, physical(atom.aval)[1])
+      return env[atom]
+
+    for eqn in jaxpr.eqns:
+      outs = self.lower_eqn(eqn, [read(a) for a in eqn.invars])
+      for v, t in zip(eqn.outvars, outs):
+        if not isinstance(v, jcore.DropVar):
+          env[v] = t
+          self.producers[v] = eqn
+    return [read(a) for a in jaxpr.outvars]
+
+  def lower_eqn(self, eqn: Any, args: list[tf.Tensor]) -> list[tf.Tensor]:
+    """Apply the registered rule of ``eqn.primitive`` and check the result against the avals."""
+    name = eqn.primitive.name
+    info = registry.lookup(name)
+    where = describe(eqn.source_info)
+    if info is None:
+      raise UnsupportedPrimitiveError(
+          f"the tf converter has no rule for JAX primitive '{name}'{where}; "
+          f"see docs/tf_primitives.md for the supported primitives")
+    for v in eqn.outvars:
+      _x64_check(v.aval, f" produced by '{name}'{where}")
+    try:
+      outs = info.fn(self, eqn, *args)
+    except FaxbridgeError:
+      raise
+    except Exception as e:  # a TF shape/dtype error inside a rule: say which equation caused it
+      raise ExportError(f"lowering JAX primitive '{name}'{where} to TensorFlow failed: {e}") from e
+    if not eqn.primitive.multiple_results:
+      outs = [outs]
+    outs = list(outs)
+    if len(outs) != len(eqn.outvars):
+      raise ExportError(f"internal: rule for '{name}' returned {len(outs)} values, "
+                        f"expected {len(eqn.outvars)}{where}")
+    for v, t in zip(eqn.outvars, outs):
+      shape, dtype = physical(v.aval)
+      if tuple(t.shape.as_list()) != shape or t.dtype != tf_dtype(dtype):
+        raise ExportError(f"internal: rule for '{name}' produced {t.dtype.name}{t.shape} where the "
+                          f"jaxpr has {dtype}{list(shape)}{where}")
+    return outs
+
+
+def lower_closed(closed: jcore.ClosedJaxpr, args: Sequence[tf.Tensor]) -> list[tf.Tensor]:
+  """Lower ``closed`` applied to ``args`` into the current TF graph (or ``tf.function``)."""
+  return Lowering().lower_closed(closed, args)

@@ -1,0 +1,395 @@
+"""Elementwise primitives: arithmetic, comparisons, bitwise ops, transcendental functions, casts.
+
+Every op emitted here has a TFLite builtin unless its rule says otherwise. Where TFLite lacks a
+builtin (``Erf``, ``Log1p``, ``LeftShift``, ``BitwiseOr``, ``IsFinite``...) the rule writes the same
+math from builtins: ``erf`` as a polynomial fitted below, ``x << k`` as ``x * 2**k``, a disjoint OR as
+an add.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from . import _util as u
+from .registry import register
+
+_F = "elementwise"
+
+
+def _same_shape_binary(tf_fn):
+  def rule(ctx, eqn, x, y):
+    return tf_fn(x, y)
+  return rule
+
+
+# --- arithmetic -------------------------------------------------------------------------------------
+
+register("add", "add_any", family=_F)(_same_shape_binary(tf.add))
+register("sub", family=_F)(_same_shape_binary(tf.subtract))
+register("mul", family=_F)(_same_shape_binary(tf.multiply))
+
+
+@register("max", family=_F)
+def _max(ctx, eqn, x, y):
+  return tf.logical_or(x, y) if u.is_bool(u.out_dtype(eqn)) else tf.maximum(x, y)
+
+
+@register("min", family=_F)
+def _min(ctx, eqn, x, y):
+  return tf.logical_and(x, y) if u.is_bool(u.out_dtype(eqn)) else tf.minimum(x, y)
+
+
+def _int_div_parts(x, y, dtype):
+  """Integer ``x / y`` rounded toward zero and its remainder, with XLA's answers where C traps.
+
+  XLA defines ``x / 0 = -1`` (all ones), ``x % 0 = x`` and ``INT_MIN / -1 = INT_MIN``; TF's kernels
+  raise or trap there, so the divisor is made safe first and those cases patched after.
+  ``FloorDiv``/``FloorMod`` (TFLite builtins) are turned into truncation by the usual sign fix.
+  """
+  zero = tf.zeros([], x.dtype)
+  one = tf.ones([], x.dtype)
+  y_is_zero = tf.equal(y, zero)
+  unsafe = y_is_zero
+  if u.is_signed(dtype):
+    unsafe = tf.logical_or(unsafe, tf.logical_and(tf.equal(x, np.iinfo(dtype).min), tf.equal(y, -one)))
+  ys = tf.where(unsafe, one, y)
+  q = tf.math.floordiv(x, ys)
+  r = tf.math.floormod(x, ys)
+  if u.is_signed(dtype):
+    # floor and trunc differ when the remainder is nonzero and x, y have opposite signs.
+    fix = tf.logical_and(tf.not_equal(r, zero), tf.not_equal(tf.less(x, zero), tf.less(ys, zero)))
+    q = tf.where(fix, q + one, q)
+    r = tf.where(fix, r - ys, r)
+  q = tf.where(y_is_zero, tf.constant(np.array(-1).astype(dtype)), q)
+  r = tf.where(y_is_zero, x, r)
+  return q, r
+
+
+@register("div", family=_F, tflite="partial",
+          note="int: XLA's x/0 = -1, INT_MIN/-1 = INT_MIN kept; uint32 and 16-bit floats TF-only")
+def _div(ctx, eqn, x, y):
+  """Float division; integer division rounded toward zero (C semantics, as XLA)."""
+  dtype = u.out_dtype(eqn)
+  if u.is_float(dtype):
+    return tf.math.divide(x, y)
+  return _int_div_parts(x, y, dtype)[0]
+
+
+@register("rem", family=_F, tflite="partial",
+          note="floats within 1 ulp of |y| of fmod (from FloorMod); uint32 TF-only for TFLite")
+def _rem(ctx, eqn, x, y):
+  """``x - y * trunc(x / y)``: the remainder with the sign of ``x`` (C ``fmod``)."""
+  dtype = u.out_dtype(eqn)
+  if not u.is_float(dtype):
+    return _int_div_parts(x, y, dtype)[1]
+  r = tf.math.floormod(x, y)
+  zero = tf.zeros([], x.dtype)
+  fix = tf.logical_and(tf.not_equal(r, zero), tf.not_equal(tf.less(r, zero), tf.less(x, zero)))
+  return tf.where(fix, r - y, r)
+
+
+@register("neg", family=_F)
+def _neg(ctx, eqn, x):
+  if u.is_unsigned(u.out_dtype(eqn)):
+    return tf.zeros([], x.dtype) - x  # wraps, as jax's neg of an unsigned integer
+  return tf.negative(x)
+
+
+@register("abs", family=_F)
+def _abs(ctx, eqn, x):
+  return tf.abs(x)
+
+
+@register("sign", family=_F)
+def _sign(ctx, eqn, x):
+  if u.is_unsigned(u.out_dtype(eqn)):
+    return u.cast(tf.not_equal(x, 0), x.dtype)
+  return tf.sign(x)
+
+
+@register("floor", family=_F)
+def _floor(ctx, eqn, x):
+  return tf.floor(x)
+
+
+@register("ceil", family=_F)
+def _ceil(ctx, eqn, x):
+  return tf.math.ceil(x)
+
+
+@register("round", family=_F)
+def _round(ctx, eqn, x):
+  """Half to even (``Round``) or half away from zero: ``sign(x) * (floor|x| + (frac|x| >= 1/2))``."""
+  if int(eqn.params["rounding_method"]) == 1:
+    return tf.round(x)
+  ax = tf.abs(x)
+  fl = tf.floor(ax)
+  up = u.cast(tf.greater_equal(ax - fl, tf.constant(0.5, x.dtype)), x.dtype)
+  mag = fl + up
+  return tf.where(tf.less(x, tf.zeros([], x.dtype)), -mag, mag)
+
+
+@register("is_finite", family=_F)
+def _is_finite(ctx, eqn, x):
+  """``|x| <= largest finite``: false for +-inf and NaN (no ``IsFinite`` builtin in TFLite)."""
+  big = np.finfo(x.dtype.as_numpy_dtype).max
+  return tf.less_equal(tf.abs(x), tf.constant(big, x.dtype))
+
+
+@register("clamp", family=_F)
+def _clamp(ctx, eqn, lo, x, hi):
+  """``min(max(x, lo), hi)``."""
+  return tf.minimum(tf.maximum(x, lo), hi)
+
+
+@register("integer_pow", family=_F)
+def _integer_pow(ctx, eqn, x):
+  """``x ** y`` for a static integer ``y`` by square-and-multiply; ``1 / x**|y|`` when ``y < 0``."""
+  y = int(eqn.params["y"])
+  n = abs(y)
+  acc = None
+  base = x
+  while n:
+    if n & 1:
+      acc = base if acc is None else acc * base
+    n >>= 1
+    if n:
+      base = base * base
+  if acc is None:
+    acc = tf.ones_like(x)
+  return tf.math.divide(tf.ones([], x.dtype), acc) if y < 0 else acc
+
+
+@register("square", family=_F)
+def _square(ctx, eqn, x):
+  return x * x
+
+
+@register("pow", family=_F, note="float base; integer exponents are cast to the base's type")
+def _pow(ctx, eqn, x, y):
+  return tf.pow(x, u.cast(y, x.dtype))
+
+
+# --- transcendental -----------------------------------------------------------------------------------
+
+def _unary(name, tf_fn, tflite="builtin", note=""):
+  register(name, family=_F, tflite=tflite, note=note)(lambda ctx, eqn, x: tf_fn(x))
+
+
+_unary("exp", tf.exp)
+_unary("log", tf.math.log)
+_unary("sqrt", tf.sqrt)
+_unary("rsqrt", tf.math.rsqrt)
+_unary("tanh", tf.tanh)
+_unary("logistic", tf.sigmoid)
+_unary("sin", tf.sin)
+_unary("cos", tf.cos)
+_unary("tan", lambda x: tf.sin(x) / tf.cos(x), note="sin/cos: a few ulp from XLA's tan")
+_unary("atan", lambda x: tf.atan2(x, tf.ones_like(x)))
+_unary("exp2", lambda x: tf.pow(tf.constant(2, x.dtype), x))
+# No TFLite builtin for these; they stay TF-only (TF has had the kernels for years).
+_unary("asin", tf.asin, "tf-only")
+_unary("acos", tf.acos, "tf-only")
+_unary("sinh", tf.sinh, "tf-only")
+_unary("cosh", tf.cosh, "tf-only")
+_unary("asinh", tf.asinh, "tf-only")
+_unary("acosh", tf.acosh, "tf-only")
+_unary("atanh", tf.atanh, "tf-only")
+_unary("lgamma", tf.math.lgamma)
+_unary("digamma", tf.math.digamma, "tf-only")
+
+
+@register("atan2", family=_F)
+def _atan2(ctx, eqn, x, y):
+  shape = u.out_shape(eqn)  # TFLite's ATAN2 wants equal operand shapes
+  return tf.atan2(tf.broadcast_to(x, shape), tf.broadcast_to(y, shape))
+
+
+@register("log1p", family=_F)
+def _log1p(ctx, eqn, x):
+  """``log(1 + x)`` accurate near 0 (Goldberg's trick): ``log(w) * x / (w - 1)`` with ``w = 1 + x``.
+
+  The rounding error of ``w`` cancels in the ratio; when ``w == 1`` the answer is ``x`` itself.
+  """
+  x, dt = u.upcast16(x)
+  one = tf.ones([], x.dtype)
+  w = x + one
+  d = w - one
+  safe_d = tf.where(tf.equal(d, 0), one, d)
+  r = tf.where(tf.equal(d, 0), x, tf.math.log(w) * (x / safe_d))
+  r = tf.where(tf.equal(w, w * 2), tf.math.log(w), r)  # w is +inf or 0: log(w) is already right
+  return u.cast(r, dt)
+
+
+@register("expm1", family=_F)
+def _expm1(ctx, eqn, x):
+  """``exp(x) - 1`` accurate near 0 (Kahan): ``(w - 1) * x / log(w)`` with ``w = exp(x)``."""
+  x, dt = u.upcast16(x)
+  one = tf.ones([], x.dtype)
+  w = tf.exp(x)
+  lw = tf.math.log(w)
+  d = w - one
+  safe_lw = tf.where(tf.equal(lw, 0), one, lw)
+  r = tf.where(tf.equal(w, one), x, d * (x / safe_lw))
+  r = tf.where(tf.equal(d, -one), d, r)  # exp underflowed: the answer is -1
+  r = tf.where(tf.equal(w, w * 2), d, r)  # w is +inf (or 0, handled above)
+  return u.cast(r, dt)
+
+
+def _fit(fn, lo: float, hi: float, deg: int) -> list[float]:
+  """Least-squares polynomial (monomial coefficients, low first) of ``fn`` on Chebyshev nodes."""
+  t = (np.cos(np.linspace(0.0, np.pi, 16 * deg)) + 1.0) * 0.5 * (hi - lo) + lo
+  return list(np.polynomial.polynomial.polyfit(t, np.array([fn(v) for v in t]), deg))
+
+
+# erf(x) = x * P(x^2) on |x| <= 1, and erfc(x) = exp(-x^2) * Q(1/x) on x >= 1 (Q is erfcx in 1/x).
+# Fitted here, in float64, from math.erf/math.erfc; evaluated in float32 the relative error is
+# below 2e-7 for erf and 5e-6 for erfc (the float32 rounding of x*x inside exp(-x^2) dominates).
+_ERF_SMALL = _fit(lambda t: math.erf(math.sqrt(t)) / math.sqrt(t) if t > 0 else 2 / math.sqrt(math.pi),
+                  0.0, 1.0, 7)
+_ERFCX_INV = _fit(lambda s: math.erfc(1 / s) * math.exp(1 / (s * s)) if s > 0.04 else
+                  math.erfc(25.0) * math.exp(625.0) * 25.0 * s, 0.0, 1.0, 12)
+
+
+def _horner(t, coeffs):
+  acc = tf.constant(coeffs[-1], t.dtype)
+  for c in coeffs[-2::-1]:
+    acc = acc * t + tf.constant(c, t.dtype)
+  return acc
+
+
+def _erf_parts(x):
+  """(erf(x), erfc(x)) from the two fits, both from builtin ops."""
+  one = tf.ones([], x.dtype)
+  ax = tf.abs(x)
+  small = x * _horner(x * x, _ERF_SMALL)
+  big_ax = tf.maximum(ax, one)  # keep 1/x finite; only used where |x| >= 1
+  erfc_abs = tf.exp(-(big_ax * big_ax)) * _horner(one / big_ax, _ERFCX_INV)
+  is_small = tf.less(ax, one)
+  neg = tf.less(x, tf.zeros([], x.dtype))
+  erf = tf.where(is_small, small, tf.where(neg, erfc_abs - one, one - erfc_abs))
+  erfc = tf.where(is_small, one - small, tf.where(neg, 2 * one - erfc_abs, erfc_abs))
+  return erf, erfc
+
+
+@register("erf", family=_F, note="polynomial fit, rel err < 2e-7 in float32")
+def _erf(ctx, eqn, x):
+  x, dt = u.upcast16(x)
+  return u.cast(_erf_parts(x)[0], dt)
+
+
+@register("erfc", family=_F, note="polynomial fit of erfcx, rel err < 1e-5 while erfc(x) is normal")
+def _erfc(ctx, eqn, x):
+  x, dt = u.upcast16(x)
+  return u.cast(_erf_parts(x)[1], dt)
+
+
+# Giles, "Approximating the erfinv function" (GPU Computing Gems, 2011), single precision:
+# erfinv(x) = x * p(w) with w = -log((1 - x)(1 + x)), one polynomial for w < 5 and one in sqrt(w).
+_GILES_CENTRAL = [2.81022636e-08, 3.43273939e-07, -3.5233877e-06, -4.39150654e-06, 0.00021858087,
+                  -0.00125372503, -0.00417768164, 0.246640727, 1.50140941]
+_GILES_TAIL = [-0.000200214257, 0.000100950558, 0.00134934322, -0.00367342844, 0.00573950773,
+               -0.0076224613, 0.00943887047, 1.00167406, 2.83297682]
+
+
+@register("erf_inv", family=_F, note="Giles' approximation (the one XLA uses); +-inf at +-1")
+def _erf_inv(ctx, eqn, x):
+  x, dt = u.upcast16(x)
+  one = tf.ones([], x.dtype)
+  w = -tf.math.log((one - x) * (one + x))
+  central = _horner(w - 2.5, _GILES_CENTRAL[::-1])
+  tail = _horner(tf.sqrt(tf.maximum(w, 5.0)) - 3.0, _GILES_TAIL[::-1])
+  r = tf.where(tf.less(w, 5.0), central, tail) * x
+  r = tf.where(tf.equal(tf.abs(x), one), x * tf.constant(np.inf, x.dtype), r)
+  return u.cast(r, dt)
+
+
+@register("nextafter", family=_F, note="float32 (16-bit types via float32 bits are not exact)")
+def _nextafter(ctx, eqn, x, y):
+  """The float after ``x`` towards ``y``: step the bits of ``x`` by +-1 (sign-magnitude order)."""
+  if x.dtype != tf.float32:
+    raise NotImplementedError(f"nextafter on {x.dtype.name}")
+  bits = tf.bitcast(x, tf.int32)
+  zero = tf.zeros([], x.dtype)
+  # away from zero when moving further from it: +1 on the magnitude bits, else -1
+  away = tf.equal(tf.less(x, y), tf.greater(x, zero))
+  step = tf.where(away, tf.constant(1, tf.int32), tf.constant(-1, tf.int32))
+  r = tf.bitcast(bits + step, tf.float32)
+  tiny = tf.bitcast(tf.constant(1, tf.int32), tf.float32)  # smallest subnormal
+  r = tf.where(tf.equal(x, zero), tf.where(tf.greater(y, zero), tiny, -tiny), r)
+  r = tf.where(tf.equal(x, y), y, r)
+  return tf.where(tf.logical_or(tf.not_equal(x, x), tf.not_equal(y, y)), x + y, r)
+
+
+# --- comparisons and selection ---------------------------------------------------------------------
+
+register("eq", family=_F)(_same_shape_binary(tf.equal))
+register("ne", family=_F)(_same_shape_binary(tf.not_equal))
+register("lt", family=_F)(_same_shape_binary(tf.less))
+register("le", family=_F)(_same_shape_binary(tf.less_equal))
+register("gt", family=_F)(_same_shape_binary(tf.greater))
+register("ge", family=_F)(_same_shape_binary(tf.greater_equal))
+
+
+@register("select_n", family=_F)
+def _select_n(ctx, eqn, which, *cases):
+  """``cases[which]`` elementwise: one ``SelectV2`` for a boolean predicate, a chain for an index."""
+  if len(cases) == 1:
+    return cases[0]
+  if which.dtype == tf.bool:
+    return tf.where(which, cases[1], cases[0])
+  out = cases[0]
+  for k in range(1, len(cases)):
+    out = tf.where(tf.equal(which, tf.constant(k, which.dtype)), cases[k], out)
+  return out
+
+
+# --- casts --------------------------------------------------------------------------------------------
+
+def convert(x: tf.Tensor, src: Any, dst: Any) -> tf.Tensor:
+  """``convert_element_type`` with XLA's semantics.
+
+  Float -> integer saturates and maps NaN to 0 (a plain ``Cast`` is undefined out of range);
+  anything -> bool is ``x != 0``.
+  """
+  src, dst = np.dtype(src), np.dtype(dst)
+  if src == dst:
+    return x
+  if u.is_bool(dst):
+    return tf.not_equal(x, tf.zeros([], x.dtype))
+  if u.is_float(src) and dst.kind in "iu":
+    info = np.iinfo(dst)
+    xf = x if x.dtype == tf.float32 or x.dtype == tf.float64 else tf.cast(x, tf.float32)
+    np_f = xf.dtype.as_numpy_dtype
+    lo = tf.constant(float(info.min), xf.dtype)
+    hi = tf.constant(float(info.max) + 1.0, xf.dtype)  # 2**bits (or 2**(bits-1)): exact in floating point
+    below_hi = tf.constant(np.nextafter(np_f(float(info.max) + 1.0), np_f(0)), xf.dtype)
+    y = tf.cast(tf.minimum(tf.maximum(xf, lo), below_hi), u.tf_dtype(dst))
+    y = tf.where(tf.greater_equal(xf, hi), tf.constant(info.max, u.tf_dtype(dst)), y)
+    return tf.where(tf.not_equal(xf, xf), tf.zeros([], u.tf_dtype(dst)), y)
+  return tf.cast(x, u.tf_dtype(dst))
+
+
+@register("convert_element_type", family=_F)
+def _convert_element_type(ctx, eqn, x):
+  return convert(x, u.in_dtype(eqn), u.out_dtype(eqn))
+
+
+@register("bitcast_convert_type", family=_F, note="same-width types only")
+def _bitcast_convert_type(ctx, eqn, x):
+  src, dst = u.in_dtype(eqn), u.out_dtype(eqn)
+  if src.itemsize != dst.itemsize:
+    raise NotImplementedError("bitcast between types of different widths")
+  return tf.bitcast(x, u.tf_dtype(dst))
+
+
+def _identity(ctx, eqn, *xs):
+  return xs if eqn.primitive.multiple_results else xs[0]
+
+
+register("copy", "copy_p", "stop_gradient", "device_put", "optimization_barrier",
+         "sharding_constraint", "reshard", "mesh_cast", "random_clone", family=_F)(_identity)

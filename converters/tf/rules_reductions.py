@@ -1,0 +1,236 @@
+"""Reductions, scans along an axis, windowed reductions (pooling and its gradient), sort and top_k."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import tensorflow as tf
+
+from . import _util as u
+from .registry import register
+from .rules_structural import interior_pad, pad, static_slice
+
+_F = "reductions"
+
+
+def _axes(eqn) -> list[int]:
+  return [int(a) for a in eqn.params["axes"]]
+
+
+def _reducer(tf_fn, bool_fn=None):
+  def rule(ctx, eqn, x):
+    axes = _axes(eqn)
+    if not axes:
+      return x
+    fn = bool_fn if (bool_fn is not None and x.dtype == tf.bool) else tf_fn
+    return fn(x, axis=axes)
+  return rule
+
+
+register("reduce_sum", family=_F)(_reducer(tf.reduce_sum))
+register("reduce_max", family=_F)(_reducer(tf.reduce_max, tf.reduce_any))
+register("reduce_min", family=_F)(_reducer(tf.reduce_min, tf.reduce_all))
+register("reduce_prod", family=_F)(_reducer(tf.reduce_prod))
+register("reduce_and", family=_F)(_reducer(tf.reduce_all))
+register("reduce_or", family=_F)(_reducer(tf.reduce_any))
+
+
+def _arg_rule(tf_fn):
+  def rule(ctx, eqn, x):
+    (axis,) = _axes(eqn)
+    if x.dtype == tf.bool:
+      x = tf.cast(x, tf.int32)
+    return tf_fn(x, axis=axis, output_type=u.tf_dtype(eqn.params["index_dtype"]))
+  return rule
+
+
+register("argmax", family=_F, note="ties: first index; NaN inputs not matched")(_arg_rule(tf.math.argmax))
+register("argmin", family=_F, note="ties: first index; NaN inputs not matched")(_arg_rule(tf.math.argmin))
+
+
+@register("cumsum", family=_F)
+def _cumsum(ctx, eqn, x):
+  return tf.cumsum(x, axis=int(eqn.params["axis"]), reverse=bool(eqn.params["reverse"]))
+
+
+@register("cumprod", family=_F, tflite="tf-only")
+def _cumprod(ctx, eqn, x):
+  return tf.math.cumprod(x, axis=int(eqn.params["axis"]), reverse=bool(eqn.params["reverse"]))
+
+
+@register("cumlogsumexp", family=_F, tflite="tf-only")
+def _cumlogsumexp(ctx, eqn, x):
+  axis, rev = int(eqn.params["axis"]), bool(eqn.params["reverse"])
+  return tf.math.cumulative_logsumexp(x, axis=axis, reverse=rev)
+
+
+def _lowest(dtype):
+  return -np.inf if u.is_float(dtype) else (False if u.is_bool(dtype) else np.iinfo(dtype).min)
+
+
+def _highest(dtype):
+  return np.inf if u.is_float(dtype) else (True if u.is_bool(dtype) else np.iinfo(dtype).max)
+
+
+def _cum_extremum(x: tf.Tensor, axis: int, reverse: bool, combine, fill) -> tf.Tensor:
+  """Running max/min by doubling (Hillis-Steele): after step k each element covers 2**k inputs."""
+  n = x.shape[axis]
+  if reverse:
+    x = tf.reverse(x, [axis])
+  shift = 1
+  while shift < n:
+    paddings = [[0, 0]] * x.shape.rank
+    paddings[axis] = [shift, 0]
+    shifted = tf.pad(x, paddings, constant_values=tf.constant(fill, x.dtype))
+    limit = shifted.shape.as_list()
+    limit[axis] = n
+    x = combine(x, static_slice(shifted, [0] * x.shape.rank, limit))
+    shift *= 2
+  return tf.reverse(x, [axis]) if reverse else x
+
+
+@register("cummax", family=_F)
+def _cummax(ctx, eqn, x):
+  dt = u.out_dtype(eqn)
+  return _cum_extremum(x, int(eqn.params["axis"]), bool(eqn.params["reverse"]), tf.maximum,
+                       _lowest(dt))
+
+
+@register("cummin", family=_F)
+def _cummin(ctx, eqn, x):
+  dt = u.out_dtype(eqn)
+  return _cum_extremum(x, int(eqn.params["axis"]), bool(eqn.params["reverse"]), tf.minimum,
+                       _highest(dt))
+
+
+# --- windowed reductions -------------------------------------------------------------------------------
+
+def _window_views(x: tf.Tensor, out_shape, window, strides, window_dilation):
+  """Yield (offset, view): ``view[i] = x[i * stride + offset * window_dilation]`` for each offset."""
+  rank = len(out_shape)
+  for offset in itertools.product(*[range(int(w)) for w in window]):
+    start = [o * int(d) for o, d in zip(offset, window_dilation)]
+    limit = [s + (int(n) - 1) * int(st) + 1 for s, n, st in zip(start, out_shape, strides)]
+    yield offset, static_slice(x, start, limit, [int(s) for s in strides]) if rank else x
+
+
+def _reduce_window(combine, init_of):
+  def rule(ctx, eqn, x):
+    p = eqn.params
+    dt = u.out_dtype(eqn)
+    init = tf.constant(init_of(dt), u.tf_dtype(dt))
+    for axis, b in enumerate(p["base_dilation"]):
+      x = interior_pad(x, axis, int(b) - 1, init)
+    x = pad(x, init, [(lo, hi, 0) for lo, hi in p["padding"]])
+    acc = None
+    for _, view in _window_views(x, u.out_shape(eqn), p["window_dimensions"], p["window_strides"],
+                                 p["window_dilation"]):
+      acc = view if acc is None else combine(acc, view)
+    return acc
+  return rule
+
+
+register("reduce_window_sum", family=_F, note="window sums as strided slices added in window order")(
+    _reduce_window(tf.add, lambda dt: 0))
+register("reduce_window_max", family=_F)(_reduce_window(tf.maximum, _lowest))
+register("reduce_window_min", family=_F)(_reduce_window(tf.minimum, _highest))
+
+
+@register("select_and_scatter_add", family=_F,
+          note="the gradient of max/min pooling; first extremum of each window wins, as XLA")
+def _select_and_scatter_add(ctx, eqn, source, operand):
+  """Add each ``source[w]`` at the position of window ``w``'s first maximum (``ge``) / minimum (``le``)."""
+  p = eqn.params
+  select = p["select_prim"].name
+  if select not in ("ge", "le", "gt", "lt"):
+    raise NotImplementedError(f"select_prim {select}")
+  better = tf.greater if select in ("ge", "gt") else tf.less
+  dt = u.in_dtype(eqn, 1)
+  init = _lowest(dt) if select in ("ge", "gt") else _highest(dt)
+  padding = [(int(lo), int(hi)) for lo, hi in p["padding"]]
+  padded = pad(operand, tf.constant(init, operand.dtype), [(lo, hi, 0) for lo, hi in padding])
+  strides = [int(s) for s in p["window_strides"]]
+  out_shape = source.shape.as_list()
+  ones = [1] * len(strides)
+  views = list(_window_views(padded, out_shape, p["window_dimensions"], strides, ones))
+  best, choice = views[0][1], tf.zeros(out_shape, tf.int32)
+  for k, (_, view) in enumerate(views[1:], start=1):
+    take = better(view, best)  # strictly better: ties keep the earlier position (XLA's ge select)
+    best = tf.where(take, view, best)
+    choice = tf.where(take, tf.constant(k, tf.int32), choice)
+  zero = tf.zeros([], source.dtype)
+  total = None
+  full = padded.shape.as_list()
+  for k, (offset, _) in enumerate(views):
+    part = tf.where(tf.equal(choice, k), source, zero)
+    cfg = []
+    for axis, (o, st) in enumerate(zip(offset, strides)):
+      span = (out_shape[axis] - 1) * st + 1
+      cfg.append((o, full[axis] - o - span, st - 1))
+    part = pad(part, zero, cfg)
+    total = part if total is None else total + part
+  limit = [d - hi for d, (_, hi) in zip(full, padding)]
+  return static_slice(total, [lo for lo, _ in padding], limit)
+
+
+# --- sorting -------------------------------------------------------------------------------------------
+
+def descending_key(x: tf.Tensor) -> tf.Tensor:
+  """A key whose descending order is the ascending order of ``x`` (ties preserved), for ``TopKV2``.
+
+  Floats: ``-x``; int32: ``-1 - x`` (no overflow); uint32: its bits xor 0x7FFFFFFF read as int32.
+  """
+  if x.dtype == tf.bool:
+    x = tf.cast(x, tf.int32)
+  if x.dtype in (tf.float16, tf.bfloat16):
+    x = tf.cast(x, tf.float32)
+  if x.dtype.is_floating:
+    return -x
+  if x.dtype in (tf.int8, tf.int16, tf.uint8, tf.uint16):
+    x = tf.cast(x, tf.int32)
+  if x.dtype in (tf.int32, tf.int64):
+    return tf.constant(-1, x.dtype) - x
+  if x.dtype == tf.uint32:
+    return tf.bitcast(tf.bitwise.bitwise_xor(x, tf.constant(0x7FFFFFFF, tf.uint32)), tf.int32)
+  raise NotImplementedError(f"sort keys of type {x.dtype.name}")
+
+
+def _move_last(x: tf.Tensor, axis: int) -> tf.Tensor:
+  rank = x.shape.rank
+  if axis == rank - 1:
+    return x
+  perm = [d for d in range(rank) if d != axis] + [axis]
+  return tf.transpose(x, perm)
+
+
+def _move_back(x: tf.Tensor, axis: int) -> tf.Tensor:
+  rank = x.shape.rank
+  if axis == rank - 1:
+    return x
+  perm = list(range(rank - 1))
+  perm.insert(axis, rank - 1)
+  return tf.transpose(x, perm)
+
+
+@register("sort", family=_F, note="one sort key (num_keys=1), stable; NaN keys not ordered as jax")
+def _sort(ctx, eqn, *operands):
+  """Stable ascending sort along ``dimension`` of all operands by the first: ``TopKV2`` of a key."""
+  if int(eqn.params["num_keys"]) != 1:
+    raise NotImplementedError("sort with num_keys > 1")
+  axis = int(eqn.params["dimension"])
+  keys = _move_last(operands[0], axis)
+  n = keys.shape[-1]
+  _, idx = tf.math.top_k(descending_key(keys), k=n, sorted=True)
+  rank = keys.shape.rank
+  return [_move_back(tf.gather(_move_last(op, axis), idx, axis=rank - 1, batch_dims=rank - 1), axis)
+          for op in operands]
+
+
+@register("top_k", family=_F)
+def _top_k(ctx, eqn, x, *rest):
+  k = int(eqn.params["k"])
+  axis = int(eqn.params.get("axis", -1)) % x.shape.rank
+  xs = _move_last(x, axis)
+  vals, idx = tf.math.top_k(xs, k=k, sorted=True)
+  return [_move_back(vals, axis), _move_back(u.cast(idx, u.out_dtype(eqn, 1)), axis)]

@@ -1,0 +1,152 @@
+"""Shape and layout primitives: broadcast, reshape, transpose, slices, concatenation, padding, iota.
+
+All lower to ops with TFLite builtins (RESHAPE, BROADCAST_TO, TRANSPOSE, STRIDED_SLICE, CONCATENATION,
+PACK, SPLIT_V, REVERSE_V2, PADV2, RANGE).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+from . import _util as u
+from .registry import register
+
+_F = "structural"
+
+
+def reshape(x: tf.Tensor, shape) -> tf.Tensor:
+  shape = [int(d) for d in shape]
+  return x if x.shape.as_list() == shape else tf.reshape(x, shape)
+
+
+def broadcast_in_dim(x: tf.Tensor, shape, broadcast_dimensions) -> tf.Tensor:
+  """Operand dim ``i`` becomes output dim ``broadcast_dimensions[i]``; the others are broadcast."""
+  shape = [int(d) for d in shape]
+  inter = [1] * len(shape)
+  for i, d in enumerate(broadcast_dimensions):
+    inter[d] = x.shape[i]
+  x = reshape(x, inter)
+  return x if inter == shape else tf.broadcast_to(x, shape)
+
+
+@register("broadcast_in_dim", family=_F)
+def _broadcast_in_dim(ctx, eqn, x, *dyn):
+  if dyn:
+    raise NotImplementedError("dynamic shapes")
+  return broadcast_in_dim(x, u.out_shape(eqn), eqn.params["broadcast_dimensions"])
+
+
+@register("reshape", family=_F)
+def _reshape(ctx, eqn, x, *dyn):
+  """Row-major reshape; with ``dimensions`` the operand is transposed by it first."""
+  if dyn:
+    raise NotImplementedError("dynamic shapes")
+  dims = eqn.params.get("dimensions")
+  if dims is not None and list(dims) != sorted(dims):
+    x = tf.transpose(x, [int(d) for d in dims])
+  return reshape(x, u.out_shape(eqn))
+
+
+@register("squeeze", "expand_dims", family=_F)
+def _squeeze(ctx, eqn, x):
+  return reshape(x, u.out_shape(eqn))
+
+
+@register("transpose", family=_F)
+def _transpose(ctx, eqn, x):
+  perm = [int(p) for p in eqn.params["permutation"]]
+  return x if perm == sorted(perm) else tf.transpose(x, perm)
+
+
+@register("concatenate", family=_F)
+def _concatenate(ctx, eqn, *xs):
+  return tf.concat(list(xs), axis=int(eqn.params["dimension"]))
+
+
+@register("stack", family=_F)
+def _stack(ctx, eqn, *xs):
+  return tf.stack(list(xs), axis=int(eqn.params["axis"]))
+
+
+@register("split", family=_F)
+def _split(ctx, eqn, x):
+  """Consecutive pieces along ``axis``, as strided slices (TFLite's SPLIT_V lacks uint32)."""
+  axis, start, outs = int(eqn.params["axis"]), 0, []
+  shape = x.shape.as_list()
+  for size in (int(s) for s in eqn.params["sizes"]):
+    lo, hi = [0] * len(shape), list(shape)
+    lo[axis], hi[axis] = start, start + size
+    outs.append(static_slice(x, lo, hi))
+    start += size
+  return outs
+
+
+def static_slice(x: tf.Tensor, start, limit, strides=None) -> tf.Tensor:
+  start = [int(s) for s in start]
+  limit = [int(s) for s in limit]
+  strides = [1] * len(start) if strides is None else [int(s) for s in strides]
+  if start == [0] * len(start) and limit == x.shape.as_list() and strides == [1] * len(start):
+    return x
+  return tf.strided_slice(x, start, limit, strides)
+
+
+@register("slice", family=_F)
+def _slice(ctx, eqn, x):
+  p = eqn.params
+  return static_slice(x, p["start_indices"], p["limit_indices"], p["strides"])
+
+
+@register("rev", family=_F)
+def _rev(ctx, eqn, x):
+  dims = [int(d) for d in eqn.params["dimensions"]]
+  return tf.reverse(x, dims) if dims else x
+
+
+def interior_pad(x: tf.Tensor, axis: int, k: int, value: tf.Tensor) -> tf.Tensor:
+  """Insert ``k`` copies of ``value`` between neighbours along ``axis``: n -> (n - 1) * (k + 1) + 1.
+
+  Done as stack-with-filler, reshape, trim, so only builtins are needed.
+  """
+  if k == 0 or x.shape[axis] <= 1:
+    return x
+  shape = x.shape.as_list()
+  n = shape[axis]
+  filler = tf.broadcast_to(tf.reshape(value, [1] * (len(shape) + 1)),
+                           [*shape[:axis], n, k, *shape[axis + 1:]])
+  y = tf.concat([tf.expand_dims(x, axis + 1), filler], axis=axis + 1)
+  y = tf.reshape(y, [*shape[:axis], n * (k + 1), *shape[axis + 1:]])
+  limit = list(y.shape.as_list())
+  limit[axis] = (n - 1) * (k + 1) + 1
+  return static_slice(y, [0] * len(shape), limit)
+
+
+def pad(x: tf.Tensor, value: tf.Tensor, config) -> tf.Tensor:
+  """``lax.pad``: per dim (low, high, interior); negative low/high remove elements."""
+  for axis, (_, _, interior) in enumerate(config):
+    x = interior_pad(x, axis, int(interior), value)
+  start = [max(0, -int(lo)) for lo, _, _ in config]
+  limit = [d - max(0, -int(hi)) for d, (_, hi, _) in zip(x.shape.as_list(), config)]
+  x = static_slice(x, start, limit)
+  paddings = [[max(0, int(lo)), max(0, int(hi))] for lo, hi, _ in config]
+  if any(a or b for a, b in paddings):
+    x = tf.pad(x, paddings, constant_values=value)
+  return x
+
+
+@register("pad", family=_F)
+def _pad(ctx, eqn, x, value):
+  return pad(x, value, eqn.params["padding_config"])
+
+
+def iota(dtype, shape, dimension: int) -> tf.Tensor:
+  """``out[..., i_dimension, ...] = i_dimension``: a ``Range`` (int32) reshaped and broadcast."""
+  shape = [int(d) for d in shape]
+  r = tf.range(shape[dimension], dtype=tf.int32)
+  r = u.cast(r, dtype) if np.dtype(dtype) != np.bool_ else tf.not_equal(r, 0)
+  return broadcast_in_dim(r, shape, [dimension])
+
+
+@register("iota", family=_F)
+def _iota(ctx, eqn, *dyn):
+  return iota(u.out_dtype(eqn), u.out_shape(eqn), int(eqn.params["dimension"]))
