@@ -41,6 +41,7 @@ def test_fixture_files_match_their_manifests(name):
     check_files(FIXTURES / name / target, read_manifest(FIXTURES / name / target))
 
 
+@pytest.mark.slow  # exports every fixture to every target again: ~20 s
 @pytest.mark.parametrize("name", NAMES)
 def test_reexport_is_byte_identical(tmp_path, name):
   regenerate = _regenerate_module()

@@ -86,10 +86,10 @@ def _rem(ctx, eqn, x, y):
   dtype = u.out_dtype(eqn)
   if not u.is_float(dtype):
     return _int_div_parts(x, y, dtype)[1]
-  r = tf.math.floormod(x, y)
-  zero = tf.zeros([], x.dtype)
-  fix = tf.logical_and(tf.not_equal(r, zero), tf.not_equal(tf.less(r, zero), tf.less(x, zero)))
-  return tf.where(fix, r - y, r)
+  # FloorMod of magnitudes is exact (no sign fix-up whose r + y rounds: floormod(-6e-8, 2) is
+  # 2 - 6e-8, which rounds to 2.0); the sign of x is then put back.
+  r = tf.math.floormod(tf.abs(x), tf.abs(y))
+  return tf.where(tf.less(x, tf.zeros([], x.dtype)), tf.negative(r), r)
 
 
 @register("neg", family=_F)
