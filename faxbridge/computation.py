@@ -177,9 +177,10 @@ class Computation:
     return None if ambient.empty else _auto_axes(ambient)
 
   def _executable(self, args: Sequence, mesh):
-    avals = tuple(jax.ShapeDtypeStruct(_shape_of(x), jax.numpy.result_type(x)) for x in
-                  jax.tree.leaves(args))
-    key = (jax.tree.structure(tuple(args)), avals, mesh)
+    # The cache key is built on every call, so it reads attributes only (building avals and
+    # promoting dtypes cost several times JAX's own dispatch).
+    leaves, tree = jax.tree.flatten(tuple(args))
+    key = (tree, tuple(map(_leaf_signature, leaves)), mesh)
     entry = self._signatures.get(key)
     if entry is None:
       traced = self._trace(args, mesh)
@@ -195,11 +196,20 @@ class Computation:
 
   def __call__(self, *args: PyTree) -> PyTree:
     mesh = self._resolve_mesh()
+    if mesh is None:  # the common case, kept short: it runs on every call
+      return self._executable(args, None)[1](*args)
     with _as_ambient(mesh):
       _, jitted, shardings = self._executable(args, mesh)
       if shardings is not None:
         args = jax.tree.map(_put, args, shardings[0])
       return jitted(*args)
+
+
+def _leaf_signature(x) -> tuple:
+  shape, dtype = getattr(x, "shape", None), getattr(x, "dtype", None)
+  if shape is None or dtype is None:  # a Python number: weakly typed, its type is its signature
+    return (type(x),)
+  return (tuple(shape), dtype, getattr(x, "weak_type", False))
 
 
 def _auto_axes(mesh):
