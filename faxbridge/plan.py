@@ -39,25 +39,6 @@ PieceCall = Callable[[dict, list[np.ndarray]], Sequence[np.ndarray]]
 # Building: FederatedForm -> plan dict. (jax and the splitter are imported where used: the loading
 # and running halves below need only numpy, and runtimes import this module.)
 # --------------------------------------------------------------------------------------------------
-def leaf_paths(tree) -> list[list[str | int]]:
-  """The path of every leaf of a PyTreeDef: dict keys as strings, sequence positions as ints."""
-  import jax
-
-  dummy = jax.tree.unflatten(tree, [0] * tree.num_leaves)
-  out = []
-  for path, _ in jax.tree_util.tree_leaves_with_path(dummy):
-    keys: list[str | int] = []
-    for k in path:
-      if hasattr(k, "idx"):
-        keys.append(int(k.idx))
-      elif hasattr(k, "key"):
-        keys.append(k.key if isinstance(k.key, int) else str(k.key))
-      else:
-        keys.append(str(getattr(k, "name", k)))
-    out.append(keys)
-  return out
-
-
 def _piece_json(piece, placement: str, files: dict[str, str]) -> dict:
   return {"name": piece.name, "placement": placement,
           "inputs": [s.to_json() for s in piece.inputs],
@@ -85,6 +66,8 @@ def computation_plan(form, comp_name: str, piece_files: PieceFiles) -> dict:
         "aggregations": [a.to_json() for a in stage.aggregations],
         "bytes_per_client": stage.bytes_per_client(),
     })
+  from faxbridge.split import leaf_paths
+
   in_paths, out_paths = leaf_paths(form.in_tree), leaf_paths(form.out_tree)
   return {
       "inputs": [{**b.to_json(), "path": p} for b, p in zip(form.inputs, in_paths)],

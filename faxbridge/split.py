@@ -236,6 +236,31 @@ def _inline_federated_calls(closed: jcore.ClosedJaxpr) -> jcore.ClosedJaxpr:
   return jax.make_jaxpr(lambda *a: interpret(closed.jaxpr, closed.consts, *a))(*closed.in_avals)
 
 
+def _path_keys(path) -> list[str | int]:
+  """A jax key path as struct steps: dict keys and attributes by name, sequence items by index."""
+  out: list[str | int] = []
+  for k in path:
+    if isinstance(k, jax.tree_util.DictKey):
+      out.append(k.key if isinstance(k.key, int) else str(k.key))
+    elif isinstance(k, jax.tree_util.GetAttrKey):
+      out.append(k.name)
+    elif isinstance(k, jax.tree_util.SequenceKey):
+      out.append(k.idx)
+    else:  # FlattenedIndexKey of a custom node
+      out.append(int(getattr(k, "key", 0)))
+  return out
+
+
+def leaf_paths(tree) -> list[list[str | int]]:
+  """The path of every leaf of a pytree structure (a PyTreeDef), as struct steps.
+
+  The paths of ``FederatedForm.in_tree`` start with the argument's position; those of
+  ``out_tree`` locate each output leaf. Targets use them to rebuild structured types.
+  """
+  dummy = jax.tree.unflatten(tree, [0] * tree.num_leaves)
+  return [_path_keys(p) for p, _ in jax.tree_util.tree_leaves_with_path(dummy)]
+
+
 def _safe(text: str) -> str:
   text = re.sub(r"[^A-Za-z0-9_]+", "_", text).strip("_")
   return text or "x"
@@ -543,4 +568,5 @@ class _Splitter:
     return read
 
 
-__all__ = ["Aggregation", "Binding", "FederatedForm", "Piece", "Stage", "TensorSpec", "split"]
+__all__ = ["Aggregation", "Binding", "FederatedForm", "Piece", "Stage", "TensorSpec", "leaf_paths",
+           "split"]

@@ -20,18 +20,12 @@ import federated_language as fl
 import jax
 
 from faxbridge.converters.tff import local
-from faxbridge.converters.tff.types import nest, path_keys, struct_type_of
+from faxbridge.converters.tff.types import nest, struct_type_of
 from faxbridge.errors import ExportError
 from faxbridge.placements import CLIENTS, SERVER
-from faxbridge.split import FederatedForm
+from faxbridge.split import FederatedForm, leaf_paths
 
 _PLACEMENT = {SERVER: fl.SERVER, CLIENTS: fl.CLIENTS}
-
-
-def leaf_paths(tree) -> list[list[str | int]]:
-  """Struct paths of the leaves of a pytree structure (``tree``: a PyTreeDef)."""
-  dummy = jax.tree.unflatten(tree, [0] * tree.num_leaves)
-  return [path_keys(p) for p, _ in jax.tree_util.tree_leaves_with_path(dummy)]
 
 
 def parameter_type(form: FederatedForm, names: list[str]) -> fl.StructType:

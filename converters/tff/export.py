@@ -15,11 +15,11 @@ from typing import Any
 import federated_language as fl
 
 from faxbridge.computation import Computation
-from faxbridge.converters.tff.compose import leaf_paths, to_federated_computation
+from faxbridge.converters.tff.compose import to_federated_computation
 from faxbridge.converters.tff.local import LOCAL_FORMS
 from faxbridge.errors import ExportError
 from faxbridge.iterative import IterativeProcess
-from faxbridge.split import FederatedForm, split
+from faxbridge.split import FederatedForm, leaf_paths, split
 
 
 def signature_block(form: FederatedForm, comp, *, skip_first_arg: bool = False) -> dict:

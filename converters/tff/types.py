@@ -6,7 +6,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import federated_language as fl
-import jax
 import numpy as np
 
 from faxbridge.split import TensorSpec
@@ -14,21 +13,6 @@ from faxbridge.split import TensorSpec
 
 def tensor_type(spec: TensorSpec) -> fl.TensorType:
   return fl.TensorType(np.dtype(spec.dtype), list(spec.shape))
-
-
-def path_keys(path) -> list[str | int]:
-  """A jax key path as struct steps: dict keys and attributes by name, sequence items by index."""
-  out: list[str | int] = []
-  for k in path:
-    if isinstance(k, jax.tree_util.DictKey):
-      out.append(str(k.key))
-    elif isinstance(k, jax.tree_util.GetAttrKey):
-      out.append(k.name)
-    elif isinstance(k, jax.tree_util.SequenceKey):
-      out.append(k.idx)
-    else:  # FlattenedIndexKey of a custom node
-      out.append(int(getattr(k, "key", 0)))
-  return out
 
 
 class _Node:
