@@ -312,6 +312,22 @@ def _struct_index(struct_type: Any, element: int | str, where: str) -> int:
   raise ProtocolError(f"{where}: no element named {element!r} in {struct_type}")
 
 
+def _struct_step(type_: Any, rest: list, path: list, where: str) -> int:
+  """Consumes the next element of ``rest`` as an index into the struct ``type_``."""
+  import tensorflow_federated as tff
+
+  if not isinstance(type_, tff.StructType):
+    raise ProtocolError(f"{where}: path {path} goes into {type_}, which is not a struct")
+  return _struct_index(type_, rest.pop(0), where)
+
+
+def _require_tensor(type_: Any, path: list, where: str) -> None:
+  import tensorflow_federated as tff
+
+  if not isinstance(type_, tff.TensorType):
+    raise ProtocolError(f"{where}: path {path} ends at {type_}, not at a tensor")
+
+
 def _normalize_path(type_: Any, path: list, where: str) -> tuple[tuple[int, ...], str | None]:
   """Turns a manifest path into struct indexes; returns them and the leaf's placement."""
   import tensorflow_federated as tff
@@ -326,13 +342,10 @@ def _normalize_path(type_: Any, path: list, where: str) -> tuple[tuple[int, ...]
       continue
     if not rest:
       break
-    if not isinstance(type_, tff.StructType):
-      raise ProtocolError(f"{where}: path {path} goes into {type_}, which is not a struct")
-    index = _struct_index(type_, rest.pop(0), where)
+    index = _struct_step(type_, rest, path, where)
     indexes.append(index)
     type_ = type_[index]
-  if not isinstance(type_, tff.TensorType):
-    raise ProtocolError(f"{where}: path {path} ends at {type_}, not at a tensor")
+  _require_tensor(type_, path, where)
   return tuple(indexes), placement
 
 
@@ -464,12 +477,9 @@ def select_output(value: Any, type_: Any, path: list,
       continue
     if not rest:
       break
-    if not isinstance(type_, tff.StructType):
-      raise ProtocolError(f"{where}: path {path} goes into {type_}, which is not a struct")
-    index = _struct_index(type_, rest.pop(0), where)
+    index = _struct_step(type_, rest, path, where)
     value, type_ = _element(value, index), type_[index]
-  if not isinstance(type_, tff.TensorType):
-    raise ProtocolError(f"{where}: path {path} ends at {type_}, not at a tensor")
+  _require_tensor(type_, path, where)
   return np.asarray(value), placement, False
 
 
