@@ -10,7 +10,6 @@ computation exports to the same bytes.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import os
 import shutil
@@ -22,6 +21,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from faxbridge import registry
 from faxbridge._jax_export import export as export_without_locations
 from faxbridge.computation import Computation
 from faxbridge.errors import ExportError
@@ -29,22 +29,11 @@ from faxbridge.iterative import IterativeProcess
 
 FORMAT_VERSION = 1
 
-# target -> "module:function"; a target is ``export(program, example_args, out_dir, **options)``
-# returning the target's part of the manifest. Modules load on first use.
-TARGETS: dict[str, str] = {
-    "tff": "faxbridge.converters.tff.export:export_tff",
-    "stablehlo": "faxbridge.converters.stablehlo.export:export_stablehlo",
-    "tflite": "faxbridge.converters.tflite.export:export_tflite",
-}
-
 Program = Computation | IterativeProcess
 
 
 def _target(name: str) -> Callable[..., dict]:
-  if name not in TARGETS:
-    raise ExportError(f"unknown export target {name!r}; known targets: {sorted(TARGETS)}")
-  module, fn = TARGETS[name].split(":")
-  return getattr(importlib.import_module(module), fn)
+  return registry.lookup(registry.TARGETS, name, "export target", ExportError).load()
 
 
 def versions() -> dict[str, str]:

@@ -13,7 +13,6 @@ boolean outputs must be equal.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,28 +21,12 @@ from typing import Any
 import jax
 import numpy as np
 
+from faxbridge import registry
 from faxbridge.errors import VerificationError
 from faxbridge.export import read_manifest, sha256
+from faxbridge.registry import RuntimeResult
 
 RTOL, ATOL = 1e-5, 1e-6
-
-# runtime -> "module:function"; ``run(export_dir, manifest, inputs, rounds) -> RuntimeResult``.
-RUNTIMES: dict[str, str] = {
-    "tff": "faxbridge.converters.tff.runtime:verify_run",
-    "iree": "faxbridge.converters.runtimes.iree:verify_run",
-    "litert": "faxbridge.converters.runtimes.litert:verify_run",
-    "jax": "faxbridge.converters.runtimes.jax_export:verify_run",
-}
-
-
-@dataclasses.dataclass
-class RuntimeResult:
-  """What a runtime returns: outputs by name (``round{r}/NAME`` for iterative processes), and
-  named extra result sets to compare the same way (e.g. TFF's MapReduceForm rebuild)."""
-
-  outputs: dict[str, np.ndarray]
-  extra_outputs: dict[str, dict[str, np.ndarray]] = dataclasses.field(default_factory=dict)
-  info: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,10 +174,23 @@ def native_outputs(export_dir: Path, manifest: dict, inputs: dict[str, np.ndarra
 
 
 def _runtime(name: str):
-  if name not in RUNTIMES:
-    raise VerificationError(f"unknown runtime {name!r}; known: {sorted(RUNTIMES)}")
-  module, fn = RUNTIMES[name].split(":")
-  return getattr(importlib.import_module(module), fn)
+  return registry.lookup(registry.RUNTIMES, name, "runtime", VerificationError).load()
+
+
+def run_on_runtime(export_dir: str | os.PathLike, runtime: str, inputs: Mapping[str, np.ndarray],
+                   rounds: int = 1) -> RuntimeResult:
+  """Run an export on ``runtime`` alone (no native side, no comparison): its outputs by name.
+
+  ``inputs`` are leaves by manifest name; outputs are keyed as :func:`verify` keys them (``NAME``,
+  or ``initialize/NAME`` and ``round{r}/NAME``). The export's files are checked first.
+  """
+  export_dir = Path(export_dir).resolve()
+  manifest = read_manifest(export_dir)
+  check_files(export_dir, manifest)
+  block, _ = _blocks(manifest)
+  named = _named_inputs(block, (), dict(inputs))
+  rounds = rounds if manifest["kind"] == "iterative_process" else 0
+  return _runtime(runtime)(export_dir, manifest, named, rounds)
 
 
 def verify(

@@ -20,7 +20,7 @@ from jax.extend import core as jcore
 
 import faxbridge as fb
 from examples import EXAMPLES
-from faxbridge import plan as fplan
+from faxbridge.converters import plan as fplan
 from faxbridge.errors import ExportError, VerificationError
 from faxbridge.split import Aggregation, TensorSpec, aggregate
 

@@ -2,7 +2,7 @@
 
 Each piece's StableHLO text (``.mlir``) is compiled by ``iree.compiler`` for ``llvm-cpu`` (a
 generic CPU, so a compiled module runs on any x86-64/arm64 host alike) and run by ``iree.runtime``
-on the ``local-task`` driver; ``faxbridge.plan.run_plan`` orchestrates the round from ``plan.json``
+on the ``local-task`` driver; ``faxbridge.converters.plan.run_plan`` orchestrates the round from ``plan.json``
 alone. Compiled ``.vmfb`` modules are cached by content hash in a temporary directory (never in
 the export, whose files the manifest pins): ``$FAXBRIDGE_IREE_CACHE`` or
 ``<tmp>/faxbridge-iree-cache``.
@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
+from faxbridge.converters.plan import load_plan, pieces, run_plan
 from faxbridge.errors import VerificationError
-from faxbridge.plan import load_plan, pieces, run_plan
-from faxbridge.verify import RuntimeResult
+from faxbridge.registry import RuntimeResult
 
 FORMAT = "stablehlo_text"
 COMPILE_FLAGS = ("--iree-llvmcpu-target-cpu=generic",)

@@ -4,7 +4,7 @@
 
 It reads ``plan.json`` and the ``.jax`` artifacts only (no Python of the program is importable
 here), deserializes each piece with ``jax.export.deserialize``, runs the round(s) with
-``faxbridge.plan.run_plan`` and writes the outputs. Arrays travel as ``np.savez`` files: entries
+``faxbridge.converters.plan.run_plan`` and writes the outputs. Arrays travel as ``np.savez`` files: entries
 ``a0, a1, ...`` plus ``names``, the keys in order (keys like ``round1/out`` are not safe zip names).
 """
 
@@ -30,7 +30,7 @@ def load(path: str | Path) -> dict[str, np.ndarray]:
 def main(argv: list[str]) -> int:
   import jax
 
-  from faxbridge.plan import load_plan, pieces, run_plan
+  from faxbridge.converters.plan import load_plan, pieces, run_plan
 
   export_dir, inputs_path, outputs_path, rounds = argv
   export_dir = Path(export_dir)

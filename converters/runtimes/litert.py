@@ -1,7 +1,7 @@
 """``fb.verify(..., runtime="litert")``: run each ``.tflite`` piece with LiteRT's interpreter.
 
 Every piece is a model whose signature key is the piece's name and whose signature inputs and
-outputs carry the plan's tensor names; ``faxbridge.plan.run_plan`` orchestrates the round from
+outputs carry the plan's tensor names; ``faxbridge.converters.plan.run_plan`` orchestrates the round from
 ``plan.json`` alone.
 """
 
@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
+from faxbridge.converters.plan import load_plan, pieces, run_plan
 from faxbridge.errors import VerificationError
-from faxbridge.plan import load_plan, pieces, run_plan
-from faxbridge.verify import RuntimeResult
+from faxbridge.registry import RuntimeResult
 
 FORMAT = "tflite"
 

@@ -11,7 +11,7 @@ Per piece (``pieces/<computation>/<piece>.*``):
   StableHLO in the last 12 weeks (and, by StableHLO's backward-compatibility guarantee, for years
   after) deserializes it. JAX's own ``.jax`` artifacts target ``WEEK_4``.
 
-``plan.json`` (see ``faxbridge.plan``) says how the pieces make a round; the manifest gets the
+``plan.json`` (see ``faxbridge.converters.plan``) says how the pieces make a round; the manifest gets the
 blocks ``fb.verify`` reads and the StableHLO version written.
 """
 
@@ -24,8 +24,8 @@ import jax
 from jax.extend import core as jcore
 from jax.extend.mlir.dialects import stablehlo as shlo
 
-from faxbridge import plan as fplan
 from faxbridge._jax_export import strip_locations
+from faxbridge.converters import plan as fplan
 from faxbridge.errors import ExportError
 
 _REQUIREMENTS = {"week_12": "WEEK_12", "week_4": "WEEK_4", "max": "MAX", "none": "NONE"}

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from faxbridge.converters.runtimes.tff import run_computation
-from faxbridge.verify import RuntimeResult
+from faxbridge.registry import RuntimeResult
 
 
 def verify_run(export_dir: Path, manifest: dict, inputs: dict[str, np.ndarray],

@@ -28,8 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from faxbridge import plan as fplan
 from faxbridge._source import describe
+from faxbridge.converters import plan as fplan
 from faxbridge.errors import ExportError, FaxbridgeError
 
 LOWERINGS = ("tf", "jax2tf")
