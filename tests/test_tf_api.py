@@ -112,6 +112,23 @@ def test_unknown_primitive_names_it_and_the_user_line(assert_points_at):
   assert_points_at(err.value, __file__, "popcount-line")
 
 
+def test_rules_are_keyed_by_primitive_objects_not_names(assert_points_at):
+  """A library's own primitive that happens to be called ``add`` does not get lax.add_p's rule."""
+  from jax.extend import core as jcore
+
+  from faxbridge.converters.tf import registry
+
+  own_add = jcore.Primitive("add")
+  own_add.def_abstract_eval(lambda x: x)
+  assert registry.lookup(lax.add_p).name == "add" and registry.lookup(own_add) is None
+  with pytest.raises(TypeError, match="Primitive objects"):
+    registry.lookup("add")
+  with pytest.raises(UnsupportedPrimitiveError) as err:
+    fbtf.to_tf(lambda x: own_add.bind(x), np.ones(3, np.float32))  # own-add-line
+  assert "'add'" in str(err.value)
+  assert_points_at(err.value, __file__, "own-add-line")
+
+
 def test_64_bit_inputs_fail_clearly_without_x64():
   assert not jax.config.jax_enable_x64
   with pytest.raises(ExportError, match="arg0_x has 64-bit dtype float64"):

@@ -8,14 +8,19 @@ in TF 2.21 (quick), in TF 2.14 and through TFLite (slow).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.extend.random
 import jax.numpy as jnp
 import numpy as np
 import optax
 from jax import lax
+from jax._src.random import prng as _jprng  # iota_2x32_shape: JAX's threefry counter, no public API
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 
 @dataclasses.dataclass(frozen=True)
@@ -349,6 +354,27 @@ def _calls_family(x):
   return inner(x), jax.grad(lambda v: jax.nn.logsumexp(inner(v)))(x), jax.device_put(x) + 1
 
 
+@functools.cache
+def _one_device_mesh(kind: AxisType) -> Mesh:
+  # Built on first use (not at import) and on one device, whatever device count the process has.
+  return Mesh(np.array(jax.devices()[:1]), ("x",), axis_types=(kind,))
+
+
+def _annotations_family(x, key_data, pair, counts):
+  """Primitives JAX emits that do nothing to the values in a TF graph (sharding annotations, copies,
+  key clones), calls JAX makes on its own (``closed_call`` from the gradient of a checkpointed
+  scan), and the threefry cipher and counter that jax.random's expansions are made of."""
+  auto, explicit = _one_device_mesh(AxisType.Auto), _one_device_mesh(AxisType.Explicit)
+  looped = jax.grad(lambda v: jax.checkpoint(
+      lambda v: lax.scan(lambda c, a: (jnp.sin(c) * a, None), v[0], v)[0])(v).sum())
+  return (lax.with_sharding_constraint(x, NamedSharding(auto, P("x"))) * 2,
+          jax.sharding.reshard(x, NamedSharding(explicit, P("x"))) + 1,
+          jnp.array(x, copy=True) - 1,
+          jax.random.key_data(jax.random.clone(jax.random.wrap_key_data(key_data))),
+          jax.extend.random.threefry_2x32(pair, counts), _jprng.iota_2x32_shape((2, 3)),
+          looped(x[0]))
+
+
 SAMPLES: list[Case] = [
     Case("float_family", _float_family, (_X,), rtol=2e-5,
          why="tan(x/4), exp2 and pow amplify the input rounding by their condition number"),
@@ -362,6 +388,8 @@ SAMPLES: list[Case] = [
     Case("index_family", _index_family, (_X, np.array([2, -1, 0, 1, 2], np.int32), np.int32(2))),
     Case("dot_family", _dot_family, tuple(rng_arrays(15, ((3, 5), np.float32), ((5, 2), np.float32)))),
     Case("calls_family", _calls_family, (_X,)),
+    Case("annotations_family", _annotations_family,
+         (_X, np.array([0, 5], np.uint32), _U[1:3].copy(), _U)),
     Case("lgamma", lax.lgamma, (np.abs(_X) + 2.5,), rtol=1e-4,
          why="XLA's and TF's lgamma are different approximations (both about 1e-6 absolute)"),
 ]

@@ -9,7 +9,7 @@ from . import all_rules
 
 _HEADER = """# JAX primitives supported by the TensorFlow converter
 
-Generated from the rule table (`converters/tf/registry.py`) by
+Generated from the rule table (`converters/tf/registry.py`, keyed by JAX's `Primitive` objects) by
 `python -m faxbridge.converters.tf.docs`; do not edit by hand.
 
 Every primitive below lowers to plain TF ops (see `converters/tf/allowlist.py`) that TF 2.14 and
@@ -29,16 +29,16 @@ def render() -> str:
   """The markdown table, grouped by family."""
   lines = [_HEADER]
   family = None
-  for name, info in all_rules().items():
+  rules = list(all_rules().values())
+  for info in rules:
     if info.family != family:
       family = info.family
       lines += ["", f"## {family.replace('_', ' ')}", "", "| primitive | TFLite | note |",
                 "|---|---|---|"]
-    lines.append(f"| `{name}` | {info.tflite} | {info.note} |")
-  rules = all_rules()
+    lines.append(f"| `{info.name}` | {info.tflite} | {info.note} |")
   lines += ["", f"{len(rules)} primitives; TF-only for TFLite: "
-            + (", ".join(f"`{n}`" for n, i in rules.items() if i.tflite == "tf-only") or "none")
-            + "; partial: " + (", ".join(f"`{n}`" for n, i in rules.items() if i.tflite == "partial")
+            + (", ".join(f"`{i.name}`" for i in rules if i.tflite == "tf-only") or "none")
+            + "; partial: " + (", ".join(f"`{i.name}`" for i in rules if i.tflite == "partial")
                                or "none") + ".", ""]
   return "\n".join(lines)
 

@@ -96,8 +96,8 @@ class Lowering:
 
   def lower_eqn(self, eqn: Any, args: list[tf.Tensor]) -> list[tf.Tensor]:
     """Apply the registered rule of ``eqn.primitive`` and check the result against the avals."""
-    name = eqn.primitive.name
-    info = registry.lookup(name)
+    name = eqn.primitive.name  # for messages only: the table is keyed by the Primitive object
+    info = registry.lookup(eqn.primitive)
     where = describe(eqn.source_info)
     if info is None:
       raise UnsupportedPrimitiveError(

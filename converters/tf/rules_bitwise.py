@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import tensorflow as tf
+from jax import lax
 
 from . import _util as u
 from .registry import register
@@ -32,6 +33,11 @@ def _const_shift(atom: Any) -> int | None:
   return int(v.flat[0])
 
 
+# Primitives that only move or copy elements: every bit known 0 in the operand is 0 in the result.
+_BIT_PRESERVING = (lax.broadcast_in_dim_p, lax.reshape_p, lax.squeeze_p, lax.transpose_p, lax.slice_p,
+                   lax.copy_p, lax.rev_p, lax.dynamic_slice_p)
+
+
 def known_zero_bits(ctx: Any, atom: Any, depth: int = 0) -> int:
   """A mask of the bits that are 0 in every element of integer ``atom``, as far as can be proven."""
   dtype = atom.aval.dtype
@@ -44,31 +50,30 @@ def known_zero_bits(ctx: Any, atom: Any, depth: int = 0) -> int:
   eqn = ctx.producers.get(atom)
   if eqn is None or depth > _MAX_DEPTH:
     return 0
-  name = eqn.primitive.name
+  prim = eqn.primitive
   kz = lambda i: known_zero_bits(ctx, eqn.invars[i], depth + 1)
-  if name == "shift_right_logical":
+  if prim is lax.shift_right_logical_p:
     s = _const_shift(eqn.invars[1])
     if s is None:
       return 0
     return full if s >= width else (full & ~(full >> s)) | (kz(0) >> s)
-  if name == "shift_left":
+  if prim is lax.shift_left_p:
     s = _const_shift(eqn.invars[1])
     if s is None:
       return 0
     return full if s >= width else ((1 << s) - 1) | ((kz(0) << s) & full)
-  if name == "and":
+  if prim is lax.and_p:
     return kz(0) | kz(1)
-  if name in ("or", "xor"):
+  if prim in (lax.or_p, lax.xor_p):
     return kz(0) & kz(1)
-  if name == "convert_element_type":
+  if prim is lax.convert_element_type_p:
     src = eqn.invars[0].aval.dtype
     if np.dtype(src) == np.bool_:
       return full & ~1
     if np.dtype(src).kind == "u" and _bits(src) <= width:
       return full & ~((1 << _bits(src)) - 1) | kz(0)
     return 0
-  if name in ("broadcast_in_dim", "reshape", "squeeze", "transpose", "slice", "copy", "rev",
-              "dynamic_slice", "expand_dims"):
+  if prim in _BIT_PRESERVING:
     return kz(0)
   return 0
 
@@ -77,7 +82,7 @@ def _full_mask(atom: Any) -> int:
   return (1 << _bits(atom.aval.dtype)) - 1
 
 
-@register("or", family=_F, tflite="partial",
+@register(lax.or_p, family=_F, tflite="partial",
           note="bool, or integers with provably disjoint bits (emitted as add); else BitwiseOr")
 def _or(ctx, eqn, x, y):
   if x.dtype == tf.bool:
@@ -88,7 +93,7 @@ def _or(ctx, eqn, x, y):
   return tf.bitwise.bitwise_or(x, y)
 
 
-@register("and", family=_F, tflite="partial",
+@register(lax.and_p, family=_F, tflite="partial",
           note="bool, all-ones/zero masks, low-bit masks 2**k-1 on 32-bit ints; else BitwiseAnd")
 def _and(ctx, eqn, x, y):
   if x.dtype == tf.bool:
@@ -112,14 +117,14 @@ def _and(ctx, eqn, x, y):
   return tf.bitwise.bitwise_and(x, y)
 
 
-@register("xor", family=_F)
+@register(lax.xor_p, family=_F)
 def _xor(ctx, eqn, x, y):
   if x.dtype == tf.bool:
     return tf.not_equal(x, y)
   return tf.bitwise.bitwise_xor(x, y)
 
 
-@register("not", family=_F)
+@register(lax.not_p, family=_F)
 def _not(ctx, eqn, x):
   """Logical not of bools; ``x ^ ~0`` for integers (``BITWISE_XOR`` is a builtin, ``Invert`` not)."""
   if x.dtype == tf.bool:
@@ -146,7 +151,7 @@ def _shift_amount(s: tf.Tensor, width: int) -> tuple[tf.Tensor, tf.Tensor]:
   return tf.where(too_big, tf.zeros([], s.dtype), s), too_big
 
 
-@register("shift_left", family=_F, tflite="partial",
+@register(lax.shift_left_p, family=_F, tflite="partial",
           note="constant shift: multiply by 2**k (builtin); variable shift: LeftShift (TF-only)")
 def _shift_left(ctx, eqn, x, s):
   """``x << s``, 0 when ``s >= bits`` (XLA)."""
@@ -162,7 +167,7 @@ def _shift_left(ctx, eqn, x, s):
   return tf.where(too_big, tf.zeros([], x.dtype), tf.bitwise.left_shift(x, s))
 
 
-@register("shift_right_logical", family=_F)
+@register(lax.shift_right_logical_p, family=_F)
 def _shift_right_logical(ctx, eqn, x, s):
   """``x >> s`` filling with zeros (signed inputs shifted as their unsigned bits); 0 if ``s >= bits``."""
   width = _bits(x.dtype.as_numpy_dtype)
@@ -180,7 +185,7 @@ def _shift_right_logical(ctx, eqn, x, s):
   return _to_signed(r) if x.dtype != xu.dtype else r
 
 
-@register("shift_right_arithmetic", family=_F)
+@register(lax.shift_right_arithmetic_p, family=_F)
 def _shift_right_arithmetic(ctx, eqn, x, s):
   """``x >> s`` filling with the sign bit (unsigned inputs shifted as their signed bits)."""
   width = _bits(x.dtype.as_numpy_dtype)

@@ -9,7 +9,9 @@ against ``range(length) == i`` (no TensorList ops, which TFLite would need to lo
 from __future__ import annotations
 
 import tensorflow as tf
+from jax import lax
 from jax.extend import core as jcore
+from jax.extend.core import primitives as jprims
 
 from . import _util as u
 from .lower import physical, tf_dtype
@@ -25,8 +27,8 @@ def _lower_sub(ctx, sub, args):
   return ctx.lower(sub, [], args)
 
 
-@register("jit", "pjit", "closed_call", "core_call", "remat", "remat2", "checkpoint", "custom_jvp_call",
-          "custom_vjp_call", "custom_vjp_call_jaxpr", family=_F,
+@register(jprims.jit_p, jprims.closed_call_p, jprims.remat_p, jprims.custom_jvp_call_p,
+          jprims.custom_vjp_call_p, family=_F,
           note="inlined: the body is lowered in place (custom rules only matter for AD, done before)")
 def _call(ctx, eqn, *args):
   """Inline the called jaxpr: ``f(*args)``."""
@@ -37,7 +39,7 @@ def _call(ctx, eqn, *args):
   raise NotImplementedError(f"call primitive without a jaxpr parameter: {sorted(eqn.params)}")
 
 
-@register("cond", family=_F)
+@register(lax.cond_p, family=_F)
 def _cond(ctx, eqn, index, *operands):
   """``branches[index](*operands)`` as nested ``If`` ops (jax has already clamped ``index``)."""
   branches = eqn.params["branches"]
@@ -57,7 +59,7 @@ def _cond(ctx, eqn, index, *operands):
   return build(0)
 
 
-@register("while", family=_F)
+@register(lax.while_p, family=_F)
 def _while(ctx, eqn, *args):
   """``while cond(c): c = body(c)`` as one ``While``."""
   p = eqn.params
@@ -84,7 +86,7 @@ def write_row(buf: tf.Tensor, row: tf.Tensor, i: tf.Tensor) -> tf.Tensor:
   return tf.where(hit, tf.expand_dims(row, 0), buf)
 
 
-@register("scan", family=_F, note="one While; the stacked outputs are written with selects")
+@register(lax.scan_p, family=_F, note="one While; the stacked outputs are written with selects")
 def _scan(ctx, eqn, *args):
   """``carry, ys = scan(f, init, xs)``: ``carry, ys[t] = f(carry, xs[t])`` for t = 0..length-1
   (reversed when ``reverse``)."""

@@ -13,6 +13,10 @@ from typing import Any
 
 import numpy as np
 import tensorflow as tf
+from jax import lax
+from jax._src.pjit import reshard_p  # jax.sharding.reshard's primitive (no public handle)
+from jax._src.random import random_clone_p  # jax.random.clone's primitive (no public handle)
+from jax.extend.core import primitives as jprims
 
 from . import _util as u
 from .registry import register
@@ -28,17 +32,17 @@ def _same_shape_binary(tf_fn):
 
 # --- arithmetic -------------------------------------------------------------------------------------
 
-register("add", "add_any", family=_F)(_same_shape_binary(tf.add))
-register("sub", family=_F)(_same_shape_binary(tf.subtract))
-register("mul", family=_F)(_same_shape_binary(tf.multiply))
+register(lax.add_p, jprims.add_jaxvals_p, family=_F)(_same_shape_binary(tf.add))
+register(lax.sub_p, family=_F)(_same_shape_binary(tf.subtract))
+register(lax.mul_p, family=_F)(_same_shape_binary(tf.multiply))
 
 
-@register("max", family=_F)
+@register(lax.max_p, family=_F)
 def _max(ctx, eqn, x, y):
   return tf.logical_or(x, y) if u.is_bool(u.out_dtype(eqn)) else tf.maximum(x, y)
 
 
-@register("min", family=_F)
+@register(lax.min_p, family=_F)
 def _min(ctx, eqn, x, y):
   return tf.logical_and(x, y) if u.is_bool(u.out_dtype(eqn)) else tf.minimum(x, y)
 
@@ -69,7 +73,7 @@ def _int_div_parts(x, y, dtype):
   return q, r
 
 
-@register("div", family=_F, tflite="partial",
+@register(lax.div_p, family=_F, tflite="partial",
           note="int: XLA's x/0 = -1, INT_MIN/-1 = INT_MIN kept; uint32 and 16-bit floats TF-only")
 def _div(ctx, eqn, x, y):
   """Float division; integer division rounded toward zero (C semantics, as XLA)."""
@@ -79,7 +83,7 @@ def _div(ctx, eqn, x, y):
   return _int_div_parts(x, y, dtype)[0]
 
 
-@register("rem", family=_F, tflite="partial",
+@register(lax.rem_p, family=_F, tflite="partial",
           note="floats within 1 ulp of |y| of fmod (from FloorMod); uint32 TF-only for TFLite")
 def _rem(ctx, eqn, x, y):
   """``x - y * trunc(x / y)``: the remainder with the sign of ``x`` (C ``fmod``)."""
@@ -92,36 +96,36 @@ def _rem(ctx, eqn, x, y):
   return tf.where(tf.less(x, tf.zeros([], x.dtype)), tf.negative(r), r)
 
 
-@register("neg", family=_F)
+@register(lax.neg_p, family=_F)
 def _neg(ctx, eqn, x):
   if u.is_unsigned(u.out_dtype(eqn)):
     return tf.zeros([], x.dtype) - x  # wraps, as jax's neg of an unsigned integer
   return tf.negative(x)
 
 
-@register("abs", family=_F)
+@register(lax.abs_p, family=_F)
 def _abs(ctx, eqn, x):
   return tf.abs(x)
 
 
-@register("sign", family=_F)
+@register(lax.sign_p, family=_F)
 def _sign(ctx, eqn, x):
   if u.is_unsigned(u.out_dtype(eqn)):
     return u.cast(tf.not_equal(x, 0), x.dtype)
   return tf.sign(x)
 
 
-@register("floor", family=_F)
+@register(lax.floor_p, family=_F)
 def _floor(ctx, eqn, x):
   return tf.floor(x)
 
 
-@register("ceil", family=_F)
+@register(lax.ceil_p, family=_F)
 def _ceil(ctx, eqn, x):
   return tf.math.ceil(x)
 
 
-@register("round", family=_F)
+@register(lax.round_p, family=_F)
 def _round(ctx, eqn, x):
   """Half to even (``Round``) or half away from zero: ``sign(x) * (floor|x| + (frac|x| >= 1/2))``."""
   if int(eqn.params["rounding_method"]) == 1:
@@ -133,20 +137,20 @@ def _round(ctx, eqn, x):
   return tf.where(tf.less(x, tf.zeros([], x.dtype)), -mag, mag)
 
 
-@register("is_finite", family=_F)
+@register(lax.is_finite_p, family=_F)
 def _is_finite(ctx, eqn, x):
   """``|x| <= largest finite``: false for +-inf and NaN (no ``IsFinite`` builtin in TFLite)."""
   big = np.finfo(x.dtype.as_numpy_dtype).max
   return tf.less_equal(tf.abs(x), tf.constant(big, x.dtype))
 
 
-@register("clamp", family=_F)
+@register(lax.clamp_p, family=_F)
 def _clamp(ctx, eqn, lo, x, hi):
   """``min(max(x, lo), hi)``."""
   return tf.minimum(tf.maximum(x, lo), hi)
 
 
-@register("integer_pow", family=_F)
+@register(lax.integer_pow_p, family=_F)
 def _integer_pow(ctx, eqn, x):
   """``x ** y`` for a static integer ``y`` by square-and-multiply; ``1 / x**|y|`` when ``y < 0``."""
   y = int(eqn.params["y"])
@@ -164,52 +168,52 @@ def _integer_pow(ctx, eqn, x):
   return tf.math.divide(tf.ones([], x.dtype), acc) if y < 0 else acc
 
 
-@register("square", family=_F)
+@register(lax.square_p, family=_F)
 def _square(ctx, eqn, x):
   return x * x
 
 
-@register("pow", family=_F, note="float base; integer exponents are cast to the base's type")
+@register(lax.pow_p, family=_F, note="float base; integer exponents are cast to the base's type")
 def _pow(ctx, eqn, x, y):
   return tf.pow(x, u.cast(y, x.dtype))
 
 
 # --- transcendental -----------------------------------------------------------------------------------
 
-def _unary(name, tf_fn, tflite="builtin", note=""):
-  register(name, family=_F, tflite=tflite, note=note)(lambda ctx, eqn, x: tf_fn(x))
+def _unary(prim, tf_fn, tflite="builtin", note=""):
+  register(prim, family=_F, tflite=tflite, note=note)(lambda ctx, eqn, x: tf_fn(x))
 
 
-_unary("exp", tf.exp)
-_unary("log", tf.math.log)
-_unary("sqrt", tf.sqrt)
-_unary("rsqrt", tf.math.rsqrt)
-_unary("tanh", tf.tanh)
-_unary("logistic", tf.sigmoid)
-_unary("sin", tf.sin)
-_unary("cos", tf.cos)
-_unary("tan", lambda x: tf.sin(x) / tf.cos(x), note="sin/cos: a few ulp from XLA's tan")
-_unary("atan", lambda x: tf.atan2(x, tf.ones_like(x)))
-_unary("exp2", lambda x: tf.pow(tf.constant(2, x.dtype), x))
+_unary(lax.exp_p, tf.exp)
+_unary(lax.log_p, tf.math.log)
+_unary(lax.sqrt_p, tf.sqrt)
+_unary(lax.rsqrt_p, tf.math.rsqrt)
+_unary(lax.tanh_p, tf.tanh)
+_unary(lax.logistic_p, tf.sigmoid)
+_unary(lax.sin_p, tf.sin)
+_unary(lax.cos_p, tf.cos)
+_unary(lax.tan_p, lambda x: tf.sin(x) / tf.cos(x), note="sin/cos: a few ulp from XLA's tan")
+_unary(lax.atan_p, lambda x: tf.atan2(x, tf.ones_like(x)))
+_unary(lax.exp2_p, lambda x: tf.pow(tf.constant(2, x.dtype), x))
 # No TFLite builtin for these; they stay TF-only (TF has had the kernels for years).
-_unary("asin", tf.asin, "tf-only")
-_unary("acos", tf.acos, "tf-only")
-_unary("sinh", tf.sinh, "tf-only")
-_unary("cosh", tf.cosh, "tf-only")
-_unary("asinh", tf.asinh, "tf-only")
-_unary("acosh", tf.acosh, "tf-only")
-_unary("atanh", tf.atanh, "tf-only")
-_unary("lgamma", tf.math.lgamma)
-_unary("digamma", tf.math.digamma, "tf-only")
+_unary(lax.asin_p, tf.asin, "tf-only")
+_unary(lax.acos_p, tf.acos, "tf-only")
+_unary(lax.sinh_p, tf.sinh, "tf-only")
+_unary(lax.cosh_p, tf.cosh, "tf-only")
+_unary(lax.asinh_p, tf.asinh, "tf-only")
+_unary(lax.acosh_p, tf.acosh, "tf-only")
+_unary(lax.atanh_p, tf.atanh, "tf-only")
+_unary(lax.lgamma_p, tf.math.lgamma)
+_unary(lax.digamma_p, tf.math.digamma, "tf-only")
 
 
-@register("atan2", family=_F)
+@register(lax.atan2_p, family=_F)
 def _atan2(ctx, eqn, x, y):
   shape = u.out_shape(eqn)  # TFLite's ATAN2 wants equal operand shapes
   return tf.atan2(tf.broadcast_to(x, shape), tf.broadcast_to(y, shape))
 
 
-@register("log1p", family=_F)
+@register(lax.log1p_p, family=_F)
 def _log1p(ctx, eqn, x):
   """``log(1 + x)`` accurate near 0 (Goldberg's trick): ``log(w) * x / (w - 1)`` with ``w = 1 + x``.
 
@@ -225,7 +229,7 @@ def _log1p(ctx, eqn, x):
   return u.cast(r, dt)
 
 
-@register("expm1", family=_F)
+@register(lax.expm1_p, family=_F)
 def _expm1(ctx, eqn, x):
   """``exp(x) - 1`` accurate near 0 (Kahan): ``(w - 1) * x / log(w)`` with ``w = exp(x)``."""
   x, dt = u.upcast16(x)
@@ -276,13 +280,13 @@ def _erf_parts(x):
   return erf, erfc
 
 
-@register("erf", family=_F, note="polynomial fit, rel err < 2e-7 in float32")
+@register(lax.erf_p, family=_F, note="polynomial fit, rel err < 2e-7 in float32")
 def _erf(ctx, eqn, x):
   x, dt = u.upcast16(x)
   return u.cast(_erf_parts(x)[0], dt)
 
 
-@register("erfc", family=_F, note="polynomial fit of erfcx, rel err < 1e-5 while erfc(x) is normal")
+@register(lax.erfc_p, family=_F, note="polynomial fit of erfcx, rel err < 1e-5 while erfc(x) is normal")
 def _erfc(ctx, eqn, x):
   x, dt = u.upcast16(x)
   return u.cast(_erf_parts(x)[1], dt)
@@ -296,7 +300,7 @@ _GILES_TAIL = [-0.000200214257, 0.000100950558, 0.00134934322, -0.00367342844, 0
                -0.0076224613, 0.00943887047, 1.00167406, 2.83297682]
 
 
-@register("erf_inv", family=_F, note="Giles' approximation (the one XLA uses); +-inf at +-1")
+@register(lax.erf_inv_p, family=_F, note="Giles' approximation (the one XLA uses); +-inf at +-1")
 def _erf_inv(ctx, eqn, x):
   x, dt = u.upcast16(x)
   one = tf.ones([], x.dtype)
@@ -308,7 +312,7 @@ def _erf_inv(ctx, eqn, x):
   return u.cast(r, dt)
 
 
-@register("nextafter", family=_F, note="float32 (16-bit types via float32 bits are not exact)")
+@register(lax.nextafter_p, family=_F, note="float32 (16-bit types via float32 bits are not exact)")
 def _nextafter(ctx, eqn, x, y):
   """The float after ``x`` towards ``y``: step the bits of ``x`` by +-1 (sign-magnitude order)."""
   if x.dtype != tf.float32:
@@ -327,15 +331,15 @@ def _nextafter(ctx, eqn, x, y):
 
 # --- comparisons and selection ---------------------------------------------------------------------
 
-register("eq", family=_F)(_same_shape_binary(tf.equal))
-register("ne", family=_F)(_same_shape_binary(tf.not_equal))
-register("lt", family=_F)(_same_shape_binary(tf.less))
-register("le", family=_F)(_same_shape_binary(tf.less_equal))
-register("gt", family=_F)(_same_shape_binary(tf.greater))
-register("ge", family=_F)(_same_shape_binary(tf.greater_equal))
+register(lax.eq_p, family=_F)(_same_shape_binary(tf.equal))
+register(lax.ne_p, family=_F)(_same_shape_binary(tf.not_equal))
+register(lax.lt_p, family=_F)(_same_shape_binary(tf.less))
+register(lax.le_p, family=_F)(_same_shape_binary(tf.less_equal))
+register(lax.gt_p, family=_F)(_same_shape_binary(tf.greater))
+register(lax.ge_p, family=_F)(_same_shape_binary(tf.greater_equal))
 
 
-@register("select_n", family=_F)
+@register(lax.select_n_p, family=_F)
 def _select_n(ctx, eqn, which, *cases):
   """``cases[which]`` elementwise: one ``SelectV2`` for a boolean predicate, a chain for an index."""
   if len(cases) == 1:
@@ -374,12 +378,12 @@ def convert(x: tf.Tensor, src: Any, dst: Any) -> tf.Tensor:
   return tf.cast(x, u.tf_dtype(dst))
 
 
-@register("convert_element_type", family=_F)
+@register(lax.convert_element_type_p, family=_F)
 def _convert_element_type(ctx, eqn, x):
   return convert(x, u.in_dtype(eqn), u.out_dtype(eqn))
 
 
-@register("bitcast_convert_type", family=_F, note="same-width types only")
+@register(lax.bitcast_convert_type_p, family=_F, note="same-width types only")
 def _bitcast_convert_type(ctx, eqn, x):
   src, dst = u.in_dtype(eqn), u.out_dtype(eqn)
   if src.itemsize != dst.itemsize:
@@ -391,5 +395,7 @@ def _identity(ctx, eqn, *xs):
   return xs if eqn.primitive.multiple_results else xs[0]
 
 
-register("copy", "copy_p", "stop_gradient", "device_put", "optimization_barrier",
-         "sharding_constraint", "reshard", "mesh_cast", "random_clone", family=_F)(_identity)
+# Values with no layout or device in a TF graph: copies, placement and sharding annotations are the
+# identity on the data (a key's clone is the same uint32 key data).
+register(lax.copy_p, lax.stop_gradient_p, lax.device_put_p, lax.optimization_barrier_p,
+         lax.sharding_constraint_p, reshard_p, random_clone_p, family=_F)(_identity)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import tensorflow as tf
+from jax import lax
 from jax.lax import GatherScatterMode
 
 from . import _util as u
@@ -23,7 +24,7 @@ def _clamp_start(s: tf.Tensor, dim: int, size: int) -> tf.Tensor:
   return tf.minimum(tf.maximum(s, 0), dim - size)
 
 
-@register("dynamic_slice", family=_F)
+@register(lax.dynamic_slice_p, family=_F)
 def _dynamic_slice(ctx, eqn, x, *starts):
   """``x[s0:s0+n0, ...]`` with each start clamped to ``[0, dim - n]``."""
   sizes = [int(s) for s in eqn.params["slice_sizes"]]
@@ -58,7 +59,7 @@ def update_window(x: tf.Tensor, update: tf.Tensor, starts) -> tf.Tensor:
   return tf.where(mask, full, x)
 
 
-@register("dynamic_update_slice", family=_F)
+@register(lax.dynamic_update_slice_p, family=_F)
 def _dynamic_update_slice(ctx, eqn, x, update, *starts):
   return update_window(x, update, starts)
 
@@ -108,7 +109,7 @@ def _coordinates(indices, operand_shape, window, index_map, operand_batching, in
   return coords, valid
 
 
-@register("gather", family=_F, note="all dimension numbers and modes (clip, fill, promise)")
+@register(lax.gather_p, family=_F, note="all dimension numbers and modes (clip, fill, promise)")
 def _gather(ctx, eqn, operand, indices):
   """``out[b, o] = operand[start(b) + window(o)]`` via ``GatherNd`` of explicit coordinates."""
   p = eqn.params
@@ -168,7 +169,7 @@ def _scatter_parts(eqn, operand, indices, updates):
   return (tf.reshape(coords, [n, len(shape)]), tf.reshape(upd, [n]), tf.reshape(keep, [n]))
 
 
-@register("scatter-add", "scatter_add", family=_F, note="duplicates summed; out-of-bounds dropped")
+@register(lax.scatter_add_p, family=_F, note="duplicates summed; out-of-bounds dropped")
 def _scatter_add(ctx, eqn, operand, indices, updates):
   """``operand + ScatterNd(coords, updates)``: ScatterNd sums duplicate coordinates."""
   coords, vals, keep = _scatter_parts(eqn, operand, indices, updates)
@@ -178,7 +179,7 @@ def _scatter_add(ctx, eqn, operand, indices, updates):
   return operand + tf.scatter_nd(coords, vals, operand.shape.as_list())
 
 
-@register("scatter", family=_F, note="unique indices (as x.at[i].set with distinct i)")
+@register(lax.scatter_p, family=_F, note="unique indices (as x.at[i].set with distinct i)")
 def _scatter(ctx, eqn, operand, indices, updates):
   """Overwrite: positions hit by some update take the (summed) update, the rest keep ``operand``."""
   coords, vals, keep = _scatter_parts(eqn, operand, indices, updates)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import tensorflow as tf
+from jax import lax
 
 from . import _util as u
 from .registry import register
@@ -16,7 +17,7 @@ def _prod(xs) -> int:
   return int(np.prod([int(x) for x in xs], dtype=np.int64))
 
 
-@register("dot_general", family=_F, tflite="partial",
+@register(lax.dot_general_p, family=_F, tflite="partial",
           note="float32 matmuls are builtins; integer and 16-bit float matmuls are TF-only")
 def _dot_general(ctx, eqn, lhs, rhs):
   """``out[b, m, n] = sum_k lhs[b, m, k] * rhs[b, k, n]`` after grouping each side's dims as
@@ -42,7 +43,7 @@ def _dot_general(ctx, eqn, lhs, rhs):
   return reshape(out, u.out_shape(eqn))
 
 
-@register("conv_general_dilated", family=_F,
+@register(lax.conv_general_dilated_p, family=_F,
           note="1 or 2 spatial dims; feature/batch groups as split convolutions")
 def _conv(ctx, eqn, lhs, rhs):
   """XLA convolution as VALID ``Conv2D`` in NHWC/HWIO.

@@ -15,6 +15,7 @@ import jax
 import numpy as np
 import tensorflow as tf
 from jax._src.random import prng as _jprng  # the key types' implementations (no public API)
+from jax.extend.core import primitives as jprims
 
 from . import _util as u
 from .lower import physical
@@ -56,26 +57,26 @@ def _expand(ctx, eqn, kind, impl_name, params, args):
   return outs[0]
 
 
-@register("random_seed", family=_F)
+@register(jprims.random_seed_p, family=_F)
 def _random_seed(ctx, eqn, seeds):
   return _expand(ctx, eqn, "seed", _impl_name(eqn.outvars[0].aval), (), [seeds])
 
 
-@register("random_split", family=_F)
+@register(jprims.random_split_p, family=_F)
 def _random_split(ctx, eqn, keys):
   aval = eqn.invars[0].aval
   params = (("keys_ndim", len(aval.shape)), ("shape", tuple(eqn.params["shape"])))
   return _expand(ctx, eqn, "split", _impl_name(aval), params, [keys])
 
 
-@register("random_fold_in", family=_F)
+@register(jprims.random_fold_in_p, family=_F)
 def _random_fold_in(ctx, eqn, keys, msgs):
   aval = eqn.invars[0].aval
   return _expand(ctx, eqn, "fold_in", _impl_name(aval), (("keys_shape", tuple(aval.shape)),),
                  [keys, msgs])
 
 
-@register("random_bits", family=_F)
+@register(jprims.random_bits_p, family=_F)
 def _random_bits(ctx, eqn, keys):
   aval = eqn.invars[0].aval
   params = (("keys_ndim", len(aval.shape)), ("bit_width", int(eqn.params["bit_width"])),
@@ -83,14 +84,14 @@ def _random_bits(ctx, eqn, keys):
   return _expand(ctx, eqn, "bits", _impl_name(aval), params, [keys])
 
 
-@register("random_wrap", "random_unwrap", family=_F, note="keys are their uint32 data: no-ops")
+@register(_jprng.random_wrap_p, _jprng.random_unwrap_p, family=_F, note="keys are their uint32 data: no-ops")
 def _random_wrap(ctx, eqn, x):
-  if eqn.primitive.name == "random_wrap" and _impl_name(eqn.outvars[0].aval) != "threefry2x32":
+  if eqn.primitive is _jprng.random_wrap_p and _impl_name(eqn.outvars[0].aval) != "threefry2x32":
     raise NotImplementedError(f"PRNG implementation {_impl_name(eqn.outvars[0].aval)}")
   return x
 
 
-@register("iota_2x32_shape", family=_F)
+@register(_jprng.iota_2x32_shape_p, family=_F)
 def _iota_2x32_shape(ctx, eqn):
   """The row-major linear index of each element as (high, low) 32-bit words."""
   shape = [int(d) for d in eqn.params["shape"]]
@@ -123,7 +124,7 @@ def threefry2x32(k0, k1, x0, x1):
   return x0, x1
 
 
-@register("threefry2x32", family=_F, note="rotations as multiply + shift + add: TFLite builtins")
+@register(jprims.threefry2x32_p, family=_F, note="rotations as multiply + shift + add: TFLite builtins")
 def _threefry2x32(ctx, eqn, k0, k1, x0, x1):
   shape = u.out_shape(eqn)
   k0, k1, x0, x1 = (tf.broadcast_to(t, shape) if t.shape.as_list() != list(shape) else t

@@ -6,6 +6,7 @@ import itertools
 
 import numpy as np
 import tensorflow as tf
+from jax import lax
 
 from . import _util as u
 from .registry import register
@@ -28,12 +29,12 @@ def _reducer(tf_fn, bool_fn=None):
   return rule
 
 
-register("reduce_sum", family=_F)(_reducer(tf.reduce_sum))
-register("reduce_max", family=_F)(_reducer(tf.reduce_max, tf.reduce_any))
-register("reduce_min", family=_F)(_reducer(tf.reduce_min, tf.reduce_all))
-register("reduce_prod", family=_F)(_reducer(tf.reduce_prod))
-register("reduce_and", family=_F)(_reducer(tf.reduce_all))
-register("reduce_or", family=_F)(_reducer(tf.reduce_any))
+register(lax.reduce_sum_p, family=_F)(_reducer(tf.reduce_sum))
+register(lax.reduce_max_p, family=_F)(_reducer(tf.reduce_max, tf.reduce_any))
+register(lax.reduce_min_p, family=_F)(_reducer(tf.reduce_min, tf.reduce_all))
+register(lax.reduce_prod_p, family=_F)(_reducer(tf.reduce_prod))
+register(lax.reduce_and_p, family=_F)(_reducer(tf.reduce_all))
+register(lax.reduce_or_p, family=_F)(_reducer(tf.reduce_any))
 
 
 def _arg_rule(tf_fn):
@@ -45,21 +46,22 @@ def _arg_rule(tf_fn):
   return rule
 
 
-register("argmax", family=_F, note="ties: first index; NaN inputs not matched")(_arg_rule(tf.math.argmax))
-register("argmin", family=_F, note="ties: first index; NaN inputs not matched")(_arg_rule(tf.math.argmin))
+_ARG_NOTE = "ties: first index; NaN inputs not matched"
+register(lax.argmax_p, family=_F, note=_ARG_NOTE)(_arg_rule(tf.math.argmax))
+register(lax.argmin_p, family=_F, note=_ARG_NOTE)(_arg_rule(tf.math.argmin))
 
 
-@register("cumsum", family=_F)
+@register(lax.cumsum_p, family=_F)
 def _cumsum(ctx, eqn, x):
   return tf.cumsum(x, axis=int(eqn.params["axis"]), reverse=bool(eqn.params["reverse"]))
 
 
-@register("cumprod", family=_F, tflite="tf-only")
+@register(lax.cumprod_p, family=_F, tflite="tf-only")
 def _cumprod(ctx, eqn, x):
   return tf.math.cumprod(x, axis=int(eqn.params["axis"]), reverse=bool(eqn.params["reverse"]))
 
 
-@register("cumlogsumexp", family=_F, tflite="tf-only")
+@register(lax.cumlogsumexp_p, family=_F, tflite="tf-only")
 def _cumlogsumexp(ctx, eqn, x):
   axis, rev = int(eqn.params["axis"]), bool(eqn.params["reverse"])
   return tf.math.cumulative_logsumexp(x, axis=axis, reverse=rev)
@@ -90,14 +92,14 @@ def _cum_extremum(x: tf.Tensor, axis: int, reverse: bool, combine, fill) -> tf.T
   return tf.reverse(x, [axis]) if reverse else x
 
 
-@register("cummax", family=_F)
+@register(lax.cummax_p, family=_F)
 def _cummax(ctx, eqn, x):
   dt = u.out_dtype(eqn)
   return _cum_extremum(x, int(eqn.params["axis"]), bool(eqn.params["reverse"]), tf.maximum,
                        _lowest(dt))
 
 
-@register("cummin", family=_F)
+@register(lax.cummin_p, family=_F)
 def _cummin(ctx, eqn, x):
   dt = u.out_dtype(eqn)
   return _cum_extremum(x, int(eqn.params["axis"]), bool(eqn.params["reverse"]), tf.minimum,
@@ -131,23 +133,25 @@ def _reduce_window(combine, init_of):
   return rule
 
 
-register("reduce_window_sum", family=_F, note="window sums as strided slices added in window order")(
-    _reduce_window(tf.add, lambda dt: 0))
-register("reduce_window_max", family=_F)(_reduce_window(tf.maximum, _lowest))
-register("reduce_window_min", family=_F)(_reduce_window(tf.minimum, _highest))
+register(lax.reduce_window_sum_p, family=_F,
+         note="window sums as strided slices added in window order")(_reduce_window(tf.add, lambda dt: 0))
+register(lax.reduce_window_max_p, family=_F)(_reduce_window(tf.maximum, _lowest))
+register(lax.reduce_window_min_p, family=_F)(_reduce_window(tf.minimum, _highest))
 
 
-@register("select_and_scatter_add", family=_F,
+@register(lax.select_and_scatter_add_p, family=_F,
           note="the gradient of max/min pooling; first extremum of each window wins, as XLA")
 def _select_and_scatter_add(ctx, eqn, source, operand):
   """Add each ``source[w]`` at the position of window ``w``'s first maximum (``ge``) / minimum (``le``)."""
   p = eqn.params
-  select = p["select_prim"].name
-  if select not in ("ge", "le", "gt", "lt"):
+  select = p["select_prim"]
+  # ge/le (what the max/min pooling gradients use): a tie keeps the earlier position. XLA's gt/lt
+  # treat ties and padding differently (measured), so they are refused rather than approximated.
+  better = {lax.ge_p: tf.greater, lax.le_p: tf.less}.get(select)
+  if better is None:
     raise NotImplementedError(f"select_prim {select}")
-  better = tf.greater if select in ("ge", "gt") else tf.less
   dt = u.in_dtype(eqn, 1)
-  init = _lowest(dt) if select in ("ge", "gt") else _highest(dt)
+  init = _lowest(dt) if select is lax.ge_p else _highest(dt)
   padding = [(int(lo), int(hi)) for lo, hi in p["padding"]]
   padded = pad(operand, tf.constant(init, operand.dtype), [(lo, hi, 0) for lo, hi in padding])
   strides = [int(s) for s in p["window_strides"]]
@@ -156,7 +160,7 @@ def _select_and_scatter_add(ctx, eqn, source, operand):
   views = list(_window_views(padded, out_shape, p["window_dimensions"], strides, ones))
   best, choice = views[0][1], tf.zeros(out_shape, tf.int32)
   for k, (_, view) in enumerate(views[1:], start=1):
-    take = better(view, best)  # strictly better: ties keep the earlier position (XLA's ge select)
+    take = better(view, best)
     best = tf.where(take, view, best)
     choice = tf.where(take, tf.constant(k, tf.int32), choice)
   zero = tf.zeros([], source.dtype)
@@ -213,7 +217,8 @@ def _move_back(x: tf.Tensor, axis: int) -> tf.Tensor:
   return tf.transpose(x, perm)
 
 
-@register("sort", family=_F, note="one sort key (num_keys=1), stable; NaN keys not ordered as jax")
+@register(lax.sort_p, family=_F,
+          note="one sort key (num_keys=1), stable; NaN keys not ordered as jax")
 def _sort(ctx, eqn, *operands):
   """Stable ascending sort along ``dimension`` of all operands by the first: ``TopKV2`` of a key."""
   if int(eqn.params["num_keys"]) != 1:
@@ -227,7 +232,7 @@ def _sort(ctx, eqn, *operands):
           for op in operands]
 
 
-@register("top_k", family=_F)
+@register(lax.top_k_p, family=_F)
 def _top_k(ctx, eqn, x, *rest):
   k = int(eqn.params["k"])
   axis = int(eqn.params.get("axis", -1)) % x.shape.rank

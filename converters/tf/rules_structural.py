@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import tensorflow as tf
+from jax import lax
 
 from . import _util as u
 from .registry import register
@@ -30,14 +31,14 @@ def broadcast_in_dim(x: tf.Tensor, shape, broadcast_dimensions) -> tf.Tensor:
   return x if inter == shape else tf.broadcast_to(x, shape)
 
 
-@register("broadcast_in_dim", family=_F)
+@register(lax.broadcast_in_dim_p, family=_F)
 def _broadcast_in_dim(ctx, eqn, x, *dyn):
   if dyn:
     raise NotImplementedError("dynamic shapes")
   return broadcast_in_dim(x, u.out_shape(eqn), eqn.params["broadcast_dimensions"])
 
 
-@register("reshape", family=_F)
+@register(lax.reshape_p, family=_F)
 def _reshape(ctx, eqn, x, *dyn):
   """Row-major reshape; with ``dimensions`` the operand is transposed by it first."""
   if dyn:
@@ -48,28 +49,28 @@ def _reshape(ctx, eqn, x, *dyn):
   return reshape(x, u.out_shape(eqn))
 
 
-@register("squeeze", "expand_dims", family=_F)
+@register(lax.squeeze_p, family=_F)
 def _squeeze(ctx, eqn, x):
   return reshape(x, u.out_shape(eqn))
 
 
-@register("transpose", family=_F)
+@register(lax.transpose_p, family=_F)
 def _transpose(ctx, eqn, x):
   perm = [int(p) for p in eqn.params["permutation"]]
   return x if perm == sorted(perm) else tf.transpose(x, perm)
 
 
-@register("concatenate", family=_F)
+@register(lax.concatenate_p, family=_F)
 def _concatenate(ctx, eqn, *xs):
   return tf.concat(list(xs), axis=int(eqn.params["dimension"]))
 
 
-@register("stack", family=_F)
+@register(lax.stack_p, family=_F)
 def _stack(ctx, eqn, *xs):
   return tf.stack(list(xs), axis=int(eqn.params["axis"]))
 
 
-@register("split", family=_F)
+@register(lax.split_p, family=_F)
 def _split(ctx, eqn, x):
   """Consecutive pieces along ``axis``, as strided slices (TFLite's SPLIT_V lacks uint32)."""
   axis, start, outs = int(eqn.params["axis"]), 0, []
@@ -91,13 +92,13 @@ def static_slice(x: tf.Tensor, start, limit, strides=None) -> tf.Tensor:
   return tf.strided_slice(x, start, limit, strides)
 
 
-@register("slice", family=_F)
+@register(lax.slice_p, family=_F)
 def _slice(ctx, eqn, x):
   p = eqn.params
   return static_slice(x, p["start_indices"], p["limit_indices"], p["strides"])
 
 
-@register("rev", family=_F)
+@register(lax.rev_p, family=_F)
 def _rev(ctx, eqn, x):
   dims = [int(d) for d in eqn.params["dimensions"]]
   return tf.reverse(x, dims) if dims else x
@@ -134,7 +135,7 @@ def pad(x: tf.Tensor, value: tf.Tensor, config) -> tf.Tensor:
   return x
 
 
-@register("pad", family=_F)
+@register(lax.pad_p, family=_F)
 def _pad(ctx, eqn, x, value):
   return pad(x, value, eqn.params["padding_config"])
 
@@ -147,6 +148,6 @@ def iota(dtype, shape, dimension: int) -> tf.Tensor:
   return broadcast_in_dim(r, shape, [dimension])
 
 
-@register("iota", family=_F)
+@register(lax.iota_p, family=_F)
 def _iota(ctx, eqn, *dyn):
   return iota(u.out_dtype(eqn), u.out_shape(eqn), int(eqn.params["dimension"]))

@@ -42,14 +42,14 @@ def _unsupported_primitives(closed) -> list[str]:
 
   from faxbridge.converters.tf import registry
 
-  found: dict[str, str] = {}
+  found: dict[Any, str] = {}  # keyed by the Primitive object, as the rule table
 
   def walk(jaxpr):
     for eqn in jaxpr.eqns:
-      info = registry.lookup(eqn.primitive.name)
+      info = registry.lookup(eqn.primitive)
       if info is None or info.tflite == "tf-only":
         why = "no tf rule" if info is None else "its TF ops have no TFLite builtin"
-        found.setdefault(eqn.primitive.name, f"{eqn.primitive.name} ({why}){describe(eqn.source_info)}")
+        found.setdefault(eqn.primitive, f"{eqn.primitive.name} ({why}){describe(eqn.source_info)}")
       for sub in jcore.jaxprs_in_params(eqn.params):
         walk(sub)
 
@@ -151,7 +151,7 @@ def _smoke_run(model: bytes, piece, where: str) -> None:
     raise ExportError(f"{where}: converted, but LiteRT cannot run it (ops: {ops}): {e}") from e
 
 
-def export_tflite(program, example_args, out: Path, lowering: str = "tf", **options: Any) -> dict:
+def export_tflite(split, out: Path, lowering: str = "tf", **options: Any) -> dict:
   """Write every piece's ``.tflite`` and ``plan.json`` into ``out``; return the manifest part
   (plan file, lowering, ops per piece, verify blocks).
 
@@ -173,8 +173,7 @@ def export_tflite(program, example_args, out: Path, lowering: str = "tf", **opti
     ops[rel] = model_ops(model)
     return {"tflite": rel}
 
-  plan = fplan.build_plan(program, example_args, write)
+  plan = fplan.build_plan(split, write)
   fplan.write_plan(plan, out)
   return {"plan": fplan.PLAN_FILE,
-          "tflite": {"lowering": lowering, "ops_set": "TFLITE_BUILTINS", "ops": ops},
-          **fplan.manifest_blocks(plan)}
+          "tflite": {"lowering": lowering, "ops_set": "TFLITE_BUILTINS", "ops": ops}}
