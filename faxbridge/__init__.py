@@ -12,17 +12,18 @@ TensorFlow Federated, StableHLO (IREE) and TFLite (LiteRT), and proven equal by 
 from faxbridge.api import broadcast, map, max, mean, min, secure_sum, sum, weighted_mean
 from faxbridge.computation import Computation, TracedComputation, computation
 from faxbridge.errors import (
-    ExportError,
-    FaxbridgeError,
-    PlacementError,
-    TraceError,
-    UnsupportedPrimitiveError,
-    VerificationError,
+  ExportError,
+  FaxbridgeError,
+  PlacementError,
+  TraceError,
+  UnsupportedPrimitiveError,
+  VerificationError,
 )
 from faxbridge.export import export
+from faxbridge.form import FederatedForm
 from faxbridge.iterative import IterativeProcess
 from faxbridge.placements import CLIENTS, SERVER, Placement
-from faxbridge.split import FederatedForm, split
+from faxbridge.split import split
 from faxbridge.verify import verify
 
 __version__ = "0.1.0"

@@ -8,6 +8,7 @@ import string
 from jax.extend import core as jcore
 
 from faxbridge.placements import CLIENTS
+from faxbridge.primitives import FEDERATED_PRIMITIVES, map_p, secure_sum_p
 
 
 def _names():
@@ -58,19 +59,14 @@ def pretty_traced(traced) -> str:
     outs = " ".join(decl(v) for v in eqn.outvars)
     ins = " ".join(name(a) for a in eqn.invars)
     prim = eqn.primitive.name
-    if prim == "map":
+    if eqn.primitive is map_p:
       lines.append(f"    {outs} = fb.map {ins}")
       lines.append("      per-client:")
       lines.append(_indent(str(eqn.params["jaxpr"]), "        "))
       continue
-    label = f"fb.{prim}" if env.get(eqn.outvars[0]) is not None and _is_federated(prim) else prim
-    lines.append(f"    {outs} = {label}{_params(eqn) if label == prim or prim == 'secure_sum' else ''}"
-                 f" {ins}")
+    federated = eqn.primitive in FEDERATED_PRIMITIVES
+    label = f"fb.{prim.removeprefix('faxbridge_')}" if federated else prim
+    shown = _params(eqn) if not federated or eqn.primitive is secure_sum_p else ""
+    lines.append(f"    {outs} = {label}{shown} {ins}")
   lines.append("  in (" + " ".join(name(v) for v in jaxpr.outvars) + ") }")
   return "\n".join(lines)
-
-
-def _is_federated(name: str) -> bool:
-  from faxbridge.primitives import FEDERATED_PRIMITIVES
-
-  return name in {p.name for p in FEDERATED_PRIMITIVES}

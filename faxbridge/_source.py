@@ -28,10 +28,21 @@ def user_location(source_info) -> str | None:
   return None
 
 
-def describe(source_info) -> str:
-  """`` at file:line (function)`` or the empty string when JAX kept no traceback."""
-  where = user_location(source_info)
+def describe(source_info, fallback=None) -> str:
+  """`` at file:line (function)`` or the empty string when JAX kept no traceback.
+
+  ``fallback`` (the source_info of the enclosing equation) is used when ``source_info`` has no
+  user frame: an equation inside a jitted or custom_jvp library function (``jax.nn.relu``) then
+  points at the user's call of that function.
+  """
+  where = user_location(source_info) or user_location(fallback)
   return f" at {where}" if where else ""
+
+
+def enclosing(source_info, fallback=None):
+  """The source_info to fall back on inside an equation's sub-jaxpr: its own if it names user
+  code, else the one it fell back on itself."""
+  return source_info if user_location(source_info) else fallback
 
 
 def traceback_location(exc: BaseException) -> str:

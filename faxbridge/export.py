@@ -19,13 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
 
 from faxbridge import registry
 from faxbridge._jax_export import export as export_without_locations
 from faxbridge.computation import Computation
 from faxbridge.errors import ExportError
 from faxbridge.iterative import IterativeProcess
+from faxbridge.program import SplitProgram, split_program
 
 FORMAT_VERSION = 1
 
@@ -58,20 +58,21 @@ def write_json(path: Path, obj: Any) -> None:
   path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def _native(program: Program, example_args, out: Path) -> dict:
+def _native(split: SplitProgram, out: Path) -> dict:
   """The computation itself, serialized with jax.export: what verify runs as the native side."""
   out.mkdir()
-  specs = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jax.numpy.result_type(x)),
-                       example_args)
-  if isinstance(program, IterativeProcess):
-    state = program.state_spec()
-    parts = {"initialize": (program.initialize, ()), "next": (program.next, (state, *specs))}
-  else:
-    parts = {"computation": (program, tuple(specs))}
-  for name, (comp, args) in parts.items():
+  for name, (comp, args) in split.native.items():
     exported = export_without_locations(comp, *args)
     (out / f"{name}.jax").write_bytes(exported.serialize())
-  return {"native": {name: f"native/{name}.jax" for name in parts}}
+  return {"native": {name: f"native/{name}.jax" for name in split.native}}
+
+
+def _merge_blocks(blocks: dict[str, dict], target_part: dict) -> dict:
+  """The manifest: the program's blocks, with what the target adds to each (e.g. TFF's type)."""
+  merged = dict(target_part)
+  for name, block in blocks.items():
+    merged[name] = {**block, **target_part.get(name, {})}
+  return merged
 
 
 def export(
@@ -89,24 +90,43 @@ def export(
   an existing ``out_dir`` is refused unless ``force``.
 
   Raises:
-    ExportError: the target cannot express the program (names the cause and the user's file:line).
+    ExportError: the target cannot express the program (names the cause and the user's file:line),
+      or an example argument is 64-bit while ``jax_enable_x64`` is off.
   """
   out = Path(out_dir).resolve()
   if out.exists() and not force:
     raise ExportError(f"{out} exists; pass force=True (--force) to replace it")
   exporter = _target(target)
+  if not jax.config.jax_enable_x64:
+    # JAX would silently export a float64 leaf as float32; verify would then refuse the very data
+    # the export was made from. Python scalars carry no dtype (JAX types them weakly): allowed.
+    args_name = "next's arguments after the state" if isinstance(program, IterativeProcess) \
+        else "arguments"
+    narrowed = {"float64": "float32", "complex128": "complex64", "int64": "int32",
+                "uint64": "uint32"}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(example_args)[0]:
+      dt = str(getattr(leaf, "dtype", ""))  # str: extended dtypes (PRNG keys) are no numpy dtype
+      if dt in narrowed:
+        raise ExportError(
+            f"{program.__name__}: example argument leaf args{jax.tree_util.keystr(path)} "
+            f"({args_name}) has dtype {dt} but jax_enable_x64 is off, so JAX would silently export "
+            f"it as {narrowed[dt]}; cast it to {narrowed[dt]} (x.astype(np.{narrowed[dt]})) or "
+            "enable jax_enable_x64 (JAX_ENABLE_X64=1 or jax.config.update('jax_enable_x64', True))")
+  split = split_program(program, example_args)
   out.parent.mkdir(parents=True, exist_ok=True)
   tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
   try:
     manifest = {
         "format_version": FORMAT_VERSION,
         "target": target,
-        "name": program.__name__,
-        "kind": "iterative_process" if isinstance(program, IterativeProcess) else "computation",
+        "name": split.name,
+        "kind": split.kind,
         "versions": versions(),
     }
-    manifest.update(exporter(program, example_args, tmp, **options))
-    manifest.update(_native(program, example_args, tmp / "native"))
+    if split.state is not None:
+      manifest["state"] = split.state
+    manifest.update(_merge_blocks(split.blocks(), exporter(split, tmp, **options)))
+    manifest.update(_native(split, tmp / "native"))
     manifest["files"] = {
         str(p.relative_to(tmp)): sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()
     }

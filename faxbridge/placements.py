@@ -18,8 +18,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from jax.extend import core as jcore
+from jax.extend.core import primitives as jprims
 
-from faxbridge._source import describe
+from faxbridge._source import describe, enclosing
 from faxbridge.errors import PlacementError
 
 
@@ -38,37 +39,35 @@ class Placement(enum.Enum):
 SERVER = Placement.SERVER
 CLIENTS = Placement.CLIENTS
 
-# Primitives that merely wrap a sub-jaxpr: placements flow into and out of them unchanged.
-_CALL_LIKE = {
-    "jit": "jaxpr",
-    "pjit": "jaxpr",
-    "closed_call": "call_jaxpr",
-    "core_call": "call_jaxpr",
-    "custom_jvp_call": "call_jaxpr",
-    "custom_vjp_call": "call_jaxpr",
-    "custom_vjp_call_jaxpr": "fun_jaxpr",
-    "remat": "jaxpr",
-    "checkpoint": "jaxpr",
+# Primitives that merely wrap a sub-jaxpr, and the param holding it: placements flow into and out of
+# them unchanged. Keyed by the Primitive object, as JAX keys its own rule tables.
+_CALL_LIKE: dict[jcore.Primitive, str] = {
+    jprims.jit_p: "jaxpr",
+    jprims.closed_call_p: "call_jaxpr",
+    jprims.call_p: "call_jaxpr",
+    jprims.custom_jvp_call_p: "call_jaxpr",
+    jprims.custom_vjp_call_p: "call_jaxpr",
+    jprims.remat_p: "jaxpr",
 }
 # Primitives that only annotate a value (its layout on devices), at any placement.
-PLACEMENT_PRESERVING = frozenset({"sharding_constraint", "copy", "copy_p", "device_put"})
+PLACEMENT_PRESERVING = frozenset({jprims.sharding_constraint_p, jprims.copy_p, jprims.device_put_p})
 
-# primitive name -> rule(eqn, in_placements) -> out_placements. Filled by faxbridge.primitives.
-RULES: dict[str, Callable[[Any, Sequence[Placement]], list[Placement]]] = {}
+# primitive -> rule(eqn, in_placements) -> out_placements. Filled by faxbridge.primitives.
+RULES: dict[jcore.Primitive, Callable[[Any, Sequence[Placement]], list[Placement]]] = {}
 
 
 def has_federated(jaxpr: jcore.Jaxpr) -> bool:
   """Whether ``jaxpr`` or any jaxpr nested in it holds a federated primitive."""
   return any(
-      eqn.primitive.name in RULES or any(has_federated(s) for s in jcore.jaxprs_in_params(eqn.params))
+      eqn.primitive in RULES or any(has_federated(s) for s in jcore.jaxprs_in_params(eqn.params))
       for eqn in jaxpr.eqns
   )
 
 
-def _server_work(eqn, in_places: Sequence[Placement]) -> list[Placement]:
+def _server_work(eqn, in_places: Sequence[Placement], where=None) -> list[Placement]:
   if any(has_federated(s) for s in jcore.jaxprs_in_params(eqn.params)):
     raise PlacementError(
-        f"federated operations inside '{eqn.primitive.name}'{describe(eqn.source_info)}: lax control "
+        f"federated operations inside '{eqn.primitive.name}'{describe(eqn.source_info, where)}: lax control "
         "flow cannot contain fb.broadcast, fb.map or aggregations, because the number of server/client "
         "round trips must be static. Unroll the loop in Python (for _ in range(k): ...), or keep "
         "the fb operations outside the loop."
@@ -76,7 +75,7 @@ def _server_work(eqn, in_places: Sequence[Placement]) -> list[Placement]:
   if CLIENTS in in_places:
     raise PlacementError(
         f"JAX operation '{eqn.primitive.name}' was applied to a CLIENTS-placed value outside "
-        f"fb.map{describe(eqn.source_info)}. Outside fb.map only SERVER values may be computed on. "
+        f"fb.map{describe(eqn.source_info, where)}. Outside fb.map only SERVER values may be computed on. "
         "Write per-client work inside fb.map(fn, ...), and combine clients with an aggregation: "
         "fb.sum(x) instead of x.sum(axis=0), fb.mean(x) instead of x.mean(axis=0)."
     )
@@ -85,15 +84,20 @@ def _server_work(eqn, in_places: Sequence[Placement]) -> list[Placement]:
 
 def call_body(eqn) -> tuple[jcore.Jaxpr, tuple] | None:
   """The jaxpr and consts a call-like equation (jit, custom_jvp_call...) runs, else None."""
-  param = _CALL_LIKE.get(eqn.primitive.name)
+  param = _CALL_LIKE.get(eqn.primitive)
   if param is None or param not in eqn.params:
     return None
   sub = eqn.params[param]
   return (sub.jaxpr, tuple(sub.consts)) if isinstance(sub, jcore.ClosedJaxpr) else (sub, ())
 
 
-def infer(jaxpr: jcore.Jaxpr, in_places: Sequence[Placement]) -> tuple[list[Placement], dict]:
+def infer(jaxpr: jcore.Jaxpr, in_places: Sequence[Placement],
+          where=None) -> tuple[list[Placement], dict]:
   """Placements of ``jaxpr``'s outputs, and of every variable (``{Var: Placement}``).
+
+  ``where`` is the source_info of the equation that encloses ``jaxpr`` (a jit or custom_jvp call):
+  an error about an equation inside library code (``jax.nn.relu``'s body) names the user's line
+  that called it.
 
   Raises:
     PlacementError: at the first equation that uses a value at the wrong placement.
@@ -110,15 +114,15 @@ def infer(jaxpr: jcore.Jaxpr, in_places: Sequence[Placement]) -> tuple[list[Plac
 
   for eqn in jaxpr.eqns:
     places = [read(a) for a in eqn.invars]
-    name = eqn.primitive.name
-    if name in RULES:
-      out = RULES[name](eqn, places)
-    elif name in PLACEMENT_PRESERVING:
+    rule = RULES.get(eqn.primitive)
+    if rule is not None:
+      out = rule(eqn, places)
+    elif eqn.primitive in PLACEMENT_PRESERVING:
       out = places[: len(eqn.outvars)]
     elif (body := call_body(eqn)) is not None and (CLIENTS in places or has_federated(body[0])):
-      out, sub_env = infer(body[0], places)
+      out, sub_env = infer(body[0], places, enclosing(eqn.source_info, where))
       env.update(sub_env)
     else:
-      out = _server_work(eqn, places)
+      out = _server_work(eqn, places, where)
     env.update(zip(eqn.outvars, out))
   return [read(v) for v in jaxpr.outvars], env

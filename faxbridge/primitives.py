@@ -18,7 +18,9 @@ and per-client work (``mul`` by a per-client weight, a max mask) is wrapped in `
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +37,8 @@ from faxbridge.placements import CLIENTS, SERVER
 
 __all__ = [
     "AGGREGATIONS",
+    "AGGREGATION_KINDS",
+    "AggregationRule",
     "broadcast_p",
     "map_p",
     "max_p",
@@ -55,7 +59,8 @@ def _to_clients_axis0(x, bdim):
   return (jnp.moveaxis(x, bdim, 1), 1) if bdim == 0 else (x, bdim)
 
 
-def _placement_rule(kind: str, expects: placements.Placement, out: placements.Placement, hint: str):
+def _placement_rule(prim: jcore.Primitive, kind: str, expects: placements.Placement,
+                    out: placements.Placement, hint: str):
   def rule(eqn, in_places):
     for i, place in enumerate(in_places):
       if place is not expects:
@@ -65,13 +70,13 @@ def _placement_rule(kind: str, expects: placements.Placement, out: placements.Pl
         )
     return [out] * len(eqn.outvars)
 
-  placements.RULES[kind] = rule
+  placements.RULES[prim] = rule
 
 
 # --------------------------------------------------------------------------------------------------
 # broadcast: SERVER -> CLIENTS.  y = [x] * n
 # --------------------------------------------------------------------------------------------------
-broadcast_p = jcore.Primitive("broadcast")
+broadcast_p = jcore.Primitive("faxbridge_broadcast")
 
 
 def _broadcast_impl(x, *, clients):
@@ -95,7 +100,7 @@ def _broadcast_batch(args, dims, *, clients):
 
 batching.primitive_batchers[broadcast_p] = _broadcast_batch
 _placement_rule(
-    "broadcast", SERVER, CLIENTS,
+    broadcast_p, "broadcast", SERVER, CLIENTS,
     "It is already at the clients: pass it to fb.map directly, or aggregate it first.",
 )
 
@@ -103,7 +108,7 @@ _placement_rule(
 # --------------------------------------------------------------------------------------------------
 # map[jaxpr]: CLIENTS -> CLIENTS.  ys = [f(x_1, ...), ..., f(x_n, ...)], f a per-client jaxpr
 # --------------------------------------------------------------------------------------------------
-map_p = jcore.Primitive("map")
+map_p = jcore.Primitive("faxbridge_map")
 map_p.multiple_results = True
 
 
@@ -236,14 +241,14 @@ def _map_batch(args, dims, *, jaxpr, clients):
 
 batching.primitive_batchers[map_p] = _map_batch
 _placement_rule(
-    "map", CLIENTS, CLIENTS,
+    map_p, "map", CLIENTS, CLIENTS,
     "fb.map applies a per-client function to CLIENTS-placed values: broadcast SERVER values first, "
     "as in fb.map(fn, fb.broadcast(params), data).",
 )
 
 
 # --------------------------------------------------------------------------------------------------
-# Aggregations: CLIENTS -> SERVER.
+# Aggregations: CLIENTS -> SERVER. One rule per aggregation, read by every interpreter of the form.
 # --------------------------------------------------------------------------------------------------
 _AGGREGATION_HINT = (
     "Aggregations combine CLIENTS values into one SERVER value; a SERVER value is already "
@@ -251,44 +256,106 @@ _AGGREGATION_HINT = (
 )
 
 
-def _define_reducer(name: str, impl: Callable, doc: str) -> jcore.Primitive:
-  prim = jcore.Primitive(name)
+@dataclasses.dataclass(frozen=True)
+class AggregationRule:
+  """The whole semantics of one aggregation, for every interpreter of a federated program.
+
+  ``reduce(xp, x, w, params)`` is the reference: ``x`` stacked over clients on axis 0, ``w`` the
+  per-client weights (weighted kinds), ``xp`` numpy or jax.numpy, so the primitive's own lowering,
+  ``split.run`` and the plan runtimes compute the same thing. The result always has the clients'
+  dtype and one client's shape (the primitive's abstract evaluation): an int8 sum stays int8 and
+  wraps. ``tff(fl, value, weight, params)`` is the federated_language intrinsic that computes it.
+  """
+
+  kind: str  # the name plans and manifests use
+  primitive: jcore.Primitive
+  reduce: Callable[..., Any]
+  tff: Callable[..., Any]
+  weighted: bool = False
+  params: tuple[str, ...] = ()  # the primitive's params that travel with the aggregation
+
+  def result_dtype(self, value_dtype) -> np.dtype:
+    return np.dtype(value_dtype)
+
+
+def _sum(xp, x, w, params):
+  return xp.sum(x, axis=0, dtype=x.dtype)
+
+
+def _mean(xp, x, w, params):
+  return xp.mean(x, axis=0, dtype=x.dtype)
+
+
+def _weighted_mean(xp, x, w, params):
+  w = xp.reshape(w, w.shape + (1,) * (x.ndim - w.ndim)).astype(x.dtype)
+  return (xp.sum(w * x, axis=0, dtype=x.dtype) / xp.sum(w, axis=0, dtype=x.dtype)).astype(x.dtype)
+
+
+def _max(xp, x, w, params):
+  return xp.max(x, axis=0)
+
+
+def _min(xp, x, w, params):
+  return xp.min(x, axis=0)
+
+
+def _tff_weighted_mean(fl, value, weight, params):
+  return fl.federated_mean(value, weight)
+
+
+# primitive -> its rule; kind -> its rule. Filled as each aggregation is defined below.
+AGGREGATIONS: dict[jcore.Primitive, AggregationRule] = {}
+AGGREGATION_KINDS: dict[str, AggregationRule] = {}
+
+
+def _define_aggregation(kind: str, reduce: Callable, tff: Callable, doc: str,
+                        params: tuple[str, ...] = ()) -> jcore.Primitive:
+  """An unweighted aggregation primitive: abstract eval, impl and lowering (its rule's reference
+  with jax.numpy), batching and placement; the caller adds the derivative rules."""
+  prim = jcore.Primitive(f"faxbridge_{kind}")
   prim.__doc__ = doc
+
+  def impl(x, **p):
+    return reduce(jnp, x, None, p)
+
   prim.def_impl(impl)
   prim.def_abstract_eval(lambda x, **_: _shaped(x.shape[1:], x.dtype, x.weak_type))
   mlir.register_lowering(prim, mlir.lower_fun(impl, multiple_results=False))
 
-  def batch(args, dims, **params):
+  def batch(args, dims, **p):
     x, d = _to_clients_axis0(args[0], dims[0])
-    return prim.bind(x, **params), d - 1
+    return prim.bind(x, **p), d - 1
 
   batching.primitive_batchers[prim] = batch
-  _placement_rule(name, CLIENTS, SERVER, _AGGREGATION_HINT)
+  _placement_rule(prim, kind, CLIENTS, SERVER, _AGGREGATION_HINT)
+  _register(AggregationRule(kind, prim, reduce, tff, params=params))
   return prim
 
 
-# sum: sum_i x_i. Linear; transpose(sum) = broadcast.
-# The sum keeps the clients' dtype (jnp.sum alone would widen int8/int16/uint8 to 32 bits, and the
-# lowering would then disagree with the abstract evaluation).
-sum_p = _define_reducer("sum", lambda x: jnp.sum(x, axis=0, dtype=x.dtype), "sum_i x_i")
+def _register(rule: AggregationRule) -> None:
+  AGGREGATIONS[rule.primitive] = rule
+  AGGREGATION_KINDS[rule.kind] = rule
+
+
+# sum: sum_i x_i, in the clients' dtype. Linear; transpose(sum) = broadcast.
+sum_p = _define_aggregation("sum", _sum, lambda fl, v, w, p: fl.federated_sum(v), "sum_i x_i")
 ad.deflinear2(sum_p, lambda ct, x: [broadcast_p.bind(ct, clients=x.aval.shape[0])])
 
 # mean: sum_i x_i / n. Linear; transpose(mean) = broadcast(ct / n), the division done on the server.
-mean_p = _define_reducer("mean", lambda x: jnp.mean(x, axis=0), "sum_i x_i / n")
+mean_p = _define_aggregation("mean", _mean, lambda fl, v, w, p: fl.federated_mean(v),
+                             "sum_i x_i / n")
 ad.deflinear2(
     mean_p,
     lambda ct, x: [broadcast_p.bind(ct / x.aval.shape[0], clients=x.aval.shape[0])],
 )
 
-
-# secure_sum[bitwidth]: sum_i x_i for integers in [0, 2**bitwidth). Natively a plain sum, as TFF's
-# test backends compute it; the bitwidth is the contract a secure aggregation protocol needs.
-def _secure_sum_impl(x, *, bitwidth):
-  del bitwidth
-  return jnp.sum(x, axis=0, dtype=x.dtype)
-
-
-secure_sum_p = _define_reducer("secure_sum", _secure_sum_impl, "sum_i x_i, x_i in [0, 2**b)")
+# secure_sum[bitwidth]: sum_i x_i for integers in [0, 2**bitwidth). Natively a plain sum in the
+# clients' dtype, as TFF's test backends compute it; the bitwidth is the contract a secure
+# aggregation protocol needs.
+secure_sum_p = _define_aggregation(
+    "secure_sum", _sum,
+    lambda fl, v, w, p: fl.federated_secure_sum_bitwidth(v, p["bitwidth"]),
+    "sum_i x_i, x_i in [0, 2**b)", params=("bitwidth",))
 ad.deflinear2(
     secure_sum_p, lambda ct, x, *, bitwidth: [broadcast_p.bind(ct, clients=x.aval.shape[0])]
 )
@@ -311,15 +378,17 @@ def _extremum_jvp(prim):
   return jvp
 
 
-max_p = _define_reducer("max", lambda x: jnp.max(x, axis=0), "max_i x_i, elementwise")
-min_p = _define_reducer("min", lambda x: jnp.min(x, axis=0), "min_i x_i, elementwise")
+max_p = _define_aggregation("max", _max, lambda fl, v, w, p: fl.federated_max(v),
+                            "max_i x_i, elementwise")
+min_p = _define_aggregation("min", _min, lambda fl, v, w, p: fl.federated_min(v),
+                            "min_i x_i, elementwise")
 ad.primitive_jvps[max_p] = _extremum_jvp(max_p)
 ad.primitive_jvps[min_p] = _extremum_jvp(min_p)
 
 
 # weighted_mean: sum_i w_i x_i / sum_i w_i, w_i one scalar per client (w has shape (n, *B) for a
 # batch B shared with x, which only vmap produces).
-weighted_mean_p = jcore.Primitive("weighted_mean")
+weighted_mean_p = jcore.Primitive("faxbridge_weighted_mean")
 
 
 def _expand_weight(w, x):
@@ -327,8 +396,7 @@ def _expand_weight(w, x):
 
 
 def _weighted_mean_impl(x, w):
-  w = _expand_weight(w, x)
-  return jnp.sum(w * x, axis=0) / jnp.sum(w, axis=0)
+  return _weighted_mean(jnp, x, w, {})
 
 
 def _weighted_mean_abstract_eval(x, w):
@@ -386,10 +454,9 @@ def _weighted_mean_batch(args, dims):
 
 
 batching.primitive_batchers[weighted_mean_p] = _weighted_mean_batch
-_placement_rule("weighted_mean", CLIENTS, SERVER, _AGGREGATION_HINT)
+_placement_rule(weighted_mean_p, "weighted_mean", CLIENTS, SERVER, _AGGREGATION_HINT)
 
-# The aggregation primitives, by the name the split and the converters use for them.
-AGGREGATIONS: dict[str, jcore.Primitive] = {
-    p.name: p for p in (sum_p, mean_p, weighted_mean_p, secure_sum_p, max_p, min_p)
-}
-FEDERATED_PRIMITIVES = frozenset({broadcast_p, map_p, *AGGREGATIONS.values()})
+_register(AggregationRule("weighted_mean", weighted_mean_p, _weighted_mean, _tff_weighted_mean,
+                          weighted=True))
+
+FEDERATED_PRIMITIVES = frozenset({broadcast_p, map_p, *AGGREGATIONS})

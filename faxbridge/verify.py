@@ -7,7 +7,12 @@ export (the computation itself, compiled by XLA), so an export verifies without 
 Tolerance (documented contract): float outputs must satisfy ``|runtime - native| <= atol + rtol *
 |native|`` elementwise with ``rtol = 1e-5`` and ``atol = 1e-6`` (float32 rounding differs between
 XLA, TensorFlow and TFLite kernels; ``atol`` covers values that cancel to about zero). Integer and
-boolean outputs must be equal.
+boolean outputs must be equal. An output must also have the native dtype and shape (a float ``3.0``
+is not an integer ``3``), and every native output must come back from the runtime: anything else
+fails that output with the reason in the report.
+
+Inputs are checked against the manifest (names, dtypes, per-client shapes, one number of clients)
+before any runtime starts.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import numpy as np
 from faxbridge import registry
 from faxbridge.errors import VerificationError
 from faxbridge.export import read_manifest, sha256
+from faxbridge.form import run_program
 from faxbridge.registry import RuntimeResult
 
 RTOL, ATOL = 1e-5, 1e-6
@@ -35,6 +41,7 @@ class OutputCheck:
   max_abs: float
   max_rel: float
   ok: bool
+  problem: str = ""  # why it failed other than by tolerance: dtype, shape, missing, unexpected
 
 
 @dataclasses.dataclass
@@ -73,7 +80,7 @@ class VerificationReport:
       if label:
         lines.append(f"  [{label}]")
       for c in checks:
-        mark = "" if c.ok else "  <-- exceeds tolerance"
+        mark = "" if c.ok else f"  <-- {c.problem or 'exceeds tolerance'}"
         lines.append(f"  {c.name:40s} {c.max_abs:12.3g} {c.max_rel:12.3g}{mark}")
     for key, value in sorted(self.info.items()):
       lines.append(f"  {key}: {value}")
@@ -100,20 +107,52 @@ def check_files(export_dir: Path, manifest: dict) -> None:
         f"{export_dir} does not match its manifest, so nothing was run:\n  " + "\n  ".join(problems))
 
 
-def compare(name: str, native, other, rtol: float = RTOL, atol: float = ATOL) -> OutputCheck:
+def compare(name: str, native: Any, other: Any, rtol: float = RTOL,
+            atol: float = ATOL) -> OutputCheck:
+  """One output: ``other`` (the runtime's) against ``native``.
+
+  Dtypes and shapes must be equal (a runtime that returns float ``3.0`` for an integer ``3`` is not
+  computing the same program); integers and booleans must then be equal, floats within
+  ``atol + rtol * |native|``. NaN matches NaN and an infinity the same infinity, as the native
+  program computed them.
+  """
   a, b = np.asarray(native), np.asarray(other)
+  if a.dtype != b.dtype:
+    return OutputCheck(name, float("inf"), float("inf"), False,
+                       f"dtype {b.dtype}, native {a.dtype}")
   if a.shape != b.shape:
-    return OutputCheck(name, float("inf"), float("inf"), False)
-  if a.dtype.kind in "biu" or a.dtype == bool:
-    diff = np.abs(a.astype(np.int64) - b.astype(np.int64))
+    return OutputCheck(name, float("inf"), float("inf"), False,
+                       f"shape {b.shape}, native {a.shape}")
+  if a.dtype.kind not in "fc":
+    # Exact: differences are reported in float64 only to size them (uint64 cannot go via int64).
+    diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
     max_abs = float(diff.max(initial=0))
-    return OutputCheck(name, max_abs, max_abs / max(float(np.abs(a).max(initial=1)), 1.0),
-                       max_abs == 0)
-  a64, b64 = a.astype(np.float64), b.astype(np.float64)
-  diff = np.abs(a64 - b64)
-  rel = diff / np.maximum(np.abs(a64), np.finfo(np.float32).tiny)
-  ok = bool(np.all(diff <= atol + rtol * np.abs(a64)))
-  return OutputCheck(name, float(diff.max(initial=0)), float(rel.max(initial=0)), ok)
+    scale = max(float(np.abs(a.astype(np.float64)).max(initial=1)), 1.0)
+    return OutputCheck(name, max_abs, max_abs / scale, bool(np.array_equal(a, b)))
+  wide = np.complex128 if a.dtype.kind == "c" else np.float64
+  a64, b64 = a.astype(wide), b.astype(wide)
+  same = (a64 == b64) | (np.isnan(a64) & np.isnan(b64))
+  with np.errstate(invalid="ignore", over="ignore"):
+    diff = np.where(same, 0.0, np.abs(a64 - b64))
+  diff = np.where(np.isnan(diff), np.inf, diff)  # NaN against a number: as far off as it gets
+  # An infinite native value allows no slack (else atol + rtol * inf would accept anything).
+  ok = bool(np.all(diff <= atol + rtol * np.where(np.isfinite(a64), np.abs(a64), 0.0)))
+  with np.errstate(invalid="ignore", divide="ignore"):
+    rel = diff / np.maximum(np.abs(a64), np.finfo(np.float32).tiny)
+  return OutputCheck(name, float(diff.max(initial=0)), float(np.nanmax(rel, initial=0)), ok)
+
+
+def compare_all(expected: Mapping[str, np.ndarray], got: Mapping[str, np.ndarray],
+                rtol: float = RTOL, atol: float = ATOL) -> list[OutputCheck]:
+  """Every native output against the runtime's; one it did not return fails as missing, and one
+  the native program has no such output fails as unexpected (a runtime keyed them differently)."""
+  checks = [compare(k, v, got[k], rtol, atol) if k in got else
+            OutputCheck(k, float("inf"), float("inf"), False, "missing: the runtime returned no "
+                        "such output")
+            for k, v in expected.items()]
+  checks += [OutputCheck(k, float("inf"), float("inf"), False, "unexpected: not a native output")
+             for k in got if k not in expected]
+  return checks
 
 
 def _blocks(manifest: dict) -> tuple[dict, dict | None]:
@@ -122,26 +161,89 @@ def _blocks(manifest: dict) -> tuple[dict, dict | None]:
   return manifest["computation"], None
 
 
-def _named_inputs(block: dict, args, inputs: Mapping | None) -> dict[str, np.ndarray]:
+def _named_inputs(block: dict, args: Any, inputs: Mapping | None) -> dict[str, np.ndarray]:
+  """The inputs by manifest name, checked against the manifest before anything runs.
+
+  Names must be exactly the manifest's, dtypes equal, SERVER values of the manifest's shape, and
+  CLIENTS values of ``(clients, *per-client shape)`` with one number of clients for all of them.
+
+  Raises:
+    VerificationError: naming the first input that does not fit and what the export takes.
+  """
   specs = block["inputs"]
+  names = [s["name"] for s in specs]
   if inputs is not None:
-    missing = [s["name"] for s in specs if s["name"] not in inputs]
+    unknown = sorted(set(inputs) - set(names))
+    if unknown:
+      raise VerificationError(f"unknown input(s) {unknown}; the export takes {names}")
+    missing = [n for n in names if n not in inputs]
     if missing:
-      raise VerificationError(f"inputs lack {missing}; expected names {[s['name'] for s in specs]}")
-    flat = [inputs[s["name"]] for s in specs]
+      raise VerificationError(f"missing input(s) {missing}; the export takes {names}")
+    flat = [inputs[n] for n in names]
   else:
     flat = jax.tree.leaves(args)
     if len(flat) != len(specs):
       raise VerificationError(f"got {len(flat)} input leaves, the export takes {len(specs)}: "
-                              f"{[s['name'] for s in specs]}")
-  out = {}
+                              f"{names}")
+  out, clients = {}, {}
   for spec, value in zip(specs, flat):
-    value = np.asarray(value)
+    if isinstance(value, bool | int | float | complex):
+      # A Python scalar has no dtype of its own (JAX types it weakly, and so did the export).
+      value = np.asarray(value, dtype=np.dtype(spec["dtype"]))
+    name, shape, value = spec["name"], tuple(spec["shape"]), np.asarray(value)
     if value.dtype != np.dtype(spec["dtype"]):
-      raise VerificationError(f"input {spec['name']} has dtype {value.dtype}, the export takes "
+      raise VerificationError(f"input {name!r} has dtype {value.dtype}, the export takes "
                               f"{spec['dtype']}")
-    out[spec["name"]] = value
+    if spec.get("placement") == "CLIENTS":
+      if value.shape[1:] != shape or value.ndim != len(shape) + 1:
+        raise VerificationError(
+            f"input {name!r} (CLIENTS) has shape {value.shape}, the export takes (clients, "
+            f"{', '.join(map(str, shape))}{',' if len(shape) == 1 else ''}): a leading clients "
+            f"axis, then {shape} per client")
+      clients[name] = value.shape[0]
+    elif value.shape != shape:
+      raise VerificationError(f"input {name!r} ({spec.get('placement', 'SERVER')}) has shape "
+                              f"{value.shape}, the export takes {shape}")
+    out[name] = value
+  if len(set(clients.values())) > 1:
+    raise VerificationError("CLIENTS inputs disagree on the number of clients: "
+                            + ", ".join(f"{n!r} has {c}" for n, c in clients.items()))
   return out
+
+
+def _check_native_shapes(export_dir: Path, manifest: dict, named: dict[str, np.ndarray]) -> None:
+  """The stored native program was exported for fixed shapes (the example's number of clients):
+  refuse other shapes here, before a runtime starts, rather than fail after it ran."""
+  block, init_block = _blocks(manifest)
+  exported = _load_native(export_dir, manifest, "next" if init_block is not None else "computation")
+  avals = exported.in_avals[len(exported.in_avals) - len(block["inputs"]):]
+  for spec, aval in zip(block["inputs"], avals):
+    want, got = tuple(aval.shape), named[spec["name"]].shape
+    if all(isinstance(d, int) for d in want) and got != want:
+      clients = f" ({want[0]} clients)" if spec.get("placement") == "CLIENTS" and want else ""
+      raise VerificationError(
+          f"input {spec['name']!r} has shape {got}, the export's native program was made for "
+          f"{want}{clients}; verify runs it, so inputs must have its shapes (run_on_runtime "
+          "runs the runtime alone for other client counts)")
+
+
+def read_export_manifest(export_dir: Path) -> dict:
+  """``manifest.json`` of an export directory, or a one-line VerificationError saying what is
+  wrong with it (no directory, no manifest, not JSON, not a faxbridge manifest)."""
+  if not export_dir.is_dir():
+    raise VerificationError(f"{export_dir}: no such export directory")
+  path = export_dir / "manifest.json"
+  if not path.is_file():
+    raise VerificationError(f"{export_dir} has no manifest.json: not a faxbridge export")
+  try:
+    manifest = read_manifest(export_dir)
+  except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+    raise VerificationError(f"{path} is not JSON: {e}") from None
+  if not isinstance(manifest, dict) or manifest.get("kind") not in ("computation",
+                                                                     "iterative_process"):
+    raise VerificationError(f"{path} is not a faxbridge manifest (no kind 'computation' or "
+                            "'iterative_process')")
+  return manifest
 
 
 def _load_native(export_dir: Path, manifest: dict, name: str):
@@ -150,27 +252,21 @@ def _load_native(export_dir: Path, manifest: dict, name: str):
 
 def native_outputs(export_dir: Path, manifest: dict, inputs: dict[str, np.ndarray],
                    rounds: int) -> dict[str, np.ndarray]:
-  """Run the stored jax.export artifact(s): outputs keyed as the runtimes key theirs."""
-  block, init_block = _blocks(manifest)
-  if init_block is None:
-    exported = _load_native(export_dir, manifest, "computation")
-    flat = [inputs[s["name"]] for s in block["inputs"]]
-    args, _ = jax.tree.unflatten(exported.in_tree, flat)
+  """Run the stored jax.export artifact(s) of the whole computation(s), rounds fed back as the
+  manifest's ``state`` links say: outputs keyed as the runtimes key theirs."""
+  names = ("computation",) if manifest["kind"] == "computation" else ("initialize", "next")
+  loaded = {name: _load_native(export_dir, manifest, name) for name in names}
+  state_names = [link["to"] for link in manifest.get("state", {}).get("initialize_to_next", [])]
+
+  def run(name: str, named: dict) -> dict:
+    block = manifest[name]
+    order = [*(state_names if name == "next" else ()), *(s["name"] for s in block["inputs"])]
+    exported = loaded[name]
+    args, _ = jax.tree.unflatten(exported.in_tree, [named[n] for n in order])
     leaves = jax.tree.leaves(exported.call(*args))
     return {s["name"]: np.asarray(v) for s, v in zip(block["outputs"], leaves)}
-  init = _load_native(export_dir, manifest, "initialize")
-  nxt = _load_native(export_dir, manifest, "next")
-  state = init.call()
-  out = {f"initialize/{s['name']}": np.asarray(v)
-         for s, v in zip(init_block["outputs"], jax.tree.leaves(state))}
-  rest = [inputs[s["name"]] for s in block["inputs"]]
-  for r in range(1, rounds + 1):
-    (args, _) = jax.tree.unflatten(nxt.in_tree, [*jax.tree.leaves(state), *rest])
-    result = nxt.call(*args)
-    out.update({f"round{r}/{s['name']}": np.asarray(v)
-                for s, v in zip(block["outputs"], jax.tree.leaves(result))})
-    state = result[0] if isinstance(result, tuple) else result
-  return out
+
+  return run_program(manifest["kind"], run, inputs, rounds, manifest.get("state"))
 
 
 def _runtime(name: str):
@@ -185,7 +281,7 @@ def run_on_runtime(export_dir: str | os.PathLike, runtime: str, inputs: Mapping[
   or ``initialize/NAME`` and ``round{r}/NAME``). The export's files are checked first.
   """
   export_dir = Path(export_dir).resolve()
-  manifest = read_manifest(export_dir)
+  manifest = read_export_manifest(export_dir)
   check_files(export_dir, manifest)
   block, _ = _blocks(manifest)
   named = _named_inputs(block, (), dict(inputs))
@@ -209,20 +305,29 @@ def verify(
   process runs ``rounds`` rounds on both sides and every round's outputs are compared.
 
   Raises:
-    VerificationError: the export does not match its manifest (nothing runs), inputs do not fit,
-      or the runtime is missing (the message names the command that sets it up).
+    VerificationError: no export or manifest there, the export does not match its manifest
+      (nothing runs), inputs do not fit (names, dtypes, shapes, numbers of clients: nothing runs),
+      or the runtime is missing (the message names the command that sets it up). A mismatch of
+      outputs is not raised: it is the report's ``ok`` (``raise_if_failed`` raises it).
   """
   export_dir = Path(export_dir).resolve()
-  manifest = read_manifest(export_dir)
+  manifest = read_export_manifest(export_dir)
   check_files(export_dir, manifest)
   block, _ = _blocks(manifest)
   named = _named_inputs(block, args, inputs)
+  _check_native_shapes(export_dir, manifest, named)
+  wide = [n for n, v in named.items() if v.dtype.name in ("float64", "complex128", "int64", "uint64")]
+  if wide and not jax.config.jax_enable_x64:
+    # The native program (here) and runtime 'jax' would fail deep inside jax.export on these.
+    raise VerificationError(f"the export takes 64-bit input(s) {wide} but jax_enable_x64 is off "
+                            "in this process; run with JAX_ENABLE_X64=1")
+  if manifest["kind"] == "iterative_process" and rounds < 1:
+    raise VerificationError(f"rounds={rounds}: an iterative process runs at least 1 round")
   rounds = rounds if manifest["kind"] == "iterative_process" else 0
-  result = _runtime(runtime)(export_dir, manifest, named, rounds)
+  run = _runtime(runtime)  # an unknown runtime is refused before anything runs
+  result = run(export_dir, manifest, named, rounds)
   expected = native_outputs(export_dir, manifest, named, rounds)
-  checks = [compare(k, v, result.outputs.get(k, np.full(np.shape(v), np.nan)), rtol, atol)
-            for k, v in expected.items()]
-  extra = {label: [compare(k, v, outs.get(k, np.full(np.shape(v), np.nan)), rtol, atol)
-                   for k, v in expected.items()]
+  checks = compare_all(expected, result.outputs, rtol, atol)
+  extra = {label: compare_all(expected, outs, rtol, atol)
            for label, outs in result.extra_outputs.items()}
   return VerificationReport(str(export_dir), runtime, checks, extra, result.info)

@@ -45,7 +45,7 @@ def test_transpose_of_broadcast_is_sum():
   (got,) = transpose(X)
   np.testing.assert_allclose(got, X.sum(0), rtol=1e-6)
   names = prim_names(transpose, X)
-  assert "sum" in names and "broadcast" not in names and "reduce_sum" not in names
+  assert "faxbridge_sum" in names and "faxbridge_broadcast" not in names and "reduce_sum" not in names
 
 
 def test_transpose_of_sum_is_broadcast():
@@ -54,7 +54,7 @@ def test_transpose_of_sum_is_broadcast():
   (got,) = transpose(X[0])
   np.testing.assert_array_equal(got, np.stack([X[0]] * N))
   names = prim_names(transpose, X[0])
-  assert "broadcast" in names and "sum" not in names and "broadcast_in_dim" not in names
+  assert "faxbridge_broadcast" in names and "faxbridge_sum" not in names and "broadcast_in_dim" not in names
 
 
 def test_transpose_of_mean_is_broadcast_over_n():
@@ -64,7 +64,7 @@ def test_transpose_of_mean_is_broadcast_over_n():
   np.testing.assert_allclose(got, np.stack([X[0] / N] * N), rtol=1e-6)
   # The division happens on the server, before the broadcast: div(ct, n) feeds broadcast.
   eqns = list(all_eqns(jax.make_jaxpr(transpose)(X[0]).jaxpr))
-  (bcast,) = [e for e in eqns if e.primitive.name == "broadcast"]
+  (bcast,) = [e for e in eqns if e.primitive.name == "faxbridge_broadcast"]
   (div,) = [e for e in eqns if e.primitive.name == "div"]
   assert bcast.invars[0] is div.outvars[0]
   assert bcast.params["clients"] == N
@@ -87,7 +87,7 @@ def test_transpose_of_a_linear_map_is_the_per_client_transpose():
   ct = RNG.normal(size=(N, 2)).astype(np.float32)
   (got,) = jax.linear_transpose(linear, X)(ct)
   np.testing.assert_allclose(got, ct @ a.T, rtol=1e-5, atol=1e-6)
-  assert "map" in prim_names(jax.linear_transpose(linear, X), ct)
+  assert "faxbridge_map" in prim_names(jax.linear_transpose(linear, X), ct)
 
 
 # -- weighted_mean and the extrema -----------------------------------------------------------------
@@ -166,10 +166,11 @@ def test_jvp_and_vjp_equal_plain_jax():
 
 def test_gradient_jaxpr_keeps_the_federated_primitives():
   names = prim_names(jax.grad(everything, argnums=(0, 1, 2)), S, X, W)
-  assert {"broadcast", "map", "sum", "mean", "weighted_mean", "max", "min"} <= set(names)
+  assert {f"faxbridge_{op}" for op in ("broadcast", "map", "sum", "mean", "weighted_mean", "max",
+                                       "min")} <= set(names)
   # Reverse mode of the server value's broadcast is a sum over clients: more sums than forward.
-  assert names.count("sum") > prim_names(everything, S, X, W).count("sum")
-  assert names.count("broadcast") > prim_names(everything, S, X, W).count("broadcast")
+  assert names.count("faxbridge_sum") > prim_names(everything, S, X, W).count("faxbridge_sum")
+  assert names.count("faxbridge_broadcast") > prim_names(everything, S, X, W).count("faxbridge_broadcast")
 
 
 def test_meta_gradient_of_fedsgd_keeps_the_boundary():
@@ -179,10 +180,10 @@ def test_meta_gradient_of_fedsgd_keeps_the_boundary():
   # The server loss after one round, differentiated through the clients' own gradient steps.
   meta = lambda p: _mlp.loss(fedsgd.computation(p, batch)[0], jax.tree.map(lambda d: d[0], batch))
   names = prim_names(jax.grad(meta), params)
-  assert {"broadcast", "map", "mean", "sum"} <= set(names)
+  assert {"faxbridge_broadcast", "faxbridge_map", "faxbridge_mean", "faxbridge_sum"} <= set(names)
   # Reverse mode sums the broadcast model's per-client cotangents: a sum that the forward pass
   # does not have.
-  assert "sum" not in prim_names(meta, params)
+  assert "faxbridge_sum" not in prim_names(meta, params)
 
 
 # -- numerical checks of every rule, in float64 ----------------------------------------------------

@@ -32,18 +32,18 @@ def test_trace_gives_a_closed_jaxpr_with_federated_primitives():
   traced = program.trace(S, X)
   assert isinstance(traced.jaxpr, jcore.ClosedJaxpr)
   prims = _all_prims(traced.jaxpr.jaxpr)
-  assert prims.count("map") == 2
-  assert {"broadcast", "mean", "secure_sum"} <= set(prims)
+  assert prims.count("faxbridge_map") == 2
+  assert {"faxbridge_broadcast", "faxbridge_mean", "faxbridge_secure_sum"} <= set(prims)
   # Per-client work stays inside the maps: no sin at the top level.
   assert "sin" not in prims and "gt" not in prims
-  maps = [e for e in traced.jaxpr.jaxpr.eqns if e.primitive.name == "map"]
+  maps = [e for e in traced.jaxpr.jaxpr.eqns if e.primitive.name == "faxbridge_map"]
   sub = maps[0].params["jaxpr"]
   assert isinstance(sub, jcore.ClosedJaxpr)
   assert maps[0].params["clients"] == N
   assert [a.shape for a in sub.in_avals] == [(), (3,)]  # one client's view: no clients axis
   assert [a.shape for a in sub.out_avals] == [(3,)]
   assert "sin" in _all_prims(sub.jaxpr)
-  secure = next(e for e in traced.jaxpr.jaxpr.eqns if e.primitive.name == "secure_sum")
+  secure = next(e for e in traced.jaxpr.jaxpr.eqns if e.primitive.name == "faxbridge_secure_sum")
   assert secure.params["bitwidth"] == 8
 
 

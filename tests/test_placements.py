@@ -218,9 +218,9 @@ def test_inference_follows_the_federated_primitives():
   for eqn in traced.jaxpr.jaxpr.eqns:
     by_prim.setdefault(eqn.primitive.name, []).append(traced.var_placements[eqn.outvars[0]])
   assert by_prim["mul"] == [fb.SERVER, fb.SERVER]  # s * 2.0 and the mean * 3.0
-  assert by_prim["broadcast"] == [fb.CLIENTS]
-  assert by_prim["map"] == [fb.CLIENTS]
-  assert by_prim["sum"] == by_prim["mean"] == by_prim["add"] == [fb.SERVER]
+  assert by_prim["faxbridge_broadcast"] == [fb.CLIENTS]
+  assert by_prim["faxbridge_map"] == [fb.CLIENTS]
+  assert by_prim["faxbridge_sum"] == by_prim["faxbridge_mean"] == by_prim["add"] == [fb.SERVER]
 
 
 def test_inference_enters_jitted_helpers_holding_federated_ops():

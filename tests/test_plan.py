@@ -1,6 +1,6 @@
-"""Tests of faxbridge/plan.py: plan.json against its published schema, its self-consistency check,
-the numpy aggregations against split's reference semantics, and run_plan's orchestration against
-the whole computation compiled by XLA."""
+"""Tests of converters/plan.py: plan.json against its published schema, its self-consistency check,
+and run_plan's orchestration (one client at a time) against the whole computation compiled by XLA;
+and the aggregation rules every interpreter shares, against numpy written another way."""
 
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ import faxbridge as fb
 from examples import EXAMPLES
 from faxbridge.converters import plan as fplan
 from faxbridge.errors import ExportError, VerificationError
-from faxbridge.split import Aggregation, TensorSpec, aggregate
+from faxbridge.primitives import AGGREGATION_KINDS
+from faxbridge.program import split_program
 
 SCHEMA = json.loads((pathlib.Path(__file__).parent.parent / "docs" / "plan.schema.json").read_text())
 VALIDATOR = jsonschema.Draft202012Validator(SCHEMA)
@@ -56,7 +57,7 @@ def _plan_with_pieces(program, args):
     kept[rel] = piece.jaxpr
     return {"jax": rel}
 
-  return fplan.build_plan(program, args, files), kept
+  return fplan.build_plan(split_program(program, args), files), kept
 
 
 def _jax_call(kept):
@@ -137,7 +138,7 @@ def test_iterative_plan_links_the_state():
   # next returns (state, metrics): only the state's leaves feed back.
   metrics = [b["name"] for b in plan["computations"]["next"]["outputs"] if b["path"][0] == 1]
   assert metrics and not set(metrics) & {link["from"] for link in links["next_to_next"]}
-  blocks = fplan.manifest_blocks(plan)
+  blocks = split_program(fedadam.process, fedadam.example_inputs()[1:]).blocks()
   assert [b["name"] for b in blocks["next"]["inputs"]] == ["data_x", "data_y"]
 
 
@@ -152,7 +153,7 @@ def test_mismatched_state_is_an_export_error():
 
   process = fb.IterativeProcess(init, step)
   with pytest.raises(ExportError, match="next's returned state"):
-    fplan.build_plan(process, (np.zeros((2,), np.float32),), lambda c, p: {})
+    split_program(process, (np.zeros((2,), np.float32),))
 
 
 def test_check_plan_names_broken_references():
@@ -162,7 +163,7 @@ def test_check_plan_names_broken_references():
   broken = copy.deepcopy(plan)
   stage = broken["computations"]["computation"]["stages"][1]
   stage["broadcasts"] = []  # the client work then reads a value nobody sent
-  with pytest.raises(VerificationError, match=r"stage1_client_work: reads 'out_0', which nothing defines"):
+  with pytest.raises(VerificationError, match=r"stage1_client_work: reads 'aggregate0', which nothing defines"):
     fplan.check_plan(broken)
   broken = copy.deepcopy(plan)
   broken["computations"]["computation"]["server_result"]["inputs"][0]["shape"] = [7]
@@ -187,20 +188,44 @@ def test_load_plan_refuses_other_versions(tmp_path):
     fplan.load_plan(tmp_path)
 
 
-@given(kind=st.sampled_from(["sum", "mean", "weighted_mean", "secure_sum", "max", "min"]),
+def _by_loops(kind, values, weights):
+  """Each aggregation written as a loop over clients in numpy: the independent answer."""
+  acc = values[0].copy()
+  for v in values[1:]:
+    if kind in ("sum", "secure_sum", "mean"):
+      acc = (acc + v).astype(values.dtype)  # wraps in the clients' dtype, as the contract says
+    elif kind == "max":
+      acc = np.maximum(acc, v)
+    elif kind == "min":
+      acc = np.minimum(acc, v)
+  if kind == "mean":
+    return (acc / len(values)).astype(values.dtype)
+  if kind == "weighted_mean":
+    w = weights.reshape(weights.shape + (1,) * (values.ndim - 1))
+    return (sum(wi * vi for wi, vi in zip(w, values)) / weights.sum()).astype(values.dtype)
+  return acc
+
+
+@given(kind=st.sampled_from(sorted(AGGREGATION_KINDS)),
        clients=st.integers(1, 6), shape=st.sampled_from([(), (3,), (2, 2)]),
-       seed=st.integers(0, 2**16), integer=st.booleans())
-def test_numpy_aggregation_matches_split_reference(kind, clients, shape, seed, integer):
+       seed=st.integers(0, 2**16), dtype=st.sampled_from(["float32", "int32", "int8", "uint8"]))
+def test_aggregation_rules_with_numpy_and_jax_match_loops(kind, clients, shape, seed, dtype):
   rng = np.random.default_rng(seed)
-  if integer and kind not in ("mean", "weighted_mean"):
-    values = rng.integers(-50, 50, size=(clients, *shape)).astype(np.int32)
-  else:
+  if dtype != "float32" and kind in ("mean", "weighted_mean"):
+    dtype = "float32"
+  if dtype == "float32":
     values = rng.normal(size=(clients, *shape)).astype(np.float32)
+  else:
+    info = np.iinfo(dtype)
+    values = rng.integers(info.min, info.max, size=(clients, *shape), endpoint=True).astype(dtype)
   weights = rng.uniform(0.5, 3.0, size=(clients,)).astype(np.float32)
-  want = aggregate(Aggregation(kind, "v", TensorSpec("r", shape, "float32"),
-                               weight="w" if kind == "weighted_mean" else None),
-                   {"v": values, "w": weights})
-  got = fplan.aggregate(kind, values, weights if kind == "weighted_mean" else None,
-                        str(np.asarray(want).dtype))
-  assert got.dtype == np.asarray(want).dtype and got.shape == shape
-  np.testing.assert_allclose(got, np.asarray(want), rtol=1e-6, atol=1e-7)
+  rule = AGGREGATION_KINDS[kind]
+  want = _by_loops(kind, values, weights)
+  for xp in (np, jnp):
+    got = np.asarray(rule.reduce(xp, xp.asarray(values), xp.asarray(weights), {"bitwidth": 8}))
+    assert got.dtype == values.dtype and got.shape == shape, (xp.__name__, got.dtype)
+    np.testing.assert_allclose(got, want, rtol=2e-6, atol=1e-6, err_msg=xp.__name__)
+  # The primitive itself (its impl is the rule with jax.numpy) agrees, and so does its lowering.
+  jitted = jax.jit(lambda v: rule.primitive.bind(v, **({"bitwidth": 8} if rule.params else {})))
+  if not rule.weighted:
+    np.testing.assert_allclose(np.asarray(jitted(values)), want, rtol=2e-6, atol=1e-6)

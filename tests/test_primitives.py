@@ -197,7 +197,7 @@ def test_primitives_evaluate_eagerly_and_abstractly():
   w = np.array([1.0, 2.0, 5.0], np.float32)
   np.testing.assert_allclose(P.weighted_mean_p.bind(x, w), (w[:, None] * x).sum(0) / w.sum())
   spec = jax.ShapeDtypeStruct((3, 2), jnp.float32)
-  for prim in P.AGGREGATIONS.values():
+  for prim in P.AGGREGATIONS:
     args = (spec, jax.ShapeDtypeStruct((3,), jnp.float32)) if prim is P.weighted_mean_p else (spec,)
     params = {"bitwidth": 8} if prim is P.secure_sum_p else {}
     out = jax.eval_shape(lambda *a, p=prim, kw=params: p.bind(*a, **kw), *args)

@@ -43,7 +43,8 @@ def test_each_piece_is_a_jaxpr_and_a_callable():
   one_client = [np.asarray(jax.tree.leaves(args[1])[0][0])]
   assert len(one_client) == 1  # the callable takes flat per-client values
   primitives = {e.primitive.name for e in work.jaxpr.jaxpr.eqns}
-  assert not primitives & {"broadcast", "map", "mean", "weighted_mean"}
+  assert not primitives & {"faxbridge_broadcast", "faxbridge_map", "faxbridge_mean",
+                          "faxbridge_weighted_mean"}
 
 
 def test_aggregation_kinds_weights_and_bitwidths():

@@ -85,7 +85,7 @@ def portable_artifact(mlir_text: str, version: str, where: str) -> bytes:
                       f"{e}") from e
 
 
-def export_stablehlo(program, example_args, out: Path, stablehlo_version: str | None = None,
+def export_stablehlo(split, out: Path, stablehlo_version: str | None = None,
                      **options: Any) -> dict:
   """Write every piece's ``.jax``, ``.mlir`` and ``.stablehlo.mlirbc`` and ``plan.json`` into
   ``out``; return the manifest part (plan file, StableHLO version, verify blocks).
@@ -109,11 +109,10 @@ def export_stablehlo(program, example_args, out: Path, stablehlo_version: str | 
     return {"jax": f"{stem}.jax", "stablehlo_text": f"{stem}.mlir",
             "stablehlo_portable": f"{stem}.stablehlo.mlirbc"}
 
-  plan = fplan.build_plan(program, example_args, write)
+  plan = fplan.build_plan(split, write)
   fplan.write_plan(plan, out)
   return {"plan": fplan.PLAN_FILE,
           "stablehlo": {"portable_version": version,
                         "current_version": shlo.get_current_version(),
                         "jax_calling_convention": jax.export.maximum_supported_calling_convention_version,
-                        "platforms": ["cpu"]},
-          **fplan.manifest_blocks(plan)}
+                        "platforms": ["cpu"]}}

@@ -19,7 +19,7 @@ from federated_language.proto import computation_pb2 as pb
 from google.protobuf import any_pb2
 
 from faxbridge.converters.tff.types import struct_items, tensor_type
-from faxbridge.split import Piece, TensorSpec
+from faxbridge.form import Piece, TensorSpec
 
 LOCAL_FORMS = ("tensorflow", "xla")
 

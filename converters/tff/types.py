@@ -8,7 +8,7 @@ from typing import Any
 import federated_language as fl
 import numpy as np
 
-from faxbridge.split import TensorSpec
+from faxbridge.form import TensorSpec
 
 
 def tensor_type(spec: TensorSpec) -> fl.TensorType:
