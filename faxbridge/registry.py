@@ -51,7 +51,7 @@ TARGETS: dict[str, Entry] = {e.name: e for e in (
 )}
 
 RUNTIMES: dict[str, Entry] = {e.name: e for e in (
-    Entry("tff", "faxbridge.converters.tff.runtime:verify_run",
+    Entry("tff", "faxbridge.converters.runtimes.tff.verify:verify_run",
           "TensorFlow Federated 0.87's native context, in .venv-tff", reads=("tff",),
           needs="make .venv-tff/.ready"),
     Entry("iree", "faxbridge.converters.runtimes.iree:verify_run",

@@ -1,4 +1,5 @@
-"""Tests of converters/runtimes/tff.py and tff_runner.py against real TF 2.14 and TFF 0.87 runs.
+"""Tests of the TFF runtime package (converters/runtimes/tff/: the core-side client and the runner
+in .venv-tff) against real TF 2.14 and TFF 0.87 runs.
 
 Every answer is checked against numpy written independently of TF and TFF. Runner starts cost
 seconds each, so the slow tests share batched calls through module-scoped fixtures.
@@ -6,16 +7,21 @@ seconds each, so the slow tests share batched calls through module-scoped fixtur
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import tensorflow as tf
 import tff_testing as tt
 
+import faxbridge as fb
 from faxbridge.converters.runtimes import tff as rt
+from faxbridge.converters.runtimes.tff import launch
 from faxbridge.errors import VerificationError
 
 RTOL, ATOL = 1e-5, 1e-6
@@ -27,7 +33,7 @@ RTOL, ATOL = 1e-5, 1e-6
 
 def test_missing_env_names_the_command(monkeypatch, tmp_path):
   monkeypatch.delenv(rt.ENV_VAR, raising=False)
-  monkeypatch.setattr(rt, "REPO_ROOT", tmp_path)
+  monkeypatch.setattr(launch, "REPO_ROOT", tmp_path)
   with pytest.raises(VerificationError, match=re.escape("make .venv-tff/.ready")):
     rt.tff_python()
   # Nothing starts: the batch entry points fail the same way before writing anything.
@@ -50,6 +56,74 @@ def test_plain_graph_refuses_ops_outside_the_plain_set():
                                                                 "Identity"}
   with pytest.raises(AssertionError, match="Erf"):
     tt.plain_graph(tf.math.erf, spec)
+
+
+# ----------------------------------------------------------------------------------------------
+# The runner imports nothing from faxbridge (whose __init__ needs numpy 2 and modern JAX)
+
+RUNNER_MODULES = sorted(p.stem for p in rt.RUNNER.glob("*.py"))
+# All that .venv-tff offers the runner besides the standard library and its own package.
+RUNNER_MAY_IMPORT = {"numpy", "tensorflow", "tensorflow_federated"}
+# Top-level names under which faxbridge's code would show up in .venv-tff: the packages, and the
+# core-side modules beside tff_runner/ (its parent folder is on the runner's sys.path).
+CORE_NAMES = {"faxbridge", "converters"} | {
+    p.stem for p in rt.RUNNER.parent.glob("*.py") if p.stem != "__init__"}
+
+
+def test_runner_sources_import_only_stdlib_numpy_tf_tff_and_themselves():
+  """Every import in tff_runner/ is relative, or of the standard library, numpy, TF or TFF; only
+  __main__ names ``tff_runner`` (it runs before the package is imported)."""
+  assert {"__main__", "cli", "computations", "values"} <= set(RUNNER_MODULES)
+  seen = set()
+  for path in sorted(rt.RUNNER.glob("*.py")):
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+      if isinstance(node, ast.Import):
+        names = [alias.name for alias in node.names]
+      elif isinstance(node, ast.ImportFrom) and node.level == 0:
+        names = [node.module]
+      else:
+        continue
+      for name in names:
+        top = name.split(".")[0]
+        seen.add(top)
+        allowed = (top in sys.stdlib_module_names or top in RUNNER_MAY_IMPORT
+                   or (path.name == "__main__.py" and top == "tff_runner"))
+        assert allowed, f"{path.name}:{node.lineno} imports {name}"
+  assert seen >= RUNNER_MAY_IMPORT  # the walk saw the imports it is meant to check
+
+
+@pytest.mark.slow
+def test_runner_modules_load_in_tff_env_without_faxbridge(tmp_path):
+  """In .venv-tff, with the runner's parent folder on sys.path as __main__ puts it, every module
+  of the package imports, and no module of the repository outside tff_runner/ is loaded."""
+  script = "\n".join([
+      "import importlib, json, sys",
+      f"sys.path.append({str(rt.RUNNER.parent)!r})",
+      f"for name in {RUNNER_MODULES!r}:",
+      "  if name != '__main__':",
+      "    importlib.import_module('tff_runner' + ('' if name == '__init__' else '.' + name))",
+      "print(json.dumps({n: getattr(m, '__file__', None) for n, m in sys.modules.items()}))"])
+  python = rt.tff_python()
+  proc = subprocess.run([str(python), "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  modules = json.loads(proc.stdout.splitlines()[-1])
+  runner, venv = rt.RUNNER.resolve(), python.parent.parent.resolve()
+
+  def where(name):
+    file = modules[name]
+    return Path(file).resolve() if file else None
+
+  ours = {n for n in modules if where(n) and where(n).is_relative_to(runner)}
+  assert ours == {"tff_runner"} | {f"tff_runner.{m}" for m in RUNNER_MODULES
+                                   if m not in ("__init__", "__main__")}
+  repo = launch.REPO_ROOT.resolve()
+  foreign = {n: modules[n] for n in modules
+             if n.split(".")[0] in CORE_NAMES
+             or (where(n) and where(n).is_relative_to(repo) and not where(n).is_relative_to(venv)
+                 and n not in ours)}
+  assert not foreign
+  assert "tensorflow_federated" in modules
 
 
 # ----------------------------------------------------------------------------------------------
@@ -138,33 +212,61 @@ NUM_CLIENTS, ROUNDS = 5, 5
 INIT = np.array([0.1, -0.2, 0.3], np.float32)
 
 
+@fb.computation(clients=3, in_placements=(fb.SERVER,))
+def _broadcast_sum(x):
+  """No CLIENTS-placed input: the 3 clients exist only in the decorator (and the manifest)."""
+  return fb.sum(fb.broadcast(x)), fb.mean(fb.broadcast(x))
+
+
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory):
   root = tmp_path_factory.mktemp("exports")
   plain, secure = tt.build_round(secure=False), tt.build_round(secure=True)
   clients = tt.build_client_outputs()
+  # The manifest says 2 clients, the inputs carry 5: the inputs win.
+  plain_2 = {**tt.round_signature(plain, False), "clients": 2}
+  bcast, bcast_secure = tt.build_broadcast_only(False), tt.build_broadcast_only(True)
   return {
       "plain": tt.write_computation(root / "plain", plain, tt.round_signature(plain, False)),
       "secure": tt.write_computation(root / "secure", secure, tt.round_signature(secure, True)),
       "iterative": tt.write_iterative(root / "iterative", INIT),
       "clients": tt.write_computation(root / "clients", clients,
                                       tt.client_outputs_signature(clients)),
+      "plain_says_2": tt.write_computation(root / "plain_says_2", plain, plain_2),
+      "broadcast_3": tt.write_computation(root / "broadcast_3", bcast,
+                                          tt.broadcast_only_signature(bcast, 3)),
+      "broadcast_secure_4": tt.write_computation(root / "broadcast_secure_4", bcast_secure,
+                                                 tt.broadcast_only_signature(bcast_secure, 4)),
+      "broadcast_no_count": tt.write_computation(root / "broadcast_no_count", bcast,
+                                                 tt.broadcast_only_signature(bcast, None)),
+      "counting": tt.write_counting_process(root / "counting", INIT, init_clients=2,
+                                            next_clients=3),
+      "faxbridge": fb.export(_broadcast_sum, np.float32(3.0), target="tff",
+                             out_dir=root / "faxbridge"),
   }
 
 
 @pytest.fixture(scope="module")
 def computation_batch(exports):
-  """One runner call for every federated test: plain, secure, 5 rounds, a bad input, clients."""
+  """One runner call for every federated test; returns the inputs and the runs by name."""
   inputs = tt.round_inputs(NUM_CLIENTS, seed=1)
   per_round = {f"round{r}/{k}": v for r in range(1, ROUNDS + 1)
                for k, v in tt.round_inputs(NUM_CLIENTS + r, seed=10 + r).items() if k != "params"}
   bad = {**inputs, "data/weight": inputs["data/weight"].astype(np.float64)}
-  jobs = [rt.ComputationJob(exports["plain"], inputs, forms=True),
-          rt.ComputationJob(exports["secure"], inputs, forms=True),
-          rt.ComputationJob(exports["iterative"], per_round, rounds=ROUNDS, forms=True),
-          rt.ComputationJob(exports["plain"], bad),
-          rt.ComputationJob(exports["clients"], inputs)]
-  return inputs, per_round, rt.run_computations(jobs, strict=False)
+  params = {"params": inputs["params"]}
+  jobs = {"plain": rt.ComputationJob(exports["plain"], inputs, forms=True),
+          "secure": rt.ComputationJob(exports["secure"], inputs, forms=True),
+          "iterative": rt.ComputationJob(exports["iterative"], per_round, rounds=ROUNDS, forms=True),
+          "bad": rt.ComputationJob(exports["plain"], bad),
+          "clients": rt.ComputationJob(exports["clients"], inputs),
+          "plain_says_2": rt.ComputationJob(exports["plain_says_2"], inputs),
+          "broadcast_3": rt.ComputationJob(exports["broadcast_3"], params),
+          "broadcast_secure_4": rt.ComputationJob(exports["broadcast_secure_4"], params),
+          "broadcast_no_count": rt.ComputationJob(exports["broadcast_no_count"], params),
+          "counting": rt.ComputationJob(exports["counting"], {"scale": np.float32(0.5)}, rounds=2),
+          "faxbridge": rt.ComputationJob(exports["faxbridge"], {"x": np.float32(3.0)})}
+  results = rt.run_computations(list(jobs.values()), strict=False)
+  return inputs, per_round, dict(zip(jobs, results))
 
 
 def _data(inputs, prefix="data/"):
@@ -180,7 +282,8 @@ def _assert_outputs(got, want):
 
 @pytest.mark.slow
 def test_round_on_native_context_equals_numpy(computation_batch):
-  inputs, _, (plain, *_) = computation_batch
+  inputs, _, runs = computation_batch
+  plain = runs["plain"]
   assert plain.kind == "computation" and plain.context == "native"
   assert plain.secure_intrinsics == ()
   want = tt.round_reference(inputs["params"], _data(inputs))
@@ -191,7 +294,8 @@ def test_round_on_native_context_equals_numpy(computation_batch):
 
 @pytest.mark.slow
 def test_secure_sum_runs_on_test_context(computation_batch):
-  inputs, _, (_, secure, *_) = computation_batch
+  inputs, _, runs = computation_batch
+  secure = runs["secure"]
   assert secure.context == "test"
   assert secure.secure_intrinsics == ("federated_secure_sum_bitwidth",)
   _assert_outputs(secure.outputs, tt.round_reference(inputs["params"], _data(inputs)))
@@ -199,7 +303,7 @@ def test_secure_sum_runs_on_test_context(computation_batch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("which", [0, 1, 2], ids=["plain", "secure", "iterative"])
+@pytest.mark.parametrize("which", ["plain", "secure", "iterative"])
 def test_map_reduce_and_distribute_aggregate_forms_build_and_agree(computation_batch, which):
   run = computation_batch[2][which]
   assert set(run.forms) == {"mapreduce", "distribute_aggregate"}
@@ -211,7 +315,8 @@ def test_map_reduce_and_distribute_aggregate_forms_build_and_agree(computation_b
 
 @pytest.mark.slow
 def test_iterative_process_state_after_each_round_equals_numpy(computation_batch):
-  _, per_round, (_, _, iterative, *_) = computation_batch
+  _, per_round, runs = computation_batch
+  iterative = runs["iterative"]
   assert iterative.kind == "iterative_process"
   np.testing.assert_array_equal(iterative.round(0)["params"], INIT)
   params = INIT.astype(np.float64)
@@ -226,31 +331,87 @@ def test_iterative_process_state_after_each_round_equals_numpy(computation_batch
 
 @pytest.mark.slow
 def test_wrong_input_dtype_is_named_and_other_jobs_still_run(computation_batch):
-  _, _, results = computation_batch
-  error = results[3]
+  _, _, runs = computation_batch
+  error = runs["bad"]
   assert isinstance(error, VerificationError)
   assert re.search(r"'data/weight' has dtype float64, the type says float32", str(error))
-  assert all(isinstance(r, rt.TffRun) for r in results[:3] + results[4:])
+  failing = {"bad", "broadcast_no_count"}
+  assert all(isinstance(run, rt.TffRun) for name, run in runs.items() if name not in failing)
 
 
 @pytest.mark.slow
 def test_client_placed_results_come_back_stacked_on_a_client_axis(computation_batch):
-  inputs, _, results = computation_batch
-  run = results[4]
+  inputs, _, runs = computation_batch
+  run = runs["clients"]
   want = tt.client_outputs_reference(inputs["params"], _data(inputs))
   _assert_outputs(run.outputs, want)
   assert run.outputs["clients/delta"].shape == (NUM_CLIENTS, 3)
   np.testing.assert_array_equal(run.outputs["clients/count"], inputs["data/count"])
 
 
+# Number of clients (docs/tff_runner_protocol.md): TFF infers it from CLIENTS-placed inputs only,
+# and would otherwise run on zero clients.
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "clients", "context"),
+                         [("broadcast_3", 3, "native"), ("broadcast_secure_4", 4, "test")])
+def test_manifest_client_count_used_when_no_input_carries_one(computation_batch, name, clients,
+                                                              context):
+  inputs, _, runs = computation_batch
+  run = runs[name]
+  assert run.context == context
+  _assert_outputs(run.outputs, tt.broadcast_only_reference(inputs["params"], clients))
+  assert run.outputs["count"] == clients  # exactly, and not the zero clients TFF defaults to
+
+
+@pytest.mark.slow
+def test_faxbridge_export_with_server_inputs_runs_on_its_declared_clients(exports,
+                                                                           computation_batch):
+  manifest = json.loads((exports["faxbridge"] / "manifest.json").read_text())
+  assert manifest["computation"]["clients"] == 3
+  assert not any(e["placement"] == "CLIENTS" for e in manifest["computation"]["inputs"])
+  x = np.float32(3.0)
+  _assert_outputs(computation_batch[2]["faxbridge"].outputs, {"out_0": 3 * x, "out_1": x})
+
+
+@pytest.mark.slow
+def test_clients_input_wins_over_the_manifest_count(computation_batch):
+  inputs, _, runs = computation_batch
+  want = tt.round_reference(inputs["params"], _data(inputs))
+  del want["metrics/count"]
+  _assert_outputs(runs["plain_says_2"].outputs, want)  # loss_sum over all 5 clients, not 2
+
+
+@pytest.mark.slow
+def test_no_clients_input_and_no_manifest_count_fails_clearly(computation_batch):
+  error = computation_batch[2]["broadcast_no_count"]
+  assert isinstance(error, VerificationError)
+  assert re.search(r'no CLIENTS-placed input gives the number of clients and its manifest block '
+                   r'has no "clients" field', str(error))
+
+
+@pytest.mark.slow
+def test_iterative_process_blocks_each_give_their_client_count(computation_batch):
+  run = computation_batch[2]["counting"]
+  # initialize sums INIT over its 2 clients; each next scales the sum over 3 clients by 0.5.
+  state = 2 * INIT.astype(np.float64)
+  _assert_outputs(run.round(0), {"state": state})
+  for r in (1, 2):
+    state = 0.5 * 3 * state
+    _assert_outputs(run.round(r), {"state": state, "count": np.int32(3)})
+
+
 @pytest.mark.slow
 def test_runner_ends_worker_binary_so_pipes_close(exports, tmp_path):
-  """Runs the runner directly with pipes: a surviving worker_binary would keep them open."""
+  """Runs the runner by path with pipes, as the core side does (but with pipes): a surviving
+  worker_binary would keep them open. ``-X importtime`` lists every module it imported."""
   inputs = tt.round_inputs(3, seed=2)
   with open(tmp_path / "in.npz", "wb") as f:
     np.savez(f, **inputs)
-  command = [str(rt.tff_python()), str(rt.RUNNER), "computation", "--dir", str(exports["plain"]),
-             "--inputs", "in.npz", "--outputs", "out.npz", "--status", "status.json"]
+  command = [str(rt.tff_python()), "-X", "importtime", str(rt.RUNNER), "computation", "--dir",
+             str(exports["plain"]), "--inputs", "in.npz", "--outputs", "out.npz", "--status",
+             "status.json"]
   proc = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           start_new_session=True)
   try:
@@ -269,3 +430,7 @@ def test_runner_ends_worker_binary_so_pipes_close(exports, tmp_path):
   with np.load(tmp_path / "out.npz", allow_pickle=False) as out:
     want = tt.round_reference(inputs["params"], _data(inputs))
     np.testing.assert_allclose(out["params"], want["params"], rtol=RTOL, atol=ATOL)
+  imported = [line.rsplit("|", 1)[1].strip() for line in stderr.decode().splitlines()
+              if line.startswith("import time:") and "|" in line]
+  assert {"tff_runner.cli", "tff_runner.computations", "tensorflow_federated"} <= set(imported)
+  assert not [name for name in imported if name.split(".")[0] in CORE_NAMES]

@@ -256,3 +256,84 @@ def client_outputs_reference(params: np.ndarray, data: dict[str, np.ndarray]) ->
   return {"clients/delta": np.stack([d for d, _ in steps]),
           "clients/loss": np.array([loss for _, loss in steps]),
           "clients/weight": data["weight"], "clients/count": data["count"], "broadcast": params}
+
+
+# ----------------------------------------------------------------------------------------------
+# Client counts that no input carries (docs/tff_runner_protocol.md, "Number of clients")
+
+SQ_OUT = fl.StructType([("sq", fl.TensorType(F32)), ("one", fl.TensorType(np.int32))])
+
+
+def build_broadcast_only(secure: bool) -> fl.framework.ConcreteComputation:
+  """``(<params@SERVER> -> <total, count, mean>@SERVER)``: no CLIENTS-placed input, so only the
+  manifest's ``clients`` tells TFF how many clients the broadcast reaches. With ``secure`` the count
+  is a secure sum (TFF's test context)."""
+  client = tf_computation(lambda w: (tf.reduce_sum(w * w), tf.constant(1, tf.int32)), PARAMS,
+                          SQ_OUT)
+
+  @fl.federated_computation(fl.StructType([("params", fl.FederatedType(PARAMS, fl.SERVER))]))
+  def broadcast_only(arg):
+    out = fl.federated_map(client, fl.federated_broadcast(arg.params))
+    count = (fl.federated_secure_sum_bitwidth(out.one, 8) if secure
+             else fl.federated_sum(out.one))
+    return fl.federated_zip({"total": fl.federated_sum(out.sq), "count": count,
+                             "mean": fl.federated_mean(out.sq)})
+
+  return broadcast_only
+
+
+def broadcast_only_signature(comp: fl.framework.ConcreteComputation,
+                             clients: int | None) -> dict:
+  """The manifest as the exporter writes it: ``{"computation": block}``, ``clients`` in the block
+  (left out when None)."""
+  block = {"type_signature": str(comp.type_signature),
+           "inputs": [_leaf("params", "SERVER", PARAMS, ["params"])],
+           "outputs": [_leaf("total", "SERVER", fl.TensorType(F32), ["total"]),
+                       _leaf("count", "SERVER", fl.TensorType(np.int32), ["count"]),
+                       _leaf("mean", "SERVER", fl.TensorType(F32), ["mean"])]}
+  if clients is not None:
+    block["clients"] = clients
+  return {"computation": block}
+
+
+def broadcast_only_reference(params: np.ndarray, clients: int) -> dict[str, np.ndarray]:
+  sq = np.sum(params.astype(np.float64) ** 2)
+  return {"total": clients * sq, "count": np.int32(clients), "mean": sq}
+
+
+def write_counting_process(export_dir: Path, init: np.ndarray, init_clients: int,
+                           next_clients: int) -> Path:
+  """An iterative process whose CLIENTS values all come from the server, so both blocks need their
+  own ``clients``: ``initialize`` sums ``init`` over its clients; ``next(state, scale)`` broadcasts
+  the state and returns ``<scale * (sum over clients of state), number of clients>``."""
+  const = tf_computation(lambda: tf.constant(init), None, PARAMS)
+
+  @fl.federated_computation()
+  def initialize():
+    return fl.federated_sum(fl.federated_eval(const, fl.CLIENTS))
+
+  pair = fl.StructType([("w", PARAMS), ("one", fl.TensorType(np.int32))])
+  client = tf_computation(lambda w: (tf.identity(w), tf.constant(1, tf.int32)), PARAMS, pair)
+  scale = tf_computation(lambda t, s: t * s, fl.StructType([("t", PARAMS), ("s", fl.TensorType(F32))]),
+                         PARAMS)
+
+  @fl.federated_computation(fl.FederatedType(PARAMS, fl.SERVER),
+                            fl.FederatedType(fl.TensorType(F32), fl.SERVER))
+  def next_(state, s):
+    out = fl.federated_map(client, fl.federated_broadcast(state))
+    total = fl.federated_sum(out.w)
+    return fl.federated_map(scale, fl.federated_zip({"t": total, "s": s})), fl.federated_sum(out.one)
+
+  init_block = {"type_signature": str(initialize.type_signature), "clients": init_clients,
+                "inputs": [], "outputs": [_leaf("state", "SERVER", PARAMS, [])]}
+  next_block = {"type_signature": str(next_.type_signature), "clients": next_clients,
+                "inputs": [_leaf("scale", "SERVER", fl.TensorType(F32), [1])],
+                "outputs": [_leaf("state", "SERVER", PARAMS, [0]),
+                            _leaf("count", "SERVER", fl.TensorType(np.int32), [1])]}
+  export_dir.mkdir(parents=True)
+  for name, comp in (("initialize", initialize), ("next", next_)):
+    (export_dir / f"{name}.pb").write_bytes(comp.to_proto().SerializeToString(deterministic=True))
+  (export_dir / "manifest.json").write_text(
+      json.dumps({"kind": "iterative_process", "initialize": init_block, "next": next_block},
+                 indent=1))
+  return export_dir

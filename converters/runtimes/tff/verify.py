@@ -11,8 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-from faxbridge.converters.runtimes.tff import run_computation
 from faxbridge.registry import RuntimeResult
+
+from .client import run_computation
 
 
 def verify_run(export_dir: Path, manifest: dict, inputs: dict[str, np.ndarray],

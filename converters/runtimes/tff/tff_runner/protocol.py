@@ -1,0 +1,32 @@
+"""What every part of the runner shares: the protocol version, its error, and the file formats.
+
+Files between the environments are JSON and ``np.savez`` archives loaded with
+``allow_pickle=False``: numpy 2 pickles reference ``numpy._core``, which numpy 1.25 lacks.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+PROTOCOL = 1
+
+
+class ProtocolError(Exception):
+  """The spec, manifest or inputs do not follow the protocol (exit code 2, or a failed job)."""
+
+
+def load_npz(path: str | Path) -> dict[str, np.ndarray]:
+  with np.load(path, allow_pickle=False) as data:
+    return {k: data[k] for k in data.files}
+
+
+def save_npz(path: str | Path, arrays: dict[str, np.ndarray]) -> None:
+  # np.savez appends ".npz" to names without it; write to the exact path the caller asked for.
+  with open(path, "wb") as f:
+    np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})
+
+
+def error_text(e: BaseException) -> str:
+  return f"{type(e).__name__}: {e}"
