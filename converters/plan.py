@@ -25,10 +25,10 @@ from typing import Any
 import numpy as np
 
 from faxbridge.errors import ExportError, VerificationError
+from faxbridge.export import SplitProgram
 from faxbridge.form import FederatedForm, PerClientBackend, interpret, number_of_clients, run_program
 from faxbridge.placements import SERVER
 from faxbridge.primitives import AGGREGATION_KINDS
-from faxbridge.program import SplitProgram
 
 PLAN_VERSION = 1
 PLAN_FILE = "plan.json"

@@ -22,8 +22,8 @@ import faxbridge as fb
 from examples import EXAMPLES
 from faxbridge.converters import plan as fplan
 from faxbridge.errors import ExportError, VerificationError
+from faxbridge.export import split_program
 from faxbridge.primitives import AGGREGATION_KINDS
-from faxbridge.program import split_program
 
 SCHEMA = json.loads((pathlib.Path(__file__).parent.parent / "docs" / "plan.schema.json").read_text())
 VALIDATOR = jsonschema.Draft202012Validator(SCHEMA)
@@ -163,7 +163,7 @@ def test_check_plan_names_broken_references():
   broken = copy.deepcopy(plan)
   stage = broken["computations"]["computation"]["stages"][1]
   stage["broadcasts"] = []  # the client work then reads a value nobody sent
-  with pytest.raises(VerificationError, match=r"stage1_client_work: reads 'aggregate0', which nothing defines"):
+  with pytest.raises(VerificationError, match=r"stage1_client_work: reads 'aggregate0', which nothing"):
     fplan.check_plan(broken)
   broken = copy.deepcopy(plan)
   broken["computations"]["computation"]["server_result"]["inputs"][0]["shape"] = [7]

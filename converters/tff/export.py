@@ -1,10 +1,23 @@
 """``--target=tff``: federated_language computation protos (byte-compatible with TFF 0.87's
 ``tensorflow_federated.proto.v0``) with plain-TF (default) or XLA local computations.
 
-Files: ``computation.pb`` (or ``initialize.pb`` and ``next.pb`` for an iterative process), a
-readable ``computation.txt`` per computation, and the manifest blocks the TFF runner reads (see
-``docs/tff_runner_protocol.md``): the type signature and every input and output leaf with its
-name, placement, per-client shape, dtype and path in the parameter or result.
+Each federated form becomes a federated_language computation, built with that library's own tracer
+and intrinsics: a lambda over one struct parameter, an element per positional argument
+(``T@SERVER`` or ``{T}@CLIENTS``, ``T`` mirroring the argument's pytree). Each stage becomes::
+
+  prepared = federated_map(server_prepare, federated_zip_at_server(<server values>))
+  received = federated_broadcast(federated_zip_at_server(<values to broadcast>))
+  uploaded = federated_map(client_work, federated_zip_at_clients(<client data, received, kept>))
+  aggregates = federated_{sum,mean,secure_sum_bitwidth,max,min}(<uploads of that kind>)
+
+and ``server_result`` is one more server ``federated_map``. The stages are walked by
+:func:`faxbridge.form.interpret`; each aggregation's intrinsic is its rule's ``tff``. Uploads of one
+aggregation kind (and weight, or bitwidth) are aggregated as one struct, so a round has one
+intrinsic call per kind.
+
+Files: ``computation.pb`` (or ``initialize.pb`` and ``next.pb`` for an iterative process) and a
+readable ``.txt`` of each; the manifest gets each computation's type signature (the TFF runner,
+``docs/tff_runner_protocol.md``, checks it against what it loads).
 """
 
 from __future__ import annotations
@@ -13,13 +26,132 @@ from pathlib import Path
 from typing import Any
 
 import federated_language as fl
+import jax
 
-from faxbridge.converters.tff.compose import to_federated_computation
-from faxbridge.converters.tff.local import LOCAL_FORMS
+from faxbridge.converters.tff import local
+from faxbridge.converters.tff.local import LOCAL_FORMS, nest, struct_type_of
 from faxbridge.errors import ExportError
-from faxbridge.program import SplitProgram
+from faxbridge.export import SplitProgram
+from faxbridge.form import Backend, FederatedForm, interpret
+from faxbridge.placements import CLIENTS, SERVER
+
+# -- the federated computation of a form ---------------------------------------------------------
+_PLACEMENT = {SERVER: fl.SERVER, CLIENTS: fl.CLIENTS}
 
 
+def parameter_type(form: FederatedForm) -> fl.StructType:
+  """One element per positional argument: ``T@SERVER`` or ``{T}@CLIENTS``, ``T`` its pytree."""
+  elements = []
+  for i, name in enumerate(form.arg_names):
+    leaves = [b for b in form.inputs if b.path[0] == i]
+    if not leaves:
+      elements.append((name, fl.StructType([])))
+      continue
+    place = leaves[0].placement
+    member = struct_type_of([b.path[1:] for b in leaves], [b.spec for b in leaves])
+    elements.append((name, fl.FederatedType(member, _PLACEMENT[place], all_equal=place is SERVER)))
+  return fl.StructType(elements)
+
+
+def _zip(values: dict[str, Any]):
+  return fl.federated_zip(dict(values))
+
+
+def _select(value, path):
+  for k in path:
+    value = value[k]
+  return value
+
+
+class TffBackend(Backend):
+  """Steps of the form as federated_language intrinsics, traced into one computation."""
+
+  def __init__(self, pieces: dict[str, Any], where: str):
+    self.pieces, self.where = pieces, where
+
+  def server(self, piece, args):
+    comp = self.pieces[piece.name]
+    done = fl.federated_eval(comp, fl.SERVER) if not args else fl.federated_map(comp, _zip(args))
+    return {s.name: done[s.name] for s in piece.outputs}
+
+  def broadcast(self, values):
+    sent = fl.federated_broadcast(_zip(values))
+    return {n: sent[n] for n in values}
+
+  def clients(self, piece, args):
+    comp = self.pieces[piece.name]
+    done = fl.federated_eval(comp, fl.CLIENTS) if not args else fl.federated_map(comp, _zip(args))
+    return {s.name: done[s.name] for s in piece.outputs}
+
+  def aggregate(self, aggregations, uploads):
+    # Uploads of one kind (and weight, or params) are aggregated as one struct: one intrinsic call
+    # per kind and round, which is what MapReduceForm expects of a round.
+    groups: dict[tuple, list] = {}
+    for agg in aggregations:
+      groups.setdefault((agg.kind, agg.weight, agg.bitwidth), []).append(agg)
+    results = {}
+    for (_, weight, _), aggs in groups.items():
+      values = _zip({a.value: uploads[a.value] for a in aggs})
+      rule = aggs[0].rule
+      combined = rule.tff(fl, values, uploads[weight] if weight else None, aggs[0].params)
+      for a in aggs:
+        results[a.result.name] = combined[a.value]
+    return results
+
+  def output(self, binding, value):
+    return value
+
+
+def to_federated_computation(
+    form: FederatedForm, local_form: str = "tensorflow"
+) -> fl.framework.ConcreteComputation:
+  """The federated_language computation of ``form`` (type-checked as it is built)."""
+  pieces = {p.name: local.local_computation(p, local_form) for p in form.pieces() if p.outputs}
+  backend = TffBackend(pieces, form.name)
+
+  def body(param):
+    inputs = {b.name: _select(param[form.arg_names[b.path[0]]], b.path[1:]) for b in form.inputs}
+    return _outputs(form, interpret(form, backend, inputs))
+
+  if not form.arg_names:  # no parameter at all (e.g. an iterative process' initialize)
+    return fl.federated_computation(lambda: body(None))
+  return fl.federated_computation(body, parameter_type(form))
+
+
+def _outputs(form: FederatedForm, values: dict):
+  """The result: each top-level element of a tuple output (or the whole output) is one federated
+  value, zipped at its placement, as ``tff.templates.IterativeProcess`` expects of ``next``."""
+  paths = [list(b.path) for b in form.outputs]
+  shape = jax.tree.unflatten(form.out_tree, [0] * form.out_tree.num_leaves)
+  tuple_output = isinstance(shape, tuple) and len(shape) > 0
+  groups: dict[int | None, list[int]] = {}
+  for j, p in enumerate(paths):
+    groups.setdefault(p[0] if tuple_output else None, []).append(j)
+
+  def group_value(idx: list[int], strip: int):
+    places = {form.outputs[j].placement for j in idx}
+    if len(places) > 1:
+      raise ExportError(
+          f"{form.name}: an output mixes SERVER and CLIENTS values; return them as separate "
+          "elements of a tuple")
+    leaves = [values[form.outputs[j].name] for j in idx]
+    sub_paths = [paths[j][strip:] for j in idx]
+    if len(sub_paths) == 1 and not sub_paths[0]:
+      return leaves[0]
+    return fl.federated_zip(nest(sub_paths, leaves, lambda v: v, _py_struct))
+
+  if not tuple_output:
+    return group_value(groups[None], 0)
+  return tuple(group_value(groups[k], 1) for k in sorted(groups))
+
+
+def _py_struct(items):
+  if all(isinstance(k, str) for k, _ in items):
+    return dict(items)
+  return [v for _, v in items]
+
+
+# -- files --------------------------------------------------------------------------------------------
 def _write(comp, out: Path, stem: str) -> None:
   proto = comp.to_proto()
   (out / f"{stem}.pb").write_bytes(proto.SerializeToString(deterministic=True))
