@@ -119,30 +119,29 @@ def to_federated_computation(
 
 
 def _outputs(form: FederatedForm, values: dict):
-  """The result: each top-level element of a tuple output (or the whole output) is one federated
-  value, zipped at its placement, as ``tff.templates.IterativeProcess`` expects of ``next``."""
-  paths = [list(b.path) for b in form.outputs]
+  """The result. Each top-level element of a tuple output (or the whole output) whose leaves share
+  a placement is one federated value, zipped at it, as ``tff.templates.IterativeProcess`` expects
+  of ``next``; a part that mixes placements is a struct of such values, split by its keys."""
+  leaves = [(list(b.path), b.placement, values[b.name]) for b in form.outputs]
   shape = jax.tree.unflatten(form.out_tree, [0] * form.out_tree.num_leaves)
-  tuple_output = isinstance(shape, tuple) and len(shape) > 0
-  groups: dict[int | None, list[int]] = {}
-  for j, p in enumerate(paths):
-    groups.setdefault(p[0] if tuple_output else None, []).append(j)
 
-  def group_value(idx: list[int], strip: int):
-    places = {form.outputs[j].placement for j in idx}
-    if len(places) > 1:
-      raise ExportError(
-          f"{form.name}: an output mixes SERVER and CLIENTS values; return them as separate "
-          "elements of a tuple")
-    leaves = [values[form.outputs[j].name] for j in idx]
-    sub_paths = [paths[j][strip:] for j in idx]
-    if len(sub_paths) == 1 and not sub_paths[0]:
-      return leaves[0]
-    return fl.federated_zip(nest(sub_paths, leaves, lambda v: v, _py_struct))
+  def by_first_step(items):
+    groups: dict = {}
+    for path, place, value in items:
+      groups.setdefault(path[0], []).append((path[1:], place, value))
+    return groups
 
-  if not tuple_output:
-    return group_value(groups[None], 0)
-  return tuple(group_value(groups[k], 1) for k in sorted(groups))
+  def build(items):
+    if len(items) == 1 and not items[0][0]:
+      return items[0][2]
+    if len({place for _, place, _ in items}) == 1:
+      return fl.federated_zip(nest([p for p, _, _ in items], [v for _, _, v in items],
+                                   lambda v: v, _py_struct))
+    return _py_struct([(k, build(sub)) for k, sub in by_first_step(items).items()])
+
+  if isinstance(shape, tuple) and shape:
+    return tuple(build(sub) for sub in by_first_step(leaves).values())
+  return build(leaves)
 
 
 def _py_struct(items):
