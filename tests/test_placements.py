@@ -258,3 +258,28 @@ def test_infer_on_a_hand_written_jaxpr():
 def test_placement_reprs():
   assert repr(fb.SERVER) == "fb.SERVER" and str(fb.CLIENTS) == "fb.CLIENTS"
   assert {fb.SERVER, fb.CLIENTS} == set(fb.Placement)
+
+
+def test_error_inside_library_code_names_the_users_line(assert_points_at):
+  # jax.nn.relu is a jitted custom_jvp function: the offending `max` lives in JAX's own code, so
+  # the error must name the line of this file that called it.
+  @fb.computation(in_placements=(fb.CLIENTS,))
+  def comp(x):
+    return jax.nn.relu(x)  # relu-on-clients
+
+  with pytest.raises(fb.PlacementError, match="'max' was applied to a CLIENTS-placed value") as e:
+    comp.trace(X)
+  assert_points_at(e.value, HERE, "relu-on-clients")
+
+
+def test_enclosing_location_is_the_fallback():
+  from jax._src import source_info_util
+
+  from faxbridge._source import describe, enclosing
+
+  here = source_info_util.current()  # this test's frame: user code
+  assert describe(None, here) == describe(here) != ""
+  no_user_frame = source_info_util.new_source_info()  # no traceback at all
+  assert describe(no_user_frame) == ""
+  assert describe(no_user_frame, here) == describe(here)
+  assert enclosing(no_user_frame, here) is here and enclosing(here, None) is here
