@@ -38,6 +38,12 @@ test-quick: .venv/.ready
 	$(CORE) -m pytest -m "not slow" $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests"; exit 1; fi; exit $$rc
 
+# 500 random federated programs (tests/federated_programs.py) natively and through fb.split, each
+# against its plain numpy reference (the quick selection; -m slow adds the runtimes).
+.PHONY: programs-long
+programs-long: .venv/.ready
+	FAXBRIDGE_PROGRAMS=500 $(CORE) -m pytest -m "not slow" tests/test_generated_programs.py $(PYTEST_ARGS)
+
 lint: .venv/.ready
 	.venv/bin/ruff check .
 
