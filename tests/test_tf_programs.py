@@ -28,7 +28,7 @@ def test_program_in_tf221_equals_jax(case):
   want = flat_outputs(case)
   assert len(got) == len(want)
   for (name, g), w in zip(got.items(), want):
-    assert_close(g, w, case.rtol, what=f"{case.name}/{name}")
+    assert_close(g, w, case.rtol, what=f"{case.name}/{name}", atol=case.atol)
 
 
 def _primitives(jaxpr, acc):

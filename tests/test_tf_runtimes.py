@@ -51,7 +51,7 @@ def test_tf214_runs_graph_equal_to_jax(tf214_results, case):
   want = flat_outputs(case)
   assert len(result) == len(want)
   for i, w in enumerate(want):
-    assert_close(result[f"out{i}"], w, case.rtol, what=f"{case.name}/out{i} on TF 2.14")
+    assert_close(result[f"out{i}"], w, case.rtol, what=f"{case.name}/out{i} on TF 2.14", atol=case.atol)
 
 
 def to_tflite(case: Case) -> tuple[bytes, list[str], list[str]]:
@@ -72,7 +72,7 @@ def test_tflite_builtins_run_equal_to_jax(case):
   want = flat_outputs(case)
   assert sorted(got) == sorted(out_names) and len(out_names) == len(want)
   for name, w in zip(out_names, want):
-    assert_close(got[name], w, case.rtol, what=f"{case.name}/{name} on TFLite")
+    assert_close(got[name], w, case.rtol, what=f"{case.name}/{name} on TFLite", atol=case.atol)
 
 
 @pytest.mark.parametrize("case", TF_ONLY_SAMPLES, ids=lambda c: c.name)

@@ -32,8 +32,24 @@ def literal_value(atom: Any) -> np.ndarray | None:
 
 
 def cast(x: tf.Tensor, dtype: Any) -> tf.Tensor:
+  """``x`` as ``dtype``; a bool becomes 1/0 through ``from_bool``, never a ``Cast`` (see there)."""
   dt = tf_dtype(dtype)
-  return x if x.dtype == dt else tf.cast(x, dt)
+  if x.dtype == dt:
+    return x
+  if x.dtype == tf.bool:
+    return from_bool(x, dt)
+  return tf.cast(x, dt)
+
+
+def from_bool(b: tf.Tensor, dtype: Any) -> tf.Tensor:
+  """1 where ``b`` else 0, as ``SelectV2(b, 1, 0)``.
+
+  Not ``Cast``: the TFLite converter folds a comparison of a cast bool that it can decide
+  (``Cast(b) < 0``, as the sign fix-up of integer ``%`` and ``//`` does) into ``zeros_like(b)``,
+  an op with no builtin for bool (``tfl.zeros_like`` takes i32/i64/f32), and the conversion fails.
+  """
+  dt = tf_dtype(dtype)
+  return tf.where(b, tf.ones([], dt), tf.zeros([], dt))
 
 
 def full(shape: Any, value: Any, dtype: Any) -> tf.Tensor:

@@ -365,6 +365,8 @@ def convert(x: tf.Tensor, src: Any, dst: Any) -> tf.Tensor:
     return x
   if u.is_bool(dst):
     return tf.not_equal(x, tf.zeros([], x.dtype))
+  if u.is_bool(src):
+    return u.from_bool(x, dst)
   if u.is_float(src) and dst.kind in "iu":
     info = np.iinfo(dst)
     xf = x if x.dtype == tf.float32 or x.dtype == tf.float64 else tf.cast(x, tf.float32)

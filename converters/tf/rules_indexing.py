@@ -184,9 +184,9 @@ def _scatter(ctx, eqn, operand, indices, updates):
   """Overwrite: positions hit by some update take the (summed) update, the rest keep ``operand``."""
   coords, vals, keep = _scatter_parts(eqn, operand, indices, updates)
   shape = operand.shape.as_list()
-  hits = tf.scatter_nd(coords, tf.cast(keep, tf.int32), shape)
+  hits = tf.scatter_nd(coords, u.from_bool(keep, tf.int32), shape)
   as_num = tf.int32 if operand.dtype == tf.bool else operand.dtype
-  written = tf.scatter_nd(coords, tf.where(keep, tf.cast(vals, as_num), tf.zeros([], as_num)), shape)
+  written = tf.scatter_nd(coords, tf.where(keep, u.cast(vals, as_num), tf.zeros([], as_num)), shape)
   if operand.dtype == tf.bool:
     written = tf.not_equal(written, 0)
   return tf.where(tf.greater(hits, 0), written, operand)

@@ -38,6 +38,11 @@ def _dot_general(ctx, eqn, lhs, rhs):
       _prod(rs[d] for d in rf)
   if lb:
     out = tf.linalg.matmul(reshape(lhs, [bsz, m, k]), reshape(rhs, [bsz, k, n]))
+  elif not lf and rf:
+    # vector @ matrix (e.g. the gradient of x @ w for a vector w): the TFLite converter folds the
+    # reshape [k] -> [1, k] into its BATCH_MATMUL, whose operand 0 must then be 2-D, and fails.
+    # As (rhs^T @ lhs)^T the vector is the right operand, the matrix @ vector form it converts.
+    out = tf.linalg.matmul(tf.transpose(reshape(rhs, [k, n])), reshape(lhs, [k, 1]))
   else:
     out = tf.linalg.matmul(reshape(lhs, [m, k]), reshape(rhs, [k, n]))
   return reshape(out, u.out_shape(eqn))

@@ -41,7 +41,7 @@ def _arg_rule(tf_fn):
   def rule(ctx, eqn, x):
     (axis,) = _axes(eqn)
     if x.dtype == tf.bool:
-      x = tf.cast(x, tf.int32)
+      x = u.from_bool(x, tf.int32)
     return tf_fn(x, axis=axis, output_type=u.tf_dtype(eqn.params["index_dtype"]))
   return rule
 
@@ -186,7 +186,7 @@ def descending_key(x: tf.Tensor) -> tf.Tensor:
   Floats: ``-x``; int32: ``-1 - x`` (no overflow); uint32: its bits xor 0x7FFFFFFF read as int32.
   """
   if x.dtype == tf.bool:
-    x = tf.cast(x, tf.int32)
+    x = u.from_bool(x, tf.int32)
   if x.dtype in (tf.float16, tf.bfloat16):
     x = tf.cast(x, tf.float32)
   if x.dtype.is_floating:
