@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from ai_edge_litert.interpreter import Interpreter
 from jax.extend import core as jcore
+from tf_programs import assert_close
 
 import faxbridge as fb
 from examples import fedavg, two_stage
@@ -68,6 +69,54 @@ def test_unsupported_primitives_are_listed_with_their_lines(assert_points_at):
   assert "fft (no tf rule)" in message
   assert_points_at(info.value, __file__, "sinh-line")
   assert_points_at(info.value, __file__, "fft-line")
+
+
+def test_converter_failure_names_the_primitive_and_line_first(assert_points_at):
+  """An int32 matmul passes the table's check (dot_general is 'partial': float32 is builtin) but
+  has no TFLITE_BUILTINS kernel: the converter's own failure must lead with the JAX primitive and
+  the user's line, not with its MLIR dump."""
+  def client(x):
+    i = (x * 10).astype(jnp.int32)
+    return (i @ i.T).astype(jnp.float32).sum() + jnp.sin(x).sum()  # int-matmul-line
+
+  @fb.computation(in_placements=(fb.CLIENTS,))
+  def program(x):
+    return fb.sum(fb.map(client, x))
+
+  form = fb.split(program, np.zeros((3, 4, 4), np.float32))
+  with pytest.raises(ExportError) as info:
+    tx.convert_piece(form.stages[0].client_work)
+  first, rest = str(info.value).split("\n", 1)
+  assert "JAX primitive 'dot_general'" in first and "did not convert to TFLite builtins" in first
+  assert "loc(" not in first and "sin" not in first, first
+  assert_points_at(first, __file__, "int-matmul-line")
+  assert "MatMul" in rest  # the converter's own diagnostics follow
+
+
+def test_vector_products_and_bool_arithmetic_convert_and_run():
+  """A vector @ matrix product (the gradient of x @ w for a vector w) and integer arithmetic on a
+  cast bool used to fail in the converter; both are builtins now and LiteRT equals JAX."""
+  def client(x, w):
+    g = jax.grad(lambda w: jnp.sum(jnp.sin(x @ w)))(w)  # vector @ matrix in the backward pass
+    parity = (x > 0).astype(jnp.int32) % 2 + (x < 0).astype(jnp.int32) // 2
+    return g + jnp.sum(parity, axis=0).astype(jnp.float32), w @ w, x[:, 0] @ x
+
+  @fb.computation(in_placements=(fb.CLIENTS, fb.CLIENTS))
+  def program(x, w):
+    g, n, v = fb.map(client, x, w)
+    return fb.sum(g), fb.sum(n), fb.sum(v)
+
+  r = np.random.default_rng(4)
+  form = fb.split(program, r.normal(size=(2, 3, 4)).astype(np.float32),
+                  r.normal(size=(2, 4)).astype(np.float32))
+  piece = form.stages[0].client_work
+  model = tx.convert_piece(piece)
+  ops = tx.model_ops(model)
+  assert not [op for op in ops if op.startswith(NON_BUILTIN)], ops
+  args = _random_args(piece, seed=5)
+  want = jax.jit(jcore.jaxpr_as_fun(piece.jaxpr))(*args)
+  for got, w in zip(_run(model, piece, args), want, strict=True):
+    assert_close(got, np.asarray(w), what="LiteRT vs jax")
 
 
 def test_converter_error_ops_are_extracted():

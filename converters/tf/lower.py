@@ -9,6 +9,7 @@ PRNG keys (``key<fry>``) are carried as their uint32 data, shape ``key_shape + (
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,7 +18,7 @@ import numpy as np
 import tensorflow as tf
 from jax.extend import core as jcore
 
-from faxbridge._source import describe
+from faxbridge._source import describe, enclosing
 from faxbridge.errors import ExportError, FaxbridgeError, UnsupportedPrimitiveError
 
 from . import registry
@@ -56,15 +57,29 @@ def _x64_check(aval: Any, where: str) -> None:
     raise ExportError(f"complex dtype {dt}{where} is not supported by the tf converter")
 
 
+# Name scope of the TF ops of equation number N when a Lowering names them (``name_scopes=True``).
+SCOPE_PREFIX = "jaxeqn"
+_SCOPED_OP = re.compile(r'"((?:[^"/]+/)*?' + SCOPE_PREFIX + r'\d+/[^"]*)"')
+_SCOPE_ID = re.compile(SCOPE_PREFIX + r"(\d+)/")
+
+
 class Lowering:
   """State of one lowering.
 
   ``producers`` maps each jaxpr variable seen so far to the equation that defined it, so a rule can
   look at how its operands were made (e.g. ``bitwise.known_zero_bits`` proves an OR disjoint).
+
+  With ``name_scopes`` the ops of each equation are emitted under the name scope ``jaxeqn<N>``
+  (nested for sub-jaxprs), so a TF op named in a later error (the TFLite converter's) leads back
+  to the equation, and the user's line, that emitted it: ``equations_named``. Off by default, as it
+  changes the graph's op names (and so the bytes of exported artifacts).
   """
 
-  def __init__(self) -> None:
+  def __init__(self, name_scopes: bool = False) -> None:
     self.producers: dict[Any, Any] = {}
+    self.name_scopes = name_scopes
+    self.scoped: list[tuple[Any, str]] = []  # scope number -> (equation, " at file:line (fn)")
+    self._enclosing: Any = None  # source_info a sub-jaxpr's equations fall back on
 
   def lower_closed(self, closed: jcore.ClosedJaxpr, args: Sequence[tf.Tensor]) -> list[tf.Tensor]:
     """Outputs of ``closed`` applied to ``args``, as TF tensors in the current graph."""
@@ -98,19 +113,31 @@ class Lowering:
     """Apply the registered rule of ``eqn.primitive`` and check the result against the avals."""
     name = eqn.primitive.name  # for messages only: the table is keyed by the Primitive object
     info = registry.lookup(eqn.primitive)
-    where = describe(eqn.source_info)
+    # Inside a library function (jax.nn.relu's jit, jax.random's expansions) the equation may name
+    # no user frame: the enclosing equation's user line is the one to show.
+    outer = self._enclosing
+    where = describe(eqn.source_info, outer)
     if info is None:
       raise UnsupportedPrimitiveError(
           f"the tf converter has no rule for JAX primitive '{name}'{where}; "
           f"see docs/tf_primitives.md for the supported primitives")
     for v in eqn.outvars:
       _x64_check(v.aval, f" produced by '{name}'{where}")
+    self._enclosing = enclosing(eqn.source_info, outer)
     try:
-      outs = info.fn(self, eqn, *args)
+      if self.name_scopes:
+        scope = f"{SCOPE_PREFIX}{len(self.scoped)}"
+        self.scoped.append((eqn, where))
+        with tf.name_scope(scope):
+          outs = info.fn(self, eqn, *args)
+      else:
+        outs = info.fn(self, eqn, *args)
     except FaxbridgeError:
       raise
     except Exception as e:  # a TF shape/dtype error inside a rule: say which equation caused it
       raise ExportError(f"lowering JAX primitive '{name}'{where} to TensorFlow failed: {e}") from e
+    finally:
+      self._enclosing = outer
     if not eqn.primitive.multiple_results:
       outs = [outs]
     outs = list(outs)
@@ -123,6 +150,18 @@ class Lowering:
         raise ExportError(f"internal: rule for '{name}' produced {t.dtype.name}{t.shape} where the "
                           f"jaxpr has {dtype}{list(shape)}{where}")
     return outs
+
+
+  def equations_named(self, text: str) -> list[tuple[str, str]]:
+    """``(primitive name, " at file:line (fn)")`` of each equation whose scoped TF ops ``text`` names
+    (quoted, as in MLIR locations: ``"jaxeqn3/jaxeqn7/Less@__inference_f_12"``), innermost scope,
+    in order of first mention, without repeats."""
+    found: dict[int, None] = {}
+    for m in _SCOPED_OP.finditer(text):
+      ids = _SCOPE_ID.findall(m.group(1))
+      if ids and int(ids[-1]) < len(self.scoped):
+        found.setdefault(int(ids[-1]))
+    return [(self.scoped[i][0].primitive.name, self.scoped[i][1]) for i in found]
 
 
 def lower_closed(closed: jcore.ClosedJaxpr, args: Sequence[tf.Tensor]) -> list[tf.Tensor]:

@@ -57,15 +57,19 @@ def _unsupported_primitives(closed) -> list[str]:
   return list(found.values())
 
 
-def _tf_function(piece, lowering: str):
-  """A ``tf.function`` of the piece over named inputs, returning a dict of named outputs."""
+def _tf_function(piece, lowering: str, scoped=None):
+  """A ``tf.function`` of the piece over named inputs, returning a dict of named outputs.
+
+  ``scoped`` (a ``Lowering(name_scopes=True)``, ``"tf"`` lowering only) lowers the piece with each
+  equation's ops under its own name scope, to find which equation a converter error is about.
+  """
   import tensorflow as tf
 
   signature = [tf.TensorSpec(s.shape, tf.as_dtype(s.dtype), name=s.name) for s in piece.inputs]
   if lowering == "tf":
     from faxbridge.converters.tf import Lowering
 
-    body = lambda *args: Lowering().lower_closed(piece.jaxpr, list(args))
+    body = lambda *args: (scoped or Lowering()).lower_closed(piece.jaxpr, list(args))
   else:
     from jax.experimental import jax2tf
     from jax.extend import core as jcore
@@ -92,43 +96,88 @@ def convert_piece(piece, lowering: str = "tf") -> bytes:
 
   Raises:
     ExportError: listing the primitives (with the user's file:line) or TF ops that have no
-      TFLite builtin, or the ops LiteRT could not prepare.
+      TFLite builtin, or the ops LiteRT could not prepare. When the converter itself fails, the
+      first line names the JAX primitive and the user's file:line it failed on.
   """
-  import tensorflow as tf
-
   if lowering not in LOWERINGS:
     raise ExportError(f"--lowering must be one of {LOWERINGS}, got {lowering!r}")
   where = f"piece {piece.name}"
   if lowering == "tf":
     bad = _unsupported_primitives(piece.jaxpr)
-    if bad:
-      raise ExportError(f"{where} cannot become TFLite builtins; unsupported JAX primitives:\n  "
-                        + "\n  ".join(bad))
+    if bad:  # the first line names the first one, with its line; all are listed below it
+      more = f" (and {len(bad) - 1} more, listed below)" if len(bad) > 1 else ""
+      raise ExportError(f"{where} cannot become TFLite builtins: JAX primitive {bad[0]}{more}; "
+                        "unsupported JAX primitives:\n  " + "\n  ".join(bad))
   try:
     fn = _tf_function(piece, lowering)
     concrete = fn.get_concrete_function()
   except FaxbridgeError as e:
     raise ExportError(f"{where}: lowering to TensorFlow failed: {e}") from e
+  try:
+    model = _convert(fn, concrete, piece.name)
+  except Exception as e:  # ConverterError: MLIR diagnostics, naming TF ops, not the user's code
+    raise _converter_error(piece, lowering, where, str(e)) from e
+  _smoke_run(model, piece, where)
+  return model
+
+
+def _convert(fn, concrete, name: str) -> bytes:
+  """TFLiteConverter (TFLITE_BUILTINS only) on ``fn``, whose signature ``name`` is ``concrete``."""
+  import tensorflow as tf
+
   with tempfile.TemporaryDirectory(prefix="faxbridge-tflite-") as tmp:
     # A SavedModel signature is what gives the .tflite its named signature (key, input and
     # output names); from_concrete_functions leaves the model without one.
     module = tf.Module()
     module.fn = fn
-    tf.saved_model.save(module, tmp, signatures={piece.name: concrete})
-    converter = tf.lite.TFLiteConverter.from_saved_model(tmp, signature_keys=[piece.name])
+    tf.saved_model.save(module, tmp, signatures={name: concrete})
+    converter = tf.lite.TFLiteConverter.from_saved_model(tmp, signature_keys=[name])
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
     converter.allow_custom_ops = False
-    try:
-      with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = converter.convert()
-    except Exception as e:  # ConverterError: the MLIR diagnostics name the ops
-      ops = _converter_ops(str(e))
-      listed = f"; ops without a TFLITE_BUILTINS kernel: {', '.join(ops)}" if ops else ""
-      raise ExportError(f"{where}: the TFLite converter (TFLITE_BUILTINS only) failed{listed}\n"
-                        f"{str(e)[-3000:]}") from e
-  _smoke_run(model, piece, where)
-  return model
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore")
+      return converter.convert()
+
+
+def _error_lines(message: str) -> str:
+  """The MLIR diagnostics of severity error (each line holds its location), not the notes."""
+  return "\n".join(line for line in message.splitlines() if ": error:" in line)
+
+
+def _culprits(piece) -> list[tuple[str, str]]:
+  """(primitive name, " at file:line (fn)") of the equations whose TF ops the converter rejects.
+
+  The failed conversion is repeated on a lowering that puts each equation's ops under its own name
+  scope (not done for the export itself: scopes rename ops, and so the exported bytes); the
+  converter's error locations then name the scopes. Empty when no scoped op is named.
+  """
+  from faxbridge.converters.tf import Lowering
+
+  scoped = Lowering(name_scopes=True)
+  fn = _tf_function(piece, "tf", scoped)
+  try:
+    _convert(fn, fn.get_concrete_function(), piece.name)
+  except Exception as e:
+    return scoped.equations_named(_error_lines(str(e))) or scoped.equations_named(str(e))
+  return []
+
+
+def _converter_error(piece, lowering: str, where: str, message: str) -> ExportError:
+  """An error whose first line names the JAX primitive(s) and the user's line(s) the converter
+  failed on (when the ``"tf"`` lowering lets them be found), then the TF ops, then the MLIR dump."""
+  ops = _converter_ops(message)
+  listed = f"ops without a TFLITE_BUILTINS kernel: {', '.join(ops)}" if ops else ""
+  reason = re.search(r"error: ([^\n]*)", message)
+  # the diagnostic's own text, without the MLIR location that leads it
+  reason = re.sub(r"^loc\(.*\):\s*", "", reason.group(1).strip())[:300] if reason else "conversion failed"
+  culprits = _culprits(piece) if lowering == "tf" else []
+  if culprits:
+    kind = "primitive" if len(culprits) == 1 else "primitives"
+    named = ", ".join(f"'{name}'{at}" for name, at in culprits)
+    first = f"{where}: JAX {kind} {named} did not convert to TFLite builtins: {reason}"
+  else:
+    first = f"{where}: the TFLite converter (TFLITE_BUILTINS only) failed: {reason}"
+  return ExportError("\n".join([first, *([listed] if listed else []), message[-3000:]]))
 
 
 def model_ops(model: bytes) -> list[str]:
