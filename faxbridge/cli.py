@@ -9,6 +9,9 @@ state are used.
   faxbridge export examples.fedavg:process --target=tff -o build/fedavg_tff
   faxbridge verify build/fedavg_tff --runtime=tff --inputs build/fedavg_tff.inputs.npz
   faxbridge demo
+
+Exit codes: 0 success; 1 a verification ran and some output differs (the report says which);
+2 a usage error or an export/inputs that cannot be verified (one line on stderr, nothing compared).
 """
 
 from __future__ import annotations
@@ -19,30 +22,95 @@ import os
 import sys
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from faxbridge import registry
 from faxbridge.errors import FaxbridgeError
 
 
+class UsageError(Exception):
+  """A mistake on the command line (a name that does not resolve, a file that is not there): one
+  line on stderr and exit code 2, never a traceback."""
+
+
+class _Parser(argparse.ArgumentParser):
+  def error(self, message: str) -> None:  # type: ignore[override]
+    # One line (argparse prints its whole usage block first); the usage is one -h away.
+    self.exit(2, f"{self.prog}: error: {message} (see {self.prog} -h)\n")
+
+
+def _at_least_one(text: str) -> int:
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+  if value < 1:
+    raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+  return value
+
+
 def _load(spec: str, inputs_fn: str) -> tuple[Any, tuple]:
+  from faxbridge.computation import Computation
   from faxbridge.iterative import IterativeProcess
 
-  if ":" not in spec:
-    raise SystemExit(f"faxbridge: expected MODULE:ATTR, got {spec!r}")
-  module_name, attr = spec.split(":", 1)
+  module_name, _, attr = spec.partition(":")
+  if not module_name or not attr:
+    raise UsageError(f"expected MODULE:ATTR (e.g. examples.fedavg:process), got {spec!r}")
   sys.path.insert(0, os.getcwd())  # programs are named relative to where the command runs
-  module = importlib.import_module(module_name)
-  program = getattr(module, attr)
+  try:
+    module = importlib.import_module(module_name)
+  except ModuleNotFoundError as e:
+    # Only the named module (or a package above it) missing is a usage error; a module that fails
+    # to import something of its own is the program's bug, and its traceback says where.
+    if e.name is None or not (module_name == e.name or module_name.startswith(e.name + ".")):
+      raise
+    raise UsageError(f"no module named {e.name!r} (from {spec!r}, imported relative to "
+                     f"{os.getcwd()})") from None
+  try:
+    program = getattr(module, attr)
+  except AttributeError:
+    raise UsageError(f"module {module_name!r} ({module.__file__}) has no attribute {attr!r}") \
+        from None
+  if not isinstance(program, Computation | IterativeProcess):
+    raise UsageError(f"{spec} is of type {type(program).__name__}, not an fb.computation or "
+                     "fb.IterativeProcess")
   make_inputs = getattr(module, inputs_fn, None)
-  if make_inputs is None:
-    raise SystemExit(f"faxbridge: {module_name} has no {inputs_fn}() giving example inputs")
-  args = tuple(make_inputs())
+  if not callable(make_inputs):
+    raise UsageError(f"module {module_name!r} has no {inputs_fn}() giving example inputs "
+                     "(or name another with --example-inputs)")
+  args = make_inputs()
+  if not isinstance(args, tuple | list):
+    raise UsageError(f"{module_name}.{inputs_fn}() returned a {type(args).__name__}; it must "
+                     "return the positional arguments as a tuple")
+  args = tuple(args)
   if isinstance(program, IterativeProcess):
     args = args[1:]
   return program, args
+
+
+def _read_npz(path: str) -> dict[str, np.ndarray]:
+  """The arrays of an ``--inputs`` file by name (no pickles), or a UsageError saying why not."""
+  if not Path(path).is_file():
+    raise UsageError(f"--inputs {path}: no such file")
+  try:
+    data = np.load(path, allow_pickle=False)
+  except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+    # numpy's own message guesses (a text file "contains pickled data"): say what is expected.
+    raise UsageError(f"--inputs {path} is not an .npz file (write one with np.savez(path, "
+                     "name=array, ...) or faxbridge export --save-inputs)") from None
+  if not isinstance(data, np.lib.npyio.NpzFile):  # a .npy file loads as one unnamed array
+    raise UsageError(f"--inputs {path} is a single .npy array, not an .npz of arrays by name "
+                     "(write it with np.savez(path, name=array, ...))")
+  with data:
+    try:
+      return {k: data[k] for k in data.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+      raise UsageError(f"--inputs {path}: cannot read its arrays ({type(e).__name__}: "
+                       f"{str(e).splitlines()[0] if str(e) else ''})") from None
 
 
 def _save_inputs(path: Path, out_dir: Path, args: tuple) -> None:
@@ -53,12 +121,18 @@ def _save_inputs(path: Path, out_dir: Path, args: tuple) -> None:
 
   block, _ = _blocks(read_manifest(out_dir))
   leaves = jax.tree.leaves(args)
-  np.savez(path, **{s["name"]: np.asarray(v) for s, v in zip(block["inputs"], leaves)})
+  # A Python scalar is typed as the export typed it (weakly), not as numpy's float64/int64.
+  np.savez(path, **{s["name"]: np.asarray(v) if hasattr(v, "dtype") else
+                    np.asarray(v, dtype=np.dtype(s["dtype"]))
+                    for s, v in zip(block["inputs"], leaves)})
 
 
-def cmd_export(ns) -> int:
+def cmd_export(ns: argparse.Namespace) -> int:
   import faxbridge as fb
 
+  # Before the program is imported and traced: the cheap mistakes first.
+  if Path(ns.output).exists() and not ns.force:
+    raise UsageError(f"{ns.output} exists; pass --force to replace it")
   program, args = _load(ns.program, ns.example_inputs)
   options = {}
   if ns.local:
@@ -76,17 +150,18 @@ def cmd_export(ns) -> int:
   return 0
 
 
-def cmd_verify(ns) -> int:
+def cmd_verify(ns: argparse.Namespace) -> int:
   import faxbridge as fb
+  from faxbridge.verify import read_export_manifest
 
-  data = np.load(ns.inputs, allow_pickle=False)
-  report = fb.verify(ns.dir, runtime=ns.runtime, inputs={k: data[k] for k in data.files},
-                     rounds=ns.rounds)
+  read_export_manifest(Path(ns.dir))  # no directory, no manifest, not JSON: one line, exit 2
+  inputs = _read_npz(ns.inputs)
+  report = fb.verify(ns.dir, runtime=ns.runtime, inputs=inputs, rounds=ns.rounds)
   print(report)
   return 0 if report.ok else 1
 
 
-def cmd_inspect(ns) -> int:
+def cmd_inspect(ns: argparse.Namespace) -> int:
   import faxbridge as fb
   from faxbridge.iterative import IterativeProcess
 
@@ -105,7 +180,7 @@ def cmd_inspect(ns) -> int:
   return 0
 
 
-def cmd_demo(ns) -> int:
+def cmd_demo(ns: argparse.Namespace) -> int:
   """The main job on the bundled default example: FedAvg exported to TFF and proven on TFF 0.87."""
   import faxbridge as fb
   from examples import fedavg
@@ -125,13 +200,15 @@ def cmd_demo(ns) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="faxbridge", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  """Run the command; the exit code is 0 on success, 1 when a verification ran and outputs differ,
+  2 for a usage error or a faxbridge error (one line on stderr; nothing verified)."""
+  parser = _Parser(prog="faxbridge", description=__doc__,
+                   formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = parser.add_subparsers(dest="command", required=True)
 
   p = sub.add_parser("export", help="export a program for a target")
   p.add_argument("program", help="MODULE:ATTR of an fb.computation or fb.IterativeProcess")
-  p.add_argument("--target", default="tff", choices=["tff", "stablehlo", "tflite"])
+  p.add_argument("--target", default="tff", choices=sorted(registry.TARGETS))
   p.add_argument("-o", "--output", required=True, help="the export directory to create")
   p.add_argument("--force", action="store_true", help="replace an existing directory")
   p.add_argument("--local", choices=["tensorflow", "xla"], help="tff: form of local computations")
@@ -143,9 +220,9 @@ def main(argv: list[str] | None = None) -> int:
 
   p = sub.add_parser("verify", help="run an export on a runtime and natively, and compare")
   p.add_argument("dir")
-  p.add_argument("--runtime", default="tff", choices=["tff", "iree", "litert", "jax"])
+  p.add_argument("--runtime", default="tff", choices=sorted(registry.RUNTIMES))
   p.add_argument("--inputs", required=True, help=".npz of the inputs by manifest name")
-  p.add_argument("--rounds", type=int, default=5, help="rounds of an iterative process")
+  p.add_argument("--rounds", type=_at_least_one, default=5, help="rounds of an iterative process")
   p.set_defaults(fn=cmd_verify)
 
   p = sub.add_parser("inspect", help="print the traced program with placements and its stages")
@@ -155,14 +232,17 @@ def main(argv: list[str] | None = None) -> int:
 
   p = sub.add_parser("demo", help="export the bundled FedAvg to TFF and verify it on TFF 0.87")
   p.add_argument("-o", "--output", help="where to write (default: a temporary folder)")
-  p.add_argument("--rounds", type=int, default=5)
+  p.add_argument("--rounds", type=_at_least_one, default=5)
   p.set_defaults(fn=cmd_demo)
 
   ns = parser.parse_args(argv)
   try:
     return ns.fn(ns)
+  except UsageError as e:
+    print(f"faxbridge {ns.command}: error: {e}", file=sys.stderr)
+    return 2
   except FaxbridgeError as e:
-    print(f"faxbridge: {type(e).__name__}: {e}", file=sys.stderr)
+    print(f"faxbridge {ns.command}: {type(e).__name__}: {e}", file=sys.stderr)
     return 2
 
 

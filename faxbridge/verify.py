@@ -178,7 +178,8 @@ def _named_inputs(block: dict, args: Any, inputs: Mapping | None) -> dict[str, n
       raise VerificationError(f"unknown input(s) {unknown}; the export takes {names}")
     missing = [n for n in names if n not in inputs]
     if missing:
-      raise VerificationError(f"missing input(s) {missing}; the export takes {names}")
+      raise VerificationError(f"missing input(s) {missing}: the inputs lack them; the export "
+                              f"takes {names}")
     flat = [inputs[n] for n in names]
   else:
     flat = jax.tree.leaves(args)
@@ -187,7 +188,7 @@ def _named_inputs(block: dict, args: Any, inputs: Mapping | None) -> dict[str, n
                               f"{names}")
   out, clients = {}, {}
   for spec, value in zip(specs, flat):
-    if isinstance(value, bool | int | float | complex):
+    if type(value) in (bool, int, float, complex):  # not np.float64, a float subclass
       # A Python scalar has no dtype of its own (JAX types it weakly, and so did the export).
       value = np.asarray(value, dtype=np.dtype(spec["dtype"]))
     name, shape, value = spec["name"], tuple(spec["shape"]), np.asarray(value)

@@ -1,0 +1,259 @@
+"""The ``faxbridge`` command as a user runs it (``python -m faxbridge`` in a subprocess): every usage
+error is one line on stderr with exit code 2 and no traceback; a verification whose runtime
+computes something else exits 1 with a MISMATCH report; a float64 export verifies under
+JAX_ENABLE_X64=1 and is refused without it."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import cli_programs as progs  # tests/ is on sys.path under pytest
+import numpy as np
+import pytest
+
+import faxbridge as fb
+from faxbridge.export import read_manifest, sha256
+
+REPO = Path(__file__).resolve().parents[1]
+TESTS = REPO / "tests"
+TIMEOUT_S = 300
+
+
+def _env(x64: bool = False) -> dict[str, str]:
+  """This checkout's faxbridge first; programs import from the working directory (the CLI puts it
+  on sys.path); 64-bit JAX only when asked, whatever the calling environment holds."""
+  env = {k: v for k, v in os.environ.items() if k not in ("JAX_ENABLE_X64", "PYTHONPATH")}
+  env["PYTHONPATH"] = str(REPO)
+  if x64:
+    env["JAX_ENABLE_X64"] = "1"
+  return env
+
+
+def _start(args: list[str], cwd: Path = TESTS, x64: bool = False) -> subprocess.Popen:
+  return subprocess.Popen([sys.executable, "-m", "faxbridge", *map(str, args)], cwd=cwd,
+                          env=_env(x64), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _finish(proc: subprocess.Popen) -> tuple[int, str, str]:
+  out, err = proc.communicate(timeout=TIMEOUT_S)
+  return proc.returncode, out, err
+
+
+def _cli(args: list[str], cwd: Path = TESTS, x64: bool = False) -> tuple[int, str, str]:
+  return _finish(_start(args, cwd, x64))
+
+
+def _save_inputs(path: Path, export_dir: Path, args: tuple) -> Path:
+  specs = read_manifest(export_dir)["computation"]["inputs"]
+  np.savez(path, **{s["name"]: np.asarray(v) for s, v in zip(specs, args)})
+  return path
+
+
+@pytest.fixture(scope="module")
+def scaled(tmp_path_factory) -> tuple[Path, Path]:
+  """scaled_mean exported to stablehlo (in this process: the export is not under test here) and
+  its example inputs as an .npz by manifest name."""
+  tmp = tmp_path_factory.mktemp("cli")
+  args = progs.example_inputs()
+  out = fb.export(progs.scaled_mean, *args, target="stablehlo", out_dir=tmp / "scaled")
+  return out, _save_inputs(tmp / "inputs.npz", out, args)
+
+
+# --- usage errors: one line, exit 2, no traceback ------------------------------------------------
+
+USAGE_CASES = {
+    # name: (argv, what stderr says); {tmp}, {export}, {inputs} are filled in
+    "module-missing": (["export", "no_such_module:prog", "-o", "{tmp}/o"],
+                       "no module named 'no_such_module'"),
+    "attribute-missing": (["export", "cli_programs:no_such_attr", "-o", "{tmp}/o"],
+                          "has no attribute 'no_such_attr'"),
+    "not-module-colon-attr": (["export", "cli_programs", "-o", "{tmp}/o"], "expected MODULE:ATTR"),
+    "not-a-program": (["export", "cli_programs:not_a_program", "-o", "{tmp}/o"],
+                      "not an fb.computation or fb.IterativeProcess"),
+    "no-example-inputs": (["export", "bare_program:total", "-o", "{tmp}/o"],
+                          "has no example_inputs()"),
+    "unknown-target": (["export", "cli_programs:scaled_mean", "--target", "onnx", "-o", "{tmp}/o"],
+                       "argument --target: invalid choice: 'onnx'"),
+    "export-dir-exists": (["export", "cli_programs:scaled_mean", "-o", "{export}"],
+                          "exists; pass --force to replace it"),
+    "float64-without-x64": (["export", "cli_programs:mean64", "--example-inputs", "inputs64",
+                             "--target", "stablehlo", "-o", "{tmp}/f64"],
+                            "leaf args[0] (arguments) has dtype float64 but jax_enable_x64 is off"),
+    "no-command": ([], "the following arguments are required"),
+    "export-dir-missing": (["verify", "{tmp}/nowhere", "--runtime", "jax", "--inputs", "{inputs}"],
+                           "no such export directory"),
+    "manifest-missing": (["verify", "{tmp}/empty", "--runtime", "jax", "--inputs", "{inputs}"],
+                         "has no manifest.json"),
+    "manifest-not-json": (["verify", "{tmp}/bad_json", "--runtime", "jax", "--inputs", "{inputs}"],
+                          "manifest.json is not JSON"),
+    "inputs-missing": (["verify", "{export}", "--runtime", "jax", "--inputs", "{tmp}/none.npz"],
+                       "none.npz: no such file"),
+    "inputs-not-npz": (["verify", "{export}", "--runtime", "jax", "--inputs", "{tmp}/inputs.txt"],
+                       "inputs.txt is not an .npz file"),
+    "inputs-npy": (["verify", "{export}", "--runtime", "jax", "--inputs", "{tmp}/one.npy"],
+                   "is a single .npy array, not an .npz"),
+    "unknown-runtime": (["verify", "{export}", "--runtime", "onnx", "--inputs", "{inputs}"],
+                        "argument --runtime: invalid choice: 'onnx'"),
+    "rounds-zero": (["verify", "{export}", "--runtime", "jax", "--inputs", "{inputs}", "--rounds",
+                     "0"], "argument --rounds: must be at least 1, got 0"),
+    "rounds-not-a-number": (["verify", "{export}", "--inputs", "{inputs}", "--rounds", "two"],
+                            "argument --rounds: expected a whole number, got 'two'"),
+    "inputs-unknown-name": (["verify", "{export}", "--runtime", "jax", "--inputs",
+                             "{tmp}/extra.npz"], "unknown input(s) ['weights']"),
+    "inputs-per-client-shape": (["verify", "{export}", "--runtime", "jax", "--inputs",
+                                 "{tmp}/shape.npz"], "input 'values' (CLIENTS) has shape (3, 2, 2)"),
+}
+
+
+# One interpreter runs every case through faxbridge.cli.main as `python -m faxbridge` would (exit
+# codes from SystemExit, anything uncaught printed as Python prints it): a fresh interpreter per
+# case imports JAX each time, which the quick suite cannot afford; the slow suite does that too.
+DRIVER = """
+import contextlib, io, json, os, sys, traceback
+from faxbridge.cli import main
+cases, results = json.loads(sys.argv[1]), {}
+for name, (cwd, argv) in cases.items():
+  os.chdir(cwd)
+  out, err = io.StringIO(), io.StringIO()
+  with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    try:
+      rc = main(argv)
+    except SystemExit as e:
+      rc = e.code if isinstance(e.code, int) else (print(e.code, file=sys.stderr) or 1)
+    except BaseException:
+      traceback.print_exc()
+      rc = 1
+  results[name] = [rc, out.getvalue(), err.getvalue()]
+with open(sys.argv[2], "w") as f:
+  json.dump(results, f)
+"""
+
+
+@pytest.fixture(scope="module")
+def usage_setup(scaled, tmp_path_factory) -> dict[str, tuple[Path, list[str]]]:
+  """The files the cases name, and each case's working directory and argv."""
+  export, inputs = scaled
+  tmp = tmp_path_factory.mktemp("usage")
+  (tmp / "empty").mkdir()
+  (tmp / "bad_json").mkdir()
+  (tmp / "bad_json" / "manifest.json").write_text("{'format_version': 1,")
+  (tmp / "inputs.txt").write_text("scale = 2.0\n")
+  np.save(tmp / "one.npy", np.zeros(3, np.float32))
+  data = dict(np.load(inputs))
+  np.savez(tmp / "extra.npz", **data, weights=data["values"])
+  np.savez(tmp / "shape.npz", scale=data["scale"], values=data["values"][:, :2])
+  (tmp / "bare_program.py").write_text(  # a program module without example_inputs()
+      "import faxbridge as fb\n\n\n"
+      "@fb.computation(in_placements=(fb.CLIENTS,))\n"
+      "def total(x):\n"
+      "  return fb.sum(x)\n")
+  return {name: (tmp if name == "no-example-inputs" else TESTS,
+                 [a.format(tmp=tmp, export=export, inputs=inputs) for a in argv])
+          for name, (argv, _) in USAGE_CASES.items()}
+
+
+@pytest.fixture(scope="module")
+def usage_runs(usage_setup, tmp_path_factory) -> dict[str, tuple[int, str, str]]:
+  results = tmp_path_factory.mktemp("driver") / "results.json"
+  cases = {name: (str(cwd), argv) for name, (cwd, argv) in usage_setup.items()}
+  proc = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(cases), str(results)],
+                        cwd=TESTS, env=_env(), capture_output=True, text=True, timeout=TIMEOUT_S)
+  assert proc.returncode == 0, proc.stderr
+  return {name: tuple(r) for name, r in json.loads(results.read_text()).items()}
+
+
+def _assert_usage_error(case: str, rc: int, out: str, err: str) -> None:
+  assert rc == 2, (rc, out, err)
+  assert "Traceback" not in err
+  lines = err.strip().splitlines()
+  assert len(lines) == 1, err
+  assert USAGE_CASES[case][1] in lines[0]
+  assert lines[0].startswith("faxbridge")
+  assert out == ""
+
+
+@pytest.mark.parametrize("case", sorted(USAGE_CASES))
+def test_usage_error_is_one_line_and_exit_code_2(usage_runs, case):
+  _assert_usage_error(case, *usage_runs[case])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", sorted(USAGE_CASES))
+def test_usage_error_from_a_fresh_interpreter(usage_setup, case):
+  cwd, argv = usage_setup[case]
+  _assert_usage_error(case, *_cli(argv, cwd=cwd))
+
+
+def test_an_existing_export_dir_is_left_as_it_was(scaled, usage_runs):
+  export, _ = scaled
+  assert usage_runs["export-dir-exists"][0] == 2
+  manifest = read_manifest(export)
+  assert all(sha256(export / rel) == digest for rel, digest in manifest["files"].items())
+
+
+# --- a runtime that computes something else: exit 1 and the MISMATCH report ----------------------
+
+
+def _swap_pieces(into: Path, source: Path) -> list[str]:
+  """Put ``source``'s jax.export pieces in ``into`` and re-write their sha256s in its manifest:
+  an export whose files are consistent but whose pieces compute another program (what a converter
+  bug would produce)."""
+  manifest = read_manifest(into)
+  swapped = []
+  for path in sorted((source / "pieces").rglob("*.jax")):
+    rel = str(path.relative_to(source))
+    if rel in manifest["files"] and sha256(into / rel) != sha256(path):
+      shutil.copyfile(path, into / rel)
+      manifest["files"][rel] = sha256(into / rel)
+      swapped.append(rel)
+  (into / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+  return swapped
+
+
+def test_verify_exits_1_with_a_mismatch_report_when_the_runtime_computes_something_else(
+    scaled, tmp_path):
+  export, inputs = scaled
+  tampered = tmp_path / "tampered"
+  shutil.copytree(export, tampered)
+  other = fb.export(progs.shifted_mean, *progs.example_inputs(), target="stablehlo",
+                    out_dir=tmp_path / "shifted")
+  assert _swap_pieces(tampered, other)
+  rc, out, err = _cli(["verify", tampered, "--runtime", "jax", "--inputs", inputs])
+  assert rc == 1, (out, err)
+  assert "MISMATCH" in out.splitlines()[0]
+  assert [line.split()[0] for line in out.splitlines() if "<-- exceeds tolerance" in line] == ["out"]
+  assert "jax_process: fresh subprocess" in out  # the runtime ran: its values are what differ
+  assert err == ""
+
+
+@pytest.mark.slow
+def test_the_untampered_export_verifies_from_the_cli(scaled):
+  export, inputs = scaled
+  rc, out, err = _cli(["verify", export, "--runtime", "jax", "--inputs", inputs])
+  assert rc == 0, (out, err)
+  assert "OK" in out.splitlines()[0]
+
+
+# --- float64 with jax_enable_x64 ---------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_float64_export_verifies_with_x64_and_is_refused_without(tmp_path):
+  out, inputs = tmp_path / "mean64", tmp_path / "inputs64.npz"
+  rc, stdout, err = _cli(["export", "cli_programs:mean64", "--example-inputs", "inputs64",
+                          "--target", "stablehlo", "-o", out, "--save-inputs", inputs], x64=True)
+  assert rc == 0, err
+  assert [s["dtype"] for s in read_manifest(out)["computation"]["inputs"]] == ["float64"]
+  assert np.load(inputs)["values"].dtype == np.float64
+  without = _start(["verify", out, "--runtime", "jax", "--inputs", inputs])
+  rc, stdout, err = _cli(["verify", out, "--runtime", "jax", "--inputs", inputs], x64=True)
+  assert rc == 0, (stdout, err)
+  assert "OK" in stdout.splitlines()[0]
+  rc, stdout, err = _finish(without)
+  assert rc == 2 and "Traceback" not in err
+  assert "64-bit input(s) ['values'] but jax_enable_x64 is off" in err
