@@ -29,13 +29,15 @@ demo: envs
 	$(CORE) -m faxbridge demo -o build/demo
 
 # The whole suite, both environments. pytest's exit code 5 ("no tests ran") is a failure here.
+# An exported PYTEST_ADDOPTS would silently narrow it (-k, -m, --deselect): only PYTEST_ARGS,
+# given on purpose (make test PYTEST_ARGS=...), narrows a run.
 test: envs
-	$(CORE) -m pytest $(PYTEST_ARGS); rc=$$?; \
+	env -u PYTEST_ADDOPTS $(CORE) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests"; exit 1; fi; exit $$rc
 
 # The quick suite: everything but the slow round trips (under two minutes).
 test-quick: .venv/.ready
-	$(CORE) -m pytest -m "not slow" $(PYTEST_ARGS); rc=$$?; \
+	env -u PYTEST_ADDOPTS $(CORE) -m pytest -m "not slow" $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests"; exit 1; fi; exit $$rc
 
 # 500 random federated programs (tests/federated_programs.py) natively and through fb.split, each
