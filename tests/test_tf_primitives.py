@@ -48,7 +48,8 @@ def f32_arrays(shape=shapes, elements=f32):
 
 
 # Looser bounds, with reasons: tan and exp2 amplify the argument's rounding (condition number |x|);
-# erf_inv near +-1 and erfc far in the tail are ill-conditioned / limited by exp(-x*x) in float32.
+# erf_inv near +-1 and erfc far in the tail are ill-conditioned / limited by exp(-x*x) in float32;
+# XLA's and TF's lgamma are different approximations (each about 1e-6 absolute).
 UNARY = {
     "exp": jnp.exp, "log": lambda x: jnp.log(jnp.abs(x) + 0.1), "sqrt": lambda x: jnp.sqrt(jnp.abs(x)),
     "rsqrt": lambda x: lax.rsqrt(jnp.abs(x) + 0.01), "tanh": jnp.tanh, "logistic": jax.nn.sigmoid,
@@ -254,7 +255,7 @@ def test_conv_and_gradients(data):
              "lhs_dil": lambda x, k: lax.conv_general_dilated(x, k, [1] * nsp, pad, lhs_dilation=stride,
                                                               dimension_numbers=dn,
                                                               feature_group_count=groups)},
-            (x, k), {"grads": 2e-5})
+            (x, k))
 
 
 @settings(max_examples=5)
