@@ -40,12 +40,20 @@ def verify_run(export_dir: Path, manifest: dict, inputs: dict[str, np.ndarray],
     # never imports the program (it is given nothing but the export's path).
     path = os.pathsep.join(p for p in [_faxbridge_root(), os.environ.get("PYTHONPATH")] if p)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S, cwd=tmp,
-                          env={**os.environ, "PYTHONPATH": path})
+                          env={**os.environ, "PYTHONPATH": path, **_x64_env()})
     if proc.returncode != 0:
       raise VerificationError(f"runtime 'jax' failed (exit {proc.returncode}):\n"
                               f"{proc.stderr[-4000:]}")
     outputs = jax_runner.load(out_path)
   return RuntimeResult(outputs=outputs, info={"jax_process": "fresh subprocess"})
+
+
+def _x64_env() -> dict[str, str]:
+  """The child computes in 64 bits exactly when this process does (however it was switched on:
+  the environment variable or ``jax.config.update``), or a float64 export cannot run there."""
+  import jax
+
+  return {"JAX_ENABLE_X64": "1" if jax.config.jax_enable_x64 else "0"}
 
 
 def _faxbridge_root() -> str:
