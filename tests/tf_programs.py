@@ -249,8 +249,7 @@ CASES: list[Case] = [
     Case("mlp_momentum", train_step(optax.sgd(0.1, momentum=0.9)),
          (mlp_params(), optax.sgd(0.1, momentum=0.9).init(mlp_params()), *mlp_batch())),
     Case("mlp_adam", train_step(optax.adam(1e-2)),
-         (mlp_params(), optax.adam(1e-2).init(mlp_params()), *mlp_batch()), rtol=2e-5,
-         why="Adam divides by sqrt(v) + eps: relative errors of the gradient's square root add up"),
+         (mlp_params(), optax.adam(1e-2).init(mlp_params()), *mlp_batch())),
     Case("cnn_step", cnn_step, (cnn_params(), *rng_arrays(2, ((2, 8, 8, 1), np.float32)),
                                 np.array([0, 2], np.int32))),
     Case("transformer_block", block_grad, (block_params(), *rng_arrays(3, ((5, 8), np.float32))),
@@ -260,8 +259,7 @@ CASES: list[Case] = [
              "own result is up to 5e-6 from the float64 one, whatever the entry's size (measured)"),
     Case("local_epochs", local_epochs, (mlp_params(), jax.random.PRNGKey(4),
                                         *rng_arrays(5, ((12, 6), np.float32)),
-                                        np.arange(12, dtype=np.int32) % 4), rtol=2e-5,
-         why="six SGD steps compound the per-step rounding"),
+                                        np.arange(12, dtype=np.int32) % 4)),
     Case("control_flow", control_flow, (*rng_arrays(6, ((4, 3), np.float32)), np.int32(5))),
     Case("random", random_draws, (jax.random.PRNGKey(7), np.int32(3))),
     Case("misc_ops", misc_ops, (*rng_arrays(8, ((3, 4), np.float32)), np.int32(1),
@@ -404,14 +402,14 @@ def _annotations_family(x, key_data, pair, counts):
 
 
 SAMPLES: list[Case] = [
-    Case("float_family", _float_family, (_X,), rtol=2e-5,
-         why="tan(x/4), exp2 and pow amplify the input rounding by their condition number"),
+    Case("float_family", _float_family, (_X,)),
     Case("int_family", _int_family, (_A, _B, _U)),
     Case("reduce_family", _reduce_family, (_X,)),
     Case("structural_family", _structural_family, (_X,)),
     Case("conv_family", _conv_family,
          tuple(rng_arrays(13, ((2, 6, 5, 4), np.float32), ((3, 3, 2, 4), np.float32))),
-         rtol=2e-5, why="gradients sum 9 products per output twice"),
+         rtol=2e-5, why="gradients sum 9 products per output twice; TFLite's convolution kernel "
+                         "rounds differently: 1.1x the README's bound there (measured)"),
     Case("pool_family", _pool_family, (np.round(rng_arrays(14, ((2, 5, 6, 2), np.float32))[0] * 2),)),
     Case("index_family", _index_family, (_X, np.array([2, -1, 0, 1, 2], np.int32), np.int32(2))),
     Case("dot_family", _dot_family, tuple(rng_arrays(15, ((3, 5), np.float32), ((5, 2), np.float32)))),
@@ -421,8 +419,7 @@ SAMPLES: list[Case] = [
     Case("bool_arithmetic", _bool_arithmetic, (_X,)),
     Case("annotations_family", _annotations_family,
          (_X, np.array([0, 5], np.uint32), _U[1:3].copy(), _U)),
-    Case("lgamma", lax.lgamma, (np.abs(_X) + 2.5,), rtol=1e-4,
-         why="XLA's and TF's lgamma are different approximations (both about 1e-6 absolute)"),
+    Case("lgamma", lax.lgamma, (np.abs(_X) + 2.5,)),
 ]
 
 # One sample per primitive that has no TFLite builtin: the TFLite test checks that conversion fails
@@ -431,7 +428,7 @@ TF_ONLY_SAMPLES: list[Case] = [
     Case("asin", jnp.arcsin, (_X / 4,)), Case("acos", jnp.arccos, (_X / 4,)),
     Case("sinh", jnp.sinh, (_X,)), Case("cosh", jnp.cosh, (_X,)), Case("asinh", jnp.arcsinh, (_X,)),
     Case("acosh", jnp.arccosh, (jnp.abs(_X) + 1,)), Case("atanh", jnp.arctanh, (_X / 4,)),
-    Case("digamma", lax.digamma, (np.abs(_X) + 2.5,), rtol=1e-4, why="XLA's and TF's digamma differ"),
+    Case("digamma", lax.digamma, (np.abs(_X) + 2.5,)),
     Case("cumprod", lambda x: lax.cumprod(x, 1), (_X,)),
     Case("cumlogsumexp", lambda x: lax.cumlogsumexp(x, 0), (_X,)),
     Case("and", lambda a, b: a & b, (_A, _B)), Case("or", lambda a, b: a | b, (_A, _B)),
