@@ -151,7 +151,6 @@ class Lowering:
                           f"jaxpr has {dtype}{list(shape)}{where}")
     return outs
 
-
   def equations_named(self, text: str) -> list[tuple[str, str]]:
     """``(primitive name, " at file:line (fn)")`` of each equation whose scoped TF ops ``text`` names
     (quoted, as in MLIR locations: ``"jaxeqn3/jaxeqn7/Less@__inference_f_12"``), innermost scope,
