@@ -78,7 +78,9 @@ class Lowering:
   def __init__(self, name_scopes: bool = False) -> None:
     self.producers: dict[Any, Any] = {}
     self.name_scopes = name_scopes
-    self.scoped: list[tuple[Any, str]] = []  # scope number -> (equation, " at file:line (fn)")
+    # scope number -> (equation, " at file:line (fn)", scope number of the enclosing equation)
+    self.scoped: list[tuple[Any, str, int | None]] = []
+    self._scope: int | None = None  # the scope being filled
     self._enclosing: Any = None  # source_info a sub-jaxpr's equations fall back on
 
   def lower_closed(self, closed: jcore.ClosedJaxpr, args: Sequence[tf.Tensor]) -> list[tf.Tensor]:
@@ -126,10 +128,13 @@ class Lowering:
     self._enclosing = enclosing(eqn.source_info, outer)
     try:
       if self.name_scopes:
-        scope = f"{SCOPE_PREFIX}{len(self.scoped)}"
-        self.scoped.append((eqn, where))
-        with tf.name_scope(scope):
-          outs = info.fn(self, eqn, *args)
+        parent, self._scope = self._scope, len(self.scoped)
+        self.scoped.append((eqn, where, parent))
+        try:
+          with tf.name_scope(f"{SCOPE_PREFIX}{self._scope}"):
+            outs = info.fn(self, eqn, *args)
+        finally:
+          self._scope = parent
       else:
         outs = info.fn(self, eqn, *args)
     except FaxbridgeError:
@@ -154,13 +159,21 @@ class Lowering:
   def equations_named(self, text: str) -> list[tuple[str, str]]:
     """``(primitive name, " at file:line (fn)")`` of each equation whose scoped TF ops ``text`` names
     (quoted, as in MLIR locations: ``"jaxeqn3/jaxeqn7/Less@__inference_f_12"``), innermost scope,
-    in order of first mention, without repeats."""
+    in order of first mention, without repeats. An equation whose sub-equation is also named (the
+    ``scan`` around a failing ``dot_general``: diagnostics name the loop op too) is left out."""
     found: dict[int, None] = {}
     for m in _SCOPED_OP.finditer(text):
       ids = _SCOPE_ID.findall(m.group(1))
       if ids and int(ids[-1]) < len(self.scoped):
         found.setdefault(int(ids[-1]))
-    return [(self.scoped[i][0].primitive.name, self.scoped[i][1]) for i in found]
+    enclosing_found = set()
+    for i in found:
+      parent = self.scoped[i][2]
+      while parent is not None:
+        enclosing_found.add(parent)
+        parent = self.scoped[parent][2]
+    return [(self.scoped[i][0].primitive.name, self.scoped[i][1]) for i in found
+            if i not in enclosing_found]
 
 
 def lower_closed(closed: jcore.ClosedJaxpr, args: Sequence[tf.Tensor]) -> list[tf.Tensor]:
