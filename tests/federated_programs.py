@@ -574,16 +574,19 @@ def _stage(g: _Gen, k: int, n: int, previous_map_outputs: list[Val],
     if kind == "weighted_mean":
       ws = [w for w in g.of(CLIENTS) if w.shape == () and w.lo > 0]
       ints = [x for x in local + outs if not x.is_float and not x.shape]
-      if ws and rng.random() < 0.5:
+      floats = [x for x in local + outs if x.is_float]
+      if not (ws or ints or floats):  # nothing in this map to derive a weight from
+        kind = rng.choice([x for x in kinds if x != "weighted_mean"])
+    if kind == "weighted_mean":
+      if ws and (not (ints or floats) or rng.random() < 0.5):
         weight = rng.choice(ws)
-      elif ints and rng.random() < 0.6:
+      elif ints and (not floats or rng.random() < 0.6):
         op, w = g._make(CLIENTS, "iclip", (rng.choice(ints),))
         weight = add(dataclasses.replace(op, params=(("hi", 3), ("lo", 1))),
                      dataclasses.replace(w, lo=1, hi=3))
         g.features.add("int_weight")
       else:
-        src = rng.choice([x for x in local + outs if x.is_float])
-        weight = add(*g._make(CLIENTS, "weight", (src,)))
+        weight = add(*g._make(CLIENTS, "weight", (rng.choice(floats),)))
       if weight.dtype != v.dtype:
         g.features.add("int_weight")
     group = [v] + [x for x in rng.sample(pool, min(2, len(pool)))
