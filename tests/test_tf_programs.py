@@ -31,6 +31,21 @@ def test_program_in_tf221_equals_jax(case):
     assert_close(g, w, case.rtol, what=f"{case.name}/{name}", atol=case.atol)
 
 
+def test_assert_close_holds_every_element_to_its_own_size():
+  """The comparison all these tests rest on: a small element is not excused by a large one."""
+  want = np.array([1e5, np.exp(-12), -3.0], np.float32)
+  assert_close(want + np.array([0.9, 5e-7, 3e-5], np.float32), want)  # within 1e-6 + 1e-5 |want|
+  for i, wrong in ((1, 0.5), (1, np.exp(-12) + 2e-6), (0, 1e5 + 2.0), (2, -3.0 - 4e-5)):
+    got = want.copy()
+    got[i] = wrong
+    with pytest.raises(AssertionError, match=f"element {i} "):
+      assert_close(got, want)
+  with pytest.raises(AssertionError, match="NaN positions"):
+    assert_close(np.array([np.nan, 1.0]), np.array([0.0, 1.0]))
+  with pytest.raises(AssertionError):
+    assert_close(np.array([1, 2], np.int32), np.array([1, 3], np.int32))
+
+
 def _primitives(jaxpr, acc):
   """The Primitive objects of ``jaxpr``'s equations, sub-jaxprs included (the table's keys)."""
   for eqn in jaxpr.eqns:
