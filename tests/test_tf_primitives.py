@@ -201,8 +201,8 @@ def test_structural(data):
   }, (x,))
 
 
-EINSUMS = ["ij,jk->ik", "bij,bjk->bik", "i,i->", "ij,j->i", "bqhd,bkhd->bhqk", "ij,kj->ik",
-           "abc,cd->abd", "bi,bi->b", "ij,jk->ki"]
+EINSUMS = ["ij,jk->ik", "bij,bjk->bik", "i,i->", "ij,j->i", "j,jk->k", "jc,jck->k", "bqhd,bkhd->bhqk",
+           "ij,kj->ik", "abc,cd->abd", "bi,bi->b", "ij,jk->ki"]
 
 
 @settings(max_examples=5)
