@@ -15,8 +15,9 @@ split, the TF lowering, the TFF types, ``plan.json`` and the manifest all use th
 
 This module owns the data model (its JSON is ``plan.json``'s computation block), the naming of
 leaves, and :func:`interpret`: the one walk over the stages. ``FederatedForm.run`` (jax), the plan
-runtimes (IREE, LiteRT, jax.export, one client at a time), the TFF composition (federated_language
-values) and verify all run a form through it, each with its own :class:`Backend`.
+runtimes (IREE, LiteRT, jax.export, one client at a time) and the TFF composition (federated_language
+values) run a form through it, each with its own :class:`Backend`; :func:`run_program` is the one
+round loop of an iterative process (plan runtimes and verify's native side).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import numpy as np
 from faxbridge.placements import CLIENTS, SERVER, Placement
 from faxbridge.primitives import AGGREGATION_KINDS, AggregationRule
 
-Path = list  # a leaf's struct steps: dict keys and attributes by name, sequence items by index
+LeafPath = list  # a leaf's struct steps: dict keys and attributes by name, sequence items by index
 
 
 # --------------------------------------------------------------------------------------------------
@@ -60,11 +61,11 @@ class Names:
     return candidate
 
 
-def path_keys(path) -> Path:
+def path_keys(path) -> LeafPath:
   """A jax key path as struct steps: dict keys and attributes by name, sequence items by index."""
   import jax
 
-  out: Path = []
+  out: LeafPath = []
   for k in path:
     if isinstance(k, jax.tree_util.DictKey):
       out.append(k.key if isinstance(k.key, int) else str(k.key))
@@ -77,7 +78,7 @@ def path_keys(path) -> Path:
   return out
 
 
-def leaf_paths(tree) -> list[Path]:
+def leaf_paths(tree) -> list[LeafPath]:
   """The struct path of every leaf of a PyTreeDef, in leaf order."""
   import jax
 
@@ -85,7 +86,7 @@ def leaf_paths(tree) -> list[Path]:
   return [path_keys(p) for p, _ in jax.tree_util.tree_leaves_with_path(dummy)]
 
 
-def leaf_hint(prefix: str, path: Path) -> str:
+def leaf_hint(prefix: str, path: LeafPath) -> str:
   return "_".join([prefix, *(str(k) for k in path)])
 
 
