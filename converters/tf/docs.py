@@ -6,6 +6,7 @@ import pathlib
 import sys
 
 from . import all_rules
+from ._util import NO_TFLITE_KERNEL
 
 _HEADER = """# JAX primitives supported by the TensorFlow converter
 
@@ -40,7 +41,31 @@ def render() -> str:
             + (", ".join(f"`{i.name}`" for i in rules if i.tflite == "tf-only") or "none")
             + "; partial: " + (", ".join(f"`{i.name}`" for i in rules if i.tflite == "partial")
                                or "none") + ".", ""]
+  lines += [_SMALL_INTS, "| TF op | " + " | ".join(_SMALL_TYPES) + " |",
+            "|---|" + "---|" * len(_SMALL_TYPES)]
+  for op, missing in sorted(NO_TFLITE_KERNEL.items()):
+    lines.append(f"| `{op}` | " + " | ".join("int32" if t in missing else "" for t in _SMALL_TYPES) + " |")
+  lines.append("")
   return "\n".join(lines)
+
+
+_SMALL_TYPES = ("int8", "uint8", "int16", "uint16")
+_SMALL_INTS = """## 8 and 16-bit integers on TFLite
+
+The TFLite builtin kernels of many ops do not take int8, uint8, int16 or uint16 (the converter
+refuses the op, or, for `Equal` on uint8, converts it to a kernel that crashes LiteRT). Where the
+table below says `int32`, the lowering computes that op on that type in int32 and casts the result
+back (`tflite_int32` in `converters/tf/_util.py`): exact, since every value fits, and `+ - *`
+wrap as in JAX because TFLite's narrowing `CAST` wraps modulo 2**bits. Elsewhere, TF graphs keep
+the op on the small type. Measured by converting a one-op function per (op, type) with
+`TFLITE_BUILTINS` only and running it on LiteRT against TF; `tests/test_tflite_export.py`
+(`test_no_tflite_kernel_table_is_as_measured`, slow) measures it again. Ops not listed (`Cast`,
+`BitwiseXor`, `Reshape`, `ExpandDims`, `Squeeze`, `If`, `While`...) run on all four types.
+`BitwiseAnd`, `BitwiseOr`, `Cumprod` and `BatchMatMulV2` have no int32 kernel either (TF-only).
+A unit-stride `StridedSlice` becomes `SLICE` in the converter, so it follows the `Slice` row. Known
+gap: an explicit broadcast of uint16 (`BroadcastTo`) is not lowered to TFLite, as the converter
+folds the int32 round trip back into a uint16 `BROADCAST_TO`.
+"""
 
 
 def main(argv: list[str] | None = None) -> int:

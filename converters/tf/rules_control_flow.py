@@ -83,7 +83,7 @@ def write_row(buf: tf.Tensor, row: tf.Tensor, i: tf.Tensor) -> tf.Tensor:
   n = buf.shape[0]
   hit = broadcast_in_dim(tf.equal(tf.range(n, dtype=tf.int32), i), [n] + [1] * (buf.shape.rank - 1),
                          [0])
-  return tf.where(hit, tf.expand_dims(row, 0), buf)
+  return u.tflite_int32("SelectV2", lambda buf, row: tf.where(hit, tf.expand_dims(row, 0), buf), buf, row)
 
 
 @register(lax.scan_p, family=_F, note="one While; the stacked outputs are written with selects")
@@ -108,7 +108,7 @@ def _scan(ctx, eqn, *args):
   def body_fn(i, *state):
     carry, ys = list(state[:ncarry]), list(state[ncarry:])
     t = (n - 1) - i if p["reverse"] else i
-    x_t = [tf.gather(x, t) for x in xs]
+    x_t = [u.tflite_int32("GatherV2", lambda x: tf.gather(x, t), x) for x in xs]
     outs = _lower_sub(ctx, body, consts + carry + x_t)
     new_ys = [write_row(buf, y, t) for buf, y in zip(ys, outs[ncarry:])]
     return (i + 1, *outs[:ncarry], *new_ys)

@@ -24,30 +24,40 @@ from .registry import register
 _F = "elementwise"
 
 
-def _same_shape_binary(tf_fn):
+def _same_shape_binary(tf_fn, op):
+  """A rule ``tf_fn(x, y)`` emitting TF op ``op`` (in int32 where TFLite lacks it for small ints)."""
   def rule(ctx, eqn, x, y):
-    return tf_fn(x, y)
+    return u.tflite_int32(op, tf_fn, x, y)
   return rule
 
 
 # --- arithmetic -------------------------------------------------------------------------------------
 
-register(lax.add_p, jprims.add_jaxvals_p, family=_F)(_same_shape_binary(tf.add))
-register(lax.sub_p, family=_F)(_same_shape_binary(tf.subtract))
-register(lax.mul_p, family=_F)(_same_shape_binary(tf.multiply))
+register(lax.add_p, jprims.add_jaxvals_p, family=_F)(_same_shape_binary(tf.add, "AddV2"))
+register(lax.sub_p, family=_F)(_same_shape_binary(tf.subtract, "Sub"))
+register(lax.mul_p, family=_F)(_same_shape_binary(tf.multiply, "Mul"))
 
 
 @register(lax.max_p, family=_F)
 def _max(ctx, eqn, x, y):
-  return tf.logical_or(x, y) if u.is_bool(u.out_dtype(eqn)) else tf.maximum(x, y)
+  return tf.logical_or(x, y) if u.is_bool(u.out_dtype(eqn)) else u.tflite_int32("Maximum", tf.maximum, x, y)
 
 
 @register(lax.min_p, family=_F)
 def _min(ctx, eqn, x, y):
-  return tf.logical_and(x, y) if u.is_bool(u.out_dtype(eqn)) else tf.minimum(x, y)
+  return tf.logical_and(x, y) if u.is_bool(u.out_dtype(eqn)) else u.tflite_int32("Minimum", tf.minimum, x, y)
 
 
 def _int_div_parts(x, y, dtype):
+  """``_int_parts`` in int32 where TFLite lacks one of its ops for the small integer ``dtype``."""
+  return u.tflite_int32(_INT_DIV_OPS, lambda x, y: _int_parts(x, y, dtype), x, y)
+
+
+# The TF ops ``_int_parts`` emits on its operands' type.
+_INT_DIV_OPS = ("Equal", "NotEqual", "Less", "SelectV2", "FloorDiv", "FloorMod", "AddV2", "Sub")
+
+
+def _int_parts(x, y, dtype):
   """Integer ``x / y`` rounded toward zero and its remainder, with XLA's answers where C traps.
 
   XLA defines ``x / 0 = -1`` (all ones), ``x % 0 = x`` and ``INT_MIN / -1 = INT_MIN``; TF's kernels
@@ -68,7 +78,8 @@ def _int_div_parts(x, y, dtype):
     fix = tf.logical_and(tf.not_equal(r, zero), tf.not_equal(tf.less(x, zero), tf.less(ys, zero)))
     q = tf.where(fix, q + one, q)
     r = tf.where(fix, r - ys, r)
-  q = tf.where(y_is_zero, tf.constant(np.array(-1).astype(dtype)), q)
+  # all ones of dtype (255 for uint8), held in x's type (int32 when widened)
+  q = tf.where(y_is_zero, tf.constant(np.array(-1).astype(dtype).astype(x.dtype.as_numpy_dtype)), q)
   r = tf.where(y_is_zero, x, r)
   return q, r
 
@@ -98,21 +109,21 @@ def _rem(ctx, eqn, x, y):
 
 @register(lax.neg_p, family=_F)
 def _neg(ctx, eqn, x):
-  if u.is_unsigned(u.out_dtype(eqn)):
-    return tf.zeros([], x.dtype) - x  # wraps, as jax's neg of an unsigned integer
-  return tf.negative(x)
+  if u.is_unsigned(u.out_dtype(eqn)):  # wraps, as jax's neg of an unsigned integer
+    return u.tflite_int32("Sub", lambda x: tf.zeros([], x.dtype) - x, x)
+  return u.tflite_int32("Neg", tf.negative, x)
 
 
 @register(lax.abs_p, family=_F)
 def _abs(ctx, eqn, x):
-  return tf.abs(x)
+  return u.tflite_int32("Abs", tf.abs, x)  # int8's abs(-128) narrows back to -128, as in JAX
 
 
 @register(lax.sign_p, family=_F)
 def _sign(ctx, eqn, x):
   if u.is_unsigned(u.out_dtype(eqn)):
-    return u.cast(tf.not_equal(x, 0), x.dtype)
-  return tf.sign(x)
+    return u.cast(u.tflite_int32("NotEqual", lambda x: tf.not_equal(x, 0), x), x.dtype)
+  return u.tflite_int32("Sign", tf.sign, x)
 
 
 @register(lax.floor_p, family=_F)
@@ -147,7 +158,8 @@ def _is_finite(ctx, eqn, x):
 @register(lax.clamp_p, family=_F)
 def _clamp(ctx, eqn, lo, x, hi):
   """``min(max(x, lo), hi)``."""
-  return tf.minimum(tf.maximum(x, lo), hi)
+  return u.tflite_int32(("Maximum", "Minimum"), lambda lo, x, hi: tf.minimum(tf.maximum(x, lo), hi),
+                        lo, x, hi)
 
 
 @register(lax.integer_pow_p, family=_F)
@@ -159,18 +171,23 @@ def _integer_pow(ctx, eqn, x):
   base = x
   while n:
     if n & 1:
-      acc = base if acc is None else acc * base
+      acc = base if acc is None else _mul(acc, base)
     n >>= 1
     if n:
-      base = base * base
+      base = _mul(base, base)
   if acc is None:
     acc = tf.ones_like(x)
   return tf.math.divide(tf.ones([], x.dtype), acc) if y < 0 else acc
 
 
+def _mul(x, y):
+  # the ``*`` operator, not tf.multiply: it names the op "mul", as exported graphs always had it
+  return u.tflite_int32("Mul", lambda x, y: x * y, x, y)
+
+
 @register(lax.square_p, family=_F)
 def _square(ctx, eqn, x):
-  return x * x
+  return _mul(x, x)
 
 
 @register(lax.pow_p, family=_F, note="float base; integer exponents are cast to the base's type")
@@ -331,12 +348,12 @@ def _nextafter(ctx, eqn, x, y):
 
 # --- comparisons and selection ---------------------------------------------------------------------
 
-register(lax.eq_p, family=_F)(_same_shape_binary(tf.equal))
-register(lax.ne_p, family=_F)(_same_shape_binary(tf.not_equal))
-register(lax.lt_p, family=_F)(_same_shape_binary(tf.less))
-register(lax.le_p, family=_F)(_same_shape_binary(tf.less_equal))
-register(lax.gt_p, family=_F)(_same_shape_binary(tf.greater))
-register(lax.ge_p, family=_F)(_same_shape_binary(tf.greater_equal))
+register(lax.eq_p, family=_F)(_same_shape_binary(tf.equal, "Equal"))
+register(lax.ne_p, family=_F)(_same_shape_binary(tf.not_equal, "NotEqual"))
+register(lax.lt_p, family=_F)(_same_shape_binary(tf.less, "Less"))
+register(lax.le_p, family=_F)(_same_shape_binary(tf.less_equal, "LessEqual"))
+register(lax.gt_p, family=_F)(_same_shape_binary(tf.greater, "Greater"))
+register(lax.ge_p, family=_F)(_same_shape_binary(tf.greater_equal, "GreaterEqual"))
 
 
 @register(lax.select_n_p, family=_F)
@@ -345,11 +362,15 @@ def _select_n(ctx, eqn, which, *cases):
   if len(cases) == 1:
     return cases[0]
   if which.dtype == tf.bool:
-    return tf.where(which, cases[1], cases[0])
-  out = cases[0]
-  for k in range(1, len(cases)):
-    out = tf.where(tf.equal(which, tf.constant(k, which.dtype)), cases[k], out)
-  return out
+    return u.tflite_int32("SelectV2", lambda a, b: tf.where(which, b, a), *cases)
+
+  def chain(*cases):
+    out = cases[0]
+    for k in range(1, len(cases)):
+      is_k = u.tflite_int32("Equal", lambda w, k=k: tf.equal(w, tf.constant(k, w.dtype)), which)
+      out = tf.where(is_k, cases[k], out)
+    return out
+  return u.tflite_int32("SelectV2", chain, *cases)
 
 
 # --- casts --------------------------------------------------------------------------------------------
@@ -375,8 +396,11 @@ def convert(x: tf.Tensor, src: Any, dst: Any) -> tf.Tensor:
     hi = tf.constant(float(info.max) + 1.0, xf.dtype)  # 2**bits (or 2**(bits-1)): exact in floating point
     below_hi = tf.constant(np.nextafter(np_f(float(info.max) + 1.0), np_f(0)), xf.dtype)
     y = tf.cast(tf.minimum(tf.maximum(xf, lo), below_hi), u.tf_dtype(dst))
-    y = tf.where(tf.greater_equal(xf, hi), tf.constant(info.max, u.tf_dtype(dst)), y)
-    return tf.where(tf.not_equal(xf, xf), tf.zeros([], u.tf_dtype(dst)), y)
+
+    def fix(y):  # the selects run on y's type: int32 for uint8/uint16 (no SELECT_V2 kernel)
+      y = tf.where(tf.greater_equal(xf, hi), tf.constant(info.max, y.dtype), y)
+      return tf.where(tf.not_equal(xf, xf), tf.zeros([], y.dtype), y)
+    return u.tflite_int32("SelectV2", fix, y)
   return tf.cast(x, u.tf_dtype(dst))
 
 

@@ -32,7 +32,7 @@ def _dynamic_slice(ctx, eqn, x, *starts):
   if sizes == shape:
     return x
   begin = tf.stack([_clamp_start(s, d, n) for s, d, n in zip(starts, shape, sizes)])
-  return tf.slice(x, begin, sizes)
+  return u.tflite_int32("Slice", lambda x: tf.slice(x, begin, sizes), x)
 
 
 def update_window(x: tf.Tensor, update: tf.Tensor, starts) -> tf.Tensor:
@@ -61,7 +61,7 @@ def update_window(x: tf.Tensor, update: tf.Tensor, starts) -> tf.Tensor:
 
 @register(lax.dynamic_update_slice_p, family=_F)
 def _dynamic_update_slice(ctx, eqn, x, update, *starts):
-  return update_window(x, update, starts)
+  return u.tflite_int32(("GatherV2", "SelectV2"), lambda x, up: update_window(x, up, starts), x, update)
 
 
 def _default_fill(dtype):
@@ -112,6 +112,11 @@ def _coordinates(indices, operand_shape, window, index_map, operand_batching, in
 @register(lax.gather_p, family=_F, note="all dimension numbers and modes (clip, fill, promise)")
 def _gather(ctx, eqn, operand, indices):
   """``out[b, o] = operand[start(b) + window(o)]`` via ``GatherNd`` of explicit coordinates."""
+  return u.tflite_int32(("GatherNd", "SelectV2", "Transpose"),
+                        lambda operand: _gather_windows(eqn, operand, indices), operand)
+
+
+def _gather_windows(eqn, operand, indices):
   p = eqn.params
   dn = p["dimension_numbers"]
   shape = operand.shape.as_list()
@@ -131,7 +136,9 @@ def _gather(ctx, eqn, operand, indices):
     fv = p.get("fill_value")
     fv = _default_fill(u.out_dtype(eqn)) if fv is None else fv
     vmask = tf.reshape(valid, bshape + [1] * len(kept))
-    g = tf.where(vmask, g, tf.constant(np.asarray(fv).astype(u.out_dtype(eqn))))
+    # fill value in g's type: the operand's, or int32 where the gather is done widened
+    fv = np.asarray(fv).astype(u.out_dtype(eqn)).astype(g.dtype.as_numpy_dtype)
+    g = tf.where(vmask, g, tf.constant(fv))
   # `g` holds batch dims first, then offset dims; put offset dim j at output position offset_dims[j].
   out_rank = nb + len(kept)
   offset_dims = [int(d) for d in dn.offset_dims]
@@ -172,6 +179,12 @@ def _scatter_parts(eqn, operand, indices, updates):
 @register(lax.scatter_add_p, family=_F, note="duplicates summed; out-of-bounds dropped")
 def _scatter_add(ctx, eqn, operand, indices, updates):
   """``operand + ScatterNd(coords, updates)``: ScatterNd sums duplicate coordinates."""
+  return u.tflite_int32(("ScatterNd", "SelectV2", "AddV2", "Transpose"),
+                        lambda operand, updates: _scatter_add_parts(eqn, operand, indices, updates),
+                        operand, updates)
+
+
+def _scatter_add_parts(eqn, operand, indices, updates):
   coords, vals, keep = _scatter_parts(eqn, operand, indices, updates)
   vals = tf.where(keep, vals, tf.zeros([], vals.dtype))
   if operand.dtype == tf.bool:
@@ -182,6 +195,12 @@ def _scatter_add(ctx, eqn, operand, indices, updates):
 @register(lax.scatter_p, family=_F, note="unique indices (as x.at[i].set with distinct i)")
 def _scatter(ctx, eqn, operand, indices, updates):
   """Overwrite: positions hit by some update take the (summed) update, the rest keep ``operand``."""
+  return u.tflite_int32(("ScatterNd", "SelectV2", "Transpose"),
+                        lambda operand, updates: _scatter_over(eqn, operand, indices, updates),
+                        operand, updates)
+
+
+def _scatter_over(eqn, operand, indices, updates):
   coords, vals, keep = _scatter_parts(eqn, operand, indices, updates)
   shape = operand.shape.as_list()
   hits = tf.scatter_nd(coords, u.from_bool(keep, tf.int32), shape)

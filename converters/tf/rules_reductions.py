@@ -19,41 +19,46 @@ def _axes(eqn) -> list[int]:
   return [int(a) for a in eqn.params["axes"]]
 
 
-def _reducer(tf_fn, bool_fn=None):
+def _reducer(tf_fn, op, bool_fn=None):
+  """A rule reducing with ``tf_fn`` (TF op ``op``; sums and products of small ints wrap on narrowing)."""
   def rule(ctx, eqn, x):
     axes = _axes(eqn)
     if not axes:
       return x
-    fn = bool_fn if (bool_fn is not None and x.dtype == tf.bool) else tf_fn
-    return fn(x, axis=axes)
+    if bool_fn is not None and x.dtype == tf.bool:
+      return bool_fn(x, axis=axes)
+    return u.tflite_int32(op, lambda x: tf_fn(x, axis=axes), x)
   return rule
 
 
-register(lax.reduce_sum_p, family=_F)(_reducer(tf.reduce_sum))
-register(lax.reduce_max_p, family=_F)(_reducer(tf.reduce_max, tf.reduce_any))
-register(lax.reduce_min_p, family=_F)(_reducer(tf.reduce_min, tf.reduce_all))
-register(lax.reduce_prod_p, family=_F)(_reducer(tf.reduce_prod))
-register(lax.reduce_and_p, family=_F)(_reducer(tf.reduce_all))
-register(lax.reduce_or_p, family=_F)(_reducer(tf.reduce_any))
+register(lax.reduce_sum_p, family=_F)(_reducer(tf.reduce_sum, "Sum"))
+register(lax.reduce_max_p, family=_F)(_reducer(tf.reduce_max, "Max", tf.reduce_any))
+register(lax.reduce_min_p, family=_F)(_reducer(tf.reduce_min, "Min", tf.reduce_all))
+register(lax.reduce_prod_p, family=_F)(_reducer(tf.reduce_prod, "Prod"))
+register(lax.reduce_and_p, family=_F)(_reducer(tf.reduce_all, "All"))
+register(lax.reduce_or_p, family=_F)(_reducer(tf.reduce_any, "Any"))
 
 
-def _arg_rule(tf_fn):
+def _arg_rule(tf_fn, op):
   def rule(ctx, eqn, x):
     (axis,) = _axes(eqn)
     if x.dtype == tf.bool:
       x = u.from_bool(x, tf.int32)
-    return tf_fn(x, axis=axis, output_type=u.tf_dtype(eqn.params["index_dtype"]))
+    index = u.tf_dtype(eqn.params["index_dtype"])
+    # the result is an index, not a value of x's type: never narrowed
+    return u.tflite_int32(op, lambda x: tf_fn(x, axis=axis, output_type=index), x, narrow=False)
   return rule
 
 
 _ARG_NOTE = "ties: first index; NaN inputs not matched"
-register(lax.argmax_p, family=_F, note=_ARG_NOTE)(_arg_rule(tf.math.argmax))
-register(lax.argmin_p, family=_F, note=_ARG_NOTE)(_arg_rule(tf.math.argmin))
+register(lax.argmax_p, family=_F, note=_ARG_NOTE)(_arg_rule(tf.math.argmax, "ArgMax"))
+register(lax.argmin_p, family=_F, note=_ARG_NOTE)(_arg_rule(tf.math.argmin, "ArgMin"))
 
 
 @register(lax.cumsum_p, family=_F)
 def _cumsum(ctx, eqn, x):
-  return tf.cumsum(x, axis=int(eqn.params["axis"]), reverse=bool(eqn.params["reverse"]))
+  axis, rev = int(eqn.params["axis"]), bool(eqn.params["reverse"])
+  return u.tflite_int32("Cumsum", lambda x: tf.cumsum(x, axis=axis, reverse=rev), x)
 
 
 @register(lax.cumprod_p, family=_F, tflite="tf-only")
@@ -77,6 +82,11 @@ def _highest(dtype):
 
 def _cum_extremum(x: tf.Tensor, axis: int, reverse: bool, combine, fill) -> tf.Tensor:
   """Running max/min by doubling (Hillis-Steele): after step k each element covers 2**k inputs."""
+  return u.tflite_int32(("Maximum", "Minimum", "PadV2", "ReverseV2"),
+                        lambda x: _doubling(x, axis, reverse, combine, fill), x)
+
+
+def _doubling(x: tf.Tensor, axis: int, reverse: bool, combine, fill) -> tf.Tensor:
   n = x.shape[axis]
   if reverse:
     x = tf.reverse(x, [axis])
@@ -117,11 +127,15 @@ def _window_views(x: tf.Tensor, out_shape, window, strides, window_dilation):
     yield offset, static_slice(x, start, limit, [int(s) for s in strides]) if rank else x
 
 
-def _reduce_window(combine, init_of):
+def _reduce_window(combine, init_of, op):
   def rule(ctx, eqn, x):
+    # ``op`` combines the windows' strided slices, padded with PadV2 (and interior_pad's ops)
+    return u.tflite_int32((op, "PadV2", "ConcatV2", "BroadcastTo", "StridedSlice", "Slice"),
+                          lambda x: windows(eqn, x), x)
+
+  def windows(eqn, x):
     p = eqn.params
-    dt = u.out_dtype(eqn)
-    init = tf.constant(init_of(dt), u.tf_dtype(dt))
+    init = tf.constant(init_of(u.out_dtype(eqn)), x.dtype)  # x's type: int32 when widened
     for axis, b in enumerate(p["base_dilation"]):
       x = interior_pad(x, axis, int(b) - 1, init)
     x = pad(x, init, [(lo, hi, 0) for lo, hi in p["padding"]])
@@ -133,10 +147,10 @@ def _reduce_window(combine, init_of):
   return rule
 
 
-register(lax.reduce_window_sum_p, family=_F,
-         note="window sums as strided slices added in window order")(_reduce_window(tf.add, lambda dt: 0))
-register(lax.reduce_window_max_p, family=_F)(_reduce_window(tf.maximum, _lowest))
-register(lax.reduce_window_min_p, family=_F)(_reduce_window(tf.minimum, _highest))
+register(lax.reduce_window_sum_p, family=_F, note="window sums as strided slices added in window order")(
+    _reduce_window(tf.add, lambda dt: 0, "AddV2"))
+register(lax.reduce_window_max_p, family=_F)(_reduce_window(tf.maximum, _lowest, "Maximum"))
+register(lax.reduce_window_min_p, family=_F)(_reduce_window(tf.minimum, _highest, "Minimum"))
 
 
 @register(lax.select_and_scatter_add_p, family=_F,

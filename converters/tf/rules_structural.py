@@ -1,7 +1,8 @@
 """Shape and layout primitives: broadcast, reshape, transpose, slices, concatenation, padding, iota.
 
 All lower to ops with TFLite builtins (RESHAPE, BROADCAST_TO, TRANSPOSE, STRIDED_SLICE, CONCATENATION,
-PACK, SPLIT_V, REVERSE_V2, PADV2, RANGE).
+PACK, SPLIT_V, REVERSE_V2, PADV2, RANGE); on the small integer types where one of them has no kernel
+(``u.NO_TFLITE_KERNEL``) it moves the data as int32.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ def broadcast_in_dim(x: tf.Tensor, shape, broadcast_dimensions) -> tf.Tensor:
   for i, d in enumerate(broadcast_dimensions):
     inter[d] = x.shape[i]
   x = reshape(x, inter)
-  return x if inter == shape else tf.broadcast_to(x, shape)
+  return x if inter == shape else u.tflite_int32("BroadcastTo", lambda x: tf.broadcast_to(x, shape), x)
 
 
 @register(lax.broadcast_in_dim_p, family=_F)
@@ -45,7 +46,7 @@ def _reshape(ctx, eqn, x, *dyn):
     raise NotImplementedError("dynamic shapes")
   dims = eqn.params.get("dimensions")
   if dims is not None and list(dims) != sorted(dims):
-    x = tf.transpose(x, [int(d) for d in dims])
+    x = u.tflite_int32("Transpose", lambda x: tf.transpose(x, [int(d) for d in dims]), x)
   return reshape(x, u.out_shape(eqn))
 
 
@@ -57,17 +58,17 @@ def _squeeze(ctx, eqn, x):
 @register(lax.transpose_p, family=_F)
 def _transpose(ctx, eqn, x):
   perm = [int(p) for p in eqn.params["permutation"]]
-  return x if perm == sorted(perm) else tf.transpose(x, perm)
+  return x if perm == sorted(perm) else u.tflite_int32("Transpose", lambda x: tf.transpose(x, perm), x)
 
 
 @register(lax.concatenate_p, family=_F)
 def _concatenate(ctx, eqn, *xs):
-  return tf.concat(list(xs), axis=int(eqn.params["dimension"]))
+  return u.tflite_int32("ConcatV2", lambda *xs: tf.concat(list(xs), axis=int(eqn.params["dimension"])), *xs)
 
 
 @register(lax.stack_p, family=_F)
 def _stack(ctx, eqn, *xs):
-  return tf.stack(list(xs), axis=int(eqn.params["axis"]))
+  return u.tflite_int32("Pack", lambda *xs: tf.stack(list(xs), axis=int(eqn.params["axis"])), *xs)
 
 
 @register(lax.split_p, family=_F)
@@ -89,7 +90,9 @@ def static_slice(x: tf.Tensor, start, limit, strides=None) -> tf.Tensor:
   strides = [1] * len(start) if strides is None else [int(s) for s in strides]
   if start == [0] * len(start) and limit == x.shape.as_list() and strides == [1] * len(start):
     return x
-  return tf.strided_slice(x, start, limit, strides)
+  # The converter turns a unit-stride StridedSlice into SLICE, whose kernel takes fewer types.
+  op = "Slice" if strides == [1] * len(start) else "StridedSlice"
+  return u.tflite_int32(op, lambda x: tf.strided_slice(x, start, limit, strides), x)
 
 
 @register(lax.slice_p, family=_F)
@@ -101,7 +104,7 @@ def _slice(ctx, eqn, x):
 @register(lax.rev_p, family=_F)
 def _rev(ctx, eqn, x):
   dims = [int(d) for d in eqn.params["dimensions"]]
-  return tf.reverse(x, dims) if dims else x
+  return u.tflite_int32("ReverseV2", lambda x: tf.reverse(x, dims), x) if dims else x
 
 
 def interior_pad(x: tf.Tensor, axis: int, k: int, value: tf.Tensor) -> tf.Tensor:
@@ -113,9 +116,10 @@ def interior_pad(x: tf.Tensor, axis: int, k: int, value: tf.Tensor) -> tf.Tensor
     return x
   shape = x.shape.as_list()
   n = shape[axis]
-  filler = tf.broadcast_to(tf.reshape(value, [1] * (len(shape) + 1)),
-                           [*shape[:axis], n, k, *shape[axis + 1:]])
-  y = tf.concat([tf.expand_dims(x, axis + 1), filler], axis=axis + 1)
+  filler = u.tflite_int32("BroadcastTo", lambda v: tf.broadcast_to(
+      tf.reshape(v, [1] * (len(shape) + 1)), [*shape[:axis], n, k, *shape[axis + 1:]]), value)
+  y = u.tflite_int32("ConcatV2", lambda x, f: tf.concat([tf.expand_dims(x, axis + 1), f], axis=axis + 1),
+                     x, filler)
   y = tf.reshape(y, [*shape[:axis], n * (k + 1), *shape[axis + 1:]])
   limit = list(y.shape.as_list())
   limit[axis] = (n - 1) * (k + 1) + 1
@@ -131,7 +135,7 @@ def pad(x: tf.Tensor, value: tf.Tensor, config) -> tf.Tensor:
   x = static_slice(x, start, limit)
   paddings = [[max(0, int(lo)), max(0, int(hi))] for lo, hi, _ in config]
   if any(a or b for a, b in paddings):
-    x = tf.pad(x, paddings, constant_values=value)
+    x = u.tflite_int32(("Pad", "PadV2"), lambda x, v: tf.pad(x, paddings, constant_values=v), x, value)
   return x
 
 
