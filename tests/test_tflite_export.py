@@ -5,6 +5,7 @@ determinism, and the measured reason the plain-TF lowering is the default."""
 from __future__ import annotations
 
 import pathlib
+import re
 
 import jax
 import jax.numpy as jnp
@@ -181,3 +182,172 @@ def test_export_is_deterministic_and_lists_ops(tmp_path):
   manifest = read_manifest(a)
   assert manifest["tflite"]["lowering"] == "tf"
   assert set(manifest["tflite"]["ops"]) == {str(f) for f in files if f.suffix == ".tflite"}
+
+
+# --- 8 and 16-bit integers -------------------------------------------------------------------------
+
+SMALL_INTS = ("int8", "uint8", "int16")  # the types federated programs use (tests/federated_programs.py)
+
+
+def _full_range(dtype, shape, rng):
+  """Values over the whole range of ``dtype``, with both extremes and zero."""
+  info = np.iinfo(dtype)
+  x = rng.integers(info.min, int(info.max) + 1, size=shape).astype(dtype)
+  x.flat[:3] = info.min, info.max, 0
+  return x
+
+
+def _small_int_client(x, y):
+  pred = jnp.reshape(y, (-1,))[0] > x[0, 0]  # a comparison on the small type feeding lax.cond
+  picked = lax.cond(pred, lambda a: a[1:3] + a[:2], lambda a: a[::-1][:2] - a[2:], x)
+  return (jnp.maximum(x, y), jnp.minimum(x, y), jnp.clip(x, 3, 100), picked, x[1:, :2], x[::2],
+          lax.dynamic_slice(x, (1, 1), (2, 3)), x * y, (x >= y).astype(x.dtype))
+
+
+@pytest.mark.parametrize("dtype", SMALL_INTS)
+def test_small_int_pieces_are_builtins_and_equal_jax(dtype):
+  """Max, min, clip, a comparison feeding lax.cond and slices of int8/uint8/int16 used to fail the
+  export (no TFLite kernel for MAXIMUM, GREATER, SLICE... on them); they are computed in int32 and
+  narrowed back, bit-exact, wrapping products included."""
+  @fb.computation(in_placements=(fb.CLIENTS, fb.CLIENTS))
+  def program(x, y):
+    return tuple(fb.max(o) for o in fb.map(_small_int_client, x, y))
+
+  rng = np.random.default_rng(7)
+  form = fb.split(program, _full_range(dtype, (3, 4, 5), rng), _full_range(dtype, (3, 4, 5), rng))
+  piece = form.stages[0].client_work
+  model = tx.convert_piece(piece)
+  ops = tx.model_ops(model)
+  assert not [op for op in ops if op.startswith(NON_BUILTIN)], ops
+  assert {"MAXIMUM", "MINIMUM", "GREATER", "IF"} <= set(ops), ops
+  for seed in range(3):
+    rng = np.random.default_rng(seed)
+    args = [_full_range(s.dtype, s.shape, rng) for s in piece.inputs]
+    want = jax.jit(jcore.jaxpr_as_fun(piece.jaxpr))(*args)
+    for got, w in zip(_run(model, piece, args), want, strict=True):
+      assert got.dtype == np.asarray(w).dtype
+      np.testing.assert_array_equal(got, np.asarray(w))
+
+
+def _graph_ops(fn, *args) -> list[tuple[str, str]]:
+  """(op type, dtype attr T) of each node of ``fn``'s lowered TF graph, function bodies included."""
+  import faxbridge.converters.tf as fbtf
+
+  graph = fbtf.to_tf(fn, *args).graph.as_graph_def()
+  nodes = [*graph.node, *(n for f in graph.library.function for n in f.node_def)]
+  return [(n.op, tf_dtype_name(n.attr["T"].type) if "T" in n.attr else "") for n in nodes]
+
+
+def tf_dtype_name(enum: int) -> str:
+  import tensorflow as tf
+
+  return tf.dtypes.as_dtype(enum).name
+
+
+def test_small_ints_are_widened_only_where_tflite_lacks_the_kernel():
+  """TF graphs (TFF's) keep their ops where TFLite has a kernel for the type: int16 == and <,
+  int8 slices and every int32 op stay as they are; int8 max and int16 slices go through int32."""
+  i8, i16, i32 = (np.arange(-3, 3, dtype=d).reshape(2, 3) for d in (np.int8, np.int16, np.int32))
+  kept = _graph_ops(lambda a, b, c: (a == a[::-1], a < a[::-1], b[:1], jnp.maximum(c, c[::-1])),
+                    i16, i8, i32)
+  assert ("Equal", "int16") in kept and ("Less", "int16") in kept and ("Maximum", "int32") in kept
+  assert not [op for op, _ in kept if op == "Cast"], kept
+  widened = _graph_ops(lambda a, b: (jnp.maximum(a, -a), lax.dynamic_slice(b, (1, 0), (1, 2))),
+                       i8, i16)
+  assert ("Maximum", "int32") in widened and ("Maximum", "int8") not in widened, widened
+  assert ("Slice", "int32") in widened and ("Slice", "int16") not in widened, widened
+  # int8 -a: its operand in and its result out (2); the max: two operands in, one result out (3);
+  # the int16 slice: one in, one out (2)
+  assert [op for op, _ in widened].count("Cast") == 7, widened
+
+
+def _one_op(op: str, dtype: str):
+  """A tf.function applying TF op ``op`` to (4, 3) tensors of ``dtype`` (as the lowering emits it)."""
+  import tensorflow as tf
+
+  t = tf.as_dtype(dtype)
+  two = lambda f: ([t, t], f)
+  one = lambda f: ([t], f)
+  table = {
+      "AddV2": two(tf.add), "Sub": two(tf.subtract), "Mul": two(tf.multiply),
+      "FloorDiv": one(lambda x: tf.math.floordiv(x, tf.constant(3, t))),
+      "FloorMod": one(lambda x: tf.math.floormod(x, tf.constant(3, t))),
+      "Neg": one(tf.negative), "Abs": one(tf.abs), "Sign": one(tf.sign),
+      "Maximum": two(tf.maximum), "Minimum": two(tf.minimum), "Equal": two(tf.equal),
+      "NotEqual": two(tf.not_equal), "Less": two(tf.less), "LessEqual": two(tf.less_equal),
+      "Greater": two(tf.greater), "GreaterEqual": two(tf.greater_equal),
+      "SelectV2": ([tf.bool, t, t], tf.where),
+      "BroadcastTo": one(lambda x: tf.broadcast_to(tf.reshape(x, [4, 3, 1]), [4, 3, 2])),
+      "Transpose": one(tf.transpose), "ConcatV2": two(lambda x, y: tf.concat([x, y], 0)),
+      "Pack": two(lambda x, y: tf.stack([x, y])), "Split": one(lambda x: tf.split(x, 2)),
+      "SplitV": one(lambda x: tf.split(x, [1, 3])),
+      "StridedSlice": one(lambda x: x[1:4:2, ::-1]), "Slice": one(lambda x: tf.slice(x, [1, 0], [2, 2])),
+      "ReverseV2": one(lambda x: tf.reverse(x, [1])),
+      "PadV2": one(lambda x: tf.pad(x, [[1, 0], [0, 2]], constant_values=tf.constant(5, t))),
+      "Pad": one(lambda x: tf.pad(x, [[1, 0], [0, 2]])),
+      "Fill": one(lambda x: tf.fill([100, 2], tf.reshape(x, [-1])[0])),
+      "Sum": one(lambda x: tf.reduce_sum(x, 1)), "Max": one(lambda x: tf.reduce_max(x, 1)),
+      "Min": one(lambda x: tf.reduce_min(x, 1)), "Prod": one(lambda x: tf.reduce_prod(x, 1)),
+      "ArgMax": one(lambda x: tf.argmax(x, 1, output_type=tf.int32)),
+      "ArgMin": one(lambda x: tf.argmin(x, 1, output_type=tf.int32)),
+      "Cumsum": one(lambda x: tf.cumsum(x, 1)), "TopKV2": one(lambda x: tf.math.top_k(x, 2)[0]),
+      "GatherV2": one(lambda x: tf.gather(x, [2, 0])),
+      "GatherNd": one(lambda x: tf.gather_nd(x, [[1, 2], [3, 0]])),
+      "ScatterNd": one(lambda x: tf.scatter_nd([[1], [3], [0], [2]], x, [5, 3])),
+  }
+  types, f = table[op]
+  specs = [tf.TensorSpec([4, 3], d, name=f"in{i}") for i, d in enumerate(types)]
+  return tf.function(f, input_signature=specs, autograph=False)
+
+
+# Converts, but LiteRT crashes the process running it: only the conversion is checked.
+_CRASHES_LITERT = {("Equal", "uint8")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["int8", "uint8", "int16", "uint16"])
+def test_no_tflite_kernel_table_is_as_measured(dtype):
+  """``NO_TFLITE_KERNEL`` is a measurement: each listed (op, type) fails to convert with
+  TFLITE_BUILTINS only, and each op it lists runs on LiteRT, equal to TF, for the types it does not
+  list. A converter or LiteRT that gains or loses a kernel fails here, so the table is redone."""
+  import tensorflow as tf
+
+  from faxbridge.converters.tf._util import NO_TFLITE_KERNEL
+
+  wrong = []
+  rng = np.random.default_rng(0)
+  for op, missing in sorted(NO_TFLITE_KERNEL.items()):
+    fn = _one_op(op, dtype)
+    try:
+      concrete = fn.get_concrete_function()
+    except TypeError:  # no TF kernel either (Neg, Abs, Sign of unsigned): never emitted
+      if dtype in missing:
+        wrong.append(f"{op} on {dtype} is listed but TF has no such op")
+      continue
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([concrete], fn)
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+    try:
+      model = converter.convert()
+    except Exception:
+      if dtype not in missing:
+        wrong.append(f"{op} on {dtype} does not convert but is not listed")
+      continue
+    if (op, dtype) in _CRASHES_LITERT:
+      continue
+    if dtype in missing:
+      wrong.append(f"{op} on {dtype} converts but is listed")
+      continue
+    args = [rng.integers(0, 2, (4, 3)).astype(bool) if s.dtype == tf.bool
+            else _full_range(dtype, (4, 3), rng) for s in fn.input_signature]
+    interpreter = Interpreter(model_content=model)
+    interpreter.allocate_tensors()
+    for d in interpreter.get_input_details():
+      interpreter.set_tensor(d["index"], args[int(re.search(r"in(\d+)", d["name"]).group(1))])
+    interpreter.invoke()
+    got = [interpreter.get_tensor(d["index"]) for d in interpreter.get_output_details()]
+    want = [np.asarray(w) for w in tf.nest.flatten(fn(*args))]
+    # the outputs' order is the converter's (Split's two pieces): compared as a multiset
+    key = lambda a: (str(a.dtype), a.shape, a.tobytes())
+    if sorted(map(key, got)) != sorted(map(key, want)):
+      wrong.append(f"{op} on {dtype}: LiteRT differs from TF")
+  assert not wrong, wrong
