@@ -1,28 +1,39 @@
 """The ``faxbridge`` command: inspect, export and verify federated computations.
 
-A program is named ``MODULE:ATTR`` (an ``fb.computation`` or ``fb.IterativeProcess``); its example
-inputs come from ``MODULE.example_inputs()`` (or ``--example-inputs NAME``), which returns the
-computation's positional arguments. For an iterative process the arguments of ``next`` after the
-state are used.
+A program is named ``MODULE:ATTR`` (an ``fb.computation`` or ``fb.IterativeProcess``), imported
+relative to the working directory; its example inputs come from ``MODULE.example_inputs()`` (or
+``--example-inputs NAME``), which returns the computation's positional arguments. For an iterative
+process the arguments of ``next`` after the state are used.
 
-  faxbridge inspect examples.fedavg:computation
-  faxbridge export examples.fedavg:process --target=tff -o build/fedavg_tff
-  faxbridge verify build/fedavg_tff --runtime=tff --inputs build/fedavg_tff.inputs.npz
-  faxbridge demo
+examples (from the repository root):
+  faxbridge targets
+  faxbridge inspect examples.fedavg:computation --html fedavg_round.html
+  faxbridge export examples.fedavg:process --target=tff -o build/fedavg_tff --save-inputs --force
+  faxbridge verify build/fedavg_tff --runtime=tff
+  faxbridge export examples.two_stage:computation --target=stablehlo -o build/two_stage --force
+  faxbridge verify build/two_stage --runtime=iree --program examples.two_stage:computation
 
-Exit codes: 0 success; 1 a verification ran and some output differs (the report says which);
+``--save-inputs`` with no file writes DIR.inputs.npz beside the export DIR; ``verify DIR`` reads it
+when neither ``--inputs`` nor ``--program`` is given.
+
+Exit codes: 0 success; 1 a verification ran and some output differs (the table says which);
 2 a usage error or an export/inputs that cannot be verified (one line on stderr, nothing compared).
+Progress goes to stderr when it is a terminal; results go to stdout.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import importlib
+import importlib.util
 import os
 import sys
 import tempfile
 import time
 import zipfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -127,12 +138,163 @@ def _save_inputs(path: Path, out_dir: Path, args: tuple) -> None:
                     for s, v in zip(block["inputs"], leaves)})
 
 
+# --- progress and quiet native logs --------------------------------------------------------------
+class Progress:
+  """Steps of a long command on stderr, each with the seconds since the command started; silent
+  unless stderr is a terminal (pipes, CI logs and tests see only the results on stdout)."""
+
+  def __init__(self, enabled: bool):
+    self.enabled, self.start = enabled, time.perf_counter()
+
+  def __call__(self, message: str) -> None:
+    if self.enabled:
+      print(f"[{time.perf_counter() - self.start:6.1f} s] {message}", file=sys.stderr, flush=True)
+
+  @contextlib.contextmanager
+  def watch(self, module: str, attr: str, label: Callable[..., str]) -> Iterator[None]:
+    """While inside, announce each call of ``module.attr`` (looked up at call time by its module,
+    so replacing the attribute reaches every caller there). The library has no progress hooks of
+    its own: this keeps the CLI's reporting out of export and verify. A name that has moved is
+    skipped (progress is a courtesy, never a reason to fail)."""
+    if not self.enabled:
+      yield
+      return
+    try:
+      mod = importlib.import_module(module)
+      original = getattr(mod, attr)
+    except (ImportError, AttributeError):
+      yield
+      return
+
+    @functools.wraps(original)
+    def announced(*args, **kwargs):
+      with contextlib.suppress(Exception):  # a label that cannot be made is no reason to fail
+        self(label(*args, **kwargs))
+      return original(*args, **kwargs)
+
+    setattr(mod, attr, announced)
+    try:
+      yield
+    finally:
+      setattr(mod, attr, original)
+
+  def rounds(self, module: str, who: str) -> contextlib.AbstractContextManager:
+    """Announce each round of ``run_program`` as imported by ``module`` (plan runtimes, native)."""
+
+    def wrap(run_program):
+      def counted(kind, run, inputs, rounds, links=None):
+        done = {"next": 0}
+
+        def run_one(name, named):
+          if name == "next":
+            done["next"] += 1
+            self(f"{who}: round {done['next']} of {rounds}")
+          else:
+            self(f"{who}: {name}")
+          return run(name, named)
+
+        return run_program(kind, run_one, inputs, rounds, links)
+      return counted
+
+    return self._replace(module, "run_program", wrap)
+
+  @contextlib.contextmanager
+  def _replace(self, module: str, attr: str, wrap: Callable) -> Iterator[None]:
+    if not self.enabled:
+      yield
+      return
+    try:
+      mod = importlib.import_module(module)
+      original = getattr(mod, attr)
+    except (ImportError, AttributeError):
+      yield
+      return
+    setattr(mod, attr, wrap(original))
+    try:
+      yield
+    finally:
+      setattr(mod, attr, original)
+
+
+@contextlib.contextmanager
+def _native_logs_hidden(hide: bool) -> Iterator[None]:
+  """TensorFlow, TFLite and absl write their C++ logs (oneDNN notices, "Ignored output_format",
+  "All log messages before absl::InitializeLog()") straight to file descriptor 2, ignoring
+  TF_CPP_MIN_LOG_LEVEL in TF 2.21. While inside, descriptor 2 goes to a scratch file and Python's
+  sys.stderr (progress, errors, tracebacks) to a copy of the real one; a crash shows the captured
+  log after its traceback so nothing is lost. ``--verbose`` leaves everything as it is."""
+  if not hide:
+    yield
+    return
+  sys.stderr.flush()
+  saved = os.dup(2)
+  scratch = tempfile.TemporaryFile()  # noqa: SIM115 (closed in the finally below)
+  os.dup2(scratch.fileno(), 2)
+  python_stderr = sys.stderr
+  swapped = False
+  with contextlib.suppress(AttributeError, OSError, ValueError):
+    # A StringIO (tests, an embedding program) has no descriptor: it is left alone.
+    swapped = python_stderr.fileno() == 2
+  if swapped:
+    sys.stderr = os.fdopen(os.dup(saved), "w", buffering=1, errors="backslashreplace")
+  try:
+    yield
+  except BaseException as e:
+    if not isinstance(e, UsageError | FaxbridgeError | SystemExit | KeyboardInterrupt):
+      scratch.seek(0)
+      captured = scratch.read().decode(errors="replace").strip()
+      if captured:
+        print(f"native log before the error:\n{captured[-4000:]}", file=sys.stderr)
+    raise
+  finally:
+    sys.stderr.flush()
+    os.dup2(saved, 2)
+    os.close(saved)
+    scratch.close()
+    if swapped:
+      sys.stderr.close()
+      sys.stderr = python_stderr
+
+
+def _quiet_python_logs() -> None:
+  """TensorFlow's and absl's Python-side warnings; set before TensorFlow is imported."""
+  import logging
+
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  logging.getLogger("tensorflow").setLevel(logging.ERROR)
+  try:
+    from absl import logging as absl_logging
+  except ImportError:
+    return
+  absl_logging.set_verbosity(absl_logging.ERROR)
+
+
+# --- commands -------------------------------------------------------------------------------------
+def _sidecar(export_dir: str | os.PathLike) -> Path:
+  """Where ``--save-inputs`` (no file given) writes the inputs and ``verify`` looks for them:
+  beside the export, because every file inside it is pinned by the manifest's sha256s."""
+  return Path(str(Path(export_dir)).rstrip("/") + ".inputs.npz")
+
+
+_TARGET_STEPS = {  # module, function, what one call of it means (one per piece)
+    "stablehlo": ("faxbridge.converters.stablehlo.export", "export_piece",
+                  lambda piece, *a, **k: f"lowering {piece.name} to StableHLO"),
+    "tflite": ("faxbridge.converters.tflite.export", "convert_piece",
+               lambda piece, *a, **k: f"converting {piece.name} to TFLite"),
+    "tff": ("faxbridge.converters.tff.local", "local_computation",
+            lambda piece, *a, **k: f"lowering {piece.name} to a TF local computation"),
+}
+
+
 def cmd_export(ns: argparse.Namespace) -> int:
   import faxbridge as fb
+  from faxbridge import _report
 
   # Before the program is imported and traced: the cheap mistakes first.
   if Path(ns.output).exists() and not ns.force:
     raise UsageError(f"{ns.output} exists; pass --force to replace it")
+  progress = ns.progress
+  progress(f"importing {ns.program}")
   program, args = _load(ns.program, ns.example_inputs)
   options = {}
   if ns.local:
@@ -142,41 +304,146 @@ def cmd_export(ns: argparse.Namespace) -> int:
   if ns.lowering:
     options["lowering"] = ns.lowering
   start = time.perf_counter()
-  out = fb.export(program, *args, target=ns.target, out_dir=ns.output, force=ns.force, **options)
-  print(f"exported {ns.program} to {out} ({ns.target}) in {time.perf_counter() - start:.2f} s")
-  if ns.save_inputs:
-    _save_inputs(Path(ns.save_inputs), out, args)
-    print(f"example inputs written to {ns.save_inputs}")
+  progress(f"loading the {ns.target} exporter")
+  registry.TARGETS[ns.target].load()  # TensorFlow's import, shown as its own step
+  with contextlib.ExitStack() as stack:
+    stack.enter_context(progress.watch(
+        "faxbridge.export", "split_program",
+        lambda p, *a, **k: f"tracing and splitting {getattr(p, '__name__', p)}"))
+    stack.enter_context(progress.watch(*_TARGET_STEPS[ns.target]))
+    stack.enter_context(progress.watch(
+        "faxbridge.export", "_native", lambda *a, **k: "serializing the native reference"))
+    out = fb.export(program, *args, target=ns.target, out_dir=ns.output, force=ns.force,
+                    **options)
+  seconds = time.perf_counter() - start
+  print(f"exported {ns.program} to {out} ({ns.target}) in {seconds:.1f} s\n")
+  print(_report.files_summary(out))
+  if ns.save_inputs is not None:
+    path = Path(ns.save_inputs) if ns.save_inputs else _sidecar(out)
+    _save_inputs(path, out, args)
+    print(f"\nexample inputs: {path} ({_report.size_text(path.stat().st_size)})")
   return 0
 
 
 def cmd_verify(ns: argparse.Namespace) -> int:
   import faxbridge as fb
+  from faxbridge import _report
   from faxbridge.verify import read_export_manifest
 
-  read_export_manifest(Path(ns.dir))  # no directory, no manifest, not JSON: one line, exit 2
-  inputs = _read_npz(ns.inputs)
-  report = fb.verify(ns.dir, runtime=ns.runtime, inputs=inputs, rounds=ns.rounds)
-  print(report)
+  progress = ns.progress
+  export_dir = Path(ns.dir)
+  read_export_manifest(export_dir)  # no directory, no manifest, not JSON: one line, exit 2
+  args: tuple = ()
+  inputs = None
+  if ns.inputs and ns.program:
+    raise UsageError("give --inputs FILE or --program MODULE:ATTR, not both")
+  if ns.inputs:
+    inputs = _read_npz(ns.inputs)
+  elif ns.program:
+    progress(f"importing {ns.program} for its example inputs")
+    _, args = _load(ns.program, ns.example_inputs)
+  elif _sidecar(export_dir).is_file():
+    inputs = _read_npz(str(_sidecar(export_dir)))
+  else:
+    raise UsageError(f"no inputs: pass --inputs FILE.npz or --program MODULE:ATTR (its example "
+                     f"inputs), or export with --save-inputs to write {_sidecar(export_dir)}")
+  entry = registry.RUNTIMES[ns.runtime]
+  progress(f"loading runtime {ns.runtime}")
+  with contextlib.suppress(ImportError):  # a missing runtime is reported by verify, as usual
+    entry.load()
+  start = time.perf_counter()
+  with contextlib.ExitStack() as stack:
+    stack.enter_context(progress.watch(
+        "faxbridge.verify", "check_files",
+        lambda d, m: f"checking {len(m.get('files', {}))} files against the manifest's sha256"))
+    stack.enter_context(progress.watch(
+        "faxbridge.verify", "_check_native_shapes", lambda *a: f"running on {ns.runtime}"))
+    stack.enter_context(progress.watch(
+        "faxbridge.converters.runtimes.tff.client", "invoke",
+        lambda *a, **k: "starting TFF 0.87 in .venv-tff (rounds run there)"))
+    stack.enter_context(progress.rounds("faxbridge.converters.plan", ns.runtime))
+    stack.enter_context(progress.watch(
+        "faxbridge.verify", "native_outputs", lambda *a, **k: "running natively (XLA)"))
+    stack.enter_context(progress.rounds("faxbridge.verify", "native"))
+    report = fb.verify(export_dir, *args, runtime=ns.runtime, inputs=inputs, rounds=ns.rounds)
+  seconds = time.perf_counter() - start
+  print(f"{report.export_dir} on {report.runtime}\n")
+  print(_report.verify_table(report))
+  print(f"\n{_report.verdict(report, seconds)}")
   return 0 if report.ok else 1
 
 
+def _forms(program: Any, args: tuple) -> dict:
+  """The federated forms of a program, as export splits it: ``computation``, or ``initialize``
+  and ``next``."""
+  from faxbridge.export import split_program
+
+  return split_program(program, args).forms
+
+
 def cmd_inspect(ns: argparse.Namespace) -> int:
-  import faxbridge as fb
+  from faxbridge import _report
   from faxbridge.iterative import IterativeProcess
 
+  progress = ns.progress
+  progress(f"importing {ns.program}")
   program, args = _load(ns.program, ns.example_inputs)
-  comp = program.next if isinstance(program, IterativeProcess) else program
-  if isinstance(program, IterativeProcess):
-    args = (program.state_spec(), *args)
-  print(comp.trace(*args).pretty())
-  form = fb.split(comp, *args)
-  print(f"\n{len(form.stages)} stage(s); clients={form.clients}")
-  for stage, traffic in zip(form.stages, form.bytes_per_client()):
-    kinds = ", ".join(sorted({a.kind for a in stage.aggregations}))
-    print(f"  stage {stage.index}: broadcast {len(stage.broadcasts)} tensors, upload "
-          f"{len(stage.uploads)} ({kinds}); per client {traffic['download']} B down, "
-          f"{traffic['upload']} B up")
+  if ns.jaxpr:
+    comp = program.next if isinstance(program, IterativeProcess) else program
+    full = (program.state_spec(), *args) if isinstance(program, IterativeProcess) else args
+    progress("tracing")
+    print(comp.trace(*full).pretty() + "\n")
+  progress("tracing and splitting")
+  forms = _forms(program, args)
+  print("\n\n".join(_report.form_text(form, f"{ns.program} {name}" if len(forms) > 1
+                                      else ns.program) for name, form in forms.items()))
+  if ns.html:
+    Path(ns.html).write_text(_report.round_html(forms, f"faxbridge inspect {ns.program}"))
+    print(f"\nthe round drawn: {ns.html}")
+  return 0
+
+
+# What each runtime imports in this Python (tff runs in its own environment; jax needs nothing more).
+_RUNTIME_MODULES = {"iree": ("iree.compiler", "iree.runtime"), "litert": ("ai_edge_litert",)}
+
+
+def _installed(runtime: str) -> tuple[bool, str]:
+  """Whether ``runtime`` can run here, and where it runs or what is missing."""
+  if runtime == "tff":
+    from faxbridge.converters.runtimes.tff.launch import tff_python
+    from faxbridge.errors import VerificationError
+
+    try:
+      return True, str(tff_python())
+    except VerificationError as e:
+      return False, str(e).split(". ")[0]
+  modules = _RUNTIME_MODULES.get(runtime, ())
+  missing = []
+  for m in modules:
+    try:
+      found = importlib.util.find_spec(m) is not None
+    except (ImportError, ValueError):
+      found = False
+    if not found:
+      missing.append(m)
+  if missing:
+    return False, f"{', '.join(missing)} not importable"
+  return True, f"{', '.join(modules)} in this Python" if modules else "this Python (jax.export)"
+
+
+def cmd_targets(ns: argparse.Namespace) -> int:
+  rows = []
+  for name, target in registry.TARGETS.items():
+    readers = [r for r in registry.RUNTIMES.values() if name in r.reads]
+    print(f"{name}: {target.summary}")
+    for runtime in readers:
+      ok, where = _installed(runtime.name)
+      how = "" if ok else f"; install: {runtime.needs or 'pip install -e . (the core environment)'}"
+      print(f"  runtime {runtime.name:7s} {'installed' if ok else 'MISSING  '}  {where}{how}")
+      rows.append(ok)
+    print()
+  print(f"{sum(rows)} of {len(rows)} target/runtime pairs can verify here; "
+        "`faxbridge verify DIR --runtime=NAME` runs one")
   return 0
 
 
@@ -184,19 +451,40 @@ def cmd_demo(ns: argparse.Namespace) -> int:
   """The main job on the bundled default example: FedAvg exported to TFF and proven on TFF 0.87."""
   import faxbridge as fb
   from examples import fedavg
+  from faxbridge import _report
 
+  progress = ns.progress
   out = Path(ns.output or tempfile.mkdtemp(prefix="faxbridge-demo-")) / "fedavg_tff"
   _, data = fedavg.example_inputs()
   start = time.perf_counter()
-  fb.export(fedavg.process, data, target="tff", out_dir=out, force=True)
-  print(f"exported examples.fedavg:process to {out} in {time.perf_counter() - start:.1f} s:")
-  for path in sorted(out.rglob("*")):
-    if path.is_file():
-      print(f"  {path.relative_to(out)}  ({path.stat().st_size} bytes)")
+  progress("loading the tff exporter")
+  registry.TARGETS["tff"].load()
+  with progress.watch(*_TARGET_STEPS["tff"]):
+    fb.export(fedavg.process, data, target="tff", out_dir=out, force=True)
+  print(f"exported examples.fedavg:process to {out} in {time.perf_counter() - start:.1f} s\n")
+  print(_report.files_summary(out))
   print(f"\nrunning {ns.rounds} rounds on TFF 0.87 and natively...")
-  report = fb.verify(out, data, runtime="tff", rounds=ns.rounds)
-  print(report)
+  start = time.perf_counter()
+  with contextlib.ExitStack() as stack:
+    stack.enter_context(progress.watch(
+        "faxbridge.converters.runtimes.tff.client", "invoke",
+        lambda *a, **k: "starting TFF 0.87 in .venv-tff (rounds run there)"))
+    stack.enter_context(progress.rounds("faxbridge.verify", "native"))
+    report = fb.verify(out, data, runtime="tff", rounds=ns.rounds)
+  print(_report.verify_table(report))
+  print(f"\n{_report.verdict(report, time.perf_counter() - start)}")
   return 0 if report.ok else 1
+
+
+def _version() -> str:
+  import platform
+
+  import jax
+
+  import faxbridge
+
+  return (f"faxbridge {faxbridge.__version__} (jax {jax.__version__}, Python "
+          f"{platform.python_version()})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -204,7 +492,14 @@ def main(argv: list[str] | None = None) -> int:
   2 for a usage error or a faxbridge error (one line on stderr; nothing verified)."""
   parser = _Parser(prog="faxbridge", description=__doc__,
                    formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--version", action="version", version=_version())
+  parser.add_argument("-v", "--verbose", action="store_true",
+                      help="show TensorFlow's, TFLite's and absl's own logs (hidden by default)")
   sub = parser.add_subparsers(dest="command", required=True)
+
+  p = sub.add_parser("targets", help="list targets, the runtimes that read them, and which are "
+                     "installed here")
+  p.set_defaults(fn=cmd_targets)
 
   p = sub.add_parser("export", help="export a program for a target")
   p.add_argument("program", help="MODULE:ATTR of an fb.computation or fb.IterativeProcess")
@@ -215,19 +510,29 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--stablehlo-version", help="stablehlo: version of the portable artifacts")
   p.add_argument("--lowering", choices=["tf", "jax2tf"], help="tflite: how pieces reach TF")
   p.add_argument("--example-inputs", default="example_inputs", help="function giving the inputs")
-  p.add_argument("--save-inputs", help="also write the example inputs, by name, to this .npz")
+  p.add_argument("--save-inputs", nargs="?", const="", metavar="FILE",
+                 help="also write the example inputs, by name, to FILE (.npz; default: "
+                 "OUTPUT.inputs.npz beside the export, which verify reads by default)")
   p.set_defaults(fn=cmd_export)
 
   p = sub.add_parser("verify", help="run an export on a runtime and natively, and compare")
   p.add_argument("dir")
   p.add_argument("--runtime", default="tff", choices=sorted(registry.RUNTIMES))
-  p.add_argument("--inputs", required=True, help=".npz of the inputs by manifest name")
+  p.add_argument("--inputs", help=".npz of the inputs by manifest name (default: DIR.inputs.npz "
+                 "written by export --save-inputs)")
+  p.add_argument("--program", help="MODULE:ATTR whose example inputs to verify with")
+  p.add_argument("--example-inputs", default="example_inputs",
+                 help="with --program: the function giving the inputs")
   p.add_argument("--rounds", type=_at_least_one, default=5, help="rounds of an iterative process")
   p.set_defaults(fn=cmd_verify)
 
-  p = sub.add_parser("inspect", help="print the traced program with placements and its stages")
+  p = sub.add_parser("inspect", help="the program's inputs, outputs and stages with their traffic")
   p.add_argument("program")
   p.add_argument("--example-inputs", default="example_inputs")
+  p.add_argument("--html", metavar="FILE", help="also draw the round into FILE (self-contained "
+                 "HTML with an inline SVG)")
+  p.add_argument("--jaxpr", action="store_true",
+                 help="also print the traced jaxpr with every value's placement")
   p.set_defaults(fn=cmd_inspect)
 
   p = sub.add_parser("demo", help="export the bundled FedAvg to TFF and verify it on TFF 0.87")
@@ -236,14 +541,25 @@ def main(argv: list[str] | None = None) -> int:
   p.set_defaults(fn=cmd_demo)
 
   ns = parser.parse_args(argv)
+  # Decided before stderr is redirected: progress only for a person watching a terminal.
+  ns.progress = Progress(sys.stderr.isatty())
+  if not ns.verbose:
+    _quiet_python_logs()
   try:
-    return ns.fn(ns)
+    with _native_logs_hidden(not ns.verbose):
+      return ns.fn(ns)
   except UsageError as e:
     print(f"faxbridge {ns.command}: error: {e}", file=sys.stderr)
     return 2
   except FaxbridgeError as e:
     print(f"faxbridge {ns.command}: {type(e).__name__}: {e}", file=sys.stderr)
     return 2
+  except BrokenPipeError:
+    # `faxbridge inspect ... | head`: the reader has gone; what it read is all it wanted. Python
+    # would otherwise print a traceback when it flushes stdout at exit.
+    with contextlib.suppress(OSError):
+      os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0
 
 
 if __name__ == "__main__":

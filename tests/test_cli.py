@@ -107,6 +107,14 @@ USAGE_CASES = {
                              "{tmp}/extra.npz"], "unknown input(s) ['weights']"),
     "inputs-per-client-shape": (["verify", "{export}", "--runtime", "jax", "--inputs",
                                  "{tmp}/shape.npz"], "input 'values' (CLIENTS) has shape (3, 2, 2)"),
+    # No --inputs, no --program and no DIR.inputs.npz beside the export: say all three ways.
+    "verify-without-inputs": (["verify", "{export}", "--runtime", "jax"],
+                              "no inputs: pass --inputs FILE.npz or --program MODULE:ATTR"),
+    "inputs-and-program": (["verify", "{export}", "--runtime", "jax", "--inputs", "{inputs}",
+                            "--program", "cli_programs:scaled_mean"],
+                           "give --inputs FILE or --program MODULE:ATTR, not both"),
+    "verify-program-missing": (["verify", "{export}", "--runtime", "jax", "--program",
+                                "cli_programs:no_such_attr"], "has no attribute 'no_such_attr'"),
 }
 
 
@@ -117,8 +125,10 @@ DRIVER = """
 import contextlib, io, json, os, sys, traceback
 from faxbridge.cli import main
 cases, results = json.loads(sys.argv[1]), {}
-for name, (cwd, argv) in cases.items():
+for name, (cwd, argv, *env) in cases.items():
   os.chdir(cwd)
+  saved = dict(os.environ)
+  os.environ.update(env[0] if env else {})
   out, err = io.StringIO(), io.StringIO()
   with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
     try:
@@ -128,6 +138,8 @@ for name, (cwd, argv) in cases.items():
     except BaseException:
       traceback.print_exc()
       rc = 1
+  os.environ.clear()
+  os.environ.update(saved)
   results[name] = [rc, out.getvalue(), err.getvalue()]
 with open(sys.argv[2], "w") as f:
   json.dump(results, f)
@@ -157,14 +169,19 @@ def usage_setup(scaled, tmp_path_factory) -> dict[str, tuple[Path, list[str]]]:
           for name, (argv, _) in USAGE_CASES.items()}
 
 
-@pytest.fixture(scope="module")
-def usage_runs(usage_setup, tmp_path_factory) -> dict[str, tuple[int, str, str]]:
-  results = tmp_path_factory.mktemp("driver") / "results.json"
-  cases = {name: (str(cwd), argv) for name, (cwd, argv) in usage_setup.items()}
+def _drive(cases: dict[str, tuple], results: Path) -> dict[str, tuple[int, str, str]]:
+  """Run ``{name: (cwd, argv[, env])}`` through DRIVER in one interpreter: (rc, stdout, stderr)."""
+  cases = {name: (str(cwd), [str(a) for a in argv], *rest) for name, (cwd, argv, *rest)
+           in cases.items()}
   proc = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(cases), str(results)],
                         cwd=TESTS, env=_env(), capture_output=True, text=True, timeout=TIMEOUT_S)
   assert proc.returncode == 0, proc.stderr
   return {name: tuple(r) for name, r in json.loads(results.read_text()).items()}
+
+
+@pytest.fixture(scope="module")
+def usage_runs(usage_setup, tmp_path_factory) -> dict[str, tuple[int, str, str]]:
+  return _drive(usage_setup, tmp_path_factory.mktemp("driver") / "results.json")
 
 
 def _assert_usage_error(case: str, rc: int, out: str, err: str) -> None:
@@ -225,8 +242,9 @@ def test_verify_exits_1_with_a_mismatch_report_when_the_runtime_computes_somethi
   assert _swap_pieces(tampered, other)
   rc, out, err = _cli(["verify", tampered, "--runtime", "jax", "--inputs", inputs])
   assert rc == 1, (out, err)
-  assert "MISMATCH" in out.splitlines()[0]
-  assert [line.split()[0] for line in out.splitlines() if "<-- exceeds tolerance" in line] == ["out"]
+  assert out.splitlines()[-1].startswith("MISMATCH: 1 of 1 output(s) on jax differ: out")
+  assert [line.split()[0] for line in out.splitlines()
+          if line.endswith("FAIL (exceeds tolerance)")] == ["out"]
   assert "jax_process: fresh subprocess" in out  # the runtime ran: its values are what differ
   assert err == ""
 
@@ -236,7 +254,7 @@ def test_the_untampered_export_verifies_from_the_cli(scaled):
   export, inputs = scaled
   rc, out, err = _cli(["verify", export, "--runtime", "jax", "--inputs", inputs])
   assert rc == 0, (out, err)
-  assert "OK" in out.splitlines()[0]
+  assert out.splitlines()[-1].startswith("OK: 1 output(s) on jax equal native")
 
 
 # --- float64 with jax_enable_x64 ---------------------------------------------------------------
@@ -253,7 +271,7 @@ def test_float64_export_verifies_with_x64_and_is_refused_without(tmp_path):
   without = _start(["verify", out, "--runtime", "jax", "--inputs", inputs])
   rc, stdout, err = _cli(["verify", out, "--runtime", "jax", "--inputs", inputs], x64=True)
   assert rc == 0, (stdout, err)
-  assert "OK" in stdout.splitlines()[0]
+  assert stdout.splitlines()[-1].startswith("OK: 1 output(s) on jax")
   rc, stdout, err = _finish(without)
   assert rc == 2 and "Traceback" not in err
   assert "64-bit input(s) ['values'] but jax_enable_x64 is off" in err
