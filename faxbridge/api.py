@@ -85,7 +85,17 @@ def _constrain_to_clients(leaves: list) -> list:
 
 
 def broadcast(x: PyTree) -> PyTree:
-  """SERVER -> CLIENTS: every client receives ``x`` (result: ``x`` stacked ``n`` times)."""
+  """SERVER -> CLIENTS: every client receives ``x``.
+
+  ``broadcast(x) = [x, x, ..., x]`` (``n`` copies: ``x`` stacked on a new leading clients axis).
+  Its transpose is :func:`sum`: the gradient of a broadcast value sums the clients' gradients.
+  The number of clients comes from the CLIENTS inputs, or ``clients=`` of ``fb.computation``.
+
+  Example:
+    >>> fan_out = fb.computation(fb.broadcast, clients=3, in_placements=(fb.SERVER,))
+    >>> fan_out(np.array([1.0, 2.0], np.float32)).tolist()
+    [[1.0, 2.0], [1.0, 2.0], [1.0, 2.0]]
+  """
   ctx = _context("broadcast")
   if ctx.clients is None:
     raise PlacementError(
@@ -100,8 +110,17 @@ def broadcast(x: PyTree) -> PyTree:
 def map(fn: Callable, *args: PyTree) -> PyTree:
   """CLIENTS -> CLIENTS: ``fn`` applied to each client's slice of ``args``.
 
-  ``fn`` sees one client's values (the clients axis removed) and may return any pytree; it is kept
-  as a per-client sub-jaxpr. It may not capture traced values: pass them as broadcast arguments.
+  ``map(f, xs, ys) = [f(x_1, y_1), ..., f(x_n, y_n)]``. ``fn`` sees one client's values (the
+  clients axis removed) and may return any pytree; it is kept as a per-client sub-jaxpr, the
+  client work of the split. It may not capture traced values: pass server values as
+  ``fb.broadcast(value)`` arguments.
+
+  Example:
+    >>> @fb.computation(in_placements=(fb.SERVER, fb.CLIENTS))
+    ... def scaled(s, x):
+    ...   return fb.map(lambda s, x: s * x, fb.broadcast(s), x)
+    >>> scaled(np.float32(2.0), np.array([1.0, 2.0, 3.0], np.float32)).tolist()
+    [2.0, 4.0, 6.0]
   """
   leaves, in_tree = jax.tree.flatten(args)
   n = _clients_of("map", leaves)
@@ -126,7 +145,16 @@ def _aggregate(op: str, prim, x: PyTree, **params) -> PyTree:
 
 
 def sum(x: PyTree) -> PyTree:
-  """CLIENTS -> SERVER: ``sum_i x_i`` (in the values' own dtype)."""
+  """CLIENTS -> SERVER: ``sum_i x_i``, elementwise over clients.
+
+  The result has the clients' dtype (no promotion: an int8 sum stays int8 and wraps); ``bool``
+  is refused. Exported to TFF it is ``federated_sum``; its transpose is :func:`broadcast`.
+
+  Example:
+    >>> total = fb.computation(fb.sum, in_placements=(fb.CLIENTS,))
+    >>> total(np.array([[1, 2], [3, 4], [5, 6]], np.int32)).tolist()  # 3 clients
+    [9, 12]
+  """
   for v in jax.tree.leaves(x):
     if jnp.result_type(v) == jnp.bool_:
       raise TypeError(
@@ -137,13 +165,31 @@ def sum(x: PyTree) -> PyTree:
 
 
 def mean(x: PyTree) -> PyTree:
-  """CLIENTS -> SERVER: ``(1/n) sum_i x_i`` (floating values)."""
+  """CLIENTS -> SERVER: ``(1/n) sum_i x_i``, ``n`` the number of clients.
+
+  Floating (or complex) values only, in their own dtype; cast integers inside :func:`map` first.
+  Exported to TFF it is ``federated_mean``; its transpose is ``broadcast(ct / n)``.
+
+  Example:
+    >>> average = fb.computation(fb.mean, in_placements=(fb.CLIENTS,))
+    >>> average(np.array([1.0, 2.0, 6.0], np.float32)).tolist()
+    3.0
+  """
   _require_float("mean", x)
   return _aggregate("mean", P.mean_p, x)
 
 
 def weighted_mean(x: PyTree, weight: jax.Array) -> PyTree:
-  """CLIENTS -> SERVER: ``sum_i w_i x_i / sum_i w_i``, ``weight`` one scalar per client."""
+  """CLIENTS -> SERVER: ``sum_i w_i x_i / sum_i w_i``.
+
+  ``weight`` is one scalar per client (shape ``(n,)``), cast to each leaf's dtype as client work;
+  ``x`` must be floating. Exported to TFF it is ``federated_mean(x, weight)``.
+
+  Example:
+    >>> wmean = fb.computation(fb.weighted_mean, in_placements=(fb.CLIENTS, fb.CLIENTS))
+    >>> wmean(np.array([1.0, 2.0, 4.0], np.float32), np.array([1, 1, 2], np.int32)).tolist()
+    2.75
+  """
   _require_float("weighted_mean", x)
   leaves, tree = jax.tree.flatten(x)
   n = _clients_of("weighted_mean", leaves)
@@ -165,7 +211,16 @@ def weighted_mean(x: PyTree, weight: jax.Array) -> PyTree:
 def secure_sum(x: PyTree, bitwidth: int) -> PyTree:
   """CLIENTS -> SERVER: ``sum_i x_i`` of integers in ``[0, 2**bitwidth)``, by secure aggregation.
 
-  Natively this is a plain sum; exported, it becomes TFF's ``federated_secure_sum_bitwidth``.
+  Natively this is a plain sum in the clients' dtype; exported, it becomes TFF's
+  ``federated_secure_sum_bitwidth``, and ``bitwidth`` (an int in ``[1, 62]``) is the bound a
+  secure aggregation protocol needs. Integers only: quantize floats first.
+
+  Example:
+    >>> @fb.computation(in_placements=(fb.CLIENTS,))
+    ... def votes(x):
+    ...   return fb.secure_sum(x, bitwidth=8)
+    >>> votes(np.array([[1, 0], [1, 1], [0, 1]], np.int32)).tolist()
+    [2, 2]
   """
   if not isinstance(bitwidth, int) or not 1 <= bitwidth <= 62:
     raise ValueError(f"fb.secure_sum: bitwidth must be an int in [1, 62], got {bitwidth!r}")
@@ -178,12 +233,30 @@ def secure_sum(x: PyTree, bitwidth: int) -> PyTree:
 
 
 def max(x: PyTree) -> PyTree:
-  """CLIENTS -> SERVER: elementwise ``max_i x_i``."""
+  """CLIENTS -> SERVER: ``max_i x_i``, elementwise over clients, in the clients' dtype.
+
+  Exported to TFF it is ``federated_max``. Its derivative is the tangent of the clients that hold
+  the maximum, averaged over ties.
+
+  Example:
+    >>> largest = fb.computation(fb.max, in_placements=(fb.CLIENTS,))
+    >>> largest(np.array([[1, 5], [3, 2]], np.int32)).tolist()  # 2 clients
+    [3, 5]
+  """
   return _aggregate("max", P.max_p, x)
 
 
 def min(x: PyTree) -> PyTree:
-  """CLIENTS -> SERVER: elementwise ``min_i x_i``."""
+  """CLIENTS -> SERVER: ``min_i x_i``, elementwise over clients, in the clients' dtype.
+
+  Exported to TFF it is ``federated_min``. Its derivative is the tangent of the clients that hold
+  the minimum, averaged over ties.
+
+  Example:
+    >>> smallest = fb.computation(fb.min, in_placements=(fb.CLIENTS,))
+    >>> smallest(np.array([[1, 5], [3, 2]], np.int32)).tolist()  # 2 clients
+    [1, 2]
+  """
   return _aggregate("min", P.min_p, x)
 
 

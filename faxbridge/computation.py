@@ -25,7 +25,10 @@ PyTree = Any
 
 @dataclasses.dataclass(frozen=True)
 class TracedComputation:
-  """A federated computation traced for one input signature.
+  """A federated computation traced for one input signature (:meth:`Computation.trace`).
+
+  ``pretty()`` prints its jaxpr with every value's placement: ``{f32[3]}@CLIENTS`` is one
+  ``f32[3]`` per client, ``f32[3]@SERVER`` one on the server.
 
   Attributes:
     jaxpr: the whole computation as a ClosedJaxpr; federated operations are faxbridge primitives
@@ -83,7 +86,24 @@ def _shape_of(x) -> tuple[int, ...]:
 
 
 class Computation:
-  """A federated computation: call it to run natively; ``trace`` it to see its federated jaxpr."""
+  """A federated computation: call it to run natively; ``trace`` it to see its federated jaxpr.
+
+  Made by :func:`computation`. Calling it traces ``fn`` once per input signature (pytree
+  structure, shapes, dtypes), checks every placement, and runs it as one ``jax.jit``-compiled XLA
+  program, with CLIENTS values sharded over a mesh axis named ``clients`` when there is one. It
+  composes with JAX transformations (``jax.grad(comp)``, ``jax.vmap(comp)``), and is what
+  :func:`faxbridge.split`, :func:`faxbridge.export` and :class:`faxbridge.IterativeProcess` take.
+
+  Example:
+    >>> @fb.computation(in_placements=(fb.SERVER, fb.CLIENTS))
+    ... def shifted_mean(s, x):
+    ...   return fb.mean(fb.map(lambda s, x: x + s, fb.broadcast(s), x))
+    >>> x = np.array([[1.0, 2.0], [3.0, 4.0]], np.float32)  # 2 clients
+    >>> shifted_mean(np.float32(10.0), x).tolist()
+    [12.0, 13.0]
+    >>> shifted_mean.trace(np.float32(10.0), x).out_placements
+    (fb.SERVER,)
+  """
 
   def __init__(
       self,
@@ -136,7 +156,13 @@ class Computation:
     return run
 
   def trace(self, *args: PyTree) -> TracedComputation:
-    """Trace for the signature of ``args`` (arrays or ``jax.ShapeDtypeStruct`` pytrees)."""
+    """Trace for the signature of ``args`` (arrays or ``jax.ShapeDtypeStruct`` pytrees).
+
+    Raises:
+      PlacementError: a value used at the wrong placement, or CLIENTS inputs whose leading axes
+        disagree (with each other or with ``clients=``); names the user's ``file:line``.
+      TraceError: Python control flow that depends on a traced value.
+    """
     mesh = self._resolve_mesh()
     with _as_ambient(mesh):
       return self._trace(args, mesh)
@@ -275,6 +301,11 @@ def computation(
 ) -> Computation | Callable[[Callable], Computation]:
   """Make ``fn`` a federated computation.
 
+  Inside ``fn``, a SERVER argument is an ordinary array and a CLIENTS argument holds one value
+  per client on its leading axis (size ``n``, the number of clients). Values cross between them
+  only through ``fb.broadcast`` (SERVER -> CLIENTS), ``fb.map`` (per-client work) and the
+  aggregations (CLIENTS -> SERVER); every other JAX operation is server work.
+
   Args:
     fn: a function of JAX values written with ``fb.broadcast``, ``fb.map`` and aggregations.
     clients: the number of clients; inferred from the CLIENTS-placed inputs when None.
@@ -282,12 +313,18 @@ def computation(
     mesh: a device mesh; with an axis named ``clients``, CLIENTS values are sharded along it.
       Defaults to JAX's ambient mesh (``jax.set_mesh``).
 
-  Example::
+  Returns:
+    A :class:`Computation`; without ``fn``, a decorator that makes one.
 
-    @fb.computation(in_placements=(fb.SERVER, fb.CLIENTS))
-    def fedavg_round(params, data):
-      updates = fb.map(local_training, fb.broadcast(params), data)
-      return fb.mean(updates)
+  Example:
+    >>> def local_step(w, x):
+    ...   return w - 0.1 * (w - x)  # one step towards the client's data
+    >>> @fb.computation(in_placements=(fb.SERVER, fb.CLIENTS))
+    ... def fedavg_round(w, x):
+    ...   return fb.mean(fb.map(local_step, fb.broadcast(w), x))
+    >>> x = np.array([[1.0], [3.0]], np.float32)  # 2 clients
+    >>> [round(v, 4) for v in fedavg_round(np.zeros(1, np.float32), x).tolist()]
+    [0.2]
   """
   make = functools.partial(Computation, clients=clients, in_placements=in_placements, mesh=mesh)
   return make if fn is None else make(fn)

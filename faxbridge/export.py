@@ -145,9 +145,36 @@ def export(
 ) -> Path:
   """Export ``program`` for the signature of ``example_args`` into ``out_dir``.
 
+  The program is split once into its federated form (stages of server and client pieces) and
+  written for ``target``: ``"tff"`` (a federated_language computation for TFF), ``"stablehlo"``
+  (StableHLO and jax.export pieces + ``plan.json``, for IREE and jax) or ``"tflite"`` (a TFLite
+  model per piece + ``plan.json``, for LiteRT). Every export also holds ``native/`` (the whole
+  computation as ``jax.export``, what :func:`faxbridge.verify` compares against) and
+  ``manifest.json`` (signature, versions, sha256 of every file); see docs/artifacts.md.
+
   For an :class:`IterativeProcess`, ``example_args`` are ``next``'s arguments after the state.
   The directory is written in a temporary folder beside ``out_dir`` and moved into place whole;
-  an existing ``out_dir`` is refused unless ``force``.
+  an existing ``out_dir`` is refused unless ``force``. The same program exports to the same bytes.
+
+  Args:
+    program: an ``fb.computation`` or ``fb.IterativeProcess``.
+    *example_args: arrays (or ``jax.ShapeDtypeStruct``) fixing shapes, dtypes and the number of
+      clients.
+    target: ``"tff"``, ``"stablehlo"`` or ``"tflite"``.
+    out_dir: the directory to create.
+    force: replace an existing ``out_dir``.
+    **options: the target's options (``local=`` for tff, ``stablehlo_version=`` for stablehlo,
+      ``lowering=`` for tflite; docs/targets.md).
+
+  Returns:
+    The export directory, resolved.
+
+  Example:
+    >>> total = fb.computation(fb.sum, in_placements=(fb.CLIENTS,))
+    >>> x = np.ones((3, 2), np.float32)  # 3 clients
+    >>> out = fb.export(total, x, target="stablehlo", out_dir="total_export")
+    >>> sorted(p.name for p in out.iterdir())
+    ['manifest.json', 'native', 'pieces', 'plan.json']
 
   Raises:
     ExportError: the target cannot express the program (names the cause and the user's file:line),

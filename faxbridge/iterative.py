@@ -18,6 +18,24 @@ from faxbridge.placements import SERVER
 
 @dataclasses.dataclass(frozen=True)
 class IterativeProcess:
+  """``initialize`` and ``next``: ``state_0 = initialize()``, ``(state_{t+1}, metrics_t) =
+  next(state_t, *client_args)``.
+
+  ``initialize`` takes no arguments; ``next``'s first argument is the SERVER-placed state, and it
+  returns the new state, or ``(state, metrics)``. :func:`faxbridge.export` writes both
+  computations and how the state feeds back; :func:`faxbridge.verify` runs ``rounds`` rounds.
+
+  Example:
+    >>> init = fb.computation(lambda: np.zeros(2, np.float32))
+    >>> @fb.computation(in_placements=(fb.SERVER, fb.CLIENTS))
+    ... def step(state, x):
+    ...   return state + fb.mean(x), fb.sum(x)
+    >>> process = fb.IterativeProcess(init, step)
+    >>> state, history = process.run(3, np.array([[1.0, 2.0], [3.0, 4.0]], np.float32))
+    >>> state.tolist(), history[-1][1].tolist()
+    ([6.0, 9.0], [4.0, 6.0])
+  """
+
   initialize: Computation
   next: Computation
 

@@ -301,9 +301,26 @@ def verify(
 ) -> VerificationReport:
   """Run ``export_dir`` on ``runtime`` and natively with the same inputs; compare every output.
 
+  An output passes when ``|runtime - native| <= atol + rtol * |native|`` elementwise (floats;
+  ``rtol=1e-5``, ``atol=1e-6``), or is equal (integers, booleans), with the native dtype and
+  shape. The native side is the export's stored ``native/`` program. Runtimes: ``"tff"`` reads
+  the tff target, ``"iree"`` and ``"jax"`` the stablehlo target, ``"litert"`` the tflite target.
+
   Inputs are the computation's arguments as a pytree (``*args``; for an iterative process the
   arguments of ``next`` after the state) or leaves by manifest name (``inputs=``). An iterative
   process runs ``rounds`` rounds on both sides and every round's outputs are compared.
+
+  Returns:
+    A report: ``ok``, per output ``checks`` (name, max absolute and relative error, ok), and a
+    table when printed.
+
+  Example:
+    >>> total = fb.computation(fb.sum, in_placements=(fb.CLIENTS,))
+    >>> x = np.arange(6, dtype=np.float32).reshape(3, 2)  # 3 clients
+    >>> out = fb.export(total, x, target="stablehlo", out_dir="total_iree")
+    >>> report = fb.verify(out, x, runtime="iree")
+    >>> report.ok, [(c.name, c.max_abs) for c in report.checks]
+    (True, [('out', 0.0)])
 
   Raises:
     VerificationError: no export or manifest there, the export does not match its manifest

@@ -198,3 +198,34 @@ def test_relative_links_resolve():
         if anchor not in anchors:
           broken.append(f"{page.name}: {target}#{anchor}")
   assert not broken, broken
+
+
+# -- docstrings -----------------------------------------------------------------------------------
+DOCTEST_MODULES = ["faxbridge.api", "faxbridge.computation", "faxbridge.iterative",
+                   "faxbridge.export", "faxbridge.verify"]
+
+
+@pytest.mark.parametrize("module", DOCTEST_MODULES)
+def test_docstring_examples_run(module, tmp_path, monkeypatch):
+  import doctest
+  import importlib
+
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  monkeypatch.chdir(tmp_path)  # the export examples write into the working directory
+  result = doctest.testmod(importlib.import_module(module), report=True,
+                           extraglobs={"fb": fb, "np": np, "jnp": jnp, "jax": jax},
+                           optionflags=doctest.ELLIPSIS)
+  assert result.attempted > 0 and result.failed == 0, result
+
+
+def test_public_api_docstrings_have_an_example():
+  documented = ["broadcast", "map", "sum", "mean", "weighted_mean", "secure_sum", "max", "min",
+                "computation", "Computation", "IterativeProcess", "export", "verify"]
+  lacking = [name for name in documented if ">>> " not in (getattr(fb, name).__doc__ or "")]
+  errors = [name for name in fb.__all__ if name.endswith("Error")]
+  lacking += [name for name in errors if name != "FaxbridgeError"
+              and "Example::" not in getattr(fb, name).__doc__]
+  assert not lacking, lacking
