@@ -275,3 +275,245 @@ def test_float64_export_verifies_with_x64_and_is_refused_without(tmp_path):
   rc, stdout, err = _finish(without)
   assert rc == 2 and "Traceback" not in err
   assert "64-bit input(s) ['values'] but jax_enable_x64 is off" in err
+
+
+# --- what a user sees: version, targets, inspect, export and verify summaries ---------------------
+
+
+@pytest.fixture(scope="module")
+def user_runs(tmp_path_factory) -> tuple[Path, dict[str, tuple[int, str, str]]]:
+  """The everyday commands, in one interpreter (stderr is not a terminal: no progress)."""
+  tmp = tmp_path_factory.mktemp("user")
+  export = tmp / "out" / "scaled"
+  cases = {
+      "help": (TESTS, ["--help"]),
+      "version": (TESTS, ["--version"]),
+      "targets": (TESTS, ["targets"]),
+      "targets-tff-missing": (TESTS, ["targets"], {"FAXBRIDGE_TFF_PYTHON": str(tmp / "no-python")}),
+      "inspect": (TESTS, ["inspect", "cli_programs:centred", "--example-inputs", "centred_inputs",
+                          "--html", tmp / "round.html"]),
+      "export": (TESTS, ["export", "cli_programs:scaled_mean", "--target", "stablehlo", "-o",
+                         export, "--save-inputs"]),
+      "verify-saved-inputs": (TESTS, ["verify", export, "--runtime", "jax"]),
+      "verify-program": (TESTS, ["verify", export, "--runtime", "jax", "--program",
+                                 "cli_programs:scaled_mean"]),
+  }
+  return tmp, _drive(cases, tmp / "results.json")
+
+
+def test_every_everyday_command_succeeds_quietly_when_stderr_is_not_a_terminal(user_runs):
+  _, runs = user_runs
+  for name, (rc, out, err) in runs.items():
+    assert rc == 0, (name, out, err)
+    assert err == "", (name, err)  # no progress, no TensorFlow or absl noise
+    assert out, name
+
+
+def test_version_names_faxbridge_and_jax(user_runs):
+  import jax
+
+  out = user_runs[1]["version"][1]
+  assert out.startswith(f"faxbridge {fb.__version__} (jax {jax.__version__}, Python 3.")
+
+
+def _runtime_lines(out: str) -> dict[tuple[str, str], str]:
+  """(target, runtime) -> the runtime's line under that target in `faxbridge targets`."""
+  lines, target = {}, None
+  for line in out.splitlines():
+    if line and not line.startswith(" ") and ":" in line:
+      target = line.split(":")[0]
+    elif line.strip().startswith("runtime "):
+      lines[(target, line.split()[1])] = line
+  return lines
+
+
+def test_targets_lists_every_target_with_its_runtimes_and_whether_they_are_installed(user_runs):
+  import importlib.util
+
+  from faxbridge import registry
+
+  _, runs = user_runs
+  out = runs["targets"][1]
+  for name, target in registry.TARGETS.items():
+    assert f"{name}: {target.summary}" in out
+  expected = {(t, r.name) for t in registry.TARGETS for r in registry.RUNTIMES.values()
+              if t in r.reads}
+  lines = _runtime_lines(out)
+  assert set(lines) == expected
+  # Installed as this machine has them, checked here independently of the CLI.
+  venv_tff = REPO / ".venv-tff"
+  here = {"jax": True,
+          "iree": all(importlib.util.find_spec(m) for m in ("iree.compiler", "iree.runtime")),
+          "litert": importlib.util.find_spec("ai_edge_litert") is not None,
+          "tff": bool(os.environ.get("FAXBRIDGE_TFF_PYTHON")) or (
+              (venv_tff / "bin" / "python").is_file() and (venv_tff / ".ready").is_file())}
+  for (_, runtime), line in lines.items():
+    assert line.split()[2] == ("installed" if here[runtime] else "MISSING"), line
+  missing = _runtime_lines(runs["targets-tff-missing"][1])[("tff", "tff")]
+  assert "MISSING" in missing and "no-python does not exist" in missing
+  assert f"install: {registry.RUNTIMES['tff'].needs}" in missing
+
+
+def test_inspect_names_leaves_as_the_user_does_and_gives_each_stages_traffic(user_runs):
+  _, runs = user_runs
+  out = runs["inspect"][1]
+  rows = {line.split()[0]: line.split() for line in out.splitlines()
+          if line[:1] in ("p", "d", "o") and "[" in line.split()[0]}
+  assert rows["params['w']"][1:3] == ["SERVER", "f32[2]"]
+  assert rows["data[0]"][1:3] == ["CLIENTS", "f32[5,2]"]  # per client
+  assert rows["data[1]"][1:3] == ["CLIENTS", "f32[]"]
+  assert rows["out['spread']"][1:3] == ["SERVER", "f32[2]"]
+  form = fb.split(progs.centred, *progs.centred_inputs())
+  traffic = form.bytes_per_client()
+  assert [t["download"] for t in traffic] == [16, 8] and [t["upload"] for t in traffic] == [12, 8]
+  for i, t in enumerate(traffic):
+    assert f"stage {i}: each client downloads {t['download']} B and uploads {t['upload']} B" in out
+  assert "weighted_mean(upload0, weight data[1])" in out  # the weight by the user's name
+  assert "broadcast  params['w'] f32[2] (8 B)" in out
+
+
+def test_inspect_html_is_a_well_formed_self_contained_drawing_of_the_round(user_runs):
+  import html.parser
+  import xml.etree.ElementTree as ET
+
+  tmp, _ = user_runs
+  page = (tmp / "round.html").read_text()
+  root = ET.fromstring(page.split("\n", 1)[1])  # after <!DOCTYPE html>: XHTML, so XML parses it
+  svg = "{http://www.w3.org/2000/svg}"
+  drawings = list(root.iter(f"{svg}svg"))
+  assert len(drawings) == 1
+  texts = [t.text for t in drawings[0].iter(f"{svg}text")]
+  for want in ("stage 0", "stage 1", "broadcast 16 B per client", "upload 12 B per client",
+               "broadcast 8 B per client", "upload 8 B per client", "params['w'] f32[2]",
+               "weighted_mean: upload0 f32[2]", "sum: upload2 f32[2]", "CLIENTS (3)"):
+    assert want in texts, (want, texts)
+  assert len(list(drawings[0].iter(f"{svg}line"))) == 4  # down and up, per stage
+  # Nothing to fetch: no scripts, no links or sources (the namespaces are names, not fetched).
+  assert not [e for e in root.iter() if e.tag.endswith(("script", "link", "img"))]
+  assert not [e for e in root.iter() for k in e.attrib if k in ("src", "href")]
+  parser = html.parser.HTMLParser()
+  parser.feed(page)
+  parser.close()
+
+
+def test_export_lists_the_files_it_wrote_and_saves_inputs_beside_the_export(user_runs):
+  tmp, runs = user_runs
+  export = tmp / "out" / "scaled"
+  out = runs["export"][1]
+  files = sorted(p for p in export.rglob("*") if p.is_file())
+  for p in files:
+    assert any(line.startswith(str(p.relative_to(export)) + " ") for line in out.splitlines())
+  assert f"total: {len(files)} files" in out
+  sidecar = tmp / "out" / "scaled.inputs.npz"
+  assert f"example inputs: {sidecar}" in out
+  _, values = progs.example_inputs()
+  saved = np.load(sidecar)
+  assert sorted(saved.files) == ["scale", "values"]
+  np.testing.assert_array_equal(saved["values"], values)
+  assert saved["scale"].dtype == np.float32
+
+
+@pytest.mark.parametrize("case", ["verify-saved-inputs", "verify-program"])
+def test_verify_without_inputs_uses_the_saved_or_the_programs_example_inputs(user_runs, case):
+  _, runs = user_runs
+  out = runs[case][1]
+  assert next(line.split() for line in out.splitlines() if line.startswith("out "))[-1] == "pass"
+  assert out.splitlines()[-1].startswith("OK: 1 output(s) on jax equal native")
+
+
+# --- progress on a terminal ---------------------------------------------------------------------
+
+
+def _with_terminal_stderr(args: list[str], cwd: Path = TESTS, extra_env: dict | None = None
+                          ) -> tuple[int, str, str]:
+  """Run the CLI with stderr on a pseudo-terminal (as in a person's shell), stdout on a pipe."""
+  import pty
+  import threading
+
+  leader, follower = pty.openpty()
+  env = {**_env(), **(extra_env or {})}
+  proc = subprocess.Popen([sys.executable, "-m", "faxbridge", *map(str, args)], cwd=cwd, env=env,
+                          stdout=subprocess.PIPE, stderr=follower, text=True)
+  os.close(follower)
+  chunks: list[bytes] = []
+
+  def drain():  # the terminal's buffer is small: read while it runs
+    while True:
+      try:
+        data = os.read(leader, 4096)
+      except OSError:  # EIO: the last writer has gone
+        return
+      if not data:
+        return
+      chunks.append(data)
+
+  reader = threading.Thread(target=drain, daemon=True)
+  reader.start()
+  out, _ = proc.communicate(timeout=TIMEOUT_S)
+  reader.join(timeout=10)
+  os.close(leader)
+  return proc.returncode, out, b"".join(chunks).decode(errors="replace").replace("\r\n", "\n")
+
+
+def test_progress_goes_to_a_terminal_stderr_step_by_step(tmp_path):
+  rc, out, err = _with_terminal_stderr(["export", "cli_programs:scaled_mean", "--target",
+                                        "stablehlo", "-o", tmp_path / "scaled"])
+  assert rc == 0, (out, err)
+  steps = [line.split("] ", 1)[1] for line in err.splitlines() if line.startswith("[")]
+  assert steps[0] == "importing cli_programs:scaled_mean"
+  assert "tracing and splitting scaled_mean" in steps
+  assert "lowering stage0_client_work to StableHLO" in steps
+  assert steps[-1] == "serializing the native reference"
+  assert "exported cli_programs:scaled_mean" in out and "[" not in out.splitlines()[0][:1]
+
+
+@pytest.mark.slow
+def test_tensorflow_and_absl_logs_are_hidden_unless_verbose(tmp_path):
+  noise = ("absl::InitializeLog", "oneDNN custom operations", "Ignored output_format")
+  args = ["export", "cli_programs:scaled_mean", "--target", "tflite", "-o"]
+  rc, out, err = _with_terminal_stderr([*args, tmp_path / "quiet"])
+  assert rc == 0, (out, err)
+  assert "converting stage0_client_work to TFLite" in err
+  assert not [n for n in noise if n in err], err
+  rc, out, err = _with_terminal_stderr(["-v", *args, tmp_path / "verbose"])
+  assert rc == 0, (out, err)
+  assert [n for n in noise if n in err], "no native log to hide: the check above proves nothing"
+
+
+# --- the examples of `faxbridge --help` and of the README run as written --------------------------
+
+
+def _help_examples() -> list[str]:
+  from faxbridge import cli
+
+  lines = cli.__doc__.split("examples (from the repository root):\n", 1)[1].splitlines()
+  return [line.strip() for line in lines if line.startswith("  faxbridge ")]
+
+
+def test_the_help_shows_the_examples_and_the_readme_runs_the_same_commands(user_runs):
+  out = user_runs[1]["help"][1]
+  examples = _help_examples()
+  assert len(examples) >= 5
+  assert all(f"  {e}" in out for e in examples)
+  readme = (REPO / "README.md").read_text().split("## Command line", 1)[1].split("\n## ", 1)[0]
+  block = readme.split("```sh\n", 1)[1].split("```", 1)[0]
+  commands = [line.split("  #")[0].strip() for line in block.splitlines() if line.strip()]
+  assert commands and set(commands) <= set(examples), (commands, examples)
+
+
+@pytest.mark.slow
+def test_every_help_example_runs_as_written(tmp_path):
+  """Each example line of `faxbridge --help`, in order, from a folder where `examples` imports (a
+  copy of the repository's examples/), as a user would paste them."""
+  import shlex
+
+  shutil.copytree(REPO / "examples", tmp_path / "examples")
+  for line in _help_examples():
+    argv = shlex.split(line)
+    assert argv[0] == "faxbridge"
+    rc, out, err = _cli(argv[1:], cwd=tmp_path)
+    assert rc == 0, (line, out, err)
+    if argv[1] == "verify":
+      assert out.splitlines()[-1].startswith("OK: "), (line, out)
+  assert (tmp_path / "build" / "fedavg_tff.inputs.npz").is_file()
+  assert (tmp_path / "fedavg_round.html").is_file()
