@@ -121,7 +121,9 @@ class Computation:
     self.in_placements = tuple(in_placements)
     self.mesh = mesh
     self._signatures: dict = {}
-    functools.update_wrapper(self, fn)
+    # Name and docstring only: copying fn's __dict__ would copy another Computation's own `fn`
+    # (fb.computation(jax.grad(comp))) over this one's.
+    functools.update_wrapper(self, fn, updated=())
 
   # -- tracing -------------------------------------------------------------------------------
   def _check_args(self, args: Sequence) -> int | None:

@@ -200,3 +200,28 @@ def test_reproduction_on_runtime(case, target, runtime, tmp_path):
       np.testing.assert_array_equal(g, w, err_msg=spec["name"])
     else:
       np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6, err_msg=spec["name"])
+
+
+def test_a_computation_of_a_gradient_computes_the_gradient():
+  # functools.update_wrapper used to copy the inner computation's `fn` over the outer one's, so
+  # fb.computation(jax.grad(comp)) silently computed comp's value.
+  @fb.computation(in_placements=(fb.SERVER, fb.CLIENTS))
+  def loss(w, x):
+    return fb.mean(fb.map(lambda wi, xi: jnp.sum((wi - xi) ** 2), fb.broadcast(w), x))
+
+  grad = fb.computation(jax.grad(loss), in_placements=(fb.SERVER, fb.CLIENTS))
+  w, xs = np.float32(1.5), np.arange(3.0, dtype=np.float32)
+  np.testing.assert_allclose(grad(w, xs), 2.0 * (w - xs).mean(), rtol=1e-6)
+
+
+def test_debug_print_in_client_work_is_an_export_error():
+  @fb.computation(in_placements=(fb.CLIENTS,))
+  def noisy(x):
+    def client(xi):
+      jax.debug.print("x={}", xi)
+      return xi * 2.0
+
+    return fb.sum(fb.map(client, x))
+
+  with pytest.raises(fb.ExportError, match="calls back into Python"):
+    fb.split(noisy, X)
