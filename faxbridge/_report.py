@@ -182,8 +182,10 @@ def _svg_box(x: float, y: float, w: float, h: float, title: str, sub: str, cls: 
           _svg_text(x + w / 2, y + h / 2 + 14, sub, "sub", "middle")]
 
 
-def _svg_arrow(x: float, y1: float, y2: float, cls: str) -> str:
-  return (f'<line x1="{x:.0f}" y1="{y1:.0f}" x2="{x:.0f}" y2="{y2:.0f}" class="{cls}" '
+def _svg_arrow(x: float, y1: float, y2: float, cls: str, x2: float | None = None) -> str:
+  """From (x, y1) to (x2 or x, y2), with an arrow head."""
+  x2 = x if x2 is None else x2
+  return (f'<line x1="{x:.0f}" y1="{y1:.0f}" x2="{x2:.0f}" y2="{y2:.0f}" class="{cls}" '
           'marker-end="url(#head)"/>')
 
 
@@ -195,8 +197,10 @@ def round_svg(form: FederatedForm) -> str:
   for stage, traffic in zip(form.stages, form.bytes_per_client()):
     down = [f"{labels.get(s.name, s.name)} {shape_text(s)}" for s in _broadcast_specs(stage)]
     uploads = _upload_specs(stage)
-    up = [f"{agg.kind}: {agg.value} {shape_text(uploads[agg.value]) if agg.value in uploads else ''}"
-          .rstrip() for agg in stage.aggregations]
+    up = [f"{agg.kind}: {labels.get(agg.value, agg.value)} "
+          f"{shape_text(uploads[agg.value]) if agg.value in uploads else ''}".rstrip()
+          + (f" w={labels.get(agg.weight, agg.weight)}" if agg.weight else "")
+          for agg in stage.aggregations]
     stages.append((stage, traffic, down, up))
   edge_lines = max([len(d) + 1 for _, _, d, _ in stages] + [len(u) + 1 for _, _, _, u in stages]
                    + [1])
@@ -227,6 +231,8 @@ def round_svg(form: FederatedForm) -> str:
                            f"upload {size_text(traffic['upload'])} per client", "edge"))
     parts += [_svg_text(ux + 8, top + box_h + 20 + (i + 1) * _LINE, t, "leaf")
               for i, t in enumerate(up)]
+    # The server's values carry on to the next stage (or to server_result): left to right.
+    parts.append(_svg_arrow(x + box_w, top + box_h / 2, top + box_h / 2, "next", x + _STAGE_W))
     x += _STAGE_W
   outs = [labels.get(b.name, b.name) for b in form.outputs]
   parts += _svg_box(x, top, 220, box_h, "SERVER", form.server_result.name, "server")
@@ -247,6 +253,7 @@ rect.server { fill: #e3eefc; stroke: #3a6fb0; }
 rect.clients { fill: #e7f6e7; stroke: #3c8d3c; }
 line.down { stroke: #3a6fb0; stroke-width: 2; }
 line.up { stroke: #3c8d3c; stroke-width: 2; }
+line.next { stroke: #888; stroke-width: 1.5; stroke-dasharray: 4 3; }
 table { border-collapse: collapse; margin: 0.5em 0 1.5em; }
 td, th { border: 1px solid #ccc; padding: 2px 8px; font-family: ui-monospace, monospace; }
 td.n { text-align: right; }

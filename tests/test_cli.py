@@ -385,9 +385,11 @@ def test_inspect_html_is_a_well_formed_self_contained_drawing_of_the_round(user_
   texts = [t.text for t in drawings[0].iter(f"{svg}text")]
   for want in ("stage 0", "stage 1", "broadcast 16 B per client", "upload 12 B per client",
                "broadcast 8 B per client", "upload 8 B per client", "params['w'] f32[2]",
-               "weighted_mean: upload0 f32[2]", "sum: upload2 f32[2]", "CLIENTS (3)"):
+               "weighted_mean: upload0 f32[2] w=data[1]", "sum: upload2 f32[2]", "CLIENTS (3)",
+               "out['spread']"):
     assert want in texts, (want, texts)
-  assert len(list(drawings[0].iter(f"{svg}line"))) == 4  # down and up, per stage
+  # Per stage: down, up, and on to the next stage's server (the last to server_result).
+  assert [e.get("class") for e in drawings[0].iter(f"{svg}line")] == ["down", "up", "next"] * 2
   # Nothing to fetch: no scripts, no links or sources (the namespaces are names, not fetched).
   assert not [e for e in root.iter() if e.tag.endswith(("script", "link", "img"))]
   assert not [e for e in root.iter() for k in e.attrib if k in ("src", "href")]
