@@ -73,12 +73,32 @@ def files_summary(out_dir: Path) -> str:
 
 
 # --- verify ---------------------------------------------------------------------------------------
-def verify_table(report) -> str:
+def output_labels(manifest: dict) -> dict[str, str]:
+  """Manifest output name -> the user's (``out_0_w1`` -> ``out[0]['w1']``), per computation."""
+  labels = {}
+  for name in ("computation", "initialize", "next"):
+    block = manifest.get(name)
+    for o in block.get("outputs", []) if isinstance(block, dict) else []:
+      labels[o["name"]] = user_name(Binding.from_json(o), (), output=True)
+  return labels
+
+
+def _label(key: str, labels: dict[str, str]) -> str:
+  """A report key (``NAME``, ``initialize/NAME``, ``round3/NAME``) with NAME as the user's."""
+  prefix, _, name = key.rpartition("/")
+  return f"{prefix}/{labels.get(name, name)}" if prefix else labels.get(name, name)
+
+
+def verify_table(report, labels: dict[str, str] | None = None) -> str:
   """Per output (and per extra result set, e.g. TFF's MapReduceForm rebuild): max abs and max rel
-  error and pass/FAIL with the reason; then the runtime's notes."""
+  error and pass/FAIL with the reason; then the runtime's notes. ``labels`` (see
+  :func:`output_labels`) shows outputs by the user's names."""
   from faxbridge.verify import ATOL, RTOL
 
+  labels = labels or {}
+
   def row(name, c):
+    name = _label(name, labels) if not name.startswith("[") else name
     return (name, f"{c.max_abs:.3g}", f"{c.max_rel:.3g}",
             "pass" if c.ok else f"FAIL ({c.problem or 'exceeds tolerance'})")
 
@@ -90,7 +110,7 @@ def verify_table(report) -> str:
                    f"{max((c.max_abs for c in checks), default=0.0):.3g}",
                    f"{max((c.max_rel for c in checks), default=0.0):.3g}", "pass"))
     else:
-      rows += [row(f"[{label}] {c.name}", c) for c in checks]
+      rows += [row(f"[{label}] {_label(c.name, labels)}", c) for c in checks]
   lines = [table(["output", "max abs err", "max rel err", "result"], rows, right=[1, 2]),
            f"tolerance: |runtime - native| <= {ATOL:g} + {RTOL:g} * |native|; integers and "
            "booleans equal"]
@@ -98,9 +118,9 @@ def verify_table(report) -> str:
   return "\n".join(lines)
 
 
-def verdict(report, seconds: float) -> str:
+def verdict(report, seconds: float, labels: dict[str, str] | None = None) -> str:
   checks = [*report.checks, *(c for cs in report.extra_checks.values() for c in cs)]
-  bad = [c.name for c in checks if not c.ok]
+  bad = [_label(c.name, labels or {}) for c in checks if not c.ok]
   if not bad:
     return (f"OK: {len(checks)} output(s) on {report.runtime} equal native (max abs err "
             f"{report.max_abs:.3g}, max rel err {report.max_rel:.3g}) in {seconds:.1f} s")

@@ -337,7 +337,7 @@ def cmd_verify(ns: argparse.Namespace) -> int:
 
   progress = ns.progress
   export_dir = Path(ns.dir)
-  read_export_manifest(export_dir)  # no directory, no manifest, not JSON: one line, exit 2
+  manifest = read_export_manifest(export_dir)  # no dir, no manifest, not JSON: one line, exit 2
   args: tuple = ()
   inputs = None
   if ns.inputs and ns.program:
@@ -372,9 +372,10 @@ def cmd_verify(ns: argparse.Namespace) -> int:
     stack.enter_context(progress.rounds("faxbridge.verify", "native"))
     report = fb.verify(export_dir, *args, runtime=ns.runtime, inputs=inputs, rounds=ns.rounds)
   seconds = time.perf_counter() - start
+  labels = _report.output_labels(manifest)
   print(f"{report.export_dir} on {report.runtime}\n")
-  print(_report.verify_table(report))
-  print(f"\n{_report.verdict(report, seconds)}")
+  print(_report.verify_table(report, labels))
+  print(f"\n{_report.verdict(report, seconds, labels)}")
   return 0 if report.ok else 1
 
 

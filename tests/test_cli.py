@@ -295,8 +295,10 @@ def user_runs(tmp_path_factory) -> tuple[Path, dict[str, tuple[int, str, str]]]:
       "export": (TESTS, ["export", "cli_programs:scaled_mean", "--target", "stablehlo", "-o",
                          export, "--save-inputs"]),
       "verify-saved-inputs": (TESTS, ["verify", export, "--runtime", "jax"]),
-      "verify-program": (TESTS, ["verify", export, "--runtime", "jax", "--program",
-                                 "cli_programs:scaled_mean"]),
+      "export-centred": (TESTS, ["export", "cli_programs:centred", "--example-inputs",
+                                 "centred_inputs", "--target", "stablehlo", "-o", tmp / "centred"]),
+      "verify-program": (TESTS, ["verify", tmp / "centred", "--runtime", "jax", "--program",
+                                 "cli_programs:centred", "--example-inputs", "centred_inputs"]),
   }
   return tmp, _drive(cases, tmp / "results.json")
 
@@ -415,12 +417,16 @@ def test_export_lists_the_files_it_wrote_and_saves_inputs_beside_the_export(user
   assert saved["scale"].dtype == np.float32
 
 
-@pytest.mark.parametrize("case", ["verify-saved-inputs", "verify-program"])
-def test_verify_without_inputs_uses_the_saved_or_the_programs_example_inputs(user_runs, case):
+@pytest.mark.parametrize("case, outputs", [("verify-saved-inputs", ["out"]),
+                                           ("verify-program", ["out['mean']", "out['spread']"])])
+def test_verify_without_inputs_uses_the_saved_or_the_programs_example_inputs(user_runs, case,
+                                                                               outputs):
   _, runs = user_runs
   out = runs[case][1]
-  assert next(line.split() for line in out.splitlines() if line.startswith("out "))[-1] == "pass"
-  assert out.splitlines()[-1].startswith("OK: 1 output(s) on jax equal native")
+  # A row per output, by the user's name (the manifest's are out_mean, out_spread), each passing.
+  rows = [line.split() for line in out.splitlines() if line.startswith(("out ", "out["))]
+  assert [r[0] for r in rows] == outputs and all(r[-1] == "pass" for r in rows), out
+  assert out.splitlines()[-1].startswith(f"OK: {len(outputs)} output(s) on jax equal native")
 
 
 # --- progress on a terminal ---------------------------------------------------------------------
@@ -517,5 +523,7 @@ def test_every_help_example_runs_as_written(tmp_path):
     assert rc == 0, (line, out, err)
     if argv[1] == "verify":
       assert out.splitlines()[-1].startswith("OK: "), (line, out)
+    if "verify build/fedavg_tff" in line:  # every round of the process, by the user's names
+      assert "round5/out[0]['w1']" in out and "[mapreduce rebuilt] all " in out, out
   assert (tmp_path / "build" / "fedavg_tff.inputs.npz").is_file()
   assert (tmp_path / "fedavg_round.html").is_file()
