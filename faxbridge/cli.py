@@ -150,33 +150,19 @@ class Progress:
     if self.enabled:
       print(f"[{time.perf_counter() - self.start:6.1f} s] {message}", file=sys.stderr, flush=True)
 
-  @contextlib.contextmanager
-  def watch(self, module: str, attr: str, label: Callable[..., str]) -> Iterator[None]:
-    """While inside, announce each call of ``module.attr`` (looked up at call time by its module,
-    so replacing the attribute reaches every caller there). The library has no progress hooks of
-    its own: this keeps the CLI's reporting out of export and verify. A name that has moved is
-    skipped (progress is a courtesy, never a reason to fail)."""
-    if not self.enabled:
-      yield
-      return
-    try:
-      mod = importlib.import_module(module)
-      original = getattr(mod, attr)
-    except (ImportError, AttributeError):
-      yield
-      return
+  def watch(self, module: str, attr: str, label: Callable[..., str]
+            ) -> contextlib.AbstractContextManager:
+    """While inside, announce each call of ``module.attr`` with ``label(*its arguments)``."""
 
-    @functools.wraps(original)
-    def announced(*args, **kwargs):
-      with contextlib.suppress(Exception):  # a label that cannot be made is no reason to fail
-        self(label(*args, **kwargs))
-      return original(*args, **kwargs)
+    def wrap(original):
+      @functools.wraps(original)
+      def announced(*args, **kwargs):
+        with contextlib.suppress(Exception):  # a label that cannot be made is no reason to fail
+          self(label(*args, **kwargs))
+        return original(*args, **kwargs)
+      return announced
 
-    setattr(mod, attr, announced)
-    try:
-      yield
-    finally:
-      setattr(mod, attr, original)
+    return self._replace(module, attr, wrap)
 
   def rounds(self, module: str, who: str) -> contextlib.AbstractContextManager:
     """Announce each round of ``run_program`` as imported by ``module`` (plan runtimes, native)."""
@@ -200,6 +186,11 @@ class Progress:
 
   @contextlib.contextmanager
   def _replace(self, module: str, attr: str, wrap: Callable) -> Iterator[None]:
+    """``module.attr`` replaced by ``wrap(it)`` while inside. Functions are looked up in their
+    module's globals at call time, so this reaches every caller there: the library has no
+    progress hooks of its own, and this keeps the CLI's reporting out of export and verify. A name
+    that has moved is skipped (progress is a courtesy, never a reason to fail); nothing is replaced
+    when progress is off, so pipes and tests run the library untouched."""
     if not self.enabled:
       yield
       return
