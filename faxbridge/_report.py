@@ -185,6 +185,18 @@ def form_text(form: FederatedForm, title: str) -> str:
   return "\n".join(lines)
 
 
+def jaxpr_legend(traced, form: FederatedForm) -> str:
+  """Which letter of ``traced.pretty()`` is which of the user's inputs (``a = params['b1']``):
+  the printer names constants first, then the inputs in leaf order, as the form lists them."""
+  from faxbridge._pretty import _names
+
+  names = _names()
+  for _ in traced.jaxpr.jaxpr.constvars:
+    next(names)
+  return "where " + ", ".join(f"{next(names)} = {user_name(b, form.arg_names)}"
+                              for b in form.inputs)
+
+
 # --- the round as SVG -----------------------------------------------------------------------------
 _LINE = 16  # px per text line
 _STAGE_W = 580  # room for a broadcast and an upload column of ~36 characters each
@@ -318,5 +330,5 @@ def round_html(forms: dict[str, FederatedForm], title: str) -> str:
           f"<h1>{html.escape(title)}</h1>" + "".join(sections) + "</body></html>\n")
 
 
-__all__ = ["files_summary", "form_text", "round_html", "round_svg", "size_text", "table",
+__all__ = ["files_summary", "form_text", "jaxpr_legend", "round_html", "round_svg", "size_text", "table",
            "user_name", "verdict", "verify_table"]

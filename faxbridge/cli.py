@@ -385,13 +385,14 @@ def cmd_inspect(ns: argparse.Namespace) -> int:
   progress = ns.progress
   progress(f"importing {ns.program}")
   program, args = _load(ns.program, ns.example_inputs)
+  progress("tracing and splitting")
+  forms = _forms(program, args)
   if ns.jaxpr:
     comp = program.next if isinstance(program, IterativeProcess) else program
     full = (program.state_spec(), *args) if isinstance(program, IterativeProcess) else args
-    progress("tracing")
-    print(comp.trace(*full).pretty() + "\n")
-  progress("tracing and splitting")
-  forms = _forms(program, args)
+    traced = comp.trace(*full)
+    form = forms["next" if isinstance(program, IterativeProcess) else "computation"]
+    print(f"{traced.pretty()}\n{_report.jaxpr_legend(traced, form)}\n")
   print("\n\n".join(_report.form_text(form, f"{ns.program} {name}" if len(forms) > 1
                                       else ns.program) for name, form in forms.items()))
   if ns.html:

@@ -292,6 +292,7 @@ def user_runs(tmp_path_factory) -> tuple[Path, dict[str, tuple[int, str, str]]]:
       "targets-tff-missing": (TESTS, ["targets"], {"FAXBRIDGE_TFF_PYTHON": str(tmp / "no-python")}),
       "inspect": (TESTS, ["inspect", "cli_programs:centred", "--example-inputs", "centred_inputs",
                           "--html", tmp / "round.html"]),
+      "inspect-jaxpr": (TESTS, ["inspect", "cli_programs:scaled_mean", "--jaxpr"]),
       "export": (TESTS, ["export", "cli_programs:scaled_mean", "--target", "stablehlo", "-o",
                          export, "--save-inputs"]),
       "verify-saved-inputs": (TESTS, ["verify", export, "--runtime", "jax"]),
@@ -372,6 +373,16 @@ def test_inspect_names_leaves_as_the_user_does_and_gives_each_stages_traffic(use
     assert f"stage {i}: each client downloads {t['download']} B and uploads {t['upload']} B" in out
   assert "weighted_mean(upload0, weight data[1])" in out  # the weight by the user's name
   assert "broadcast  params['w'] f32[2] (8 B)" in out
+
+
+def test_inspect_prints_the_traced_program_only_when_asked(user_runs):
+  _, runs = user_runs
+  jaxpr = runs["inspect-jaxpr"][1]
+  assert jaxpr.startswith("federated computation scaled_mean (clients=3)")
+  assert "@CLIENTS = fb.broadcast" in jaxpr and "fb.mean" in jaxpr
+  assert "where a = scale, b = values" in jaxpr  # the printer's letters, by the user's names
+  assert "stage 0: each client downloads 4 B and uploads 8 B" in jaxpr
+  assert "federated computation" not in runs["inspect"][1]
 
 
 def test_inspect_html_is_a_well_formed_self_contained_drawing_of_the_round(user_runs):
