@@ -168,18 +168,21 @@ class Progress:
     """Announce each round of ``run_program`` as imported by ``module`` (plan runtimes, native)."""
 
     def wrap(run_program):
-      def counted(kind, run, inputs, rounds, links=None):
+      @functools.wraps(run_program)
+      def counted(kind, run, *rest, **kwargs):
+        # run_program(kind, run, inputs, rounds, ...): only `run` is wrapped, the rest passed on.
+        rounds = rest[1] if len(rest) > 1 else kwargs.get("rounds", "?")
         done = {"next": 0}
 
-        def run_one(name, named):
+        def run_one(name, *args, **kw):
           if name == "next":
             done["next"] += 1
             self(f"{who}: round {done['next']} of {rounds}")
           else:
             self(f"{who}: {name}")
-          return run(name, named)
+          return run(name, *args, **kw)
 
-        return run_program(kind, run_one, inputs, rounds, links)
+        return run_program(kind, run_one, *rest, **kwargs)
       return counted
 
     return self._replace(module, "run_program", wrap)
@@ -218,7 +221,11 @@ def _native_logs_hidden(hide: bool) -> Iterator[None]:
     yield
     return
   sys.stderr.flush()
-  saved = os.dup(2)
+  try:
+    saved = os.dup(2)
+  except OSError:  # no descriptor 2 at all (a daemon): nothing to hide it from
+    yield
+    return
   scratch = tempfile.TemporaryFile()  # noqa: SIM115 (closed in the finally below)
   os.dup2(scratch.fileno(), 2)
   python_stderr = sys.stderr

@@ -487,6 +487,22 @@ def test_progress_goes_to_a_terminal_stderr_step_by_step(tmp_path):
 
 
 @pytest.mark.slow
+def test_verify_on_a_terminal_shows_each_round_on_the_runtime_and_natively(tmp_path):
+  rc, out, err = _cli(["export", "examples.fedavg:process", "--target", "stablehlo", "-o",
+                       tmp_path / "fedavg", "--save-inputs"], cwd=REPO)
+  assert rc == 0, err
+  rc, out, err = _with_terminal_stderr(["verify", tmp_path / "fedavg", "--runtime", "iree",
+                                        "--rounds", "2"], cwd=REPO)
+  assert rc == 0, (out, err)
+  steps = [line.split("] ", 1)[1] for line in err.splitlines() if line.startswith("[")]
+  assert steps[0] == "loading runtime iree"
+  for who in ("iree", "native"):
+    assert [s for s in steps if s.startswith(f"{who}: ")] == [
+        f"{who}: initialize", f"{who}: round 1 of 2", f"{who}: round 2 of 2"], steps
+  assert out.splitlines()[-1].startswith("OK: ")
+
+
+@pytest.mark.slow
 def test_tensorflow_and_absl_logs_are_hidden_unless_verbose(tmp_path):
   noise = ("absl::InitializeLog", "oneDNN custom operations", "Ignored output_format")
   args = ["export", "cli_programs:scaled_mean", "--target", "tflite", "-o"]
