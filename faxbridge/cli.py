@@ -457,6 +457,7 @@ def cmd_demo(ns: argparse.Namespace) -> int:
   import faxbridge as fb
   from examples import fedavg
   from faxbridge import _report
+  from faxbridge.export import read_manifest
 
   progress = ns.progress
   out = Path(ns.output or tempfile.mkdtemp(prefix="faxbridge-demo-")) / "fedavg_tff"
@@ -477,8 +478,9 @@ def cmd_demo(ns: argparse.Namespace) -> int:
         lambda *a, **k: "starting TFF 0.87 in .venv-tff (rounds run there)"))
     stack.enter_context(progress.rounds("faxbridge.verify", "native"))
     report = fb.verify(out, data, runtime="tff", rounds=ns.rounds)
-  print(_report.verify_table(report))
-  print(f"\n{_report.verdict(report, time.perf_counter() - start)}")
+  labels = _report.output_labels(read_manifest(out))
+  print(_report.verify_table(report, labels))
+  print(f"\n{_report.verdict(report, time.perf_counter() - start, labels)}")
   return 0 if report.ok else 1
 
 
