@@ -299,7 +299,7 @@ _clip_grad.defvjp(lambda x: (x, None), lambda _, g: (jnp.clip(g, -0.1, 0.1),))
 def _float_family(x):
   return (jnp.exp(x), jnp.log(jnp.abs(x) + 0.1), jnp.sqrt(jnp.abs(x)), lax.rsqrt(jnp.abs(x) + 0.1),
           jnp.tanh(x), jax.nn.sigmoid(x), jnp.sin(x), jnp.cos(x), jnp.tan(x / 4), jnp.arctan(x),
-          jnp.exp2(x), jnp.log1p(jnp.abs(x)), jnp.expm1(x), lax.erf(x), lax.erfc(x),
+          jnp.exp2(x), jnp.log1p(jnp.abs(x)), jnp.expm1(x), lax.erf(x), lax.erfc(x), jnp.square(x),
           lax.erf_inv(x / 4), jnp.floor(x), jnp.ceil(x), jnp.round(x), lax.round(x), jnp.sign(x),
           jnp.isfinite(x * 1e30 * jnp.where(x > 0.5, 1e30, 1.0)), x ** 3, 1.0 / x ** 2,
           jnp.arctan2(x, x.T.sum(1)[:3, None]),
@@ -331,7 +331,7 @@ def _structural_family(x):
           lax.pad(x, 0.5, [(1, -1, 1), (0, 2, 0)]),
           x[::2, 1:3], x[::-1], jnp.concatenate([x, x], 0), jnp.stack([x, x], 2),
           lax.iota(jnp.int32, 5), jnp.split(x, 2, axis=1), x[None].squeeze(0),
-          lax.reshape(x, (12,), dimensions=(1, 0)))
+          lax.reshape(x, (12,), dimensions=(1, 0)), lax.unstack(x, axis=1))
 
 
 def _conv_family(x, k):

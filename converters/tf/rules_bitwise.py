@@ -94,7 +94,8 @@ def _or(ctx, eqn, x, y):
 
 
 @register(lax.and_p, family=_F, tflite="partial",
-          note="bool, all-ones/zero masks, low-bit masks 2**k-1 on 32-bit ints; else BitwiseAnd")
+          note="bool, all-ones/zero masks, low-bit masks 2**k-1 and high-bit masks ~(2**k-1) on 32-bit "
+               "ints; else BitwiseAnd")
 def _and(ctx, eqn, x, y):
   if x.dtype == tf.bool:
     return tf.logical_and(x, y)
@@ -114,6 +115,14 @@ def _and(ctx, eqn, x, y):
         hi = tf.bitwise.right_shift(tp, tf.constant(k, tp.dtype))
         factor = np.array(1 << k, np.uint32).view(tp.dtype.as_numpy_dtype)
         return tf.broadcast_to(tf.bitwise.bitwise_xor(tp, hi * tf.constant(factor)), u.out_shape(eqn))
+      low = ~m & full
+      if (low & (low + 1)) == 0 and tp.dtype in (tf.int32, tf.uint32):
+        # x & ~(2**k - 1) == (x >> k) * 2**k: clear the k low bits (jax >= 0.11's erfc derivative
+        # splits a float32 this way); an arithmetic shift keeps int32's sign bits, as the mask does
+        k = low.bit_length()
+        hi = tf.bitwise.right_shift(tp, tf.constant(k, tp.dtype))
+        factor = np.array(1 << k, np.uint32).view(tp.dtype.as_numpy_dtype)
+        return tf.broadcast_to(hi * tf.constant(factor), u.out_shape(eqn))
   return tf.bitwise.bitwise_and(x, y)
 
 

@@ -86,13 +86,56 @@ def write_row(buf: tf.Tensor, row: tf.Tensor, i: tf.Tensor) -> tf.Tensor:
   return u.tflite_int32("SelectV2", lambda buf, row: tf.where(hit, tf.expand_dims(row, 0), buf), buf, row)
 
 
+def scan_split(eqn) -> tuple[int, int]:
+  """``(number of consts, number of carries)`` of a ``scan`` equation.
+
+  Its operands are ``consts + init + xs`` and its body maps ``consts + carry + x_t`` to
+  ``carry + y_t``; how the counts are spelled in the params is JAX's business: ``num_consts`` and
+  ``num_carry`` up to jax 0.10, the flat trees ``ft_in = (consts, carry, xs)`` and
+  ``ft_out = (carry, ys)`` from 0.11. The split is then checked against what a scan means (the carry
+  keeps its type through the body, each x and y is stacked ``length`` times), so a future spelling
+  fails here, by name, rather than lowering a wrong loop.
+  """
+  p = eqn.params
+  if "num_consts" in p and "num_carry" in p:
+    nconst, ncarry = int(p["num_consts"]), int(p["num_carry"])
+  elif "ft_in" in p and "ft_out" in p:
+    ins, outs = p["ft_in"].unpack(), p["ft_out"].unpack()
+    if len(ins) != 3 or len(outs) != 2:
+      raise NotImplementedError(f"scan with ft_in of {len(ins)} parts and ft_out of {len(outs)}")
+    nconst, ncarry = len(ins[0]), len(ins[1])
+    if len(outs[0]) != ncarry:
+      raise NotImplementedError(f"scan with {ncarry} carries in and {len(outs[0])} out")
+  else:
+    raise NotImplementedError(f"scan params without a consts/carry split: {sorted(p)}")
+  body, n = p["jaxpr"], int(p["length"])
+  in_avals, out_avals = [v.aval for v in eqn.invars], [v.aval for v in eqn.outvars]
+  body_in, body_out = body.in_avals, body.out_avals
+  xs_avals, ys_avals = in_avals[nconst + ncarry:], out_avals[ncarry:]
+
+  def same(a, b) -> bool:
+    return tuple(a.shape) == tuple(b.shape) and a.dtype == b.dtype
+
+  ok = (len(in_avals) == len(body_in) and len(out_avals) == len(body_out) and ncarry <= len(out_avals)
+        and all(same(a, b) for a, b in zip(in_avals[:nconst + ncarry], body_in))
+        and all(same(a, b) for a, b in zip(body_out[:ncarry], body_in[nconst:nconst + ncarry]))
+        and all(same(a, b) for a, b in zip(out_avals[:ncarry], body_out))
+        and all(tuple(x.shape) == (n, *b.shape) for x, b in zip(xs_avals, body_in[nconst + ncarry:]))
+        and all(tuple(y.shape) == (n, *b.shape) for y, b in zip(ys_avals, body_out[ncarry:])))
+  if not ok:
+    raise NotImplementedError(f"scan whose operands do not split as {nconst} consts, {ncarry} carries "
+                              f"and stacked xs/ys of length {n} (params: {sorted(p)})")
+  return nconst, ncarry
+
+
 @register(lax.scan_p, family=_F, note="one While; the stacked outputs are written with selects")
 def _scan(ctx, eqn, *args):
   """``carry, ys = scan(f, init, xs)``: ``carry, ys[t] = f(carry, xs[t])`` for t = 0..length-1
   (reversed when ``reverse``)."""
   p = eqn.params
   body = p["jaxpr"]
-  n, nconst, ncarry = int(p["length"]), int(p["num_consts"]), int(p["num_carry"])
+  n = int(p["length"])
+  nconst, ncarry = scan_split(eqn)
   consts, init, xs = list(args[:nconst]), list(args[nconst:nconst + ncarry]), list(args[nconst + ncarry:])
   y_avals = body.out_avals[ncarry:]
   ys0 = []

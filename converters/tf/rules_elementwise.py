@@ -190,6 +190,33 @@ def _square(ctx, eqn, x):
   return _mul(x, x)
 
 
+def _one_minus_square(ctx, eqn, x):
+  """``1 - x**2`` as ``(1 + x) * (1 - x)``, the product JAX lowers it to (exact near ``|x| = 1``)."""
+  one = tf.ones([], x.dtype)
+  return _mul(u.tflite_int32("AddV2", lambda x: one + x, x), u.tflite_int32("Sub", lambda x: one - x, x))
+
+
+def _polynomial(ctx, eqn, x, *coeffs):
+  """``a_0 + x (a_1 + x (... + x a_N))`` (coefficients low first) by Horner's rule, one multiply and
+  one add per step, as JAX lowers it."""
+  acc = coeffs[-1]
+  for c in reversed(coeffs[:-1]):
+    acc = u.tflite_int32("AddV2", lambda a, b: a + b, _mul(acc, x), c)
+  shape = list(u.out_shape(eqn))
+  return acc if acc.shape.as_list() == shape else u.tflite_int32(
+      "BroadcastTo", lambda a: tf.broadcast_to(a, shape), acc)
+
+
+# jax >= 0.11 only (0.10 has neither primitive: tanh's derivative was 1 - square(ans) there, and
+# erf's and gelu's polynomials were open-coded multiplies and adds).
+if hasattr(lax, "one_minus_square_p"):
+  register(lax.one_minus_square_p, family=_F, note="jax >= 0.11 (tanh's, asin's derivatives)")(
+      _one_minus_square)
+if hasattr(lax, "polynomial_p"):
+  register(lax.polynomial_p, family=_F, note="jax >= 0.11 (erf's, gelu's polynomials): Horner's rule")(
+      _polynomial)
+
+
 @register(lax.pow_p, family=_F, note="float base; integer exponents are cast to the base's type")
 def _pow(ctx, eqn, x, y):
   return tf.pow(x, u.cast(y, x.dtype))

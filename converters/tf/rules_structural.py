@@ -84,6 +84,19 @@ def _split(ctx, eqn, x):
   return outs
 
 
+@register(lax.unstack_p, family=_F, note="jax >= 0.11 unstacks a key's two words with it")
+def _unstack(ctx, eqn, x):
+  """Each index along ``axis`` with that axis dropped, as ``split`` into ones then reshapes."""
+  axis = int(eqn.params["axis"])
+  shape = x.shape.as_list()
+  outs = []
+  for k in range(shape[axis]):
+    lo, hi = [0] * len(shape), list(shape)
+    lo[axis], hi[axis] = k, k + 1
+    outs.append(reshape(static_slice(x, lo, hi), u.out_shape(eqn, k)))
+  return outs
+
+
 def static_slice(x: tf.Tensor, start, limit, strides=None) -> tf.Tensor:
   start = [int(s) for s in start]
   limit = [int(s) for s in limit]
