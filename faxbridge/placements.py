@@ -85,9 +85,16 @@ def _server_work(eqn, in_places: Sequence[Placement], where=None) -> list[Placem
 def call_body(eqn) -> tuple[jcore.Jaxpr, tuple] | None:
   """The jaxpr and consts a call-like equation (jit, custom_jvp_call...) runs, else None."""
   param = _CALL_LIKE.get(eqn.primitive)
-  if param is None or param not in eqn.params:
+  if param is None:
     return None
-  sub = eqn.params[param]
+  if param in eqn.params:
+    sub = eqn.params[param]
+  else:  # the parameter was renamed (JAX's business): a call runs the one jaxpr among its params
+    subs = [v for v in eqn.params.values() if isinstance(v, jcore.ClosedJaxpr | jcore.Jaxpr)]
+    if len(subs) != 1:
+      raise NotImplementedError(f"call-like primitive '{eqn.primitive.name}' without a single jaxpr "
+                                f"parameter: {sorted(eqn.params)}")
+    sub = subs[0]
   return (sub.jaxpr, tuple(sub.consts)) if isinstance(sub, jcore.ClosedJaxpr) else (sub, ())
 
 
