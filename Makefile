@@ -1,5 +1,15 @@
 # Two environments, by necessity (see README): the core at .venv, TFF's runtime at .venv-tff.
-PYTHON ?= python3.11
+# The core (.venv) needs Python 3.12: jax >= 0.11 requires it. TFF 0.87 (.venv-tff) needs 3.11.
+# Each is found without manual steps: python3.X on PATH if it runs (a pyenv shim may name a version
+# that is not selected), else pyenv's install of it (`pyenv prefix`, or $PYENV_ROOT/versions/3.X.*,
+# where this image ships them off PATH). Override with PYTHON_CORE=... / PYTHON_TFF=...
+find_python = $(shell for p in python$(1) "$$(pyenv prefix $(1) 2>/dev/null)/bin/python$(1)" \
+  $${PYENV_ROOT:-$$HOME/.pyenv}/versions/$(1).*/bin/python$(1); do \
+  "$$p" -c 'import sys; assert sys.version_info[:2] == ($(subst .,$(comma) ,$(1))); print(sys.executable)' \
+  2>/dev/null && break; done)
+comma := ,
+PYTHON_CORE ?= $(call find_python,3.12)
+PYTHON_TFF ?= $(call find_python,3.11)
 CORE := .venv/bin/python
 TFF := .venv-tff/bin/python
 PYTEST_ARGS ?=
@@ -9,8 +19,11 @@ PYTEST_ARGS ?=
 envs: .venv/.ready .venv-tff/.ready
 
 .venv/.ready: requirements/core.txt requirements/core.lock pyproject.toml
+	@test -n "$(PYTHON_CORE)" || { echo "error: .venv needs Python 3.12 (jax >= 0.11 requires it) and none" \
+	  "was found (python3.12 on PATH, pyenv's 3.12): install one (pyenv install 3.12) or pass" \
+	  "PYTHON_CORE=/path/to/python3.12"; exit 1; }
 	rm -rf .venv
-	$(PYTHON) -m venv .venv
+	$(PYTHON_CORE) -m venv .venv
 	.venv/bin/pip install -q --disable-pip-version-check -r requirements/core.txt -c requirements/core.lock
 	.venv/bin/pip install -q --disable-pip-version-check --no-deps -e .
 	touch $@
@@ -18,8 +31,11 @@ envs: .venv/.ready .venv-tff/.ready
 # tensorflow-federated 0.87.0 pins jaxlib==0.4.14, which was never published: install its other
 # requirements (jaxlib 0.4.13 instead) and then TFF itself without dependency resolution.
 .venv-tff/.ready: requirements/tff.txt requirements/tff.lock
+	@test -n "$(PYTHON_TFF)" || { echo "error: .venv-tff needs Python 3.11 (TFF 0.87 requires it) and none" \
+	  "was found (python3.11 on PATH, pyenv's 3.11): install one (pyenv install 3.11) or pass" \
+	  "PYTHON_TFF=/path/to/python3.11"; exit 1; }
 	rm -rf .venv-tff
-	$(PYTHON) -m venv .venv-tff
+	$(PYTHON_TFF) -m venv .venv-tff
 	.venv-tff/bin/pip install -q --disable-pip-version-check -r requirements/tff.txt -c requirements/tff.lock
 	.venv-tff/bin/pip install -q --disable-pip-version-check --no-deps tensorflow-federated==0.87.0
 	touch $@
