@@ -6,6 +6,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.extend import core as jcore
@@ -195,6 +196,7 @@ def every_rule(s, x, w):
   return server, z
 
 
+@pytest.mark.slow  # keeps the quick suite under two minutes; runs in CI
 def test_check_grads_second_order_both_modes():
   with jax.enable_x64(True):
     args = (np.asarray([0.3, -0.8]), RNG.normal(size=(N, 2)), W.astype(np.float64))

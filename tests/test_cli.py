@@ -232,6 +232,7 @@ def _swap_pieces(into: Path, source: Path) -> list[str]:
   return swapped
 
 
+@pytest.mark.slow  # keeps the quick suite under two minutes; runs in CI
 def test_verify_exits_1_with_a_mismatch_report_when_the_runtime_computes_something_else(
     scaled, tmp_path):
   export, inputs = scaled

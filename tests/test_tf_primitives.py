@@ -10,6 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import tensorflow as tf
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -63,6 +64,7 @@ UNARY = {
 }
 
 
+@pytest.mark.slow  # keeps the quick suite under two minutes; runs in CI
 @settings(max_examples=3)
 @given(f32_arrays())
 def test_float_unary(x):
@@ -99,6 +101,7 @@ i32 = st.integers(-(2**31), 2**31 - 1)
 u32 = st.integers(0, 2**32 - 1)
 
 
+@pytest.mark.slow  # keeps the quick suite under two minutes; runs in CI
 @settings(max_examples=5)
 @given(st.data())
 def test_int_ops(data):
@@ -149,6 +152,7 @@ def test_convert_element_type(x):
   }, (x,))
 
 
+@pytest.mark.slow  # keeps the quick suite under two minutes; runs in CI
 @settings(max_examples=5)
 @given(st.data())
 def test_reductions_scans_sort(data):
@@ -223,6 +227,7 @@ def test_dot_general(spec, size, seed):
             (a, b, ai, bi))
 
 
+@pytest.mark.slow  # keeps the quick suite under two minutes; runs in CI
 @settings(max_examples=5)
 @given(st.data())
 def test_conv_and_gradients(data):
@@ -280,6 +285,7 @@ def test_pooling_and_gradients(data):
              "avg_grad": jax.grad(lambda x: jnp.sum(jnp.cos(avgpool(x))))}, (x,))
 
 
+@pytest.mark.slow  # keeps the quick suite under two minutes; runs in CI
 @settings(max_examples=5)
 @given(st.data())
 def test_indexing(data):
@@ -307,6 +313,7 @@ def test_indexing(data):
   }, (x, idx, wild, i, labels))
 
 
+@pytest.mark.slow  # keeps the quick suite under two minutes; runs in CI
 @settings(max_examples=2)
 @given(st.integers(0, 2**31 - 1), st.integers(1, 9))
 def test_random_bit_exact(seed, n):
@@ -327,6 +334,7 @@ def test_random_bit_exact(seed, n):
     assert_close(g, w, 1e-5, what=f"draw {j}")
 
 
+@pytest.mark.slow  # keeps the quick suite under two minutes; runs in CI
 @settings(max_examples=5)
 @given(st.integers(0, 6), st.integers(1, 4), st.integers(0, 999))
 def test_control_flow(n, m, seed):
