@@ -1,0 +1,110 @@
+"""Real data for the examples, shipped inside installed packages (no download), and its partition
+over clients.
+
+Digits: scikit-learn's 1,797 8x8 handwritten digits (``sklearn.datasets.load_digits``, a file inside
+the package). Pixels are scaled from 0..16 to [0, 1] as float32 (64 features), labels are int32.
+
+The API, smallest first:
+
+- ``load_digits_split(seed)``: a seeded held-out split, ``(train_x, train_y, test_x, test_y)``.
+- ``partition(labels, clients, alpha=, seed=)``: a seeded Dirichlet label-skew partition (non-IID)
+  of example indices over clients; disjoint, covering every index, no client empty.
+- ``client_batches(x, y, parts, batches=, batch_size=, seed=)``: equal-shaped client arrays with a
+  leading clients axis (a CLIENTS pytree), plus each client's real example count for weighting.
+- ``digits_clients(clients, batches=, batch_size=, alpha=, seed=)``: the three above in one call.
+
+Equal shapes: every client's data is ``batches x batch_size`` examples drawn from its own examples
+only. A client with at least that many takes a seeded random subset (without replacement); a
+smaller one repeats its shuffled examples cyclically. No padding and no mask, so the model's loss
+needs no change; ``num_examples`` keeps the client's real count (float32), the FedAvg weight n_k.
+Drawing again with another ``seed`` (say, the round number) shows clients other examples.
+
+Other datasets (e.g. a text corpus for ``char_lm``) may be added below as further sections.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+# -- digits ----------------------------------------------------------------------------------------
+FEATURES, CLASSES = 64, 10
+TEST_FRACTION = 0.2
+
+
+def load_digits_split(seed: int = 0, test_fraction: float = TEST_FRACTION) -> tuple[np.ndarray, ...]:
+  """scikit-learn's digits as ``(train_x [N, 64] f32 in [0, 1], train_y [N] i32, test_x, test_y)``.
+
+  The held-out ``test_fraction`` is a seeded random permutation's head; the rest is the train part.
+  """
+  from sklearn.datasets import load_digits  # imported here: only the examples need scikit-learn
+
+  digits = load_digits()
+  x = (digits.data / 16.0).astype(np.float32)
+  y = digits.target.astype(np.int32)
+  order = np.random.default_rng(seed).permutation(len(y))
+  n_test = round(test_fraction * len(y))
+  test, train = order[:n_test], order[n_test:]
+  return x[train], y[train], x[test], y[test]
+
+
+def partition(labels: np.ndarray, clients: int, *, alpha: float = 0.5,
+              seed: int = 0) -> list[np.ndarray]:
+  """Split example indices over ``clients`` with a Dirichlet(alpha) label skew.
+
+  For each class c, proportions p_c ~ Dirichlet(alpha * 1_clients) split c's shuffled examples
+  among the clients; a small ``alpha`` concentrates each class on few clients (non-IID), a large one
+  approaches an even split. A client left empty then takes one example from the largest client, so
+  every client has at least one. The result is disjoint, covers ``range(len(labels))`` and depends
+  only on (labels, clients, alpha, seed). Each client's indices are sorted.
+  """
+  labels = np.asarray(labels)
+  if clients < 1 or clients > len(labels):
+    raise ValueError(f"clients must be in 1..{len(labels)} (one example each at least), got {clients}")
+  if alpha <= 0:
+    raise ValueError(f"alpha must be positive, got {alpha}")
+  rng = np.random.default_rng(seed)
+  parts: list[list[int]] = [[] for _ in range(clients)]
+  for c in np.unique(labels):
+    members = rng.permutation(np.flatnonzero(labels == c))
+    shares = rng.dirichlet(np.full(clients, alpha))
+    cuts = np.round(np.cumsum(shares)[:-1] * len(members)).astype(int)
+    for i, chunk in enumerate(np.split(members, cuts)):
+      parts[i].extend(chunk.tolist())
+  for i in range(clients):  # deterministic repair: the largest client gives one example away
+    if not parts[i]:
+      donor = max(range(clients), key=lambda j: len(parts[j]))
+      parts[i].append(parts[donor].pop())
+  return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
+
+
+def client_batches(x: np.ndarray, y: np.ndarray, parts: list[np.ndarray], *, batches: int,
+                   batch_size: int, seed: int = 0) -> dict[str, np.ndarray]:
+  """Equal-shaped client data: ``x`` [n, batches, batch_size, ...], ``y`` [n, batches, batch_size]
+  and ``num_examples`` [n] float32 (each client's real count ``len(parts[i])``).
+
+  Client i's ``batches * batch_size`` examples come from ``parts[i]`` only: a seeded subset when it
+  has enough, else its shuffled examples repeated cyclically (see the module docstring).
+  """
+  rng = np.random.default_rng(seed)
+  need = batches * batch_size
+  picks = []
+  for part in parts:
+    if len(part) == 0:
+      raise ValueError("a client has no examples; partition() never returns one")
+    if len(part) >= need:
+      picks.append(rng.choice(part, size=need, replace=False))
+    else:
+      picks.append(np.resize(rng.permutation(part), need))  # np.resize repeats cyclically
+  idx = np.stack(picks).reshape(len(parts), batches, batch_size)
+  return {"x": np.asarray(x)[idx], "y": np.asarray(y)[idx],
+          "num_examples": np.asarray([len(p) for p in parts], dtype=np.float32)}
+
+
+def digits_clients(clients: int, *, batches: int, batch_size: int, alpha: float = 0.5,
+                   seed: int = 0) -> tuple[dict[str, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+  """Digits over ``clients`` (Dirichlet(alpha) label skew) as ``(client_data, (test_x, test_y))``,
+  ``client_data`` as ``client_batches`` returns it; one ``seed`` for split, partition and draw."""
+  train_x, train_y, test_x, test_y = load_digits_split(seed)
+  parts = partition(train_y, clients, alpha=alpha, seed=seed)
+  data = client_batches(train_x, train_y, parts, batches=batches, batch_size=batch_size, seed=seed)
+  return data, (test_x, test_y)
