@@ -9,6 +9,7 @@ TensorFlow Federated, StableHLO (IREE) and TFLite (LiteRT), and proven equal by 
       return fb.mean(updates)
 """
 
+from faxbridge._drjax import from_drjax
 from faxbridge.api import broadcast, map, max, mean, min, secure_sum, sum, weighted_mean
 from faxbridge.computation import Computation, TracedComputation, computation
 from faxbridge.errors import (
@@ -55,6 +56,7 @@ __all__ = [
     "broadcast",
     "computation",
     "export",
+    "from_drjax",
     "map",
     "max",
     "mean",
