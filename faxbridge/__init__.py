@@ -12,6 +12,7 @@ TensorFlow Federated, StableHLO (IREE) and TFLite (LiteRT), and proven equal by 
 from faxbridge._drjax import from_drjax
 from faxbridge.api import broadcast, map, max, mean, min, secure_sum, sum, weighted_mean
 from faxbridge.computation import Computation, TracedComputation, computation
+from faxbridge.dp import dp_adaptive_init, dp_adaptive_mean, dp_epsilon, dp_mean
 from faxbridge.errors import (
   ExportError,
   FaxbridgeError,
@@ -55,6 +56,10 @@ __all__ = [
     "VerificationError",
     "broadcast",
     "computation",
+    "dp_adaptive_init",
+    "dp_adaptive_mean",
+    "dp_epsilon",
+    "dp_mean",
     "export",
     "from_drjax",
     "map",

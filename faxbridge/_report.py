@@ -182,7 +182,31 @@ def form_text(form: FederatedForm, title: str) -> str:
     for agg in stage.aggregations:
       size = uploads[agg.value].nbytes if agg.value in uploads else 0
       lines.append(f"  aggregate  {_aggregation_text(agg, labels)} ({size_text(size)} up)")
-  return "\n".join(lines)
+  return "\n".join(lines + dp_lines(form))
+
+
+_DP_LABELS = {"clip_norm": "clip norm", "noise_multiplier": "noise multiplier",
+              "update_noise_multiplier": "update sum's noise multiplier",
+              "clipped_count_stddev": "clipped count's noise stddev",
+              "target_quantile": "target quantile", "clip_learning_rate": "clip learning rate"}
+
+
+def dp_lines(form: FederatedForm) -> list[str]:
+  """The DP mechanisms of ``form`` (``fb.dp_mean``, ``fb.dp_adaptive_mean``): mechanism, clip norm
+  (a number or server state), noise multiplier, and which pieces clip and which add the noise."""
+  from faxbridge.dp import form_mechanisms
+
+  lines = []
+  for d in form_mechanisms(form):
+    lines += ["", f"differential privacy: {d['mechanism']} mechanism (Gaussian noise on the "
+              "clipped sum)"]
+    for key, label in _DP_LABELS.items():
+      if key in d:
+        value = d[key].replace("server_state", "server state (adapted each round)")
+        lines.append(f"  {label}: {value}")
+    lines.append(f"  clipping (client work): {', '.join(d['clipping_in']) or '-'}")
+    lines.append(f"  noise (server only): {', '.join(d['noise_in']) or '-'}")
+  return lines
 
 
 def jaxpr_legend(traced, form: FederatedForm) -> str:
@@ -323,12 +347,13 @@ def round_html(forms: dict[str, FederatedForm], title: str) -> str:
         + "<h3>outputs</h3>" + _html_table(head, _bindings(form, form.outputs, True), [3])
         + "<h3>stages</h3>" + _html_table(
             ["stage", "broadcast", "aggregations", "download per client", "upload per client"],
-            stage_rows, [3, 4]))
+            stage_rows, [3, 4])
+        + "".join(f"<p>{html.escape(line)}</p>" for line in dp_lines(form) if line))
   return ("<!DOCTYPE html>\n"
           '<html xmlns="http://www.w3.org/1999/xhtml" lang="en"><head><meta charset="utf-8"/>'
           f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>"
           f"<h1>{html.escape(title)}</h1>" + "".join(sections) + "</body></html>\n")
 
 
-__all__ = ["files_summary", "form_text", "jaxpr_legend", "round_html", "round_svg", "size_text", "table",
-           "user_name", "verdict", "verify_table"]
+__all__ = ["dp_lines", "files_summary", "form_text", "jaxpr_legend", "round_html", "round_svg",
+           "size_text", "table", "user_name", "verdict", "verify_table"]
