@@ -6,7 +6,7 @@ from __future__ import annotations
 import jax
 
 import faxbridge as fb
-from examples import _mlp
+from examples import _data, _mlp
 
 CLIENTS = 8
 SERVER_LR = 0.5
@@ -29,5 +29,6 @@ process = fb.IterativeProcess(initialize, fedsgd_round)
 
 
 def example_inputs(clients: int = CLIENTS):
-  data = _mlp.client_data(clients, batches=1, batch_size=32, seed=2)
-  return _mlp.init_params(), jax.tree.map(lambda d: d[:, 0], data)
+  """The initial model and one batch of 32 digits per client (Dirichlet(0.5) label skew)."""
+  data, _ = _data.digits_clients(clients, batches=1, batch_size=32, seed=2)
+  return _mlp.init_params(), {"x": data["x"][:, 0], "y": data["y"][:, 0]}

@@ -40,7 +40,9 @@ TARGET_OF = {"jax": "stablehlo", "iree": "stablehlo", "litert": "tflite", "tff":
 # the example would follow a wrong edit there.
 FEDAVG_LR = 0.1
 FEDSGD_LR = 0.5
-FEDADAM = {"local_lr": 0.05, "server_lr": 0.01, "b1": 0.9, "b2": 0.99, "eps": 1e-6}
+FEDADAM = {"local_lr": 0.05, "server_lr": 0.01, "b1": 0.9, "b2": 0.99, "eps": 1e-3}
+FEDYOGI = {**FEDADAM, "initial_accumulator": 1e-6}  # optax.yogi's default start of m and v
+ANALYTICS = {"bins": 20, "lo": 0.1, "hi": 0.5}
 F32 = np.float32
 
 
@@ -100,43 +102,94 @@ def ref_fedsgd_round(params: dict, batch: dict, lr: float = FEDSGD_LR) -> tuple:
           agg_mean(losses))
 
 
-def ref_fedadam_round(state: dict, data: dict, server_lr: float = FEDADAM["server_lr"]) -> tuple:
-  h = FEDADAM
-  params = {k: np.asarray(v) for k, v in state["params"].items()}
-  updates = []
+def _local_deltas(params: dict, data: dict, lr: float) -> dict:
+  deltas = []
   for i in range(data["x"].shape[0]):
-    trained = local_sgd(params, data["x"][i], data["y"][i], h["local_lr"])
-    updates.append({k: np.asarray(trained[k]) - params[k] for k in params})
-  updates = tree_stack(updates)
-  grad = {k: -agg_mean(updates[k]) for k in params}
+    trained = local_sgd(params, data["x"][i], data["y"][i], lr)
+    deltas.append({k: np.asarray(trained[k]) - params[k] for k in params})
+  return tree_stack(deltas)
+
+
+def _bias_corrected(moment: np.ndarray, decay: float, step: np.ndarray) -> np.ndarray:
+  return moment / (F32(1) - np.power(F32(decay), step.astype(F32)))
+
+
+def ref_fedopt_round(state: dict, data: dict, second_moment: Callable, h: dict,
+                     server_lr: float | None = None) -> tuple:
+  """FedOpt with an Adam-like server optimizer in numpy float32: the pseudo-gradient g is minus
+  the example-weighted mean delta; m <- b1 m + (1 - b1) g, v <- ``second_moment(v, g)``, both
+  bias-corrected by the step t, and w <- w - lr m_hat / (sqrt(v_hat) + eps)."""
+  server_lr = h["server_lr"] if server_lr is None else server_lr
+  params = {k: np.asarray(v) for k, v in state["params"].items()}
+  deltas = _local_deltas(params, data, h["local_lr"])
+  weights = np.asarray(data["num_examples"])
+  grad = {k: -agg_weighted_mean(deltas[k], weights) for k in params}
   norm = np.sqrt(sum(np.sum(g * g, dtype=F32) for _, g in sorted(grad.items()))).astype(F32)
-  # Adam in numpy float32; the Python-float hyperparameters enter as float32, as JAX types them.
-  step = (np.asarray(state["step"]) + F32(1.0)).astype(F32)
-  m = {k: F32(h["b1"]) * state["m"][k] + F32(1 - h["b1"]) * grad[k] for k in params}
-  v = {k: F32(h["b2"]) * state["v"][k] + F32(1 - h["b2"]) * grad[k] * grad[k] for k in params}
-  scale = (F32(server_lr) * np.sqrt(F32(1) - np.power(F32(h["b2"]), step))
-           / (F32(1) - np.power(F32(h["b1"]), step))).astype(F32)
-  new = {k: (params[k] - scale * m[k] / (np.sqrt(v[k]) + F32(h["eps"]))).astype(F32)
+  moments, empty = state["opt"]
+  step = (np.asarray(moments["count"]) + np.int32(1)).astype(np.int32)
+  m = {k: (F32(h["b1"]) * moments["mu"][k] + F32(1 - h["b1"]) * grad[k]).astype(F32)
+       for k in params}
+  v = {k: second_moment(np.asarray(moments["nu"][k]), grad[k]).astype(F32) for k in params}
+  new = {k: (params[k] - F32(server_lr) * _bias_corrected(m[k], h["b1"], step)
+             / (np.sqrt(_bias_corrected(v[k], h["b2"], step)) + F32(h["eps"]))).astype(F32)
          for k in params}
-  return {"params": new, "m": m, "v": v, "step": step}, {"update_norm": norm}
+  return ({"params": new, "opt": ({"count": step, "mu": m, "nu": v}, empty)},
+          {"update_norm": norm})
+
+
+def ref_fedadam_round(state: dict, data: dict, server_lr: float | None = None) -> tuple:
+  b2 = F32(FEDADAM["b2"])
+  return ref_fedopt_round(state, data, lambda v, g: b2 * v + (F32(1) - b2) * g * g, FEDADAM,
+                          server_lr)
+
+
+def ref_fedyogi_round(state: dict, data: dict, server_lr: float | None = None) -> tuple:
+  # Yogi: v moves towards g^2 by (1 - b2) g^2 at most, in the direction of sign(g^2 - v).
+  b2 = F32(FEDYOGI["b2"])
+  return ref_fedopt_round(state, data, lambda v, g: v - (F32(1) - b2) * np.sign(v - g * g) * g * g,
+                          FEDYOGI, server_lr)
+
+
+def _ref_fedopt_init(accumulator: float) -> dict:
+  params = _mlp.init_params()
+  fill = {k: np.full_like(v, accumulator) for k, v in params.items()}
+  return {"params": params, "opt": ({"count": np.zeros((), np.int32), "mu": fill,
+                                     "nu": dict(fill)}, {})}
 
 
 def ref_fedadam_init() -> dict:
-  params = _mlp.init_params()
-  zeros = {k: np.zeros_like(v) for k, v in params.items()}
-  return {"params": params, "m": zeros, "v": dict(zeros), "step": np.zeros((), F32)}
+  return _ref_fedopt_init(0.0)
 
 
-def ref_analytics(threshold, values) -> dict:
+def ref_fedyogi_init() -> dict:
+  return _ref_fedopt_init(FEDYOGI["initial_accumulator"])
+
+
+def ref_analytics(levels, values) -> dict:
+  """Per client: mean, bin counts, max, min; the server: mean of means, the summed counts, the max
+  of maxima, the min of minima, and each quantile found by walking the cumulative counts to the
+  bin where q N falls."""
   values = np.asarray(values)
+  lo, hi, bins = ANALYTICS["lo"], ANALYTICS["hi"], ANALYTICS["bins"]
+  width = F32((hi - lo) / bins)
   means = np.stack([np.mean(v, dtype=F32) for v in values])
-  squares = np.stack([np.mean(v * v, dtype=F32) for v in values])
-  above = np.stack([np.sum(v > threshold, dtype=np.int32) for v in values])
-  peaks = np.stack([np.max(v) for v in values])
-  mean, sq = agg_mean(means), agg_mean(squares)
-  return {"mean": mean, "variance": (sq - mean * mean).astype(F32),
-          "count_above": agg_sum(above),  # secure_sum: an exact integer sum
-          "max": np.max(peaks, axis=0), "min_peak": np.min(peaks, axis=0)}
+  counts = []
+  for v in values:
+    index = np.clip(np.floor((v - F32(lo)) * F32(bins / (hi - lo))), 0, bins - 1).astype(int)
+    counts.append(np.bincount(index, minlength=bins).astype(np.int32))
+  histogram = agg_sum(np.stack(counts))  # secure_sum: an exact integer sum
+  total = float(histogram.sum())
+  quantiles = []
+  for q in np.asarray(levels, dtype=np.float64):
+    target, below, k = q * total, 0.0, 0
+    while k < bins - 1 and below + histogram[k] < target:  # bins entirely below q N
+      below += histogram[k]
+      k += 1
+    inside = 0.0 if histogram[k] == 0 else min(max((target - below) / histogram[k], 0.0), 1.0)
+    quantiles.append(lo + (k + inside) * float(width))
+  return {"histogram": histogram, "max": np.max(np.stack([v.max() for v in values]), axis=0),
+          "mean": agg_mean(means), "min": np.min(np.stack([v.min() for v in values]), axis=0),
+          "quantiles": np.asarray(quantiles, F32)}
 
 
 def ref_two_stage(scale, values) -> tuple:
@@ -152,6 +205,7 @@ REFERENCES: dict[str, tuple[Callable, Callable | None]] = {
     "fedavg": (ref_fedavg_round, _mlp.init_params),
     "fedsgd": (ref_fedsgd_round, _mlp.init_params),
     "fedadam": (ref_fedadam_round, ref_fedadam_init),
+    "fedyogi": (ref_fedyogi_round, ref_fedyogi_init),
     "analytics": (ref_analytics, None),
     "two_stage": (ref_two_stage, None),
 }
@@ -311,21 +365,24 @@ def test_a_wrong_reference_is_caught(run_example):
       shifted[f"round{int(stage[5:]) + 1}/{leaf}"] = value
   later = {k: v for k, v in outputs.items() if k in shifted}
   assert len(later) == len(shifted) == (ROUNDS - 1) * len(manifest["next"]["outputs"])
-  # Every output fails but Adam's second moments of the biases: they stay below 3e-7 (squared
-  # pseudo-gradients of about 1e-3, times 1 - b2), where the absolute tolerance (1e-6) accepts any
-  # value of the right sign. The tolerance cannot see them; the parameters they feed are checked.
+  # Every output fails but Adam's second moments: they stay below 1e-6 (squared pseudo-gradients
+  # of at most about 3e-3, times 1 - b2), where the absolute tolerance (1e-6) accepts any value of
+  # the right sign. The tolerance cannot see them; the parameters they feed are checked.
   below_atol = {k for k in later if np.abs(shifted[k]).max() < ATOL}
-  assert below_atol == {f"round{r}/out_0_v_{b}" for r in range(2, ROUNDS + 1) for b in ("b1", "b2")}
+  assert below_atol == {f"round{r}/out_0_opt_0_nu_{leaf}" for r in range(2, ROUNDS + 1)
+                        for leaf in ("b1", "b2", "w1", "w2")}
   assert set(mismatches(compare(shifted, later))) == set(later) - below_atol
-  # An integer off by one and a threshold moved a little: exact integers, not a tolerance.
+  # Integer counts off by one and quantile levels moved a little: exact integers, not a tolerance.
   manifest, args, outputs, _ = run_example("analytics", "computation", "jax")
-  moved = reference_outputs("analytics", "computation", manifest, (args[0] + F32(0.05), args[1]))
-  assert "out_count_above" in mismatches(compare(moved, outputs))
+  moved = reference_outputs("analytics", "computation", manifest, (args[0] + F32(0.01), args[1]))
+  assert set(mismatches(compare(moved, outputs))) == {"out_quantiles"}
   off = dict(reference_outputs("analytics", "computation", manifest, args))
-  off["out_count_above"] = off["out_count_above"] + np.int32(1)
-  assert set(mismatches(compare(off, outputs))) == {"out_count_above"}
-  off["out_count_above"] = (off["out_count_above"] - np.int32(1)).astype(F32)  # wrong dtype only
-  assert set(mismatches(compare(off, outputs))) == {"out_count_above"}
+  off["out_histogram"] = off["out_histogram"] + (np.arange(len(off["out_histogram"])) == 7)
+  assert off["out_histogram"].dtype == np.int32
+  assert set(mismatches(compare(off, outputs))) == {"out_histogram"}
+  off["out_histogram"] = (off["out_histogram"] - (np.arange(len(off["out_histogram"])) == 7)
+                          ).astype(F32)  # right values, wrong dtype
+  assert set(mismatches(compare(off, outputs))) == {"out_histogram"}
 
 
 # -- slow: every program on TFF, IREE and LiteRT ---------------------------------------------------

@@ -63,17 +63,17 @@ def test_export_writes_proto_manifest_and_rendering(tmp_path):
   assert set(manifest["files"]) == {"computation.pb", "computation.txt", "native/computation.jax"}
   block = manifest["computation"]
   assert block["type_signature"] == (
-      "(<threshold=float32@SERVER,values={float32[32]}@CLIENTS> -> <count_above=int32,max=float32,"
-      "mean=float32,min_peak=float32,variance=float32>@SERVER)")
+      "(<levels=float32[3]@SERVER,values={float32[32]}@CLIENTS> -> <histogram=int32[20],max=float32,"
+      "mean=float32,min=float32,quantiles=float32[3]>@SERVER)")
   assert [(i["name"], i["placement"], i["shape"]) for i in block["inputs"]] == [
-      ("threshold", "SERVER", []), ("values", "CLIENTS", [32])]
+      ("levels", "SERVER", [3]), ("values", "CLIENTS", [32])]
   assert {o["name"] for o in block["outputs"]} == {
-      "out_count_above", "out_max", "out_mean", "out_min_peak", "out_variance"}
+      "out_histogram", "out_max", "out_mean", "out_min", "out_quantiles"}
   # The proto is a federated_language Computation whose type matches the manifest's.
   proto = pb.Computation.FromString((out / "computation.pb").read_bytes())
   loaded = fl.framework.ConcreteComputation.from_proto(proto)
   assert str(loaded.type_signature) == block["type_signature"]
-  assert {"federated_broadcast", "federated_map", "federated_mean", "federated_max",
+  assert {"federated_map", "federated_mean", "federated_max",
           "federated_min", "federated_secure_sum_bitwidth", "federated_apply",
           "federated_zip_at_clients"} <= _intrinsics(proto)
   assert _local_kinds(proto) == {"tensorflow"}

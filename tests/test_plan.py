@@ -111,7 +111,7 @@ def test_plan_records_stages_broadcasts_and_aggregations():
   assert len(weights) == 1 and weights <= set(stage["uploads"])
   assert {s["name"] for s in stage["client_work"]["inputs"]} >= set(stage["broadcasts"])
   data_x = next(b for b in comp["inputs"] if b["name"] == "data_x")
-  assert data_x["placement"] == "CLIENTS" and data_x["shape"] == [3, 16, 8]  # one client's
+  assert data_x["placement"] == "CLIENTS" and data_x["shape"] == [2, 16, 64]  # one client's
   assert data_x["path"] == [1, "x"]
   assert plan["clients"] == fedavg.CLIENTS
 
@@ -139,7 +139,7 @@ def test_iterative_plan_links_the_state():
   metrics = [b["name"] for b in plan["computations"]["next"]["outputs"] if b["path"][0] == 1]
   assert metrics and not set(metrics) & {link["from"] for link in links["next_to_next"]}
   blocks = split_program(fedadam.process, fedadam.example_inputs()[1:]).blocks()
-  assert [b["name"] for b in blocks["next"]["inputs"]] == ["data_x", "data_y"]
+  assert [b["name"] for b in blocks["next"]["inputs"]] == ["data_num_examples", "data_x", "data_y"]
 
 
 def test_mismatched_state_is_an_export_error():

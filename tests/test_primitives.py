@@ -139,17 +139,20 @@ def test_secure_sum_of_integers(case, bitwidth):
   _assert_tree_close(got, want)
 
 
-def test_secure_sum_counts_clients_above_a_threshold():
+def test_secure_sum_histogram_and_range_of_the_analytics_example():
   from examples import analytics
 
-  threshold, values = analytics.example_inputs()
-  got = analytics.computation(threshold, values)
-  assert got["count_above"].dtype == jnp.int32
-  assert int(got["count_above"]) == int(np.sum(values > threshold))
+  levels, values = analytics.example_inputs()
+  got = analytics.computation(levels, values)
+  assert got["histogram"].dtype == jnp.int32
+  edges = np.linspace(analytics.LO, analytics.HI, analytics.BINS + 1)
+  assert values.min() > analytics.LO and values.max() < analytics.HI  # no value clipped to an edge
+  np.testing.assert_array_equal(got["histogram"], np.histogram(values, bins=edges)[0])
   np.testing.assert_allclose(got["mean"], values.mean(), rtol=1e-5)
-  np.testing.assert_allclose(got["variance"], (values**2).mean() - values.mean() ** 2, rtol=1e-4)
-  assert float(got["max"]) == values.max()
-  assert float(got["min_peak"]) == values.max(axis=1).min()
+  assert float(got["max"]) == values.max() and float(got["min"]) == values.min()
+  # Each quantile estimate is within one bin of the pooled values' quantile.
+  np.testing.assert_allclose(got["quantiles"], np.quantile(values, levels),
+                             atol=(analytics.HI - analytics.LO) / analytics.BINS)
 
 
 @pytest.mark.parametrize("dtype", [np.int8, np.uint8, np.int16, jnp.bfloat16, np.float16])
