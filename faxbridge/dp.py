@@ -138,8 +138,9 @@ def dp_mean(x: PyTree, *, clip_norm: float | jax.Array, noise_multiplier: float 
     >>> @fb.computation(in_placements=(fb.CLIENTS, fb.SERVER))
     ... def private_mean(x, key):
     ...   return fb.dp_mean(x, clip_norm=1.0, noise_multiplier=0.0, key=key)
-    >>> private_mean(np.array([[3.0, 4.0], [0.3, 0.4]], np.float32),
-    ...              np.zeros(2, np.uint32)).round(3).tolist()
+    >>> mean = private_mean(np.array([[3.0, 4.0], [0.3, 0.4]], np.float32),  # norms 5 and 0.5
+    ...                     np.zeros(2, np.uint32))
+    >>> [round(float(v), 4) for v in mean]  # ([0.6, 0.8] + [0.3, 0.4]) / 2
     [0.45, 0.6]
   """
   n = _clients(x)
@@ -197,6 +198,15 @@ def dp_adaptive_mean(x: PyTree, state: dict, *, key: jax.Array, noise_multiplier
   ``clipped_count_stddev`` is given). ``key`` is split in two: update noise, count noise.
 
   Returns ``(mean, new_state)``; ``new_state`` has the structure of :func:`dp_adaptive_init`.
+
+  Example:
+    >>> @fb.computation(in_placements=(fb.CLIENTS, fb.SERVER, fb.SERVER))
+    ... def private_round(x, state, key):
+    ...   return fb.dp_adaptive_mean(x, state, key=key, noise_multiplier=0.0, target_quantile=0.9)
+    >>> x = np.array([[3.0, 4.0], [0.3, 0.4]], np.float32)  # norms 5 and 0.5: half under C = 1
+    >>> mean, state = private_round(x, fb.dp_adaptive_init(1.0), np.zeros(2, np.uint32))
+    >>> round(float(state["clip_norm"]), 4)  # 1 * exp(-0.2 * (0.5 - 0.9)): C grows
+    1.0833
   """
   n = _clients(x)
   key = _raw_key(key)
@@ -236,6 +246,10 @@ def dp_epsilon(*, noise_multiplier: float, sampling_rate: float, rounds: int, de
   DP accountant (``accountant="rdp"``, ``dp_accounting.rdp.RdpAccountant``, an upper bound) or the
   privacy loss distribution accountant (``"pld"``, ``dp_accounting.pld.PLDAccountant``, tighter).
   ``noise_multiplier=0`` is ``inf``.
+
+  Example:
+    >>> round(fb.dp_epsilon(noise_multiplier=1.0, sampling_rate=0.01, rounds=1000, delta=1e-5), 2)
+    2.1
   """
   import dp_accounting
 

@@ -174,7 +174,7 @@ def test_adaptive_clip_moves_towards_the_target_quantile_over_rounds():
 
 
 # --- accounting -----------------------------------------------------------------------------------
-@pytest.mark.parametrize("accountant", ["rdp", "pld"])
+@pytest.mark.parametrize("accountant", ["rdp", pytest.param("pld", marks=pytest.mark.slow)])
 def test_epsilon_equals_dp_accounting_called_directly(accountant):
   import dp_accounting
 
@@ -284,3 +284,31 @@ def test_export_replays_the_noise_on_every_runtime(tmp_path, monkeypatch, name, 
   print(f"{name} on {runtime}: max abs err {report.max_abs:.3g}, max rel err {report.max_rel:.3g}")
   manifest = json.loads((out / "manifest.json").read_text())
   assert manifest["computation"]["outputs"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("runtime", ["tff", "iree", "litert", "jax"])
+def test_dp_fedavg_process_round_trips_with_the_same_noise_on_every_runtime(tmp_path, monkeypatch,
+                                                                            runtime):
+  from examples import dp_fedavg
+
+  monkeypatch.setenv("FAXBRIDGE_IREE_CACHE", str(tmp_path / "iree-cache"))
+  _, data = dp_fedavg.example_inputs()
+  out = fb.export(dp_fedavg.process, data, target=TARGET_OF[runtime], out_dir=tmp_path / "dp")
+  report = fb.verify(out, data, runtime=runtime, rounds=3)
+  assert report.ok, str(report)
+  manifest = json.loads((out / "manifest.json").read_text())
+  assert len(report.checks) == len(manifest["initialize"]["outputs"]) + 3 * len(
+      manifest["next"]["outputs"])  # every output of every round, the key and the clip norm too
+  assert report.max_abs < 1e-5
+  print(f"dp_fedavg process on {runtime}: max abs err {report.max_abs:.3g}, "
+        f"max rel err {report.max_rel:.3g}")
+
+
+def test_docstring_examples_run():
+  import doctest
+
+  import faxbridge.dp
+
+  result = doctest.testmod(faxbridge.dp, extraglobs={"fb": fb, "np": np}, report=True)
+  assert result.attempted >= 6 and result.failed == 0, result
