@@ -75,14 +75,22 @@ def example_inputs(clients: int = CLIENTS) -> tuple[np.ndarray, np.ndarray]:
   return np.asarray(LEVELS, np.float32), client_ink(clients)
 
 
-if __name__ == "__main__":
-  levels, ink = example_inputs(clients=32)
-  result = analytics(levels, ink)
+def main(clients: int = 32, log=print) -> dict:
+  """The federated answers on ``clients`` clients next to the pooled data's (numpy); returns both."""
+  levels, ink = example_inputs(clients)
+  result = {k: np.asarray(v) for k, v in analytics(levels, ink).items()}
   pooled = ink.reshape(-1)
-  print(f"{ink.shape[0]} clients, {ink.shape[1]} digits each; federated vs pooled data")
-  print(f"mean      {float(result['mean']):.4f}  {pooled.mean():.4f}")
-  print(f"max       {float(result['max']):.4f}  {pooled.max():.4f}")
-  print(f"min       {float(result['min']):.4f}  {pooled.min():.4f}")
-  for q, got, want in zip(levels, np.asarray(result["quantiles"]), np.quantile(pooled, levels)):
-    print(f"q{q:.1f}      {got:.4f}  {want:.4f}   (bin width {(HI - LO) / BINS:.3f})")
-  print("histogram", np.asarray(result["histogram"]).tolist())
+  exact = {"mean": pooled.mean(), "max": pooled.max(), "min": pooled.min(),
+           "quantiles": np.quantile(pooled, levels)}
+  if log:
+    log(f"{clients} clients, {ink.shape[1]} digits each: federated vs pooled data")
+    for key in ("mean", "max", "min"):
+      log(f"  {key:10s} {float(result[key]):.4f}  {float(exact[key]):.4f}")
+    for q, got, want in zip(levels, result["quantiles"], exact["quantiles"]):
+      log(f"  q{q:.1f}       {got:.4f}  {want:.4f}   (bin width {(HI - LO) / BINS:.3f})")
+    log(f"  histogram  {result['histogram'].tolist()} (secure sum, bitwidth {BITWIDTH})")
+  return {"federated": result, "pooled": exact}
+
+
+if __name__ == "__main__":
+  main()
