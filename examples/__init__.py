@@ -3,4 +3,4 @@
 They are the default inputs of ``faxbridge export``/``verify`` and of the round-trip tests.
 """
 
-EXAMPLES = ("fedavg", "fedsgd", "fedadam", "fedyogi", "analytics", "two_stage")
+EXAMPLES = ("fedavg", "fedsgd", "fedadam", "fedyogi", "analytics", "two_stage", "dp_fedavg")

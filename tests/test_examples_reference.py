@@ -199,6 +199,41 @@ def ref_two_stage(scale, values) -> tuple:
   return mean, agg_mean(centred)
 
 
+DP_FEDAVG = {"local_lr": 0.5, "server_lr": 1.0, "z": 1.0, "count_stddev": 2.5, "quantile": 0.5,
+             "clip_lr": 0.2, "initial_clip": 0.5}
+
+
+def ref_dp_fedavg_init() -> dict:
+  return {"params": _mlp.init_params(0), "clip": {"clip_norm": F32(DP_FEDAVG["initial_clip"])},
+          "key": np.asarray([0, 0], np.uint32)}
+
+
+def ref_dp_fedavg_round(state: dict, data: dict) -> tuple:
+  """DP-FedAvg with adaptive clipping (Andrew et al. 2021) in numpy float32; only the Gaussian
+  draws come from ``jax.random`` (threefry), from the key derivation docs/dp.md states."""
+  h, params, clip = DP_FEDAVG, state["params"], F32(state["clip"]["clip_norm"])
+  deltas = _local_deltas(params, data, h["local_lr"])
+  n, names = data["x"].shape[0], sorted(params)  # leaf order: sorted dict keys
+  norms = np.sqrt(sum(np.sum(np.square(deltas[k]).reshape(n, -1), axis=1, dtype=F32)
+                      for k in names)).astype(F32)
+  scale = np.minimum(F32(1), clip / np.maximum(norms, F32(1e-12)))
+  noise_key, next_key = jax.random.split(np.asarray(state["key"]))
+  update_key, count_key = jax.random.split(noise_key)
+  leaf_keys = jax.random.split(update_key, len(names))
+  z_delta = F32((h["z"] ** -2 - (2 * h["count_stddev"]) ** -2) ** -0.5)
+  new_params = {}
+  for k, leaf_key in zip(names, leaf_keys):
+    clipped = deltas[k] * scale.reshape((n,) + (1,) * (deltas[k].ndim - 1))
+    noise = np.asarray(jax.random.normal(leaf_key, params[k].shape, np.float32))
+    mean = (agg_sum(clipped) + z_delta * clip * noise) / F32(n)
+    new_params[k] = params[k] + F32(h["server_lr"]) * mean
+  count = agg_sum((norms <= clip).astype(F32)) + F32(h["count_stddev"]) * np.asarray(
+      jax.random.normal(count_key, (), np.float32))
+  new_clip = clip * np.exp(F32(-h["clip_lr"]) * (count / F32(n) - F32(h["quantile"])))
+  return ({"params": new_params, "clip": {"clip_norm": new_clip.astype(F32)},
+           "key": np.asarray(next_key)}, {"clip_norm": clip})
+
+
 # name -> (the reference of the computation or of one round of ``next``, the reference initial
 # state of the iterative process, None where the example has no process)
 REFERENCES: dict[str, tuple[Callable, Callable | None]] = {
@@ -208,6 +243,7 @@ REFERENCES: dict[str, tuple[Callable, Callable | None]] = {
     "fedyogi": (ref_fedyogi_round, ref_fedyogi_init),
     "analytics": (ref_analytics, None),
     "two_stage": (ref_two_stage, None),
+    "dp_fedavg": (ref_dp_fedavg_round, ref_dp_fedavg_init),
 }
 
 
