@@ -24,12 +24,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import algorithm_references as algo
 import jax
 import numpy as np
 import pytest
 
 import faxbridge as fb
-from examples import EXAMPLES, _mlp
+from examples import EXAMPLES, _mlp, _transformer
 from faxbridge.verify import run_on_runtime
 
 RTOL, ATOL = 1e-5, 1e-6
@@ -244,6 +245,11 @@ REFERENCES: dict[str, tuple[Callable, Callable | None]] = {
     "analytics": (ref_analytics, None),
     "two_stage": (ref_two_stage, None),
     "dp_fedavg": (ref_dp_fedavg_round, ref_dp_fedavg_init),
+    # DiLoCo, branch-train-merge, PAPA, char_lm: written in algorithm_references.py
+    "diloco": (algo.ref_diloco_round, algo.ref_diloco_init),
+    "branch_train_merge": (algo.ref_btm_round, algo.ref_btm_init),
+    "papa": (algo.ref_papa_round, algo.ref_papa_init),
+    "char_lm": (algo.ref_char_lm_round, _transformer.init_params),
 }
 
 

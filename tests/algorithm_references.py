@@ -1,0 +1,145 @@
+"""DiLoCo, branch-train-merge, PAPA and the char-LM FedAvg written without faxbridge: a Python
+loop over clients, a Python loop over each client's batches, the aggregations as explicit numpy
+sums over clients, and the server steps written out by hand (DiLoCo's Nesterov step in numpy,
+not optax). Only the plain-JAX models are shared (``_mlp.loss``, ``_transformer.loss``; the
+transformer itself is checked against numpy in ``test_examples_algorithms.py``) and optax's
+AdamW for DiLoCo's inner steps.
+
+Each ``ref_*_round(state, *client_args)`` returns ``(new_state, metrics)`` with the example's
+pytree structure; each ``ref_*_init()`` the initial state. Hyperparameters are restated here, not
+imported, so a wrong edit in an example is caught.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import optax
+
+from examples import _mlp, _transformer
+
+F32 = np.float32
+DILOCO = {"inner_lr": 0.01, "weight_decay": 1e-4, "outer_lr": 0.7, "momentum": 0.9}
+BTM = {"branches": 2, "lr": 0.5}
+PAPA = {"members": 3, "lr": 0.5, "every": 2, "pull": 0.5}
+CHAR_LM_LR = 0.3
+
+_mlp_grad = jax.jit(jax.value_and_grad(_mlp.loss))
+_mlp_loss = jax.jit(_mlp.loss)
+_lm_grad = jax.jit(jax.value_and_grad(_transformer.loss))
+_lm_loss = jax.jit(_transformer.loss)
+
+
+def _sgd(params: dict, batches, lr: float, grad) -> dict:
+  """Plain SGD, one step per batch, as a Python loop."""
+  for batch in batches:
+    _, g = grad(params, batch)
+    params = {k: np.asarray(params[k]) - F32(lr) * np.asarray(g[k]) for k in params}
+  return params
+
+
+def _digit_batches(data: dict, i: int) -> list[dict]:
+  return [{"x": x, "y": y} for x, y in zip(data["x"][i], data["y"][i])]
+
+
+def _mean(values: list) -> np.ndarray:
+  return (np.sum(np.stack([np.asarray(v) for v in values]), axis=0) / F32(len(values))).astype(F32)
+
+
+# -- DiLoCo ----------------------------------------------------------------------------------------
+def ref_diloco_init() -> dict:
+  params = _mlp.init_params()
+  return {"params": params, "momentum": {k: np.zeros_like(v) for k, v in params.items()}}
+
+
+def ref_diloco_round(state: dict, data: dict, nesterov: bool = True) -> tuple[dict, dict]:
+  """Inner: AdamW from a fresh state over the client's batches. Outer: ``g`` the mean of
+  ``theta - theta_i``, ``m <- mu m + g``, ``theta <- theta - lr (g + mu m)``."""
+  h, params = DILOCO, {k: np.asarray(v) for k, v in state["params"].items()}
+  inner = optax.adamw(h["inner_lr"], weight_decay=h["weight_decay"])
+
+  @jax.jit
+  def inner_step(p, opt_state, batch):
+    value, g = jax.value_and_grad(_mlp.loss)(p, batch)
+    updates, opt_state = inner.update(g, opt_state, p)
+    return optax.apply_updates(p, updates), opt_state, value
+
+  pseudo, losses = [], []
+  for i in range(len(data["x"])):
+    p, opt_state = dict(params), inner.init(params)
+    for batch in _digit_batches(data, i):
+      p, opt_state, value = inner_step(p, opt_state, batch)
+    pseudo.append({k: params[k] - np.asarray(p[k]) for k in params})
+    losses.append(value)  # the loss of the last inner step's batch, before that step
+  g = {k: _mean([c[k] for c in pseudo]) for k in params}
+  mu, lr = F32(h["momentum"]), F32(h["outer_lr"])
+  m = {k: mu * np.asarray(state["momentum"][k]) + g[k] for k in params}
+  step = {k: g[k] + mu * m[k] if nesterov else m[k] for k in params}
+  new = {k: params[k] - lr * step[k] for k in params}
+  return {"params": new, "momentum": m}, {"inner_loss": _mean(losses)}
+
+
+# -- groups of models: branch-train-merge and PAPA -------------------------------------------------
+def ref_group_training(models: dict, data: dict, groups: np.ndarray, lr: float):
+  """Each stacked model FedAvg'd (weights n_i) over the clients whose one-hot group picks it;
+  also the examples per group and the clients' mean last-batch loss after training."""
+  models = {k: np.asarray(v) for k, v in models.items()}
+  sums = {k: np.zeros_like(v) for k, v in models.items()}
+  examples, losses = np.zeros(groups.shape[1], F32), []
+  for i in range(len(data["x"])):
+    k = int(np.argmax(groups[i]))
+    start = {name: v[k] for name, v in models.items()}
+    batches = _digit_batches(data, i)
+    trained = _sgd(start, batches, lr, _mlp_grad)
+    n = F32(data["num_examples"][i])
+    for name in sums:
+      sums[name][k] += n * (trained[name] - start[name])
+    examples[k] += n
+    losses.append(_mlp_loss(trained, batches[-1]))
+  new = {name: v + sums[name] / examples.reshape((-1,) + (1,) * (v.ndim - 1))
+         for name, v in models.items()}
+  return new, examples, _mean(losses)
+
+
+def ref_btm_init() -> dict:
+  params = _mlp.init_params()
+  return {"branches": {k: np.stack([v] * BTM["branches"]) for k, v in params.items()}}
+
+
+def ref_btm_round(state: dict, data: dict, groups: np.ndarray) -> tuple[dict, dict]:
+  branches, examples, loss = ref_group_training(state["branches"], data, groups, BTM["lr"])
+  share = examples / examples.sum()
+  merged = {k: np.sum([share[b] * v[b] for b in range(len(share))], axis=0).astype(F32)
+            for k, v in branches.items()}
+  return {"branches": branches}, {"merged": merged, "examples_per_branch": examples,
+                                  "train_loss": loss}
+
+
+def ref_papa_init() -> dict:
+  members = [_mlp.init_params(seed=j) for j in range(PAPA["members"])]
+  return {"population": {k: np.stack([m[k] for m in members]) for k in members[0]},
+          "round": np.zeros((), np.int32)}
+
+
+def ref_papa_round(state: dict, data: dict, groups: np.ndarray) -> tuple[dict, dict]:
+  population, _, loss = ref_group_training(state["population"], data, groups, PAPA["lr"])
+  step = int(state["round"]) + 1
+  a = F32(PAPA["pull"] if step % PAPA["every"] == 0 else 0.0)
+  avg = {k: _mean(list(v)) for k, v in population.items()}
+  pulled = {k: (F32(1) - a) * v + a * avg[k] for k, v in population.items()}
+  return {"population": pulled, "round": np.int32(step)}, {"pulled": a, "train_loss": loss}
+
+
+# -- char LM ---------------------------------------------------------------------------------------
+def ref_char_lm_round(params: dict, data: dict, lr: float = CHAR_LM_LR) -> tuple[dict, dict]:
+  """FedAvg: local SGD over each client's token batches, example-weighted mean of the deltas."""
+  params = {k: np.asarray(v) for k, v in params.items()}
+  w = np.asarray(data["num_examples"])
+  total = {k: np.zeros_like(v) for k, v in params.items()}
+  losses = []
+  for i, tokens in enumerate(data["tokens"]):
+    trained = _sgd(params, tokens, lr, _lm_grad)
+    for k in params:
+      total[k] += w[i] * (trained[k] - params[k])
+    losses.append(_lm_loss(trained, tokens[0]))
+  return ({k: params[k] + total[k] / np.sum(w) for k in params}, {"train_loss": _mean(losses)})
