@@ -233,6 +233,12 @@ def test_inspect_text_shows_the_dp_parameters():
   assert "clip norm: server state (adapted each round)" in text
   assert "update sum's noise multiplier: 1.0328" in text  # (1 - 1/16)^-1/2
   assert "clipped count's noise stddev: 2\n" in text
+  import xml.etree.ElementTree as ET
+
+  page = _report.round_html({"next": fb.split(adaptive, _updates(8), fb.dp_adaptive_init(1.0),
+                                              KEY)}, "dp")
+  ET.fromstring(page.split("\n", 1)[1])  # still well-formed XHTML
+  assert "clip norm: server state (adapted each round)" in page
   plain = _report.form_text(fb.split(fb.computation(fb.mean, in_placements=(fb.CLIENTS,)),
                                      np.ones((3, 2), np.float32)), "plain")
   assert "differential privacy" not in plain
