@@ -30,6 +30,7 @@ PROGRAMS = {
     "fedavg_mlp": "examples.fedavg:process",
     "fedsgd": "examples.fedsgd:process",
     "fedadam": "examples.fedadam:process",
+    "fedyogi": "examples.fedyogi:process",
     "analytics_secure_sum": "examples.analytics:computation",
     "two_stage": "examples.two_stage:computation",
 }
