@@ -100,9 +100,21 @@ def _inline_federated_calls(closed: jcore.ClosedJaxpr) -> jcore.ClosedJaxpr:
       *closed.in_avals)
 
 
+def _tensor_spec(name: str, shape, dtype) -> TensorSpec:
+  """The spec of a value crossing a piece boundary; pieces exchange plain arrays only."""
+  if jax.dtypes.issubdtype(dtype, jax.dtypes.extended):
+    # A typed PRNG key has no array dtype a target could carry (TF, StableHLO and TFLite signatures
+    # take plain tensors); its raw data does, and threefry on it is exact on every target.
+    raise ExportError(
+        f"{name} is a typed PRNG key ({dtype}): pieces exchange plain arrays, so pass the raw key "
+        "data instead (jax.random.key_data(key), uint32[2]) and, where a typed key is needed, "
+        "rebuild it inside with jax.random.wrap_key_data")
+  return TensorSpec(name, tuple(shape), np.dtype(dtype).name)
+
+
 def _spec(name: str, aval, place: Placement) -> TensorSpec:
   shape = tuple(aval.shape[1:]) if place is CLIENTS else tuple(aval.shape)
-  return TensorSpec(name, shape, np.dtype(aval.dtype).name)
+  return _tensor_spec(name, shape, aval.dtype)
 
 
 class _Splitter:
@@ -326,7 +338,7 @@ class _Splitter:
     return Piece(
         name,
         inputs=tuple(_spec(self.var_names[v], v.aval, SERVER) for v in ins),
-        outputs=tuple(TensorSpec(n, tuple(a.shape), np.dtype(a.dtype).name)
+        outputs=tuple(_tensor_spec(n, a.shape, a.dtype)
                       for (_, n), a in zip(outs, closed.out_avals)),
         jaxpr=closed,
     )
@@ -353,9 +365,9 @@ class _Splitter:
     closed = jax.make_jaxpr(fn)(*[per_client(v) for v in ins])
     return Piece(
         name,
-        inputs=tuple(TensorSpec(self.var_names[v], tuple(a.shape), np.dtype(a.dtype).name)
+        inputs=tuple(_tensor_spec(self.var_names[v], a.shape, a.dtype)
                      for v, a in zip(ins, closed.in_avals)),
-        outputs=tuple(TensorSpec(n, tuple(a.shape), np.dtype(a.dtype).name)
+        outputs=tuple(_tensor_spec(n, a.shape, a.dtype)
                       for (_, n), a in zip(outs, closed.out_avals)),
         jaxpr=closed,
     )

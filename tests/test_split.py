@@ -171,3 +171,21 @@ def test_split_of_jitted_helpers_inlines_them():
   form = fb.split(comp, x)
   assert sorted(a.kind for a in form.stages[0].aggregations) == ["mean", "sum"]
   np.testing.assert_allclose(form.run(x), comp(x), rtol=1e-6)
+
+
+def test_a_typed_prng_key_crossing_a_piece_boundary_is_refused_with_the_fix(tmp_path):
+  # Natively a typed key is fine; a split or export carries plain arrays, so the user is told to
+  # pass jax.random.key_data(key) instead (a bare TypeError from numpy used to surface here).
+  @fb.computation(in_placements=(fb.SERVER, fb.CLIENTS))
+  def noisy_sum(key, x):
+    return fb.sum(x) + jax.random.normal(key, (2,))
+
+  key, x = jax.random.key(0), np.ones((3, 2), np.float32)
+  assert noisy_sum(key, x).shape == (2,)
+  for attempt in (lambda: fb.split(noisy_sum, key, x),
+                  lambda: fb.export(noisy_sum, key, x, target="stablehlo", out_dir=tmp_path / "e")):
+    with pytest.raises(fb.ExportError, match=r"key is a typed PRNG key \(key<fry>\).*key_data"):
+      attempt()
+  assert not (tmp_path / "e").exists()
+  raw = fb.split(noisy_sum, jax.random.key_data(key), x)  # the documented fix splits
+  assert raw.inputs[0].spec.dtype == "uint32"
