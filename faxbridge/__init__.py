@@ -10,6 +10,7 @@ TensorFlow Federated, StableHLO (IREE) and TFLite (LiteRT), and proven equal by 
 """
 
 from faxbridge._drjax import from_drjax
+from faxbridge._strategy import execution_strategy
 from faxbridge.api import broadcast, map, max, mean, min, secure_sum, sum, weighted_mean
 from faxbridge.computation import Computation, TracedComputation, computation
 from faxbridge.dp import dp_adaptive_init, dp_adaptive_mean, dp_epsilon, dp_mean

@@ -42,6 +42,11 @@ def federated_context(clients: int | None, mesh=None) -> Iterator[None]:
     _CONTEXT.reset(token)
 
 
+def in_federated_trace() -> bool:
+  """Whether a federated computation is being traced (its ``fn`` is running) right now."""
+  return _CONTEXT.get() is not None
+
+
 def _here() -> str:
   return describe(source_info_util.current())
 

@@ -14,9 +14,10 @@ import numpy as np
 from jax._src import source_info_util
 from jax.extend import core as jcore
 
-from faxbridge import placements
+from faxbridge import _strategy, placements
 from faxbridge._source import describe, traceback_location
-from faxbridge.api import federated_context
+from faxbridge._strategy import Strategy
+from faxbridge.api import federated_context, in_federated_trace
 from faxbridge.errors import PlacementError, TraceError
 from faxbridge.placements import CLIENTS, SERVER, Placement
 
@@ -90,7 +91,8 @@ class Computation:
 
   Made by :func:`computation`. Calling it traces ``fn`` once per input signature (pytree
   structure, shapes, dtypes), checks every placement, and runs it as one ``jax.jit``-compiled XLA
-  program, with CLIENTS values sharded over a mesh axis named ``clients`` when there is one. It
+  program, with CLIENTS values sharded over a mesh axis named ``clients`` when there is one, and
+  its maps executed with the execution strategy in force (``strategy_for`` says which). It
   composes with JAX transformations (``jax.grad(comp)``, ``jax.vmap(comp)``), and is what
   :func:`faxbridge.split`, :func:`faxbridge.export` and :class:`faxbridge.IterativeProcess` take.
 
@@ -112,6 +114,7 @@ class Computation:
       clients: int | None = None,
       in_placements: Sequence[Placement] = (),
       mesh: jax.sharding.Mesh | None = None,
+      strategy: Strategy | None = None,
   ):
     for p in in_placements:
       if not isinstance(p, Placement):
@@ -120,6 +123,7 @@ class Computation:
     self.clients = clients
     self.in_placements = tuple(in_placements)
     self.mesh = mesh
+    self.strategy = None if strategy is None else _strategy.validate(strategy)
     self._signatures: dict = {}
     # Name and docstring only: copying fn's __dict__ would copy another Computation's own `fn`
     # (fb.computation(jax.grad(comp))) over this one's.
@@ -208,29 +212,66 @@ class Computation:
     # The cache key is built on every call, so it reads attributes only (building avals and
     # promoting dtypes cost several times JAX's own dispatch).
     leaves, tree = jax.tree.flatten(tuple(args))
-    key = (tree, tuple(map(_leaf_signature, leaves)), mesh)
+    # Called while another federated computation is traced, this one's primitives must land in
+    # that jaxpr as they are (for trace, split, export): no strategy then.
+    strategy = None if in_federated_trace() else _strategy.requested(self.strategy)
+    key = (tree, tuple(map(_leaf_signature, leaves)), mesh, strategy)
     entry = self._signatures.get(key)
     if entry is None:
       traced = self._trace(args, mesh)
-      run = self._wrapped(traced.clients, mesh)
+      resolved = "vmap" if strategy is None else _strategy.resolve(
+          strategy, traced.jaxpr.jaxpr, traced.clients, _clients_devices(mesh))
+      if resolved == "vmap" or any(isinstance(c, jax.core.Tracer) for c in traced.jaxpr.consts):
+        run = self._wrapped(traced.clients, mesh)
+      else:
+        run = _streamed(traced, resolved[1], mesh)
       shardings = _shardings(traced, mesh)
       if shardings is None:
         jitted = jax.jit(run)
       else:
         in_shard, out_shard = shardings
         jitted = jax.jit(run, in_shardings=in_shard, out_shardings=out_shard)
-      entry = self._signatures[key] = (traced, jitted, shardings)
+      entry = self._signatures[key] = (traced, jitted, shardings, resolved)
     return entry
+
+  def strategy_for(self, *args: PyTree) -> str | tuple[str, int]:
+    """How a native call with ``args`` executes: ``"vmap"`` or ``("stream", k)``.
+
+    What ``"auto"`` picked here (backend, sizes), or the strategy set explicitly; see
+    :func:`faxbridge.execution_strategy`.
+    """
+    mesh = self._resolve_mesh()
+    with _as_ambient(mesh):
+      return self._executable(args, mesh)[3]
 
   def __call__(self, *args: PyTree) -> PyTree:
     mesh = self._resolve_mesh()
     if mesh is None:  # the common case, kept short: it runs on every call
       return self._executable(args, None)[1](*args)
     with _as_ambient(mesh):
-      _, jitted, shardings = self._executable(args, mesh)
+      _, jitted, shardings, _ = self._executable(args, mesh)
       if shardings is not None:
         args = jax.tree.map(_put, args, shardings[0])
       return jitted(*args)
+
+
+def _clients_devices(mesh) -> int:
+  return 1 if mesh is None or "clients" not in mesh.axis_names else mesh.shape["clients"]
+
+
+def _streamed(traced: TracedComputation, block: int, mesh) -> Callable:
+  """The traced computation run by the streaming interpreter (``faxbridge/_strategy.py``)."""
+  sharded = None
+  if _clients_devices(mesh) > 1:
+    axis = lambda p: 0 if p is CLIENTS else None
+    sharded = _strategy._Mesh(mesh, tuple(map(axis, traced.in_placements)),
+                              tuple(map(axis, traced.out_placements)))
+
+  def run(*args):
+    outs = _strategy.bind(traced.jaxpr, jax.tree.leaves(args), block, sharded)
+    return jax.tree.unflatten(traced.out_tree, outs)
+
+  return run
 
 
 def _leaf_signature(x) -> tuple:
@@ -300,6 +341,7 @@ def computation(
     clients: int | None = None,
     in_placements: Sequence[Placement] = (),
     mesh: jax.sharding.Mesh | None = None,
+    strategy: Strategy | None = None,
 ) -> Computation | Callable[[Callable], Computation]:
   """Make ``fn`` a federated computation.
 
@@ -314,6 +356,11 @@ def computation(
     in_placements: one placement per positional argument (a pytree argument shares it).
     mesh: a device mesh; with an axis named ``clients``, CLIENTS values are sharded along it.
       Defaults to JAX's ambient mesh (``jax.set_mesh``).
+    strategy: how native calls execute the maps: ``"vmap"`` (all clients at once), ``"stream"``
+      (a scan over clients, aggregations fused into it as accumulators), ``("stream", k)`` (a scan
+      over blocks of ``k`` clients, vmap inside a block) or ``"auto"`` (stream on CPU; vmap on
+      GPU/TPU while memory allows). Defaults to the innermost ``fb.execution_strategy`` block,
+      else ``"auto"``. Tracing, splitting and exports do not depend on it.
 
   Returns:
     A :class:`Computation`; without ``fn``, a decorator that makes one.
@@ -328,5 +375,6 @@ def computation(
     >>> [round(v, 4) for v in fedavg_round(np.zeros(1, np.float32), x).tolist()]
     [0.2]
   """
-  make = functools.partial(Computation, clients=clients, in_placements=in_placements, mesh=mesh)
+  make = functools.partial(Computation, clients=clients, in_placements=in_placements, mesh=mesh,
+                           strategy=strategy)
   return make if fn is None else make(fn)

@@ -273,9 +273,28 @@ class AggregationRule:
   tff: Callable[..., Any]
   weighted: bool = False
   params: tuple[str, ...] = ()  # the primitive's params that travel with the aggregation
+  # The same aggregation computed a few clients at a time (native streaming execution):
+  # ``acc = init(aval)``; ``acc = accumulate(acc, x, w)`` for each block ``x`` of clients (axis 0);
+  # ``acc = combine(acc, axis_name)`` across devices; ``finish(acc, n, dtype)`` = ``reduce`` of all
+  # ``n`` clients. Integers match ``reduce`` exactly (wrap-around is modular, so any order gives the
+  # same bits); floats up to summation order.
+  stream: _Stream | None = None
 
   def result_dtype(self, value_dtype) -> np.dtype:
     return np.dtype(value_dtype)
+
+  def init(self, aval, weight_aval=None) -> Any:
+    """The accumulator before any client; ``aval`` is one client's value (and weight)."""
+    return self.stream.init(aval, weight_aval)
+
+  def accumulate(self, acc, x, w=None) -> Any:
+    return self.stream.accumulate(acc, x, w)
+
+  def combine(self, acc, axis_name) -> Any:
+    return self.stream.combine(acc, axis_name)
+
+  def finish(self, acc, n: int, dtype) -> jax.Array:
+    return self.stream.finish(acc, n, np.dtype(dtype))
 
 
 def _sum(xp, x, w, params):
@@ -299,6 +318,96 @@ def _min(xp, x, w, params):
   return xp.min(x, axis=0)
 
 
+# -- streaming: each aggregation's accumulator, its update by a block of clients, its cross-device
+# combination and its final value. Accumulators have the value's dtype, except that float16 and
+# bfloat16 accumulate in float32, as jnp.sum computes them (``upcast_f16_for_computation``).
+@dataclasses.dataclass(frozen=True)
+class _Stream:
+  init: Callable[[Any], Any]
+  accumulate: Callable[[Any, Any, Any], Any]
+  combine: Callable[[Any, str], Any]
+  finish: Callable[[Any, int, np.dtype], Any]
+
+
+def _acc_dtype(dtype) -> np.dtype:
+  dtype = np.dtype(dtype)
+  if jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize < 4:
+    return np.dtype(np.float32)
+  return dtype
+
+
+def _block_sum(x, dtype):
+  return jnp.sum(x, axis=0, dtype=dtype)
+
+
+def _divide(total, n, dtype):
+  # As jnp.mean divides: the count converted to the computation dtype (it wraps for small ints).
+  return jax.lax.div(total, jax.lax.convert_element_type(n, total.dtype)).astype(dtype)
+
+
+_SUM_STREAM = _Stream(
+    init=lambda aval, _: jnp.zeros(aval.shape, _acc_dtype(aval.dtype)),
+    accumulate=lambda acc, x, w: acc + _block_sum(x, acc.dtype),
+    combine=lambda acc, axis: jax.lax.psum(acc, axis),
+    finish=lambda acc, n, dtype: acc.astype(dtype),
+)
+# mean = sum / n; the sum is kept as sum's accumulator.
+_MEAN_STREAM = dataclasses.replace(
+    _SUM_STREAM,
+    finish=lambda acc, n, dtype: _divide(acc, n, dtype),
+)
+
+
+def _weighted_accumulate(acc, x, w):
+  total, weight = acc
+  w = jnp.reshape(w, w.shape + (1,) * (x.ndim - w.ndim)).astype(x.dtype)
+  return total + _block_sum(w * x, total.dtype), weight + _block_sum(w, weight.dtype)
+
+
+def _weighted_finish(acc, n, dtype):
+  total, weight = acc
+  # reduce divides the two sums in the value's dtype: so does this.
+  return (total.astype(dtype) / weight.astype(dtype)).astype(dtype)
+
+
+# weighted_mean = (sum_i w_i x_i, sum_i w_i); the weight sum keeps the weight's batch axes (a vmap's),
+# with ones for the value's other axes.
+_WEIGHTED_STREAM = _Stream(
+    init=lambda x, w: (jnp.zeros(x.shape, _acc_dtype(x.dtype)),
+                       jnp.zeros(w.shape + (1,) * (len(x.shape) - len(w.shape)), _acc_dtype(x.dtype))),
+    accumulate=_weighted_accumulate,
+    combine=lambda acc, axis: jax.lax.psum(acc, axis),
+    finish=_weighted_finish,
+)
+
+
+def _extreme_stream(block, pairwise, collective, start):
+  return _Stream(
+      init=lambda aval, _: jnp.full(aval.shape, start(aval.dtype), aval.dtype),
+      accumulate=lambda acc, x, w: pairwise(acc, block(x, axis=0)),
+      combine=lambda acc, axis: collective(acc, axis),
+      finish=lambda acc, n, dtype: acc.astype(dtype),
+  )
+
+
+def _lowest(dtype):
+  dtype = np.dtype(dtype)
+  if dtype == np.bool_:
+    return False
+  return -np.inf if jnp.issubdtype(dtype, jnp.inexact) else jnp.iinfo(dtype).min
+
+
+def _highest(dtype):
+  dtype = np.dtype(dtype)
+  if dtype == np.bool_:
+    return True
+  return np.inf if jnp.issubdtype(dtype, jnp.inexact) else jnp.iinfo(dtype).max
+
+
+_MAX_STREAM = _extreme_stream(jnp.max, jnp.maximum, jax.lax.pmax, _lowest)
+_MIN_STREAM = _extreme_stream(jnp.min, jnp.minimum, jax.lax.pmin, _highest)
+
+
 def _tff_weighted_mean(fl, value, weight, params):
   return fl.federated_mean(value, weight)
 
@@ -308,7 +417,7 @@ AGGREGATIONS: dict[jcore.Primitive, AggregationRule] = {}
 AGGREGATION_KINDS: dict[str, AggregationRule] = {}
 
 
-def _define_aggregation(kind: str, reduce: Callable, tff: Callable, doc: str,
+def _define_aggregation(kind: str, reduce: Callable, tff: Callable, doc: str, stream: _Stream,
                         params: tuple[str, ...] = ()) -> jcore.Primitive:
   """An unweighted aggregation primitive: abstract eval, impl and lowering (its rule's reference
   with jax.numpy), batching and placement; the caller adds the derivative rules."""
@@ -328,7 +437,7 @@ def _define_aggregation(kind: str, reduce: Callable, tff: Callable, doc: str,
 
   batching.primitive_batchers[prim] = batch
   _placement_rule(prim, kind, CLIENTS, SERVER, _AGGREGATION_HINT)
-  _register(AggregationRule(kind, prim, reduce, tff, params=params))
+  _register(AggregationRule(kind, prim, reduce, tff, params=params, stream=stream))
   return prim
 
 
@@ -338,12 +447,13 @@ def _register(rule: AggregationRule) -> None:
 
 
 # sum: sum_i x_i, in the clients' dtype. Linear; transpose(sum) = broadcast.
-sum_p = _define_aggregation("sum", _sum, lambda fl, v, w, p: fl.federated_sum(v), "sum_i x_i")
+sum_p = _define_aggregation("sum", _sum, lambda fl, v, w, p: fl.federated_sum(v), "sum_i x_i",
+                            _SUM_STREAM)
 ad.deflinear2(sum_p, lambda ct, x: [broadcast_p.bind(ct, clients=x.aval.shape[0])])
 
 # mean: sum_i x_i / n. Linear; transpose(mean) = broadcast(ct / n), the division done on the server.
 mean_p = _define_aggregation("mean", _mean, lambda fl, v, w, p: fl.federated_mean(v),
-                             "sum_i x_i / n")
+                             "sum_i x_i / n", _MEAN_STREAM)
 ad.deflinear2(
     mean_p,
     lambda ct, x: [broadcast_p.bind(ct / x.aval.shape[0], clients=x.aval.shape[0])],
@@ -355,7 +465,7 @@ ad.deflinear2(
 secure_sum_p = _define_aggregation(
     "secure_sum", _sum,
     lambda fl, v, w, p: fl.federated_secure_sum_bitwidth(v, p["bitwidth"]),
-    "sum_i x_i, x_i in [0, 2**b)", params=("bitwidth",))
+    "sum_i x_i, x_i in [0, 2**b)", _SUM_STREAM, params=("bitwidth",))
 ad.deflinear2(
     secure_sum_p, lambda ct, x, *, bitwidth: [broadcast_p.bind(ct, clients=x.aval.shape[0])]
 )
@@ -379,9 +489,9 @@ def _extremum_jvp(prim):
 
 
 max_p = _define_aggregation("max", _max, lambda fl, v, w, p: fl.federated_max(v),
-                            "max_i x_i, elementwise")
+                            "max_i x_i, elementwise", _MAX_STREAM)
 min_p = _define_aggregation("min", _min, lambda fl, v, w, p: fl.federated_min(v),
-                            "min_i x_i, elementwise")
+                            "min_i x_i, elementwise", _MIN_STREAM)
 ad.primitive_jvps[max_p] = _extremum_jvp(max_p)
 ad.primitive_jvps[min_p] = _extremum_jvp(min_p)
 
@@ -457,6 +567,6 @@ batching.primitive_batchers[weighted_mean_p] = _weighted_mean_batch
 _placement_rule(weighted_mean_p, "weighted_mean", CLIENTS, SERVER, _AGGREGATION_HINT)
 
 _register(AggregationRule("weighted_mean", weighted_mean_p, _weighted_mean, _tff_weighted_mean,
-                          weighted=True))
+                          weighted=True, stream=_WEIGHTED_STREAM))
 
 FEDERATED_PRIMITIVES = frozenset({broadcast_p, map_p, *AGGREGATIONS})
