@@ -13,6 +13,7 @@ leaves (the parameter and result types of the federated computation are built fr
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -75,17 +76,58 @@ def flat_struct_type(specs: Sequence[TensorSpec]) -> fl.StructType:
   return fl.StructType(struct_items([(s.name, tensor_type(s)) for s in specs]))
 
 
-def _function_type(piece: Piece) -> fl.FunctionType:
-  param = flat_struct_type(piece.inputs) if piece.inputs else None
-  return fl.FunctionType(param, flat_struct_type(piece.outputs))
+@dataclasses.dataclass(frozen=True)
+class ParamLayout:
+  """How a piece's flat inputs are grouped in the parameter it receives, so a caller can pass
+  structs it already holds instead of selecting every leaf and zipping them again.
+
+  ``groups``: per element of the parameter, how many consecutive inputs it holds (0: one input, a
+  tensor; k > 0: a struct of k tensors). ``type``: the parameter's type. ``whole``: the parameter
+  is the single struct of ``groups[0]`` tensors itself (not wrapped in a struct of one element).
+  The default layout is the flat struct of the pieces' inputs named by their tensor names.
+  """
+
+  type: fl.Type
+  groups: tuple[int, ...]
+  whole: bool = False
+
+
+def flat_layout(piece: Piece) -> ParamLayout:
+  return ParamLayout(flat_struct_type(piece.inputs), (0,) * len(piece.inputs))
+
+
+def _function_type(piece: Piece, layout: ParamLayout | None,
+                   result_names: Sequence[str] | None = None) -> fl.FunctionType:
+  param = (layout or flat_layout(piece)).type if piece.inputs else None
+  result = flat_struct_type(piece.outputs) if result_names is None else fl.StructType(
+      [(n, tensor_type(s)) for n, s in zip(result_names, piece.outputs)])
+  return fl.FunctionType(param, result)
+
+
+def _nested_binding(layout: ParamLayout | None, count: int, leaf, struct):
+  """The parameter binding of ``count`` flat inputs grouped as ``layout`` says."""
+  groups = (layout.groups if layout else None) or (0,) * count
+  if layout is not None and layout.whole:
+    return struct([leaf(i) for i in range(count)])
+  elements, i = [], 0
+  for g in groups:
+    if g == 0:
+      elements.append(leaf(i))
+      i += 1
+    else:
+      elements.append(struct([leaf(j) for j in range(i, i + g)]))
+      i += g
+  return struct(elements)
 
 
 # -- TensorFlow --------------------------------------------------------------------------------
-def _tf_binding(tensor_names: Sequence[str]) -> pb.TensorFlow.Binding:
-  return pb.TensorFlow.Binding(struct=pb.TensorFlow.StructBinding(element=[
-      pb.TensorFlow.Binding(tensor=pb.TensorFlow.TensorBinding(tensor_name=n))
-      for n in tensor_names
-  ]))
+def _tf_binding(tensor_names: Sequence[str],
+                layout: ParamLayout | None = None) -> pb.TensorFlow.Binding:
+  return _nested_binding(
+      layout, len(tensor_names),
+      lambda i: pb.TensorFlow.Binding(tensor=pb.TensorFlow.TensorBinding(
+          tensor_name=tensor_names[i])),
+      lambda items: pb.TensorFlow.Binding(struct=pb.TensorFlow.StructBinding(element=items)))
 
 
 def tensorflow_graph(piece: Piece) -> tuple[bytes, list[str], list[str]]:
@@ -106,36 +148,38 @@ def _graph_def_bytes(piece: Piece, in_names, out_names) -> bytes:
   return canonical_bytes(graph_pb2.GraphDef.FromString(graph))
 
 
-def tensorflow_computation(piece: Piece) -> pb.Computation:
+def tensorflow_computation(piece: Piece, layout: ParamLayout | None = None,
+                           result_names: Sequence[str] | None = None) -> pb.Computation:
   graph, ins, outs = tensorflow_graph(piece)
   return pb.Computation(
-      type=_function_type(piece).to_proto(),
+      type=_function_type(piece, layout, result_names).to_proto(),
       tensorflow=pb.TensorFlow(
           graph_def=any_pb2.Any(type_url="type.googleapis.com/tensorflow.GraphDef", value=graph),
-          parameter=_tf_binding(ins) if piece.inputs else None,
+          parameter=_tf_binding(ins, layout) if piece.inputs else None,
           result=_tf_binding(outs),
       ),
   )
 
 
 # -- XLA ---------------------------------------------------------------------------------------
-def _xla_binding(count: int) -> pb.Xla.Binding:
-  return pb.Xla.Binding(struct=pb.Xla.StructBinding(element=[
-      pb.Xla.Binding(tensor=pb.Xla.TensorBinding(index=i)) for i in range(count)
-  ]))
+def _xla_binding(count: int, layout: ParamLayout | None = None) -> pb.Xla.Binding:
+  return _nested_binding(
+      layout, count, lambda i: pb.Xla.Binding(tensor=pb.Xla.TensorBinding(index=i)),
+      lambda items: pb.Xla.Binding(struct=pb.Xla.StructBinding(element=items)))
 
 
-def xla_computation(piece: Piece) -> pb.Computation:
+def xla_computation(piece: Piece, layout: ParamLayout | None = None,
+                    result_names: Sequence[str] | None = None) -> pb.Computation:
   """The piece as an HloModuleProto taking flat parameters and returning a flat tuple."""
   fn = jax.extend.core.jaxpr_as_fun(piece.jaxpr)
   args = [jax.ShapeDtypeStruct(s.shape, np.dtype(s.dtype)) for s in piece.inputs]
   lowered = jax.jit(lambda *a: tuple(fn(*a))).lower(*args)
   hlo = lowered.compiler_ir("hlo").as_serialized_hlo_module_proto()
   return pb.Computation(
-      type=_function_type(piece).to_proto(),
+      type=_function_type(piece, layout, result_names).to_proto(),
       xla=pb.Xla(
           hlo_module=any_pb2.Any(type_url="type.googleapis.com/xla.HloModuleProto", value=hlo),
-          parameter=_xla_binding(len(piece.inputs)) if piece.inputs else None,
+          parameter=_xla_binding(len(piece.inputs), layout) if piece.inputs else None,
           result=_xla_binding(len(piece.outputs)),
       ),
   )
@@ -144,6 +188,11 @@ def xla_computation(piece: Piece) -> pb.Computation:
 _BUILDERS = {"tensorflow": tensorflow_computation, "xla": xla_computation}
 
 
-def local_computation(piece: Piece, form: str = "tensorflow") -> fl.framework.ConcreteComputation:
-  """A typed federated_language computation running ``piece`` locally."""
-  return fl.framework.ConcreteComputation.from_proto(_BUILDERS[form](piece))
+def local_computation(piece: Piece, form: str = "tensorflow", layout: ParamLayout | None = None,
+                      result_names: Sequence[str] | None = None
+                      ) -> fl.framework.ConcreteComputation:
+  """A typed federated_language computation running ``piece`` locally, its parameter grouped as
+  ``layout`` says (default: the flat struct of its inputs), its result's elements named
+  ``result_names`` (default: the outputs' tensor names)."""
+  return fl.framework.ConcreteComputation.from_proto(
+      _BUILDERS[form](piece, layout, result_names))
