@@ -93,6 +93,24 @@ def execution_strategy(strategy: Strategy) -> Iterator[None]:
     _STRATEGY.reset(token)
 
 
+_PLAIN: contextvars.ContextVar[bool] = contextvars.ContextVar("faxbridge_plain", default=False)
+
+
+@contextlib.contextmanager
+def plain() -> Iterator[None]:
+  """Native calls in this block bind the federated primitives as traced (``vmap`` lowering), whatever
+  the strategy: the reference program an export stores is the same under every strategy."""
+  token = _PLAIN.set(True)
+  try:
+    yield
+  finally:
+    _PLAIN.reset(token)
+
+
+def forced_plain() -> bool:
+  return _PLAIN.get()
+
+
 def requested(own: Strategy | None) -> Strategy:
   """The strategy in force: the computation's own, else the innermost block's, else ``"auto"``."""
   if own is not None:

@@ -213,8 +213,10 @@ class Computation:
     # promoting dtypes cost several times JAX's own dispatch).
     leaves, tree = jax.tree.flatten(tuple(args))
     # Called while another federated computation is traced, this one's primitives must land in
-    # that jaxpr as they are (for trace, split, export): no strategy then.
-    strategy = None if in_federated_trace() else _strategy.requested(self.strategy)
+    # that jaxpr as they are (for trace, split, export): no strategy then; nor for an export's
+    # stored native program.
+    plain = in_federated_trace() or _strategy.forced_plain()
+    strategy = None if plain else _strategy.requested(self.strategy)
     key = (tree, tuple(map(_leaf_signature, leaves)), mesh, strategy)
     entry = self._signatures.get(key)
     if entry is None:

@@ -22,7 +22,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from faxbridge import registry
+from faxbridge import _strategy, registry
 from faxbridge._jax_export import export as export_without_locations
 from faxbridge.computation import Computation
 from faxbridge.errors import ExportError
@@ -122,7 +122,8 @@ def _native(split: SplitProgram, out: Path) -> dict:
   """The computation itself, serialized with jax.export: what verify runs as the native side."""
   out.mkdir()
   for name, (comp, args) in split.native.items():
-    exported = export_without_locations(comp, *args)
+    with _strategy.plain():  # the same program whatever the native execution strategy
+      exported = export_without_locations(comp, *args)
     (out / f"{name}.jax").write_bytes(exported.serialize())
   return {"native": {name: f"native/{name}.jax" for name in split.native}}
 
