@@ -68,8 +68,9 @@ lint: .venv/.ready
 fixtures: envs
 	$(CORE) interop_fixtures/regenerate.py
 
+# make bench [BENCH_ARGS=--quick]: every benchmark, results in benchmarks/results.{md,json}
 bench: .venv/.ready
-	$(CORE) benchmarks/run.py
+	$(CORE) benchmarks/run.py $(BENCH_ARGS)
 
 clean-envs:
 	rm -rf .venv .venv-tff

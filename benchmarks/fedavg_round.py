@@ -1,140 +1,204 @@
-"""One FedAvg round over 128 clients: faxbridge native vs hand-written ``jax.jit`` + ``vmap`` vs
-TFF 0.87 executing faxbridge's export, measured side by side in one run.
+"""One FedAvg round (``benchmarks/_fedavg_model.py``) executed natively by several JAX programs.
 
-  .venv/bin/python benchmarks/fedavg_round.py [--clients 128] [--repeats 30]
+Implementations (``IMPLS``): faxbridge with each execution strategy, hand-written ``jax.jit`` +
+``vmap``, ``jax.jit`` + ``lax.map`` and drjax. Each is built for one number of clients and called
+as ``fn(params, data) -> new params``. Two modes, each run in its own process by ``run.py``:
 
-Writes ``benchmarks/results/fedavg_round.md`` (a table) and ``fedavg_round.png`` (a plot). The
-machine is shared and noisy: quote the ratios of one run, not absolute times across runs.
+* ``time``: every implementation compiled once, then timed round-robin (interleaved), so noise on
+  the shared machine hits all alike; a per-run time budget caps the repeats at large sizes.
+* ``memory``: one implementation in a fresh process: ``ru_maxrss`` after the data is made
+  (baseline) and after compile + one round (peak).
+
+  .venv/bin/python benchmarks/fedavg_round.py time --clients 128 --repeats 5
+  .venv/bin/python benchmarks/fedavg_round.py memory --clients 128 --impl "jit+vmap"
+
+Each prints one JSON object on its last line.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
+import inspect
+import json
+import resource
 import sys
-import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import _fedavg_model as model  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import faxbridge as fb  # noqa: E402
 
 
-def _median_ms(fn, repeats: int) -> tuple[float, float]:
-  import jax
-  import numpy as np
+def strategies() -> list:
+  """The execution strategies this faxbridge offers (``[None]``: no ``strategy`` argument yet)."""
+  if "strategy" not in inspect.signature(fb.computation).parameters:
+    return [None]
+  return ["auto", "vmap", "stream"]
 
-  jax.block_until_ready(fn())  # compile
-  times = []
-  for _ in range(repeats):
+
+def _strategy_label(strategy) -> str:
+  return "faxbridge" if strategy is None else f"faxbridge {strategy}"
+
+
+def _mean_update(params, deltas):
+  return jax.tree.map(lambda p, d: p + jnp.mean(d, axis=0), params, deltas)
+
+
+def faxbridge_round(strategy=None) -> fb.Computation:
+  """The round as a faxbridge computation (``strategy`` None: faxbridge's default)."""
+  kwargs = {} if strategy is None else {"strategy": strategy}
+
+  @fb.computation(in_placements=(fb.SERVER, fb.CLIENTS), **kwargs)
+  def fedavg_round(params, data):
+    deltas = fb.map(model.client_update, fb.broadcast(params), data)
+    return jax.tree.map(jnp.add, params, fb.mean(deltas))
+
+  return fedavg_round
+
+
+def jit_vmap() -> Callable:
+  return jax.jit(lambda p, d: _mean_update(p, jax.vmap(model.client_update, (None, 0))(p, d)))
+
+
+def jit_lax_map() -> Callable:
+  return jax.jit(lambda p, d: _mean_update(p, jax.lax.map(lambda c: model.client_update(p, c), d)))
+
+
+def drjax_round(clients: int) -> Callable:
+  import logging
+
+  import drjax
+
+  logging.getLogger("absl").setLevel(logging.ERROR)  # "no mesh axis named clients": none is wanted
+
+  @drjax.program(placements={"clients": clients})
+  def fedavg_round(params, data):
+    # map_fn unpacks a tuple argument into positional arguments.
+    deltas = drjax.map_fn(model.client_update, (drjax.broadcast(params), data))
+    return jax.tree.map(jnp.add, params, drjax.reduce_mean(deltas))
+
+  return jax.jit(fedavg_round)
+
+
+def impls(clients: int) -> dict[str, Callable[[], Callable]]:
+  """Name -> builder of ``fn(params, data)``; every name is a row of the results."""
+  table: dict[str, Callable[[], Callable]] = {}
+  for s in strategies():
+    table[_strategy_label(s)] = lambda s=s: faxbridge_round(s)
+  table["jit+vmap"] = jit_vmap
+  table["jit+lax.map"] = jit_lax_map
+  table["drjax"] = lambda: drjax_round(clients)
+  return table
+
+
+def auto_choice(fn, params, data) -> str | None:
+  """Which strategy ``auto`` picked, where faxbridge says (a ``strategy_for``/``plan`` method)."""
+  for attr in ("chosen_strategy", "strategy_for", "plan"):
+    method = getattr(fn, attr, None)
+    if callable(method):
+      try:
+        return str(method(params, data))
+      except Exception:
+        return None
+  return None
+
+
+def _inputs(clients: int):
+  return jax.device_put(model.init_params()), jax.device_put(model.client_data(clients))
+
+
+def _maxrss_mb() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: kilobytes
+
+
+def time_mode(clients: int, names: list[str], repeats: int, budget_s: float) -> dict:
+  """Compile each, then ``repeats`` round-robin passes (fewer when ``budget_s`` runs out)."""
+  params, data = _inputs(clients)
+  table = impls(clients)
+  fns, compile_s, picked = {}, {}, {}
+  for name in names:
+    fn = table[name]()
     start = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
-  return float(np.median(times) * 1e3), float(np.percentile(times, 90) * 1e3)
+    jax.block_until_ready(fn(params, data))
+    compile_s[name] = time.perf_counter() - start
+    fns[name] = fn
+    if name.endswith("auto"):
+      picked[name] = auto_choice(fn, params, data)
+  times: dict[str, list[float]] = {n: [] for n in names}
+  start_all = time.perf_counter()
+  for r in range(repeats):
+    for name, fn in fns.items():
+      start = time.perf_counter()
+      jax.block_until_ready(fn(params, data))
+      times[name].append(time.perf_counter() - start)
+    if r >= 2 and time.perf_counter() - start_all > budget_s:
+      break
+  return {"clients": clients, "times_s": times, "first_call_s": compile_s, "auto_picked": picked}
 
 
-def measure_in_process(clients: int, repeats: int) -> dict[str, tuple[float, float]]:
-  import jax
-  import jax.numpy as jnp
-
-  sys.path.insert(0, str(ROOT))
-  from examples import fedavg
-
-  params, data = fedavg.example_inputs(clients)
-  data = jax.device_put(data)
-  params = jax.device_put(params)
-
-  @jax.jit
-  def handwritten(params, data):
-    deltas, weights, losses = jax.vmap(fedavg.client_update, in_axes=(None, 0))(params, data)
-    mean = jax.tree.map(lambda d: jnp.tensordot(weights, d, 1) / jnp.sum(weights), deltas)
-    return jax.tree.map(jnp.add, params, mean), jnp.mean(losses)
-
-  return {
-      "faxbridge native": _median_ms(lambda: fedavg.fedavg_round(params, data), repeats),
-      "jax.jit + vmap (hand-written)": _median_ms(lambda: handwritten(params, data), repeats),
-  }
+def memory_mode(clients: int, name: str) -> dict:
+  params, data = _inputs(clients)
+  jax.block_until_ready(data)
+  baseline = _maxrss_mb()
+  fn = impls(clients)[name]()
+  jax.block_until_ready(fn(params, data))
+  peak = _maxrss_mb()
+  return {"clients": clients, "impl": name, "baseline_mb": baseline, "peak_mb": peak,
+          "delta_mb": peak - baseline}
 
 
-def measure_tff(clients: int, rounds: int) -> tuple[float, float]:
-  """Median per-round time of TFF's native context running faxbridge's export of the process."""
-  import numpy as np
-
-  sys.path.insert(0, str(ROOT))
-  import faxbridge as fb
-  from examples import fedavg
-  from faxbridge.converters.runtimes.tff import run_computation
+def export_mode(clients: int, out_dir: Path, export_dir: Path | None = None) -> dict:
+  """``fb.export`` of the round (to ``export_dir`` unless it exists: an export runs on TFF with
+  any number of clients) and the inputs, by manifest name, to ``out_dir/inputs.npz`` (what
+  ``benchmarks/tff_round.py`` reads)."""
   from faxbridge.export import read_manifest
 
-  _, data = fedavg.example_inputs(clients)
-  with tempfile.TemporaryDirectory() as tmp:
-    out = fb.export(fedavg.process, data, target="tff", out_dir=Path(tmp) / "fedavg")
-    block = read_manifest(out)["next"]
-    import jax
-
-    inputs = {s["name"]: np.asarray(v) for s, v in zip(block["inputs"], jax.tree.leaves(data))}
-    run = run_computation(out, inputs, rounds=rounds)
-  per_round = run.timings["round_s"][1:]  # round 1 starts TFF's worker and compiles
-  return float(np.median(per_round) * 1e3), float(np.percentile(per_round, 90) * 1e3)
-
-
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__)
-  parser.add_argument("--clients", type=int, default=128)
-  parser.add_argument("--repeats", type=int, default=30)
-  parser.add_argument("--tff-rounds", type=int, default=12)
-  ns = parser.parse_args()
-
-  rows = measure_in_process(ns.clients, ns.repeats)
-  # Two host devices (one per core) with the clients axis split over them: a separate process,
-  # since XLA reads the device count when JAX starts.
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-  done = subprocess.run([sys.executable, __file__, "--sharded-child", str(ns.clients),
-                         str(ns.repeats)], env=env, capture_output=True, text=True, check=True)
-  median, p90 = map(float, done.stdout.split()[-2:])
-  rows["faxbridge native, clients sharded over 2 CPU devices"] = (median, p90)
-  rows["TFF 0.87 (faxbridge export, native context)"] = measure_tff(ns.clients, ns.tff_rounds)
-
-  base = rows["jax.jit + vmap (hand-written)"][0]
-  RESULTS.mkdir(parents=True, exist_ok=True)
-  lines = [f"# FedAvg round, {ns.clients} clients (MLP, 3 local SGD steps of 16 examples)", "",
-           "| implementation | median ms | p90 ms | vs jit+vmap |", "|---|---:|---:|---:|"]
-  for name, (median, p90) in rows.items():
-    lines.append(f"| {name} | {median:.2f} | {p90:.2f} | {base / median:.2f}x |")
-  table = "\n".join(lines) + "\n"
-  (RESULTS / "fedavg_round.md").write_text(table)
-  print(table)
-
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  fig, ax = plt.subplots(figsize=(8, 3))
-  names = list(rows)
-  ax.barh(names, [rows[n][0] for n in names], xerr=[rows[n][1] - rows[n][0] for n in names])
-  ax.set_xlabel("ms per round (median, error bar to p90)")
-  ax.set_title(f"FedAvg round, {ns.clients} clients")
-  fig.tight_layout()
-  fig.savefig(RESULTS / "fedavg_round.png", dpi=120)
+  params, data = model.init_params(), model.client_data(clients)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  export = Path(export_dir or out_dir / "export")
+  export_s = 0.0
+  if not (export / "manifest.json").exists():
+    start = time.perf_counter()
+    export = fb.export(faxbridge_round(), params, data, target="tff", out_dir=export)
+    export_s = time.perf_counter() - start
+  entries = read_manifest(export)["computation"]["inputs"]
+  args = (params, data)
+  np.savez(out_dir / "inputs.npz", **{e["name"]: args[e["path"][0]][e["path"][-1]]
+                                      for e in entries})
+  return {"clients": clients, "export": str(export), "export_s": export_s}
 
 
-def _sharded_child(clients: int, repeats: int) -> None:
-  import jax
-
-  sys.path.insert(0, str(ROOT))
-  from examples import fedavg
-
-  params, data = fedavg.example_inputs(clients)
-  mesh = jax.make_mesh((2,), ("clients",))
-  with jax.set_mesh(mesh):
-    median, p90 = _median_ms(lambda: fedavg.fedavg_round(params, data), repeats)
-  print(median, p90)
+def main(argv: list[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("mode", choices=["time", "memory", "export", "list"])
+  parser.add_argument("--out-dir", type=Path, help="export mode: where to write")
+  parser.add_argument("--export-dir", type=Path, help="export mode: the export (reused if there)")
+  parser.add_argument("--clients", type=int, default=8)
+  parser.add_argument("--impl", action="append", help="an implementation (repeatable; default all)")
+  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--budget-s", type=float, default=60.0)
+  ns = parser.parse_args(argv)
+  names = ns.impl or list(impls(ns.clients))
+  if ns.mode == "list":
+    out: dict = {"impls": names}
+  elif ns.mode == "export":
+    out = export_mode(ns.clients, ns.out_dir, ns.export_dir)
+  elif ns.mode == "time":
+    out = time_mode(ns.clients, names, ns.repeats, ns.budget_s)
+  else:
+    out = memory_mode(ns.clients, names[0])
+  print(json.dumps(out))
 
 
 if __name__ == "__main__":
-  if len(sys.argv) > 1 and sys.argv[1] == "--sharded-child":
-    _sharded_child(int(sys.argv[2]), int(sys.argv[3]))
-  else:
-    main()
+  main()

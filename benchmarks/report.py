@@ -1,0 +1,209 @@
+"""``results.json`` -> ``results.md`` (tables, the targets checked) and plots in ``results/``.
+
+``benchmarks/notes.md`` (hand-written: where the time goes, what a profile showed) is appended
+when the results are written to ``benchmarks/`` itself.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+BASE = "jit+vmap"
+AUTO = ("faxbridge auto", "faxbridge")  # the first present is the row the targets use
+TFF_HAND, TFF_EXPORT = "TFF hand-written", "TFF running faxbridge's export"
+
+
+def _auto(rows: dict) -> str | None:
+  return next((n for n in AUTO if n in rows and "median_s" in rows[n]), None)
+
+
+def _ratio(rows: dict, a: str | None, b: str) -> float | None:
+  if a is None or "median_s" not in rows.get(a, {}) or "median_s" not in rows.get(b, {}):
+    return None
+  return rows[a]["median_s"] / rows[b]["median_s"]
+
+
+def _fmt(x, spec: str = ".3f") -> str:
+  return "-" if x is None else format(x, spec)
+
+
+def fedavg_tables(fedavg: dict) -> list[str]:
+  lines = []
+  for size, rows in fedavg.items():
+    n = int(size)
+    lines += [f"### {n} clients", "",
+              "| implementation | median s | min s | max s | runs | peak MB | +MB per round | "
+              "ms per client | vs jit+vmap | note |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for name, row in rows.items():
+      if "skipped" in row:
+        lines.append(f"| {name} | - | - | - | - | - | - | - | - | skipped: {row['skipped']} |")
+        continue
+      ratio = _ratio(rows, name, BASE)
+      note = f"auto picked {row['auto_picked']}" if row.get("auto_picked") else ""
+      if row.get("worker_peak_mb"):
+        note += f"; worker_binary peak {row['worker_peak_mb']:.0f} MB"
+      lines.append(
+          f"| {name} | {row['median_s']:.4f} | {row['min_s']:.4f} | {row['max_s']:.4f} | "
+          f"{row['runs']} | {row['peak_mb']:.0f} | {row['delta_mb']:.0f} | "
+          f"{1e3 * row['median_s'] / n:.3f} | {_fmt(ratio, '.2f')}x | {note.strip('; ')} |")
+    lines.append("")
+  return lines
+
+
+def targets(fedavg: dict) -> list[str]:
+  """The issue's targets, each met or missed by how much, from this run's ratios."""
+  out = ["| target | measured | verdict |", "|---|---|---|"]
+
+  def check(label: str, value: float | None, limit: float, unit: str = "x") -> None:
+    if value is None:
+      out.append(f"| {label} | not measured | - |")
+      return
+    verdict = "met" if value <= limit else f"missed by {100 * (value / limit - 1):.0f}%"
+    out.append(f"| {label} | {value:.2f}{unit} | {verdict} |")
+
+  r128, r2048 = fedavg.get("128", {}), fedavg.get("2048", {})
+  check("auto at 128 clients <= 0.45x jit+vmap", _ratio(r128, _auto(r128), BASE), 0.45)
+  check("auto at 128 clients <= 0.5x hand-written TFF", _ratio(r128, _auto(r128), TFF_HAND), 0.5)
+  check("auto at 2,048 clients <= 0.3x jit+vmap", _ratio(r2048, _auto(r2048), BASE), 0.3)
+  a = _auto(r2048)
+  check("auto at 2,048 clients: peak memory <= 1 GiB (absolute, fresh process)",
+        r2048[a]["peak_mb"] / 1024 if a else None, 1.0, " GiB")
+  per_client = {int(s): rows[_auto(rows)]["median_s"] / int(s) for s, rows in fedavg.items()
+                if int(s) >= 128 and _auto(rows)}
+  if len(per_client) >= 2:
+    spread = max(per_client.values()) / min(per_client.values())
+    check(f"auto cost per client flat (max/min) over {sorted(per_client)} clients", spread, 1.2)
+  else:
+    check("auto cost per client flat 128..8,192 clients", None, 1.2)
+  check("exported round on TFF <= 1.10x hand-written TFF at 128 clients",
+        _ratio(r128, TFF_EXPORT, TFF_HAND), 1.10)
+  return out
+
+
+def profile_table(profile: dict | None) -> list[str]:
+  if not profile:
+    return ["(TFF not installed: no profile)"]
+  s = profile["structure"]
+  kinds = sorted(set(s["hand"]["intrinsics"]) | set(s["export"]["intrinsics"]))
+  lines = [f"Per round, counted in each computation's proto ({profile['clients']} clients; "
+           "`tff_round.py profile`):", "",
+           "| | hand-written | faxbridge export |", "|---|---:|---:|"]
+  for key in ("intrinsic", "tensorflow", "selection", "struct", "lambda"):
+    lines.append(f"| {key} nodes | {s['hand']['nodes'].get(key, 0)} | "
+                 f"{s['export']['nodes'].get(key, 0)} |")
+  for k in kinds:
+    lines.append(f"| `{k}` | {s['hand']['intrinsics'].get(k, 0)} | "
+                 f"{s['export']['intrinsics'].get(k, 0)} |")
+  med = profile["median_s"]
+  lines.append(f"| median s per round | {med['hand']:.4f} | {med['export']:.4f} |")
+  return lines
+
+
+def export_table(rows: list[dict]) -> list[str]:
+  lines = ["| program | jaxpr eqns | target | seconds | peak MB | +MB | bytes written |",
+           "|---|---:|---|---:|---:|---:|---:|"]
+  for r in rows:
+    what = f"{r['size'] / 1e6:g}M parameters" if r["kind"] == "params" else \
+        f"~{r['size']} equations"
+    if "error" in r:
+      lines.append(f"| {what} | - | {r['target']} | failed: {r['error'][-120:]!r} | | | |")
+      continue
+    lines.append(f"| {what} | {r['eqns']} | {r['target']} | {r['export_s']:.2f} | "
+                 f"{r['peak_mb']:.0f} | {r['delta_mb']:.0f} | {r['bytes_written']:,} |")
+  return lines
+
+
+def plots(results: dict, out: Path) -> list[str]:
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  folder = out / "results"
+  folder.mkdir(parents=True, exist_ok=True)
+  made = []
+  fedavg = results.get("fedavg") or {}
+  names = sorted({n for rows in fedavg.values() for n in rows})
+  if fedavg:
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    for name in names:
+      pts = [(int(s), rows[name]) for s, rows in fedavg.items()
+             if "median_s" in rows.get(name, {})]
+      if not pts:
+        continue
+      xs = [p[0] for p in pts]
+      axes[0].errorbar(xs, [p[1]["median_s"] for p in pts],
+                       yerr=[[p[1]["median_s"] - p[1]["min_s"] for p in pts],
+                             [p[1]["max_s"] - p[1]["median_s"] for p in pts]],
+                       marker="o", label=name, capsize=2)
+      axes[1].plot(xs, [1e3 * p[1]["median_s"] / p[0] for p in pts], "o-", label=name)
+      axes[2].plot(xs, [p[1]["peak_mb"] for p in pts], "o-", label=name)
+    for ax, title, ylabel in zip(axes, ["seconds per round (median; bars: min..max)",
+                                        "cost per client", "peak memory (fresh process)"],
+                                 ["s", "ms per client", "MB (ru_maxrss)"]):
+      ax.set_xscale("log", base=2)
+      ax.set_yscale("log")
+      ax.set_xlabel("clients")
+      ax.set_ylabel(ylabel)
+      ax.set_title(title)
+      ax.grid(True, alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("FedAvg round, MLP 256-512-10")
+    fig.tight_layout()
+    fig.savefig(folder / "fedavg_round.png", dpi=110)
+    plt.close(fig)
+    made.append("results/fedavg_round.png")
+  cost = [r for r in results.get("export_cost") or [] if "error" not in r]
+  if cost:
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for kind, ax in zip(("params", "eqns"), axes):
+      for target in sorted({r["target"] for r in cost}):
+        pts = [r for r in cost if r["kind"] == kind and r["target"] == target]
+        if pts:
+          ax.plot([r["size"] for r in pts], [r["export_s"] for r in pts], "o-", label=target)
+      ax.set_xscale("log")
+      ax.set_yscale("log")
+      ax.set_xlabel("parameters" if kind == "params" else "jaxpr equations (about)")
+      ax.set_ylabel("fb.export seconds")
+      ax.grid(True, alpha=0.3)
+      if ax.lines:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(folder / "export_cost.png", dpi=110)
+    plt.close(fig)
+    made.append("results/export_cost.png")
+  return made
+
+
+def write(results: dict, out: Path) -> None:
+  m, v = results["machine"], results["versions"]
+  lines = ["# Benchmarks", "",
+           "Written by `make bench` (`.venv/bin/python benchmarks/run.py`); numbers in "
+           "`results.json`. " + ("**Quick run (tiny sizes): not a measurement.**"
+                                 if results.get("quick") else ""), "",
+           f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, "
+           f"Python {m['python']}, {m['platform']}. Total run: {results['total_s']:.0f} s.", "",
+           "Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()), "",
+           "Native rows are timed interleaved (round-robin) in one process per size; the two "
+           "TFF rows interleaved with each other in one .venv-tff process per size. Peak memory: "
+           "`ru_maxrss` of a fresh process after compile + one round (for TFF: the Python "
+           "process; its worker_binary's peak in the note); `+MB` subtracts the baseline "
+           "after the data is made.", ""]
+  if results.get("fedavg"):
+    lines += ["## Targets (this run)", "", *targets(results["fedavg"]), ""]
+    lines += ["## FedAvg round (MLP 256-512-10, 136,714 parameters, 32 examples per client, "
+              "2 local SGD steps, unweighted mean)", "", *fedavg_tables(results["fedavg"])]
+    lines += ["## TFF: the export's structure against the hand-written round", ""]
+    lines += [*profile_table(results.get("tff_profile")), ""]
+  if results.get("export_cost"):
+    lines += ["## Export cost", "", "Parameters are SERVER inputs (`jax.ShapeDtypeStruct`), "
+              "never constants: the bytes written do not grow with them.", ""]
+    lines += [*export_table(results["export_cost"]), ""]
+  made = plots(results, out)
+  lines += ["## Plots", "", *(f"![{p}]({p})" for p in made), ""]
+  notes = HERE / "notes.md"
+  if out.resolve() == HERE and notes.exists():
+    lines += [notes.read_text()]
+  (out / "results.md").write_text("\n".join(lines))

@@ -1,0 +1,271 @@
+"""All benchmarks, one command: ``make bench`` (= ``.venv/bin/python benchmarks/run.py``).
+
+1. The FedAvg round (``_fedavg_model.py``: MLP 256-512-10, 136,714 parameters, 32 examples per
+   client, 2 local SGD steps, unweighted mean) at 8 .. 8,192 clients: every native implementation
+   (``fedavg_round.py``: faxbridge with each strategy, jit+vmap, jit+lax.map, drjax) timed
+   interleaved in one process per size, peak memory in a fresh process per (implementation, size);
+   TFF 0.87 hand-written and TFF running faxbridge's export (``tff_round.py``, in .venv-tff), timed
+   interleaved with each other, peak memory fresh too.
+2. The structure of both TFF rounds (intrinsic calls and TF computations per round).
+3. The cost of ``fb.export`` (``export_cost.py``) against parameters and equations.
+
+Writes ``benchmarks/results.json``, ``benchmarks/results.md`` and plots in ``benchmarks/results/``.
+``--quick`` runs everything at tiny sizes (the smoke test, ``tests/test_benchmarks.py``), into
+``--out`` (default: a temporary directory; nothing committed is touched).
+
+A size is skipped, with the reason recorded, when the estimate from the size before (time and
+memory grow linearly in the clients) says a round would take longer than ``--round-budget-s`` or
+need more than ``--memory-fraction`` of this machine's memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+CORE = sys.executable
+TFF_PY = ROOT / ".venv-tff" / "bin" / "python"
+
+FULL_SIZES = [8, 32, 128, 512, 2048, 8192]
+QUICK_SIZES = [2, 4]
+TFF_NAMES = {"hand": "TFF hand-written", "export": "TFF running faxbridge's export"}
+
+
+# -- running the pieces ---------------------------------------------------------------------
+def _run_json(cmd: list[str], timeout: float, env: dict | None = None) -> dict:
+  """Runs a benchmark process; its last stdout line is a JSON object."""
+  done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})})
+  if done.returncode != 0:
+    raise RuntimeError(f"{' '.join(cmd[1:4])}... failed ({done.returncode}):\n"
+                       f"{done.stderr[-3000:]}")
+  return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _summary(times: list[float]) -> dict:
+  return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
+          "runs": len(times)}
+
+
+def machine() -> dict:
+  model = platform.processor()
+  try:
+    for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
+      if line.startswith("Model name:"):
+        model = line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+  return {"cpu": model, "cores": os.cpu_count(), "memory_gib": round(mem_gb, 1),
+          "python": platform.python_version(), "platform": platform.platform()}
+
+
+def versions() -> dict:
+  found = {}
+  for pkg in ("jax", "jaxlib", "drjax", "tensorflow", "tensorflow-cpu", "numpy"):
+    try:
+      found[pkg] = metadata.version(pkg)
+    except metadata.PackageNotFoundError:
+      pass
+  sys.path.insert(0, str(ROOT))
+  import faxbridge
+
+  found["faxbridge"] = faxbridge.__version__
+  if TFF_PY.exists():
+    code = ("import importlib.metadata as m, json; print(json.dumps({p: m.version(p) for p in "
+            "('tensorflow_federated', 'tensorflow', 'numpy')}))")
+    tff = json.loads(subprocess.run([str(TFF_PY), "-c", code], capture_output=True,
+                                    text=True).stdout)
+    found.update({f".venv-tff {k}": v for k, v in tff.items()})
+  return found
+
+
+def _fits(prev: dict | None, size: int, prev_size: int, budget_s: float,
+          memory_mb: float) -> str | None:
+  """Why ``size`` is skipped, from the measurement at ``prev_size``; None if it should fit."""
+  if prev is None:
+    return None
+  scale = size / prev_size
+  if "median_s" in prev and prev["median_s"] * scale > budget_s:
+    return (f"estimated {prev['median_s'] * scale:.0f} s per round (from {prev_size} clients) "
+            f"> budget {budget_s:.0f} s")
+  if prev.get("delta_mb") and prev["delta_mb"] * scale > memory_mb:
+    return (f"estimated {prev['delta_mb'] * scale / 1024:.1f} GiB per round (from {prev_size} "
+            f"clients) > {memory_mb / 1024:.1f} GiB available")
+  return None
+
+
+def fedavg(sizes: list[int], repeats: int, budget_s: float, memory_mb: float,
+           work: Path, log) -> dict:
+  """Every implementation at every size: {size: {impl: row}}, skipped rows with a reason."""
+  script = str(HERE / "fedavg_round.py")
+  names = _run_json([CORE, script, "list"], 300)["impls"]
+  rows: dict[int, dict[str, dict]] = {}
+  last: dict[str, tuple[int, dict]] = {}
+  tff_ok = TFF_PY.exists()
+  for size in sizes:
+    rows[size] = {}
+    run, skipped = [], {}
+    for name in names:
+      prev = last.get(name)
+      why = _fits(prev[1], size, prev[0], budget_s, memory_mb) if prev else None
+      if why:
+        skipped[name] = why
+      else:
+        run.append(name)
+    log(f"{size} clients: {run} (skipped {sorted(skipped)})")
+    if run:
+      impl_args = [a for n in run for a in ("--impl", n)]
+      timed = _run_json([CORE, script, "time", "--clients", str(size), "--repeats", str(repeats),
+                         "--budget-s", str(budget_s * repeats), *impl_args], 4 * 3600)
+      for name in run:
+        row = _summary(timed["times_s"][name])
+        row["first_call_s"] = timed["first_call_s"][name]
+        if name in timed.get("auto_picked", {}):
+          row["auto_picked"] = timed["auto_picked"][name]
+        mem = _run_json([CORE, script, "memory", "--clients", str(size), "--impl", name], 3600)
+        row.update({k: mem[k] for k in ("baseline_mb", "peak_mb", "delta_mb")})
+        rows[size][name] = row
+        last[name] = (size, row)
+    for name, why in skipped.items():
+      rows[size][name] = {"skipped": why}
+    if tff_ok:
+      rows[size].update(tff_rows(size, repeats, budget_s, memory_mb, work, last, log))
+  return rows
+
+
+def tff_rows(size: int, repeats: int, budget_s: float, memory_mb: float, work: Path,
+             last: dict, log) -> dict:
+  """The two TFF rounds at ``size`` clients (one export, made once, serves every size: TFF takes
+  the number of clients from the argument)."""
+  out: dict[str, dict] = {}
+  prev = [last[n] for n in TFF_NAMES.values() if n in last]
+  why = _fits(max((p[1] for p in prev), key=lambda r: r["median_s"]), size, prev[0][0],
+              budget_s, memory_mb) if prev else None
+  if why:
+    return {name: {"skipped": why} for name in TFF_NAMES.values()}
+  size_dir = work / f"tff{size}"
+  size_dir.mkdir(parents=True, exist_ok=True)
+  made = _run_json([CORE, str(HERE / "fedavg_round.py"), "export", "--clients", str(size),
+                    "--out-dir", str(size_dir), "--export-dir", str(work / "tff_export")], 1800)
+  log(f"{size} clients: TFF (export took {made['export_s']:.1f} s)")
+  common = ["--export", made["export"], "--inputs", str(size_dir / "inputs.npz")]
+  script = str(HERE / "tff_round.py")
+  timed = _run_json([str(TFF_PY), script, "time", *common, "--repeats", str(repeats),
+                     "--budget-s", str(budget_s * repeats)], 4 * 3600)
+  for key, name in TFF_NAMES.items():
+    row = _summary(timed["times_s"][key])
+    row["first_call_s"] = timed["first_call_s"][key]
+    mem = _run_json([str(TFF_PY), script, "memory", *common, "--impl", key], 3600)
+    row.update({k: mem[k] for k in ("baseline_mb", "peak_mb", "delta_mb", "worker_peak_mb")})
+    out[name] = row
+    last[name] = (size, row)
+  out[TFF_NAMES["export"]]["max_abs_diff_vs_hand"] = timed.get("max_abs_diff")
+  return out
+
+
+def tff_profile(work: Path, clients: int, repeats: int) -> dict | None:
+  if not TFF_PY.exists():
+    return None
+  size_dir = work / f"profile{clients}"
+  size_dir.mkdir(parents=True, exist_ok=True)
+  made = _run_json([CORE, str(HERE / "fedavg_round.py"), "export", "--clients", str(clients),
+                    "--out-dir", str(size_dir), "--export-dir", str(work / "tff_export")], 1800)
+  got = _run_json([str(TFF_PY), str(HERE / "tff_round.py"), "profile", "--export",
+                   made["export"], "--inputs", str(size_dir / "inputs.npz"), "--repeats",
+                   str(repeats)], 3600)
+  return {"clients": clients, "structure": got["structure"],
+          "median_s": {k: statistics.median(v) for k, v in got["times_s"].items()}}
+
+
+def export_cost(params: list[int], eqns: list[int], targets: list[str], log) -> list[dict]:
+  rows = []
+  for kind, sizes in (("params", params), ("eqns", eqns)):
+    for size in sizes:
+      for target in targets:
+        log(f"export {kind}={size} {target}")
+        try:
+          rows.append(_run_json([CORE, str(HERE / "export_cost.py"), "one", "--kind", kind,
+                                 "--size", str(size), "--target", target], 3600))
+        except (RuntimeError, subprocess.TimeoutExpired) as e:
+          rows.append({"kind": kind, "size": size, "target": target, "error": str(e)[-500:]})
+  return rows
+
+
+# -- the report -----------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--quick", action="store_true", help="tiny sizes, 1 repeat (smoke test)")
+  parser.add_argument("--out", type=Path, help="where results go (default: benchmarks/, or a "
+                      "temporary directory with --quick)")
+  parser.add_argument("--sizes", type=int, nargs="*", help="numbers of clients")
+  parser.add_argument("--repeats", type=int, help="interleaved timed runs per size")
+  parser.add_argument("--round-budget-s", type=float, default=12.0,
+                      help="skip a size whose estimated round takes longer")
+  parser.add_argument("--memory-fraction", type=float, default=0.7)
+  parser.add_argument("--skip", nargs="*", default=[], choices=["fedavg", "tff", "export"])
+  parser.add_argument("--report-only", action="store_true",
+                      help="rewrite results.md and the plots from results.json")
+  ns = parser.parse_args(argv)
+  if ns.report_only:
+    out = ns.out or HERE
+    sys.path.insert(0, str(HERE))
+    import report
+
+    report.write(json.loads((out / "results.json").read_text()), out)
+    return 0
+
+  quick = ns.quick
+  sizes = ns.sizes or (QUICK_SIZES if quick else FULL_SIZES)
+  repeats = ns.repeats or (1 if quick else 3)
+  out = ns.out or (Path(tempfile.mkdtemp(prefix="faxbridge-bench-")) if quick else HERE)
+  out.mkdir(parents=True, exist_ok=True)
+  started = time.perf_counter()
+
+  def log(msg: str) -> None:
+    print(f"[{time.perf_counter() - started:6.0f} s] {msg}", flush=True)
+
+  global TFF_PY
+  if "tff" in ns.skip:
+    TFF_PY = Path("/nonexistent")
+  mem_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20 * ns.memory_fraction
+  results: dict = {"machine": machine(), "versions": versions(), "quick": quick,
+                   "repeats": repeats, "round_budget_s": ns.round_budget_s}
+  with tempfile.TemporaryDirectory(prefix="faxbridge-bench-work-") as tmp:
+    work = Path(tmp)
+    if "fedavg" not in ns.skip:
+      results["fedavg"] = {str(k): v for k, v in fedavg(
+          sizes, repeats, ns.round_budget_s, mem_mb, work, log).items()}
+      results["tff_profile"] = tff_profile(work, sizes[0], max(3, repeats))
+  if "export" not in ns.skip:
+    # TFLite (a model per piece through the TF converter, seconds even when tiny) only for the
+    # smallest of each family, to keep the full run near 15 minutes.
+    params = [1000, 10000] if quick else [100_000, 1_000_000, 10_000_000, 100_000_000]
+    eqns = [30, 100] if quick else [1000, 10000]
+    results["export_cost"] = export_cost(params, eqns, ["tff", "stablehlo"], log)
+    if not quick:
+      results["export_cost"] += export_cost(params[:1], eqns[:1], ["tflite"], log)
+  results["total_s"] = time.perf_counter() - started
+  (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+  sys.path.insert(0, str(HERE))
+  import report
+
+  report.write(results, out)
+  log(f"wrote {out / 'results.md'}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

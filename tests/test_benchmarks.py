@@ -1,0 +1,104 @@
+"""Every benchmark runs at tiny size, so none rots; no speed target lives here.
+
+Quick: each native FedAvg implementation equals a per-client reference round, the timing and
+memory modes return what ``run.py`` reads, export cost stays small with the parameters (they are
+inputs), and the report's target verdicts are computed right. Slow: ``run.py --quick`` end to end,
+TFF's hand-written round and the export included.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import _fedavg_model as model  # noqa: E402
+import export_cost  # noqa: E402
+import fedavg_round  # noqa: E402
+import report  # noqa: E402
+
+QUICK_IMPLS = {"faxbridge auto", "faxbridge", "jit+vmap"}  # the rest: slow (compiles)
+
+
+@pytest.mark.parametrize("name", [
+    pytest.param(n, marks=() if n in QUICK_IMPLS else pytest.mark.slow)
+    for n in fedavg_round.impls(3)])
+def test_native_round_equals_the_per_client_reference(name):
+  params, data = model.init_params(), model.client_data(3)
+  expected = model.reference_round(params, data)
+  got = fedavg_round.impls(3)[name]()(params, data)
+  for k in model.PARAM_NAMES:
+    np.testing.assert_allclose(np.asarray(got[k]), expected[k], rtol=1e-5, atol=1e-6,
+                               err_msg=f"{name}: {k}")
+  assert model.num_params() == 136_714
+
+
+def test_time_and_memory_modes_report_what_run_reads():
+  timed = fedavg_round.time_mode(2, ["jit+vmap"], repeats=1, budget_s=10)
+  assert len(timed["times_s"]["jit+vmap"]) == 1 and timed["times_s"]["jit+vmap"][0] > 0
+  mem = fedavg_round.memory_mode(2, "jit+vmap")
+  assert mem["peak_mb"] >= mem["baseline_mb"] > 0
+
+
+def test_export_cost_does_not_embed_the_parameters():
+  row = export_cost.one("params", 100_000, "stablehlo")
+  assert row["eqns"] > 0 and row["export_s"] > 0
+  assert row["bytes_written"] < row["param_bytes"] / 4  # 400 kB of parameters, none written
+
+
+def test_report_verdicts_and_files(tmp_path):
+  def row(s, peak=300.0):
+    return {"median_s": s, "min_s": s, "max_s": s, "runs": 1, "peak_mb": peak, "delta_mb": 1.0}
+
+  fedavg = {
+      "128": {"faxbridge auto": row(0.4), "jit+vmap": row(1.0), "TFF hand-written": row(1.0),
+              "TFF running faxbridge's export": row(1.2)},
+      "2048": {"faxbridge auto": row(6.4, peak=2048.0), "jit+vmap": row(16.0)},
+      "8192": {"faxbridge auto": row(25.6), "jit+vmap": {"skipped": "too big"}},
+  }
+  results = {"machine": {"cpu": "x", "cores": 2, "memory_gib": 1, "python": "3", "platform": "p"},
+             "versions": {"jax": "0"}, "total_s": 1.0, "fedavg": fedavg,
+             "export_cost": [{"kind": "params", "size": 100, "target": "tff", "eqns": 5,
+                              "export_s": 0.1, "peak_mb": 1.0, "delta_mb": 0.5,
+                              "bytes_written": 10}]}
+  report.write(results, tmp_path)
+  text = (tmp_path / "results.md").read_text()
+  assert "| auto at 128 clients <= 0.45x jit+vmap | 0.40x | met |" in text
+  assert "| auto at 2,048 clients <= 0.3x jit+vmap | 0.40x | missed by 33% |" in text
+  assert "peak memory <= 1 GiB (absolute, fresh process) | 2.00 GiB | missed by 100% |" in text
+  # 0.4/128, 6.4/2048, 25.6/8192 s per client: 3.1, 3.1, 3.1 ms: flat.
+  assert "[128, 2048, 8192] clients | 1.00x | met |" in text
+  assert "<= 1.10x hand-written TFF at 128 clients | 1.20x | missed by 9% |" in text
+  assert "skipped: too big" in text
+  assert (tmp_path / "results" / "fedavg_round.png").stat().st_size > 0
+  assert (tmp_path / "results" / "export_cost.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_run_quick_end_to_end(tmp_path):
+  """``run.py --quick``: every row at 2 and 4 clients, TFF's two rounds agreeing."""
+  subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--out",
+                  str(tmp_path)], check=True, cwd=ROOT, timeout=1800)
+  results = json.loads((tmp_path / "results.json").read_text())
+  names = set(fedavg_round.impls(2))
+  for size in ("2", "4"):
+    rows = results["fedavg"][size]
+    assert names <= set(rows)
+    assert all("median_s" in rows[n] for n in names)
+    if (ROOT / ".venv-tff" / "bin" / "python").exists():
+      export = rows["TFF running faxbridge's export"]
+      assert export["max_abs_diff_vs_hand"] < 1e-5
+  if results.get("tff_profile"):
+    s = results["tff_profile"]["structure"]
+    # The export has the hand-written round's structure: no extra intrinsic calls or TF pieces.
+    assert s["export"]["nodes"]["intrinsic"] == s["hand"]["nodes"]["intrinsic"]
+    assert s["export"]["nodes"]["tensorflow"] == s["hand"]["nodes"]["tensorflow"]
+  assert {r["target"] for r in results["export_cost"]} == {"tff", "stablehlo"}
+  assert (tmp_path / "results.md").exists()
