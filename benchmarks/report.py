@@ -98,6 +98,15 @@ def profile_table(profile: dict | None) -> list[str]:
                  f"{s['export']['intrinsics'].get(k, 0)} |")
   med = profile["median_s"]
   lines.append(f"| median s per round | {med['hand']:.4f} | {med['export']:.4f} |")
+  graph = profile.get("client_graph")
+  if graph:
+    lines.append(f"| client TF graph: nodes | {graph['hand']['nodes']} | "
+                 f"{graph['export']['nodes']} |")
+    lines.append(f"| client TF graph alone: ms per client (TF session) | "
+                 f"{graph['hand']['median_ms']:.3f} | {graph['export']['median_ms']:.3f} |")
+    for which in ("hand", "export"):
+      ops = ", ".join(f"{k} {v}" for k, v in graph[which]["ops"].items())
+      lines.append(f"\nMost frequent ops of the {which} client graph: {ops}.")
   return lines
 
 

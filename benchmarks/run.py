@@ -21,6 +21,7 @@ need more than ``--memory-fraction`` of this machine's memory.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -74,10 +75,8 @@ def machine() -> dict:
 def versions() -> dict:
   found = {}
   for pkg in ("jax", "jaxlib", "drjax", "tensorflow", "tensorflow-cpu", "numpy"):
-    try:
+    with contextlib.suppress(metadata.PackageNotFoundError):
       found[pkg] = metadata.version(pkg)
-    except metadata.PackageNotFoundError:
-      pass
   sys.path.insert(0, str(ROOT))
   import faxbridge
 
@@ -185,7 +184,7 @@ def tff_profile(work: Path, clients: int, repeats: int) -> dict | None:
   got = _run_json([str(TFF_PY), str(HERE / "tff_round.py"), "profile", "--export",
                    made["export"], "--inputs", str(size_dir / "inputs.npz"), "--repeats",
                    str(repeats)], 3600)
-  return {"clients": clients, "structure": got["structure"],
+  return {"clients": clients, "structure": got["structure"], "client_graph": got["client_graph"],
           "median_s": {k: statistics.median(v) for k, v in got["times_s"].items()}}
 
 
@@ -248,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     if "fedavg" not in ns.skip:
       results["fedavg"] = {str(k): v for k, v in fedavg(
           sizes, repeats, ns.round_budget_s, mem_mb, work, log).items()}
-      results["tff_profile"] = tff_profile(work, sizes[0], max(3, repeats))
+      results["tff_profile"] = tff_profile(work, 128 if 128 in sizes else sizes[0],
+                                           max(5, repeats))
   if "export" not in ns.skip:
     # TFLite (a model per piece through the TF converter, seconds even when tiny) only for the
     # smallest of each family, to keep the full run near 15 minutes.
