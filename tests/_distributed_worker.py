@@ -42,6 +42,7 @@ def main(process_id: int, num_processes: int, port: int, out_path: str) -> None:
   result["_global_devices"] = np.asarray(len(jax.devices()))
   result["_local_devices"] = np.asarray(len(jax.local_devices()))
   result["_replicated"] = np.asarray(all(leaf.sharding.is_fully_replicated for _, leaf in leaves))
+  result["_strategy"] = np.asarray(str(comp.strategy_for(*fedavg.example_inputs())))
   np.savez(out_path, **result)
   jax.distributed.shutdown()
 

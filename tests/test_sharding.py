@@ -68,6 +68,19 @@ SCRIPT = textwrap.dedent(
     except ValueError as e:
       report["uneven"] = str(e)
 
+    # Execution strategies under the mesh: auto streams each device's clients (a scan inside
+    # shard_map) and combines the aggregations with one collective each.
+    streamed = fb.computation(program, in_placements=places, mesh=explicit)
+    report["strategy_auto"] = str(streamed.strategy_for(S, X))
+    hlo = jax.jit(streamed).lower(S, X).compile().as_text()
+    report["hlo"] = {"while": "while(" in hlo or " while" in hlo, "all_reduce": "all-reduce" in hlo}
+    for name, strategy in (("vmap", "vmap"), ("stream3", ("stream", 3))):
+      comp = fb.computation(program, in_placements=places, mesh=explicit, strategy=strategy)
+      report["strategy_" + name] = describe(comp(S, X))
+      grad = jax.grad(lambda s, x: jnp.sum(comp(s, x)["mean"]) + jnp.sum(comp(s, x)["y"] ** 2),
+                      argnums=(0, 1))(S, X)
+      report["strategy_grad_" + name] = [np.asarray(g).tolist() for g in grad]
+
     args = fedavg.example_inputs()
     sharded_fedavg = fb.computation(fedavg.computation.fn, in_placements=fedavg.computation.in_placements,
                                     mesh=explicit)
@@ -144,3 +157,24 @@ def test_sharded_fedavg_equals_the_unsharded_run(report):
   for leaf_got, leaf_want in zip(got, want):
     assert leaf_got["replicated"] and leaf_got["devices"] == 8  # FedAvg's outputs are SERVER
     np.testing.assert_allclose(leaf_got["value"], leaf_want, rtol=1e-5, atol=1e-6)
+
+
+def test_auto_streams_each_devices_clients_and_combines_once(report):
+  assert report["strategy_auto"] == "('stream', 1)"  # CPU devices
+  assert report["hlo"] == {"while": True, "all_reduce": True}
+
+
+@pytest.mark.parametrize("name", ["vmap", "stream3"])
+def test_each_strategy_under_the_mesh_equals_numpy(report, name):
+  want = _reference()
+  out = report["strategy_" + name]
+  assert out["y"]["spec"] == ["clients"] and out["y"]["shard_shapes"] == [[2, 3]]
+  for key in ("y", "mean", "max"):
+    np.testing.assert_allclose(out[key]["value"], want[key], rtol=1e-5, atol=1e-6)
+  x = np.arange(16 * 3, dtype=np.float32).reshape(16, 3) / 10
+  y = np.sin(0.5 * x)
+  # d/dx [sum(mean(y)) + sum(y**2)] = cos(0.5 x) * 0.5 * (1/16 + 2 y)
+  np.testing.assert_allclose(report["strategy_grad_" + name][1],
+                             0.5 * np.cos(0.5 * x) * (1 / 16 + 2 * y), rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(report["strategy_grad_" + name][0], report["strategy_grad_vmap"][0],
+                             rtol=1e-5)
