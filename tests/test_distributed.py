@@ -62,7 +62,7 @@ def test_fedavg_round_across_two_processes_equals_the_single_process_run(tmp_pat
     assert int(got["_global_devices"]) == 4 and int(got["_local_devices"]) == 2, i
     assert bool(got["_replicated"]), i  # SERVER outputs are replicated over both processes
     # The default strategy on CPU: each device streams its clients inside shard_map.
-    assert str(got["_strategy"]) == "('stream', 1)", i
+    assert str(got["_strategy"]) == "('stream', 8)", i
     assert set(got) - {"_global_devices", "_local_devices", "_replicated", "_strategy"} == set(want)
     for key, value in want.items():
       np.testing.assert_allclose(got[key], value, rtol=1e-5, atol=1e-6, err_msg=f"{i}{key}")
