@@ -52,9 +52,9 @@ _STRATEGY: contextvars.ContextVar[Strategy | None] = contextvars.ContextVar(
     "faxbridge_strategy", default=None
 )
 # auto on CPU: blocks of 8 clients per scan step. Measured on a FedAvg-like round (MLP 256-512-10,
-# 32 examples per client, 2 SGD steps), round time vs jit+vmap: at 512 clients 0.10x with blocks of
-# 8 against 0.19x one client at a time, at 2,048 clients 0.25x against 0.29x; memory stays that of
-# 8 clients.
+# 32 examples per client, 2 SGD steps; 2 shared, noisy cores), round time / jit+vmap's: blocks of 8
+# 0.15-0.31x at 128 clients, 0.16-0.26x at 512, 0.25x at 2,048; one client per step 0.18-0.39x,
+# 0.17-0.38x, 0.29x. Memory stays that of 8 clients.
 CPU_BLOCK = 8
 # auto on GPU/TPU: vmap while the clients' live values take at most this share of free memory.
 MEMORY_SHARE = 0.25
