@@ -101,9 +101,16 @@ def small_jax(s, x, w):
   return jnp.sum(jnp.sum(w[:, None] * y, 0) / jnp.sum(w) * y.max(0)) + jnp.sum(y.mean(0))
 
 
-def test_gradients_equal_the_vmap_strategy_and_plain_jax():
+def test_gradients_of_blocks_of_clients_equal_plain_jax():
   want = jax.grad(small_jax, argnums=(0, 1, 2))(S, X, W)
-  for strategy in ("stream", ("stream", 3)):
+  got = jax.grad(_comp(small, ("stream", 3)), argnums=(0, 1, 2))(S, X, W)
+  _close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_gradients_of_one_client_per_step_equal_plain_jax():
+  want = jax.grad(small_jax, argnums=(0, 1, 2))(S, X, W)
+  for strategy in ("stream", ("stream", 2)):
     got = jax.grad(_comp(small, strategy), argnums=(0, 1, 2))(S, X, W)
     _close(got, want, rtol=1e-5, atol=1e-5)
 
@@ -186,7 +193,7 @@ def _round(p, x):
 
 def test_streaming_keeps_per_client_intermediates_out_of_memory():
   p = np.ones((32, 256), np.float32) * 0.01
-  x = RNG.normal(size=(128, 64, 32)).astype(np.float32)
+  x = RNG.normal(size=(64, 64, 32)).astype(np.float32)
   temp = {}
   for strategy in ("vmap", "stream"):
     comp = _comp(_round, strategy, (fb.SERVER, fb.CLIENTS))
@@ -194,7 +201,7 @@ def test_streaming_keeps_per_client_intermediates_out_of_memory():
     np.testing.assert_allclose(comp(p, x), _comp(_round, "vmap", (fb.SERVER, fb.CLIENTS))(p, x),
                                rtol=1e-5, atol=1e-6)
   per_client = 64 * 256 * 4
-  assert temp["vmap"] >= 128 * per_client  # every client's activations at once
+  assert temp["vmap"] >= 64 * per_client  # every client's activations at once
   assert temp["stream"] < 8 * per_client, temp  # one client's (and the accumulator)
 
 
