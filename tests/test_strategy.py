@@ -270,3 +270,31 @@ def test_bad_strategies_are_refused(bad):
     fb.computation(every_op, in_placements=(fb.SERVER,), strategy=bad)
   with pytest.raises(ValueError, match="strategy must be"), fb.execution_strategy(bad):
     pass
+
+
+class _FakeDevice:
+  def __init__(self, platform, free):
+    self.platform, self.free = platform, free
+
+  def memory_stats(self):
+    return None if self.free is None else {"bytes_limit": self.free + 100, "bytes_in_use": 100}
+
+
+def test_auto_on_accelerators_vmaps_while_a_quarter_of_free_memory_holds_the_clients(monkeypatch):
+  jaxpr = fb.computation(_round, in_placements=(fb.SERVER, fb.CLIENTS)).trace(
+      np.ones((32, 256), np.float32), np.ones((64, 64, 32), np.float32)).jaxpr.jaxpr
+  per_client = _strategy.per_client_bytes(jaxpr)
+  assert per_client >= 64 * 256 * 4  # at least the client's activations
+  for free, clients, devices, want in [
+      (4 * per_client * 1000, 1000, 1, "vmap"),
+      (4 * per_client * 1000, 1001, 1, ("stream", 1000)),
+      (4 * per_client * 1000, 2000, 2, "vmap"),  # 1000 clients per device
+      (4 * per_client * 10, 5000, 1, ("stream", 10)),
+      (per_client, 5000, 1, ("stream", 1)),
+      (None, 5000, 1, "vmap"),  # no memory statistics: as before strategies existed
+  ]:
+    monkeypatch.setattr(jax, "devices", lambda free=free: [_FakeDevice("gpu", free)])
+    assert _strategy.resolve("auto", jaxpr, clients, devices) == want, (free, clients, devices)
+  monkeypatch.setattr(jax, "devices", lambda: [_FakeDevice("cpu", None)])
+  assert _strategy.resolve("auto", jaxpr, 5, 1) == ("stream", _strategy.CPU_BLOCK)
+  assert _strategy.resolve(("stream", 3), jaxpr, 5, 1) == ("stream", 3)  # explicit: as given
