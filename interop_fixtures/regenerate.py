@@ -41,6 +41,7 @@ PROGRAMS = {
     "branch_train_merge": "examples.branch_train_merge:process",
     "papa": "examples.papa:process",
     "char_lm": "examples.char_lm:process",
+    "dp_fedavg": "examples.dp_fedavg:process",
 }
 TARGETS = ("tff", "stablehlo", "tflite")
 

@@ -4,6 +4,7 @@ outputs the Python computation gave when it was exported."""
 from __future__ import annotations
 
 import filecmp
+import importlib
 import importlib.util
 import json
 from pathlib import Path
@@ -33,6 +34,20 @@ def _meta(name) -> dict:
 def test_every_program_of_the_generator_has_a_fixture():
   assert sorted(_regenerate_module().PROGRAMS) == NAMES
   assert len(NAMES) >= 5
+
+
+def test_every_bundled_example_has_a_fixture():
+  """Each of ``examples.EXAMPLES`` is fixed in at least one fixture (its process where it has one),
+  so a new algorithm cannot join the examples without its exported artifacts here."""
+  from examples import EXAMPLES
+
+  programs = set(_regenerate_module().PROGRAMS.values())
+  fixed = {spec.split(":")[0].removeprefix("examples.") for spec in programs}
+  assert set(EXAMPLES) <= fixed, sorted(set(EXAMPLES) - fixed)
+  for name in EXAMPLES:
+    module = importlib.import_module(f"examples.{name}")
+    attr = "process" if hasattr(module, "process") else "computation"
+    assert f"examples.{name}:{attr}" in programs, name
 
 
 @pytest.mark.parametrize("name", NAMES)
