@@ -40,6 +40,7 @@ def test_initial_states_match_the_references():
     assert_trees_close(module.process.initialize(), init(), rtol=0, atol=0)
 
 
+@pytest.mark.slow  # inner AdamW steps: 3 s; papa keeps a native-vs-reference round quick
 def test_diloco_rounds_match_the_reference():
   state, data = diloco.example_inputs()
   for _ in range(2):  # the second round starts from a non-zero momentum buffer

@@ -20,7 +20,14 @@ def _example(name):
   return module.computation, module.example_inputs()
 
 
-@pytest.mark.parametrize("name", EXAMPLES)
+# The small examples split in the quick suite (FedAvg's weighted mean, analytics' integer and
+# extremum aggregations, two stages); the larger models (optimizer state, attention, populations,
+# DP noise) take seconds each to trace twice and run in the slow suite.
+QUICK_SPLIT = {"fedavg", "fedsgd", "analytics", "two_stage"}
+
+
+@pytest.mark.parametrize("name", [
+    n if n in QUICK_SPLIT else pytest.param(n, marks=pytest.mark.slow) for n in EXAMPLES])
 def test_pieces_in_order_equal_the_computation(name):
   comp, args = _example(name)
   form = fb.split(comp, *args)
