@@ -2,8 +2,9 @@
 and PAPA: the group assignment, one round of group-wise local training, and a simulation loop.
 
 The models are stacked on a leading axis of size ``K`` (one SERVER pytree). Every client gets all
-``K`` (the broadcast), picks its group's model with its one-hot ``group`` row, trains it, and
-uploads its update in its group's slot (zeros elsewhere), weighted by its example count:
+``K`` (the broadcast), picks its group's model with the one-hot ``group`` row of its client data
+(next to ``x``, ``y``, ``num_examples``), trains it, and uploads its update in its group's slot
+(zeros elsewhere), weighted by its example count:
 
   ``m_k <- m_k + sum_i g_ik n_i (trained_i - m_k) / sum_i g_ik n_i``
 
@@ -39,8 +40,9 @@ def groups_by_label(y: np.ndarray, groups: int) -> np.ndarray:
   return np.eye(groups, dtype=np.float32)[group]
 
 
-def _local(models: dict, data: dict, group: jax.Array, lr: float):
+def _local(models: dict, data: dict, lr: float):
   """One client: train its group's model with SGD; its weighted update in its group's slot."""
+  group = data["group"]
   select = lambda m: jnp.tensordot(group, m, axes=1)  # exact: the other rows are multiplied by 0
   start = jax.tree.map(select, models)
   batches = {"x": data["x"], "y": data["y"]}
@@ -50,12 +52,12 @@ def _local(models: dict, data: dict, group: jax.Array, lr: float):
   return slotted, weight, _mlp.loss(trained, jax.tree.map(lambda b: b[-1], batches))
 
 
-def train_groups(models: dict, data: Any, groups: Any, lr: float) -> tuple[dict, jax.Array, Any]:
+def train_groups(models: dict, data: Any, lr: float) -> tuple[dict, jax.Array, Any]:
   """Inside an ``fb.computation``: each of the ``K`` stacked models trained one local SGD epoch
-  by its group (formula above). Returns the new models, the examples per group ``sum_i g_ik n_i``
-  [K] (SERVER) and the clients' mean last-batch loss."""
-  slotted, weights, losses = fb.map(lambda m, d, g: _local(m, d, g, lr), fb.broadcast(models),
-                                    data, groups)
+  by its group (formula above; the group is ``data["group"]``, one-hot [K] per client). Returns
+  the new models, the examples per group ``sum_i g_ik n_i`` [K] (SERVER) and the clients' mean
+  last-batch loss."""
+  slotted, weights, losses = fb.map(lambda m, d: _local(m, d, lr), fb.broadcast(models), data)
   per_group = fb.sum(weights)
   total = fb.sum(slotted)
   scale = lambda t: t / per_group.reshape(per_group.shape + (1,) * (t.ndim - 1))
@@ -66,10 +68,10 @@ def simulate(process: Any, groups: int, *, rounds: int, clients: int, batches: i
              batch_size: int, models_of: Callable[[Any, np.ndarray], dict[str, dict]],
              alpha: float = 0.5, seed: int = 0, log: Callable[[str], None] | None = print
              ) -> list[dict]:
-  """Run ``process`` (``next(state, data, groups)``) natively for ``rounds`` rounds on digits split
-  over ``clients`` (fixed partition and groups, fresh batches each round) and evaluate the named
-  models ``models_of(state, examples_per_group)`` on the held-out digits, from round 0 (the
-  initial state) on.
+  """Run ``process`` (``next(state, data)``, ``data["group"]`` one-hot per client) natively for
+  ``rounds`` rounds on digits split over ``clients`` (fixed partition and groups, fresh batches
+  each round) and evaluate the named models ``models_of(state, examples_per_group)`` on the
+  held-out digits, from round 0 (the initial state) on.
 
   Returns per round ``{"round", "loss", "accuracy", "models": {name: {"loss", "accuracy"}}}``; the
   top-level loss and accuracy are those of the last model named, the one the algorithm delivers.
@@ -83,7 +85,7 @@ def simulate(process: Any, groups: int, *, rounds: int, clients: int, batches: i
     if r:
       data = _data.client_batches(train_x, train_y, parts, batches=batches,
                                   batch_size=batch_size, seed=seed * 1000 + r)
-      state, _ = process.next(state, data, group)
+      state, _ = process.next(state, {**data, "group": group})
     scores = {name: {k: float(v) for k, v in _mlp.evaluate(p, test_x, test_y).items()}
               for name, p in models_of(state, examples).items()}
     history.append({"round": r, **list(scores.values())[-1], "models": scores})

@@ -32,10 +32,10 @@ def merge(branches: dict, examples: jax.Array) -> dict:
   return jax.tree.map(lambda b: jnp.tensordot(w, b, axes=1), branches)
 
 
-@fb.computation(in_placements=(fb.SERVER, fb.CLIENTS, fb.CLIENTS))
-def branch_train_merge_round(state, data, groups):
-  """Each branch FedAvg'd over its group (``groups`` one-hot [K] per client), then merged."""
-  branches, examples, loss = _population.train_groups(state["branches"], data, groups, LOCAL_LR)
+@fb.computation(in_placements=(fb.SERVER, fb.CLIENTS))
+def branch_train_merge_round(state, data):
+  """Each branch FedAvg'd over its group (``data["group"]`` one-hot [K] per client), then merged."""
+  branches, examples, loss = _population.train_groups(state["branches"], data, LOCAL_LR)
   return {"branches": branches}, {"merged": merge(branches, examples),
                                   "examples_per_branch": examples, "train_loss": loss}
 
@@ -51,7 +51,7 @@ process = fb.IterativeProcess(initialize, branch_train_merge_round)
 
 def example_inputs(clients: int = CLIENTS):
   data, _ = _data.digits_clients(clients, batches=BATCHES, batch_size=BATCH_SIZE, seed=1)
-  return init_state(), data, _population.groups_by_label(data["y"], BRANCHES)
+  return init_state(), {**data, "group": _population.groups_by_label(data["y"], BRANCHES)}
 
 
 def _models(state, examples) -> dict:

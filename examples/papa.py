@@ -33,11 +33,11 @@ def average(population: dict) -> dict:
   return jax.tree.map(lambda m: jnp.mean(m, axis=0), population)
 
 
-@fb.computation(in_placements=(fb.SERVER, fb.CLIENTS, fb.CLIENTS))
-def papa_round(state, data, groups):
-  """Each member FedAvg'd over its group (``groups`` one-hot [P] per client); on every
+@fb.computation(in_placements=(fb.SERVER, fb.CLIENTS))
+def papa_round(state, data):
+  """Each member FedAvg'd over its group (``data["group"]`` one-hot [P] per client); on every
   ``PULL_EVERY``-th round the members move a fraction ``PULL`` toward their average."""
-  population, _, loss = _population.train_groups(state["population"], data, groups, LOCAL_LR)
+  population, _, loss = _population.train_groups(state["population"], data, LOCAL_LR)
   step = state["round"] + 1
   a = jnp.where(step % PULL_EVERY == 0, np.float32(PULL), np.float32(0))
   mean = average(population)
@@ -56,7 +56,7 @@ process = fb.IterativeProcess(initialize, papa_round)
 
 def example_inputs(clients: int = CLIENTS):
   data, _ = _data.digits_clients(clients, batches=BATCHES, batch_size=BATCH_SIZE, seed=1)
-  return init_state(), data, _population.groups_by_label(data["y"], MEMBERS)
+  return init_state(), {**data, "group": _population.groups_by_label(data["y"], MEMBERS)}
 
 
 def _models(state, _) -> dict:

@@ -80,9 +80,10 @@ def ref_diloco_round(state: dict, data: dict, nesterov: bool = True) -> tuple[di
 
 
 # -- groups of models: branch-train-merge and PAPA -------------------------------------------------
-def ref_group_training(models: dict, data: dict, groups: np.ndarray, lr: float):
-  """Each stacked model FedAvg'd (weights n_i) over the clients whose one-hot group picks it;
-  also the examples per group and the clients' mean last-batch loss after training."""
+def ref_group_training(models: dict, data: dict, lr: float):
+  """Each stacked model FedAvg'd (weights n_i) over the clients whose one-hot ``data["group"]``
+  row picks it; also the examples per group and the clients' mean last-batch loss after training."""
+  groups = np.asarray(data["group"])
   models = {k: np.asarray(v) for k, v in models.items()}
   sums = {k: np.zeros_like(v) for k, v in models.items()}
   examples, losses = np.zeros(groups.shape[1], F32), []
@@ -106,8 +107,8 @@ def ref_btm_init() -> dict:
   return {"branches": {k: np.stack([v] * BTM["branches"]) for k, v in params.items()}}
 
 
-def ref_btm_round(state: dict, data: dict, groups: np.ndarray) -> tuple[dict, dict]:
-  branches, examples, loss = ref_group_training(state["branches"], data, groups, BTM["lr"])
+def ref_btm_round(state: dict, data: dict) -> tuple[dict, dict]:
+  branches, examples, loss = ref_group_training(state["branches"], data, BTM["lr"])
   share = examples / examples.sum()
   merged = {k: np.sum([share[b] * v[b] for b in range(len(share))], axis=0).astype(F32)
             for k, v in branches.items()}
@@ -121,8 +122,8 @@ def ref_papa_init() -> dict:
           "round": np.zeros((), np.int32)}
 
 
-def ref_papa_round(state: dict, data: dict, groups: np.ndarray) -> tuple[dict, dict]:
-  population, _, loss = ref_group_training(state["population"], data, groups, PAPA["lr"])
+def ref_papa_round(state: dict, data: dict) -> tuple[dict, dict]:
+  population, _, loss = ref_group_training(state["population"], data, PAPA["lr"])
   step = int(state["round"]) + 1
   a = F32(PAPA["pull"] if step % PAPA["every"] == 0 else 0.0)
   avg = {k: _mean(list(v)) for k, v in population.items()}

@@ -54,10 +54,11 @@ def test_diloco_rounds_match_the_reference():
 
 @pytest.mark.slow  # PAPA's quick test runs the same group training
 def test_branch_train_merge_round_matches_the_reference():
-  state, data, groups = branch_train_merge.example_inputs()
+  state, data = branch_train_merge.example_inputs()
+  groups = data["group"]
   assert groups.sum(axis=0).min() >= 1  # every branch has a client
-  got = branch_train_merge.process.next(state, data, groups)
-  want = ref_btm_round(state, data, groups)
+  got = branch_train_merge.process.next(state, data)
+  want = ref_btm_round(state, data)
   assert_trees_close(got, want)
   # Each branch saw only its group, so they differ; the merge lies between them.
   w1 = want[0]["branches"]["w1"]
@@ -67,20 +68,20 @@ def test_branch_train_merge_round_matches_the_reference():
 
 
 def test_papa_rounds_match_the_reference():
-  state, data, groups = papa.example_inputs()
+  state, data = papa.example_inputs()
   spread = []
   for r in (1, 2, 3):  # PULL_EVERY = 2: round 2 pulls, rounds 1 and 3 do not
-    got = papa.process.next(state, data, groups)
-    assert_trees_close(got, ref_papa_round(state, data, groups))
+    got = papa.process.next(state, data)
+    assert_trees_close(got, ref_papa_round(state, data))
     assert float(got[1]["pulled"]) == (PAPA["pull"] if r == 2 else 0.0)
     state = jax.tree.map(np.asarray, got[0])
     w1 = state["population"]["w1"]
     spread.append(float(np.abs(w1 - w1.mean(axis=0)).max()))
   assert spread[1] < 0.6 * spread[0]  # the pull halved the members' distance to their average
   # Round 4 pulls; a reference that skips that pull (off by one round) is told apart.
-  late = ref_papa_round({**state, "round": np.int32(2)}, data, groups)[0]["population"]
+  late = ref_papa_round({**state, "round": np.int32(2)}, data)[0]["population"]
   with pytest.raises(AssertionError):
-    assert_trees_close(papa.process.next(state, data, groups)[0]["population"], late)
+    assert_trees_close(papa.process.next(state, data)[0]["population"], late)
 
 
 @pytest.mark.slow  # compiling the transformer's training twice takes ~9 s of CPU
