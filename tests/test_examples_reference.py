@@ -357,6 +357,10 @@ def check_against_reference(run_example, name: str, kind: str, runtime: str) -> 
   if kind == "process":  # every round of the process came back and was compared
     assert {k.split("/")[0] for k in ref} == {"initialize",
                                               *(f"round{r}" for r in range(1, ROUNDS + 1))}
+  if runtime == "tff" and kind == "process" and manifest["next"]["stages"] == 1:
+    # A one-stage next(state, data) is what cross-device deployment takes: TFF must build both
+    # deployment forms from it and run their rebuilds (a next with two CLIENTS arguments did not).
+    assert {"mapreduce rebuilt", "distribute_aggregate rebuilt"} <= set(extra), sorted(extra)
   # Result sets besides the main one (TFF's MapReduceForm rebuild) must match the reference too.
   for label, got in {"": outputs, **extra}.items():
     report = compare(ref, got)
