@@ -83,6 +83,10 @@ def _coordinates(indices, operand_shape, window, index_map, operand_batching, in
   indices = tf.cast(indices, tf.int32) if indices.dtype != tf.int32 else indices
   bshape = indices.shape.as_list()[:-1]
   nb, rank = len(bshape), len(operand_shape)
+  target = bshape + list(window)
+  if int(np.prod(target, dtype=np.int64)) * rank <= _STATIC_COORDS_MAX:
+    return _coordinates_static(indices, operand_shape, window, index_map, operand_batching,
+                               indices_batching, clamp)
   valid = None
   comps = []
   for d in range(rank):
@@ -104,6 +108,46 @@ def _coordinates(indices, operand_shape, window, index_map, operand_batching, in
     comps.append(s + w)
   target = bshape + list(window)
   coords = tf.stack([tf.broadcast_to(c, target) for c in comps], axis=-1)
+  if valid is None:
+    valid = tf.ones(bshape, tf.bool)
+  return coords, valid
+
+
+# Above this many coordinate elements the known part is built by ops, not stored as a constant.
+_STATIC_COORDS_MAX = 1 << 16
+
+
+def _coordinates_static(indices, operand_shape, window, index_map, operand_batching,
+                        indices_batching, clamp):
+  """``_coordinates`` with everything known when lowering (batching-dim iotas, window offsets)
+  folded into one int32 constant ``K[b, w, d]``; each indexed dim ``d`` adds its (clamped) start
+  ``s_d(b)`` times the unit vector ``e_d``: ``coords = K + sum_d s_d e_d`` (exact in int32, as the
+  coordinates are array positions)."""
+  bshape = indices.shape.as_list()[:-1]
+  nb, rank = len(bshape), len(operand_shape)
+  target = bshape + list(window)
+  known = np.zeros([*target, rank], np.int32)
+  for d in range(rank):
+    part = np.arange(window[d], dtype=np.int32).reshape(
+        [1] * nb + [window[d] if a == d else 1 for a in range(rank)])
+    if d in operand_batching:
+      bdim = indices_batching[operand_batching.index(d)]
+      part = part + np.arange(bshape[bdim], dtype=np.int32).reshape(
+          [bshape[bdim] if a == bdim else 1 for a in range(nb)] + [1] * rank)
+    known[..., d] = part
+  coords = tf.constant(known)
+  valid = None
+  for d in sorted(index_map):
+    s = indices[..., index_map.index(d)]
+    hi = operand_shape[d] - window[d]
+    ok = tf.logical_and(tf.greater_equal(s, 0), tf.less_equal(s, hi))
+    valid = ok if valid is None else tf.logical_and(valid, ok)
+    if clamp:
+      s = tf.minimum(tf.maximum(s, 0), hi)
+    s = tf.reshape(s, bshape + [1] * rank + [1])
+    if rank > 1:
+      s = s * tf.constant(np.eye(rank, dtype=np.int32)[d])
+    coords = coords + s
   if valid is None:
     valid = tf.ones(bshape, tf.bool)
   return coords, valid

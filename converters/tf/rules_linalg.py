@@ -21,7 +21,8 @@ def _prod(xs) -> int:
           note="float32 matmuls are builtins; integer and 16-bit float matmuls are TF-only")
 def _dot_general(ctx, eqn, lhs, rhs):
   """``out[b, m, n] = sum_k lhs[b, m, k] * rhs[b, k, n]`` after grouping each side's dims as
-  (batch, free, contracting); one ``MatMul`` (no batch dims) or ``BatchMatMulV2``."""
+  (batch, free, contracting); one ``MatMul`` (no batch dims) or ``BatchMatMulV2``. Two matrices
+  in any layout are one ``MatMul`` with ``transpose_a``/``transpose_b`` set as needed."""
   (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
   lc, rc, lb, rb = ([int(d) for d in ds] for ds in (lc, rc, lb, rb))
   dt = u.out_dtype(eqn)
@@ -29,6 +30,10 @@ def _dot_general(ctx, eqn, lhs, rhs):
   ls, rs = lhs.shape.as_list(), rhs.shape.as_list()
   lf = [d for d in range(len(ls)) if d not in lc and d not in lb]
   rf = [d for d in range(len(rs)) if d not in rc and d not in rb]
+  if not lb and len(ls) == 2 and len(rs) == 2 and len(lf) == 1 and len(rf) == 1:
+    # matrix @ matrix in any layout: MatMul's transpose_a/transpose_b read the operand transposed,
+    # with no Transpose op (the gradients of x @ w contract dim 0 of one side, or dim 1 of both).
+    return tf.linalg.matmul(lhs, rhs, transpose_a=lc == [0], transpose_b=rc == [1])
   lperm, rperm = lb + lf + lc, rb + rc + rf
   if lperm != list(range(len(ls))):
     lhs = tf.transpose(lhs, lperm)

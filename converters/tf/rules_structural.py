@@ -36,6 +36,11 @@ def broadcast_in_dim(x: tf.Tensor, shape, broadcast_dimensions) -> tf.Tensor:
 def _broadcast_in_dim(ctx, eqn, x, *dyn):
   if dyn:
     raise NotImplementedError("dynamic shapes")
+  value = u.literal_value(eqn.invars[0])
+  dt = u.out_dtype(eqn)
+  if value is not None and (u.is_float(dt) or dt == np.int32):
+    # a literal (the zeros of a gradient): one constant (or Fill), not Const + Reshape + BroadcastTo
+    return u.full(u.out_shape(eqn), value, dt)
   return broadcast_in_dim(x, u.out_shape(eqn), eqn.params["broadcast_dimensions"])
 
 
