@@ -63,3 +63,38 @@ def test_every_rule_is_exercised_by_a_program():
     _primitives(jax.make_jaxpr(case.fn)(*case.args).jaxpr, seen)
   missing = set(fbtf.all_rules()) - seen
   assert not missing, f"rules with no program exercising them: {sorted(p.name for p in missing)}"
+
+
+def _run_graph(fn, *args):
+  """``fn``'s jaxpr lowered by ``lower_jaxpr`` and run by TF 2.21: (outputs, op type counts)."""
+  closed = jax.make_jaxpr(fn)(*args)
+  ins, outs = [f"in{i}" for i in range(len(args))], [f"out{i}" for i in range(len(closed.out_avals))]
+  graph = fbtf.lower_jaxpr(closed, ins, outs)
+  with tf.compat.v1.Session(graph=graph) as sess:
+    got = sess.run([f"{o}:0" for o in outs], {f"{i}:0": a for i, a in zip(ins, args)})
+  ops = [n.op for n in graph.as_graph_def().node]
+  return got, {op: ops.count(op) for op in set(ops)}, closed.jaxpr
+
+
+def test_transposed_product_is_one_matmul():
+  """``(a @ b)^T`` with no other use of the product is one MatMul of the swapped operands (JAX's
+  gradient of ``x @ w`` is such a pair): no Transpose op, values equal to JAX. A product that is
+  also used elsewhere (or returned) keeps its Transpose and is computed once."""
+  rng = np.random.default_rng(0)
+  x, w = rng.normal(size=(5, 3)).astype(np.float32), rng.normal(size=(3, 4)).astype(np.float32)
+
+  def loss(w, x):
+    return jax.numpy.sum(jax.numpy.tanh(x @ w) ** 2)
+
+  def pair_uses(x, w):  # the transposed product, plus the product itself used twice more
+    p = jax.lax.dot(x, w)
+    return p.T, p.sum(), p
+
+  for fn, args, n_transpose, n_matmul in ((jax.grad(loss), (w, x), 0, 2),
+                                          (jax.value_and_grad(loss, argnums=(0, 1)), (w, x), 0, 3),
+                                          (pair_uses, (x, w), 1, 1)):
+    got, ops, jaxpr = _run_graph(fn, *args)
+    assert any(e.primitive is jax.lax.transpose_p for e in jaxpr.eqns)  # the pattern is there
+    assert ops.get("Transpose", 0) == n_transpose and ops.get("MatMul", 0) == n_matmul, ops
+    for g, want in zip(got, jax.tree_util.tree_leaves(fn(*args)), strict=True):
+      assert_close(g, np.asarray(want))
