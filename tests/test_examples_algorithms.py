@@ -67,6 +67,7 @@ def test_branch_train_merge_round_matches_the_reference():
                              [data["num_examples"][groups[:, k] == 1].sum() for k in (0, 1)])
 
 
+@pytest.mark.slow  # the quick suite keeps the per-head attention and corpus checks
 def test_papa_rounds_match_the_reference():
   state, data = papa.example_inputs()
   spread = []

@@ -204,7 +204,9 @@ def _small_int_client(x, y):
           lax.dynamic_slice(x, (1, 1), (2, 3)), x * y, (x >= y).astype(x.dtype))
 
 
-@pytest.mark.parametrize("dtype", SMALL_INTS)
+# int8 in the quick suite (2 s per conversion); uint8 and int16 in the slow one.
+@pytest.mark.parametrize("dtype", [d if d == "int8" else pytest.param(d, marks=pytest.mark.slow)
+                                   for d in SMALL_INTS])
 def test_small_int_pieces_are_builtins_and_equal_jax(dtype):
   """Max, min, clip, a comparison feeding lax.cond and slices of int8/uint8/int16 used to fail the
   export (no TFLite kernel for MAXIMUM, GREATER, SLICE... on them); they are computed in int32 and
