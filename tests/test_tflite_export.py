@@ -73,6 +73,7 @@ def test_unsupported_primitives_are_listed_with_their_lines(assert_points_at):
   assert_points_at(info.value, __file__, "fft-line")
 
 
+@pytest.mark.slow  # a real TFLite conversion that fails: 2-3 s
 def test_converter_failure_names_the_primitive_and_line_first(assert_points_at):
   """An int32 matmul passes the table's check (dot_general is 'partial': float32 is builtin) but
   has no TFLITE_BUILTINS kernel: the converter's own failure must lead with the JAX primitive and
