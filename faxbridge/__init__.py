@@ -61,6 +61,7 @@ __all__ = [
     "dp_adaptive_mean",
     "dp_epsilon",
     "dp_mean",
+    "execution_strategy",
     "export",
     "from_drjax",
     "map",
