@@ -73,6 +73,17 @@ def _default_fill(dtype):
   return np.iinfo(dtype).min if dtype.kind == "i" else np.iinfo(dtype).max
 
 
+def _window_start(indices, d, index_map, operand_shape, window, clamp):
+  """The start of dim ``d``'s window read from ``indices`` (clamped into the operand when
+  ``clamp``) and whether the unclamped window fits in the operand."""
+  s = indices[..., index_map.index(d)]
+  hi = operand_shape[d] - window[d]
+  ok = tf.logical_and(tf.greater_equal(s, 0), tf.less_equal(s, hi))
+  if clamp:
+    s = tf.minimum(tf.maximum(s, 0), hi)
+  return s, ok
+
+
 def _coordinates(indices, operand_shape, window, index_map, operand_batching, indices_batching,
                  clamp):
   """Element coordinates of every (batch, window) position, and which windows are in bounds.
@@ -91,12 +102,8 @@ def _coordinates(indices, operand_shape, window, index_map, operand_batching, in
   comps = []
   for d in range(rank):
     if d in index_map:
-      s = indices[..., index_map.index(d)]
-      hi = operand_shape[d] - window[d]
-      ok = tf.logical_and(tf.greater_equal(s, 0), tf.less_equal(s, hi))
+      s, ok = _window_start(indices, d, index_map, operand_shape, window, clamp)
       valid = ok if valid is None else tf.logical_and(valid, ok)
-      if clamp:
-        s = tf.minimum(tf.maximum(s, 0), hi)
     elif d in operand_batching:
       bdim = indices_batching[operand_batching.index(d)]
       s = broadcast_in_dim(tf.range(bshape[bdim], dtype=tf.int32), bshape, [bdim])
@@ -138,12 +145,8 @@ def _coordinates_static(indices, operand_shape, window, index_map, operand_batch
   coords = tf.constant(known)
   valid = None
   for d in sorted(index_map):
-    s = indices[..., index_map.index(d)]
-    hi = operand_shape[d] - window[d]
-    ok = tf.logical_and(tf.greater_equal(s, 0), tf.less_equal(s, hi))
+    s, ok = _window_start(indices, d, index_map, operand_shape, window, clamp)
     valid = ok if valid is None else tf.logical_and(valid, ok)
-    if clamp:
-      s = tf.minimum(tf.maximum(s, 0), hi)
     s = tf.reshape(s, bshape + [1] * rank + [1])
     if rank > 1:
       s = s * tf.constant(np.eye(rank, dtype=np.int32)[d])
