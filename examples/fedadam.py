@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import optax
 
-from examples import _data, _fedopt, _mlp
+from examples import _fedopt
 
 CLIENTS = 8
 LOCAL_LR, SERVER_LR, B1, B2, EPS = 0.05, 0.01, 0.9, 0.99, 1e-3
@@ -22,15 +22,12 @@ initialize, computation = process.initialize, process.next
 
 def example_inputs(clients: int = CLIENTS) -> tuple[dict, dict[str, np.ndarray]]:
   """The initial server state and one round of digits client data (Dirichlet(0.5) label skew)."""
-  data, _ = _data.digits_clients(clients, batches=BATCHES, batch_size=BATCH_SIZE)
-  return initialize(), data
+  return _fedopt.example_inputs(process, clients, batches=BATCHES, batch_size=BATCH_SIZE)
 
 
 def main(rounds: int = 10, clients: int = CLIENTS, log=print) -> list[dict]:
-  """Train natively from ``initialize`` on digits (8 batches of 16 per client and round, more local
-  steps than the export's example inputs) and report the held-out loss and accuracy per round."""
-  return _mlp.simulate(process, rounds=rounds, clients=clients, batches=8, batch_size=16,
-                       params_of=lambda state: state["params"], log=log)
+  """Train natively and report the held-out loss and accuracy per round (``_fedopt.train``)."""
+  return _fedopt.train(process, rounds=rounds, clients=clients, log=log)
 
 
 if __name__ == "__main__":
