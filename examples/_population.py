@@ -64,6 +64,13 @@ def train_groups(models: dict, data: Any, lr: float) -> tuple[dict, jax.Array, A
   return jax.tree.map(lambda m, t: m + scale(t), models, total), per_group, fb.mean(losses)
 
 
+def client_data(clients: int, groups: int, *, batches: int, batch_size: int) -> dict:
+  """One round of digits client data (Dirichlet label skew, seed 1) with each client's one-hot
+  ``group`` row (clients grouped by mean label): the exported programs' example inputs."""
+  data, _ = _data.digits_clients(clients, batches=batches, batch_size=batch_size, seed=1)
+  return {**data, "group": groups_by_label(data["y"], groups)}
+
+
 def simulate(process: Any, groups: int, *, rounds: int, clients: int, batches: int,
              batch_size: int, models_of: Callable[[Any, np.ndarray], dict[str, dict]],
              alpha: float = 0.5, seed: int = 0, log: Callable[[str], None] | None = print

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 import faxbridge as fb
-from examples import _data, _mlp, _population
+from examples import _mlp, _population
 
 CLIENTS, BATCHES, BATCH_SIZE = 8, 2, 8  # the exported program's sizes
 BRANCHES = 2
@@ -50,8 +50,8 @@ process = fb.IterativeProcess(initialize, branch_train_merge_round)
 
 
 def example_inputs(clients: int = CLIENTS):
-  data, _ = _data.digits_clients(clients, batches=BATCHES, batch_size=BATCH_SIZE, seed=1)
-  return init_state(), {**data, "group": _population.groups_by_label(data["y"], BRANCHES)}
+  return init_state(), _population.client_data(clients, BRANCHES, batches=BATCHES,
+                                               batch_size=BATCH_SIZE)
 
 
 def _models(state, examples) -> dict:

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import faxbridge as fb
-from examples import _data, _mlp, _population
+from examples import _mlp, _population
 
 CLIENTS, BATCHES, BATCH_SIZE = 8, 2, 8  # the exported program's sizes
 MEMBERS, PULL_EVERY, PULL = 3, 2, 0.5
@@ -55,8 +55,8 @@ process = fb.IterativeProcess(initialize, papa_round)
 
 
 def example_inputs(clients: int = CLIENTS):
-  data, _ = _data.digits_clients(clients, batches=BATCHES, batch_size=BATCH_SIZE, seed=1)
-  return init_state(), {**data, "group": _population.groups_by_label(data["y"], MEMBERS)}
+  return init_state(), _population.client_data(clients, MEMBERS, batches=BATCHES,
+                                               batch_size=BATCH_SIZE)
 
 
 def _models(state, _) -> dict:
