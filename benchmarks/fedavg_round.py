@@ -160,7 +160,7 @@ def export_mode(clients: int, out_dir: Path, export_dir: Path | None = None) -> 
   """``fb.export`` of the round (to ``export_dir`` unless it exists: an export runs on TFF with
   any number of clients) and the inputs, by manifest name, to ``out_dir/inputs.npz`` (what
   ``benchmarks/tff_round.py`` reads)."""
-  from faxbridge.export import read_manifest
+  from faxbridge._src.export import read_manifest
 
   params, data = model.init_params(), model.client_data(clients)
   out_dir.mkdir(parents=True, exist_ok=True)

@@ -9,9 +9,9 @@ shape and dtype, and the file of each piece in each format the target wrote. An 
 adds ``state``: which outputs feed which ``next`` inputs.
 
 ``run_plan`` is the orchestration every runtime shares (IREE, LiteRT, jax.export): it reads only the
-plan and runs it with :func:`faxbridge.form.interpret`, one client at a time, calling pieces through
+plan and runs it with :func:`faxbridge._src.form.interpret`, one client at a time, calling pieces through
 a runtime's ``call(piece, args)``; aggregations follow their rules in
-:data:`faxbridge.primitives.AGGREGATION_KINDS`. A runtime adds nothing but "how to run one piece".
+:data:`faxbridge._src.primitives.AGGREGATION_KINDS`. A runtime adds nothing but "how to run one piece".
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ from typing import Any
 
 import numpy as np
 
-from faxbridge.errors import ExportError, VerificationError
-from faxbridge.export import SplitProgram
-from faxbridge.form import FederatedForm, PerClientBackend, interpret, number_of_clients, run_program
-from faxbridge.placements import SERVER
-from faxbridge.primitives import AGGREGATION_KINDS
+from faxbridge._src.errors import ExportError, VerificationError
+from faxbridge._src.export import SplitProgram
+from faxbridge._src.form import FederatedForm, PerClientBackend, interpret, number_of_clients, run_program
+from faxbridge._src.placements import SERVER
+from faxbridge._src.primitives import AGGREGATION_KINDS
 
 PLAN_VERSION = 1
 PLAN_FILE = "plan.json"

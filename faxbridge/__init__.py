@@ -9,12 +9,11 @@ TensorFlow Federated, StableHLO (IREE) and TFLite (LiteRT), and proven equal by 
       return fb.mean(updates)
 """
 
-from faxbridge._drjax import from_drjax
-from faxbridge._strategy import execution_strategy
-from faxbridge.api import broadcast, map, max, mean, min, secure_sum, sum, weighted_mean
-from faxbridge.computation import Computation, TracedComputation, computation
-from faxbridge.dp import dp_adaptive_init, dp_adaptive_mean, dp_epsilon, dp_mean
-from faxbridge.errors import (
+from faxbridge._src.api import broadcast, map, max, mean, min, secure_sum, sum, weighted_mean
+from faxbridge._src.computation import Computation, TracedComputation, computation
+from faxbridge._src.dp import dp_adaptive_init, dp_adaptive_mean, dp_epsilon, dp_mean
+from faxbridge._src.drjax_frontend import from_drjax
+from faxbridge._src.errors import (
   ExportError,
   FaxbridgeError,
   PlacementError,
@@ -22,12 +21,13 @@ from faxbridge.errors import (
   UnsupportedPrimitiveError,
   VerificationError,
 )
-from faxbridge.export import export
-from faxbridge.form import FederatedForm
-from faxbridge.iterative import IterativeProcess
-from faxbridge.placements import CLIENTS, SERVER, Placement
-from faxbridge.split import split
-from faxbridge.verify import verify
+from faxbridge._src.execution import execution_strategy
+from faxbridge._src.export import export
+from faxbridge._src.form import FederatedForm
+from faxbridge._src.iterative import IterativeProcess
+from faxbridge._src.placements import CLIENTS, SERVER, Placement
+from faxbridge._src.split import split
+from faxbridge._src.verify import verify
 
 __version__ = "0.1.0"
 

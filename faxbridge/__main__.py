@@ -2,6 +2,6 @@
 
 import sys
 
-from faxbridge.cli import main
+from faxbridge._src.cli import main
 
 sys.exit(main())

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent))
 
 import faxbridge as fb  # noqa: E402
-from faxbridge.iterative import IterativeProcess  # noqa: E402
+from faxbridge._src.iterative import IterativeProcess  # noqa: E402
 
 ROUNDS = 5
 # DiLoCo's inner AdamW steps amplify the kernels' rounding from round to round: after 5 rounds
@@ -76,8 +76,8 @@ def export_fixture(name: str, out_root: Path, target: str) -> Path:
 
 
 def regenerate(out_root: Path = ROOT) -> None:
-  from faxbridge.export import read_manifest
-  from faxbridge.verify import _blocks
+  from faxbridge._src.export import read_manifest
+  from faxbridge._src.verify import _blocks
 
   for name, spec in PROGRAMS.items():
     program, args = load(spec)

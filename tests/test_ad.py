@@ -13,7 +13,7 @@ from jax.extend import core as jcore
 from jax.test_util import check_grads
 
 import faxbridge as fb
-from faxbridge import primitives as P
+from faxbridge._src import primitives as P
 
 N = 4
 RNG = np.random.default_rng(0)

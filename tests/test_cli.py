@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import faxbridge as fb
-from faxbridge.export import read_manifest, sha256
+from faxbridge._src.export import read_manifest, sha256
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = REPO / "tests"
@@ -118,12 +118,12 @@ USAGE_CASES = {
 }
 
 
-# One interpreter runs every case through faxbridge.cli.main as `python -m faxbridge` would (exit
+# One interpreter runs every case through faxbridge._src.cli.main as `python -m faxbridge` would (exit
 # codes from SystemExit, anything uncaught printed as Python prints it): a fresh interpreter per
 # case imports JAX each time, which the quick suite cannot afford; the slow suite does that too.
 DRIVER = """
 import contextlib, io, json, os, sys, traceback
-from faxbridge.cli import main
+from faxbridge._src.cli import main
 cases, results = json.loads(sys.argv[1]), {}
 for name, (cwd, argv, *env) in cases.items():
   os.chdir(cwd)
@@ -334,7 +334,7 @@ def _runtime_lines(out: str) -> dict[tuple[str, str], str]:
 def test_targets_lists_every_target_with_its_runtimes_and_whether_they_are_installed(user_runs):
   import importlib.util
 
-  from faxbridge import registry
+  from faxbridge._src import registry
 
   _, runs = user_runs
   out = runs["targets"][1]
@@ -520,7 +520,7 @@ def test_tensorflow_and_absl_logs_are_hidden_unless_verbose(tmp_path):
 
 
 def _help_examples() -> list[str]:
-  from faxbridge import cli
+  from faxbridge._src import cli
 
   lines = cli.__doc__.split("examples (from the repository root):\n", 1)[1].splitlines()
   return [line.strip() for line in lines if line.startswith("  faxbridge ")]

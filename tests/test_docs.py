@@ -201,8 +201,8 @@ def test_relative_links_resolve():
 
 
 # -- docstrings -----------------------------------------------------------------------------------
-DOCTEST_MODULES = ["faxbridge.api", "faxbridge.computation", "faxbridge.iterative",
-                   "faxbridge.export", "faxbridge.verify"]
+DOCTEST_MODULES = ["faxbridge._src.api", "faxbridge._src.computation", "faxbridge._src.iterative",
+                   "faxbridge._src.export", "faxbridge._src.verify"]
 
 
 @pytest.mark.parametrize("module", DOCTEST_MODULES)

@@ -1,4 +1,4 @@
-"""faxbridge/dp.py: the clipped mean against numpy, the noise's distribution and replay, adaptive
+"""faxbridge/_src/dp.py: the clipped mean against numpy, the noise's distribution and replay, adaptive
 clipping against the paper's update written in numpy, epsilon against dp-accounting called
 directly, the split (clipping on clients, noise on the server), inspect's DP lines, and (slow)
 exports replayed on TFF, IREE, LiteRT and jax with the same noise."""
@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 import faxbridge as fb
-from faxbridge import _report
-from faxbridge.dp import adaptive_noise_multipliers, form_mechanisms
+from faxbridge._src import render
+from faxbridge._src.dp import adaptive_noise_multipliers, form_mechanisms
 
 RNG = np.random.default_rng(7)
 KEY = np.asarray([3, 11], np.uint32)
@@ -203,7 +203,7 @@ _RANDOM = {"random_bits", "random_split", "random_wrap", "random_unwrap", "three
 
 
 def _primitive_names(jaxpr) -> set[str]:
-  from faxbridge.dp import _eqns
+  from faxbridge._src.dp import _eqns
 
   return {e.primitive.name for e in _eqns(jaxpr.jaxpr)}
 
@@ -225,21 +225,21 @@ def test_split_clips_in_client_work_and_draws_noise_only_on_the_server(comp, arg
 
 
 def test_inspect_text_shows_the_dp_parameters():
-  static = _report.form_text(fb.split(noised_mean, _updates(8), KEY), "noised")
+  static = render.form_text(fb.split(noised_mean, _updates(8), KEY), "noised")
   assert "differential privacy: gaussian mechanism" in static
   assert "clip norm: 2\n" in static and "noise multiplier: 0.8\n" in static
   assert "noise (server only): stage0_server_prepare" in static
-  text = _report.form_text(fb.split(adaptive, _updates(8), fb.dp_adaptive_init(1.0), KEY), "a")
+  text = render.form_text(fb.split(adaptive, _updates(8), fb.dp_adaptive_init(1.0), KEY), "a")
   assert "clip norm: server state (adapted each round)" in text
   assert "update sum's noise multiplier: 1.0328" in text  # (1 - 1/16)^-1/2
   assert "clipped count's noise stddev: 2\n" in text
   import xml.etree.ElementTree as ET
 
-  page = _report.round_html({"next": fb.split(adaptive, _updates(8), fb.dp_adaptive_init(1.0),
+  page = render.round_html({"next": fb.split(adaptive, _updates(8), fb.dp_adaptive_init(1.0),
                                               KEY)}, "dp")
   ET.fromstring(page.split("\n", 1)[1])  # still well-formed XHTML
   assert "clip norm: server state (adapted each round)" in page
-  plain = _report.form_text(fb.split(fb.computation(fb.mean, in_placements=(fb.CLIENTS,)),
+  plain = render.form_text(fb.split(fb.computation(fb.mean, in_placements=(fb.CLIENTS,)),
                                      np.ones((3, 2), np.float32)), "plain")
   assert "differential privacy" not in plain
 
@@ -314,7 +314,7 @@ def test_dp_fedavg_process_round_trips_with_the_same_noise_on_every_runtime(tmp_
 def test_docstring_examples_run():
   import doctest
 
-  import faxbridge.dp
+  import faxbridge._src.dp
 
-  result = doctest.testmod(faxbridge.dp, extraglobs={"fb": fb, "np": np}, report=True)
+  result = doctest.testmod(faxbridge._src.dp, extraglobs={"fb": fb, "np": np}, report=True)
   assert result.attempted >= 6 and result.failed == 0, result

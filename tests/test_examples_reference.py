@@ -9,7 +9,7 @@ iterative process as a Python loop feeding its state back. Only the plain-JAX mo
 ``examples/_mlp.py`` are shared (the loss and the initial parameters); nothing here calls ``fb.*``
 or an example's ``fb.computation``.
 
-The runtime's outputs (``faxbridge.verify.run_on_runtime``, no native side) must equal the
+The runtime's outputs (``faxbridge._src.verify.run_on_runtime``, no native side) must equal the
 reference elementwise within ``1e-6 + 1e-5 * |reference|`` for floats, exactly for integers, with
 the reference's dtype and shape. The quick suite runs two programs on runtime ``jax`` (a fresh
 process); the slow suite runs every program on TFF, IREE and LiteRT. A negative check shows that a
@@ -31,7 +31,7 @@ import pytest
 
 import faxbridge as fb
 from examples import EXAMPLES, _mlp, _transformer
-from faxbridge.verify import run_on_runtime
+from faxbridge._src.verify import run_on_runtime
 
 RTOL, ATOL = 1e-5, 1e-6
 ROUNDS = 3  # rounds of each iterative process, every one compared

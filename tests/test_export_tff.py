@@ -20,7 +20,7 @@ from federated_language.proto import computation_pb2 as pb
 
 import faxbridge as fb
 from examples import EXAMPLES
-from faxbridge.export import read_manifest
+from faxbridge._src.export import read_manifest
 
 ROOT = Path(__file__).resolve().parent.parent
 

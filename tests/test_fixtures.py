@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from faxbridge._src.export import read_manifest
+from faxbridge._src.verify import ATOL, RTOL, check_files
 from faxbridge.converters.runtimes.tff import ComputationJob, run_computations
-from faxbridge.export import read_manifest
-from faxbridge.verify import ATOL, RTOL, check_files
 
 FIXTURES = Path(__file__).resolve().parent.parent / "interop_fixtures"
 NAMES = sorted(p.name for p in FIXTURES.iterdir() if (p / "fixture.json").exists())

@@ -268,7 +268,7 @@ def test_docs_page_and_docstring_examples_run(tmp_path, monkeypatch):
   import pathlib
   import re
 
-  import faxbridge._drjax
+  import faxbridge._src.drjax_frontend
 
   monkeypatch.chdir(tmp_path)
   page = pathlib.Path(__file__).resolve().parents[1] / "docs" / "drjax.md"
@@ -279,5 +279,5 @@ def test_docs_page_and_docstring_examples_run(tmp_path, monkeypatch):
     exec(compile("\n" * line + m[1], str(page), "exec"), {"__name__": "__docs__"})
     ran += 1
   assert ran >= 1
-  result = doctest.testmod(faxbridge._drjax, extraglobs={"fb": fb, "np": np, "drjax": drjax})
+  result = doctest.testmod(faxbridge._src.drjax_frontend, extraglobs={"fb": fb, "np": np, "drjax": drjax})
   assert result.attempted > 0 and result.failed == 0, result

@@ -31,7 +31,7 @@ import pytest
 from federated_programs import Program, generate, leaf_mismatch, mismatches, names, program
 
 import faxbridge as fb
-from faxbridge.verify import run_on_runtime
+from faxbridge._src.verify import run_on_runtime
 
 COUNT = int(os.environ.get("FAXBRIDGE_PROGRAMS", "50"))
 SEEDS = list(range(COUNT))

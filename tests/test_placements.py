@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import faxbridge as fb
-from faxbridge import placements
+from faxbridge._src import placements
 
 HERE = __file__
 S = np.float32(2.0)
@@ -275,7 +275,7 @@ def test_error_inside_library_code_names_the_users_line(assert_points_at):
 def test_enclosing_location_is_the_fallback():
   from jax._src import source_info_util
 
-  from faxbridge._source import describe, enclosing
+  from faxbridge._src.locations import describe, enclosing
 
   here = source_info_util.current()  # this test's frame: user code
   assert describe(None, here) == describe(here) != ""

@@ -20,10 +20,10 @@ from jax.extend import core as jcore
 
 import faxbridge as fb
 from examples import EXAMPLES
+from faxbridge._src.errors import ExportError, VerificationError
+from faxbridge._src.export import split_program
+from faxbridge._src.primitives import AGGREGATION_KINDS
 from faxbridge.converters import plan as fplan
-from faxbridge.errors import ExportError, VerificationError
-from faxbridge.export import split_program
-from faxbridge.primitives import AGGREGATION_KINDS
 
 SCHEMA = json.loads((pathlib.Path(__file__).parent.parent / "docs" / "plan.schema.json").read_text())
 VALIDATOR = jsonschema.Draft202012Validator(SCHEMA)

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import faxbridge as fb
-from faxbridge import primitives as P
+from faxbridge._src import primitives as P
 
 FLOATS = (np.float32,)
 INTS = (np.int32, np.int16, np.uint8, np.int8)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import faxbridge as fb
-from faxbridge.verify import run_on_runtime
+from faxbridge._src.verify import run_on_runtime
 
 X = np.arange(3.0, dtype=np.float32)
 S = np.float32(0.2)

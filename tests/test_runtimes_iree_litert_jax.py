@@ -15,12 +15,12 @@ import pytest
 
 import faxbridge as fb
 from examples import EXAMPLES, two_stage
+from faxbridge._src.errors import VerificationError
+from faxbridge._src.export import sha256
+from faxbridge._src.verify import compare
 from faxbridge.converters.runtimes import iree as iree_rt
 from faxbridge.converters.runtimes import jax_runner
 from faxbridge.converters.runtimes import litert as litert_rt
-from faxbridge.errors import VerificationError
-from faxbridge.export import sha256
-from faxbridge.verify import compare
 
 TARGET_OF = {"iree": "stablehlo", "jax": "stablehlo", "litert": "tflite"}
 ROUNDS = 3

@@ -14,9 +14,9 @@ from jax.extend.mlir.dialects import stablehlo as shlo
 
 import faxbridge as fb
 from examples import fedavg, two_stage
+from faxbridge._src.errors import ExportError
+from faxbridge._src.export import read_manifest
 from faxbridge.converters.stablehlo import export as sx
-from faxbridge.errors import ExportError
-from faxbridge.export import read_manifest
 
 
 @pytest.fixture(scope="module")

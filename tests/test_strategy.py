@@ -1,4 +1,4 @@
-"""Execution strategies of native runs (faxbridge/_strategy.py): a stream over clients with the
+"""Execution strategies of native runs (faxbridge/_src/execution.py): a stream over clients with the
 aggregations as accumulators equals vmap over all clients, and numpy, under every JAX transformation.
 
 Independent answers: numpy folds over clients (the generated programs' reference, and the
@@ -15,8 +15,8 @@ import pytest
 from federated_programs import generate, mismatches, program
 
 import faxbridge as fb
-from faxbridge import _strategy
-from faxbridge import primitives as P
+from faxbridge._src import execution
+from faxbridge._src import primitives as P
 
 STRATEGIES = ["vmap", "stream", ("stream", 3)]
 RNG = np.random.default_rng(7)
@@ -75,7 +75,7 @@ QUICK = _covering(2)
 def test_generated_programs_equal_numpy_under_each_strategy(seed, strategy):
   p = program(seed)
   with fb.execution_strategy(strategy):
-    assert p.computation.strategy_for(*p.args) in ("vmap", _strategy.validate(strategy))
+    assert p.computation.strategy_for(*p.args) in ("vmap", execution.validate(strategy))
     got = p.computation(*p.args)
   problems = mismatches(p.expected, got)
   assert not problems, f"seed {seed}, {strategy}:\n" + "\n".join(problems)
@@ -236,7 +236,7 @@ def test_maps_feeding_maps_and_casts_of_weights_stream_in_one_group():
 
   comp = _comp(chained, "stream", (fb.SERVER, fb.CLIENTS))
   jaxpr = comp.trace(S, X).jaxpr.jaxpr
-  groups, _ = _strategy._plan(jaxpr)
+  groups, _ = execution._plan(jaxpr)
   (group,) = groups.values()
   assert len(group.maps) == 3 and len(group.aggregations) == 2 and group.stacked == []
   _close(comp(S, X), (np.cos(S * X).mean(0), (S * X).sum(0)))
@@ -251,14 +251,14 @@ def test_outer_computation_streams_an_inner_one():
 # -- choosing a strategy ---------------------------------------------------------------------------
 def test_strategy_resolution_order_and_auto():
   comp = _comp(every_op, None)
-  assert comp.strategy_for(S, X, W) == ("stream", _strategy.CPU_BLOCK)  # auto, on CPU
+  assert comp.strategy_for(S, X, W) == ("stream", execution.CPU_BLOCK)  # auto, on CPU
   with fb.execution_strategy("vmap"):
     assert comp.strategy_for(S, X, W) == "vmap"
     with fb.execution_strategy(("stream", 4)):
       assert comp.strategy_for(S, X, W) == ("stream", 4)
     assert _comp(every_op, "stream").strategy_for(S, X, W) == ("stream", 1)  # its own wins
     _close(comp(S, X, W), every_op_numpy(S, X, W))
-  assert comp.strategy_for(S, X, W) == ("stream", _strategy.CPU_BLOCK)
+  assert comp.strategy_for(S, X, W) == ("stream", execution.CPU_BLOCK)
   no_map = fb.computation(fb.sum, in_placements=(fb.CLIENTS,))
   assert no_map.strategy_for(X) == "vmap"  # nothing per client to stream
 
@@ -283,7 +283,7 @@ class _FakeDevice:
 def test_auto_on_accelerators_vmaps_while_a_quarter_of_free_memory_holds_the_clients(monkeypatch):
   jaxpr = fb.computation(_round, in_placements=(fb.SERVER, fb.CLIENTS)).trace(
       np.ones((32, 256), np.float32), np.ones((64, 64, 32), np.float32)).jaxpr.jaxpr
-  per_client = _strategy.per_client_bytes(jaxpr)
+  per_client = execution.per_client_bytes(jaxpr)
   assert per_client >= 64 * 256 * 4  # at least the client's activations
   for free, clients, devices, want in [
       (4 * per_client * 1000, 1000, 1, "vmap"),
@@ -294,7 +294,7 @@ def test_auto_on_accelerators_vmaps_while_a_quarter_of_free_memory_holds_the_cli
       (None, 5000, 1, "vmap"),  # no memory statistics: as before strategies existed
   ]:
     monkeypatch.setattr(jax, "devices", lambda free=free: [_FakeDevice("gpu", free)])
-    assert _strategy.resolve("auto", jaxpr, clients, devices) == want, (free, clients, devices)
+    assert execution.resolve("auto", jaxpr, clients, devices) == want, (free, clients, devices)
   monkeypatch.setattr(jax, "devices", lambda: [_FakeDevice("cpu", None)])
-  assert _strategy.resolve("auto", jaxpr, 5, 1) == ("stream", _strategy.CPU_BLOCK)
-  assert _strategy.resolve(("stream", 3), jaxpr, 5, 1) == ("stream", 3)  # explicit: as given
+  assert execution.resolve("auto", jaxpr, 5, 1) == ("stream", execution.CPU_BLOCK)
+  assert execution.resolve(("stream", 3), jaxpr, 5, 1) == ("stream", 3)  # explicit: as given

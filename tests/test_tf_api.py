@@ -13,7 +13,7 @@ from tensorflow.python.framework import op_def_registry
 from tf_programs import assert_close, mlp, mlp_params
 
 import faxbridge.converters.tf as fbtf
-from faxbridge.errors import ExportError, UnsupportedPrimitiveError
+from faxbridge._src.errors import ExportError, UnsupportedPrimitiveError
 
 
 def test_names_are_flattened_pytree_paths():

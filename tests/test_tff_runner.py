@@ -20,9 +20,9 @@ import tensorflow as tf
 import tff_testing as tt
 
 import faxbridge as fb
+from faxbridge._src.errors import VerificationError
 from faxbridge.converters.runtimes import tff as rt
 from faxbridge.converters.runtimes.tff import launch
-from faxbridge.errors import VerificationError
 
 RTOL, ATOL = 1e-5, 1e-6
 

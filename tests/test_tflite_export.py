@@ -18,9 +18,9 @@ from tf_programs import assert_close
 
 import faxbridge as fb
 from examples import fedavg, two_stage
+from faxbridge._src.errors import ExportError
+from faxbridge._src.export import read_manifest
 from faxbridge.converters.tflite import export as tx
-from faxbridge.errors import ExportError
-from faxbridge.export import read_manifest
 
 # Op names the LiteRT runtime exposes for kernels outside the builtin set.
 NON_BUILTIN = ("FLEX", "CUSTOM", "DELEGATE")

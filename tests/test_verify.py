@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 import faxbridge as fb
-from faxbridge.errors import ExportError, VerificationError
-from faxbridge.registry import RuntimeResult
+from faxbridge._src.errors import ExportError, VerificationError
+from faxbridge._src.registry import RuntimeResult
 
-fv = importlib.import_module("faxbridge.verify")  # the module: fb.verify is the function
+fv = importlib.import_module("faxbridge._src.verify")  # the module: fb.verify is the function
 
 
 # --- compare: every way an output can be wrong fails, and only those ----------------------------

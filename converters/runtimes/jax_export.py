@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
+from faxbridge._src.errors import VerificationError
+from faxbridge._src.registry import RuntimeResult
 from faxbridge.converters.plan import load_plan, pieces
 from faxbridge.converters.runtimes import jax_runner
-from faxbridge.errors import VerificationError
-from faxbridge.registry import RuntimeResult
 
 TIMEOUT_S = 600
 

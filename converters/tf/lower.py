@@ -19,8 +19,8 @@ import tensorflow as tf
 from jax import lax
 from jax.extend import core as jcore
 
-from faxbridge._source import describe, enclosing
-from faxbridge.errors import ExportError, FaxbridgeError, UnsupportedPrimitiveError
+from faxbridge._src.errors import ExportError, FaxbridgeError, UnsupportedPrimitiveError
+from faxbridge._src.locations import describe, enclosing
 
 from . import registry
 

@@ -11,7 +11,7 @@ and intrinsics: a lambda over one struct parameter, an element per positional ar
   aggregates = federated_{sum,mean,secure_sum_bitwidth,max,min}(<uploads of that kind>)
 
 and ``server_result`` is one more server ``federated_map``. The stages are walked by
-:func:`faxbridge.form.interpret`; each aggregation's intrinsic is its rule's ``tff``. Uploads of one
+:func:`faxbridge._src.form.interpret`; each aggregation's intrinsic is its rule's ``tff``. Uploads of one
 aggregation kind (and weight, or bitwidth) are aggregated as one struct, so a round has one
 intrinsic call per kind.
 
@@ -36,12 +36,12 @@ from typing import Any
 import federated_language as fl
 import jax
 
+from faxbridge._src.errors import ExportError
+from faxbridge._src.export import SplitProgram
+from faxbridge._src.form import Backend, FederatedForm, interpret
+from faxbridge._src.placements import CLIENTS, SERVER
 from faxbridge.converters.tff import local
 from faxbridge.converters.tff.local import LOCAL_FORMS, nest, struct_type_of
-from faxbridge.errors import ExportError
-from faxbridge.export import SplitProgram
-from faxbridge.form import Backend, FederatedForm, interpret
-from faxbridge.placements import CLIENTS, SERVER
 
 # -- the federated computation of a form ---------------------------------------------------------
 _PLACEMENT = {SERVER: fl.SERVER, CLIENTS: fl.CLIENTS}

@@ -28,9 +28,9 @@ from typing import Any
 
 import numpy as np
 
-from faxbridge._source import describe
+from faxbridge._src.errors import ExportError, FaxbridgeError
+from faxbridge._src.locations import describe
 from faxbridge.converters import plan as fplan
-from faxbridge.errors import ExportError, FaxbridgeError
 
 LOWERINGS = ("tf", "jax2tf")
 

@@ -7,8 +7,8 @@ import string
 
 from jax.extend import core as jcore
 
-from faxbridge.placements import CLIENTS
-from faxbridge.primitives import FEDERATED_PRIMITIVES, map_p, secure_sum_p
+from faxbridge._src.placements import CLIENTS
+from faxbridge._src.primitives import FEDERATED_PRIMITIVES, map_p, secure_sum_p
 
 
 def _names():

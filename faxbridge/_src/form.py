@@ -7,7 +7,7 @@ A round trip between server and clients is a *stage*. For stage ``k``:
 * ``client_work``: one client's data, the broadcast values and what the client kept from earlier
   stages -> (values to upload, values kept for later stages);
 * aggregations: each uploaded leaf is combined over clients by its rule
-  (:data:`faxbridge.primitives.AGGREGATION_KINDS`) and joins the server values.
+  (:data:`faxbridge._src.primitives.AGGREGATION_KINDS`) and joins the server values.
 
 After the last stage ``server_result`` maps the server values to the outputs. Every value that
 crosses a piece boundary has one name, unique in the form by construction (:class:`Names`); the
@@ -29,8 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from faxbridge.placements import CLIENTS, SERVER, Placement
-from faxbridge.primitives import AGGREGATION_KINDS, AggregationRule
+from faxbridge._src.placements import CLIENTS, SERVER, Placement
+from faxbridge._src.primitives import AGGREGATION_KINDS, AggregationRule
 
 LeafPath = list  # a leaf's struct steps: dict keys and attributes by name, sequence items by index
 

@@ -37,11 +37,11 @@ import jax
 import jax.numpy as jnp
 from jax._src import source_info_util
 
-from faxbridge import api
-from faxbridge._source import traceback_location
-from faxbridge.computation import Computation
-from faxbridge.errors import PlacementError, TraceError
-from faxbridge.placements import CLIENTS, SERVER, Placement
+from faxbridge._src import api
+from faxbridge._src.computation import Computation
+from faxbridge._src.errors import PlacementError, TraceError
+from faxbridge._src.locations import traceback_location
+from faxbridge._src.placements import CLIENTS, SERVER, Placement
 
 PyTree = Any
 

@@ -7,7 +7,8 @@ import traceback
 
 from jax._src import source_info_util
 
-_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# faxbridge/_src/locations.py -> the checkout (or site-packages) holding faxbridge/ and converters/.
+_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Frames inside these folders are ours or JAX's, never the line a user wants to see.
 _INTERNAL_DIRS = tuple(
     os.path.join(_PACKAGE_ROOT, d) + os.sep for d in ("faxbridge", "converters")

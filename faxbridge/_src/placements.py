@@ -1,14 +1,14 @@
 """Placements (SERVER, CLIENTS) and placement inference over a jaxpr.
 
 A federated computation's jaxpr is ordinary JAX plus the federated primitives of
-``faxbridge.primitives``. Placement inference walks it once, from the placements of the inputs:
+``faxbridge._src.primitives``. Placement inference walks it once, from the placements of the inputs:
 
 * ``broadcast``: SERVER -> CLIENTS; ``map``: CLIENTS... -> CLIENTS;
 * aggregations (``sum``, ``mean``, ``weighted_mean``, ``secure_sum``, ``max``, ``min``): CLIENTS -> SERVER;
 * call-like primitives (``jit``, ``custom_jvp_call``...) are entered, so placements flow through them;
 * every other JAX primitive is server work: it may only see SERVER values.
 
-Anything else is a :class:`~faxbridge.errors.PlacementError` naming the user's ``file:line``.
+Anything else is a :class:`~faxbridge._src.errors.PlacementError` naming the user's ``file:line``.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from typing import Any
 from jax.extend import core as jcore
 from jax.extend.core import primitives as jprims
 
-from faxbridge._source import describe, enclosing
-from faxbridge.errors import PlacementError
+from faxbridge._src.errors import PlacementError
+from faxbridge._src.locations import describe, enclosing
 
 
 class Placement(enum.Enum):
@@ -52,7 +52,7 @@ _CALL_LIKE: dict[jcore.Primitive, str] = {
 # Primitives that only annotate a value (its layout on devices), at any placement.
 PLACEMENT_PRESERVING = frozenset({jprims.sharding_constraint_p, jprims.copy_p, jprims.device_put_p})
 
-# primitive -> rule(eqn, in_placements) -> out_placements. Filled by faxbridge.primitives.
+# primitive -> rule(eqn, in_placements) -> out_placements. Filled by faxbridge._src.primitives.
 RULES: dict[jcore.Primitive, Callable[[Any, Sequence[Placement]], list[Placement]]] = {}
 
 

@@ -39,8 +39,8 @@ from typing import Any
 
 import numpy as np
 
-from faxbridge import registry
-from faxbridge.errors import FaxbridgeError
+from faxbridge._src import registry
+from faxbridge._src.errors import FaxbridgeError
 
 
 class UsageError(Exception):
@@ -65,8 +65,8 @@ def _at_least_one(text: str) -> int:
 
 
 def _load(spec: str, inputs_fn: str) -> tuple[Any, tuple]:
-  from faxbridge.computation import Computation
-  from faxbridge.iterative import IterativeProcess
+  from faxbridge._src.computation import Computation
+  from faxbridge._src.iterative import IterativeProcess
 
   module_name, _, attr = spec.partition(":")
   if not module_name or not attr:
@@ -127,8 +127,8 @@ def _read_npz(path: str) -> dict[str, np.ndarray]:
 def _save_inputs(path: Path, out_dir: Path, args: tuple) -> None:
   import jax
 
-  from faxbridge.export import read_manifest
-  from faxbridge.verify import _blocks
+  from faxbridge._src.export import read_manifest
+  from faxbridge._src.verify import _blocks
 
   block, _ = _blocks(read_manifest(out_dir))
   leaves = jax.tree.leaves(args)
@@ -286,7 +286,7 @@ _TARGET_STEPS = {  # module, function, what one call of it means (one per piece)
 
 def cmd_export(ns: argparse.Namespace) -> int:
   import faxbridge as fb
-  from faxbridge import _report
+  from faxbridge._src import render
 
   # Before the program is imported and traced: the cheap mistakes first.
   if Path(ns.output).exists() and not ns.force:
@@ -311,27 +311,27 @@ def cmd_export(ns: argparse.Namespace) -> int:
     import tensorflow  # noqa: F401
   with contextlib.ExitStack() as stack:
     stack.enter_context(progress.watch(
-        "faxbridge.export", "split_program",
+        "faxbridge._src.export", "split_program",
         lambda p, *a, **k: f"tracing and splitting {getattr(p, '__name__', p)}"))
     stack.enter_context(progress.watch(*_TARGET_STEPS[ns.target]))
     stack.enter_context(progress.watch(
-        "faxbridge.export", "_native", lambda *a, **k: "serializing the native reference"))
+        "faxbridge._src.export", "_native", lambda *a, **k: "serializing the native reference"))
     out = fb.export(program, *args, target=ns.target, out_dir=ns.output, force=ns.force,
                     **options)
   seconds = time.perf_counter() - start
   print(f"exported {ns.program} to {out} ({ns.target}) in {seconds:.1f} s\n")
-  print(_report.files_summary(out))
+  print(render.files_summary(out))
   if ns.save_inputs is not None:
     path = Path(ns.save_inputs) if ns.save_inputs else _sidecar(out)
     _save_inputs(path, out, args)
-    print(f"\nexample inputs: {path} ({_report.size_text(path.stat().st_size)})")
+    print(f"\nexample inputs: {path} ({render.size_text(path.stat().st_size)})")
   return 0
 
 
 def cmd_verify(ns: argparse.Namespace) -> int:
   import faxbridge as fb
-  from faxbridge import _report
-  from faxbridge.verify import read_export_manifest
+  from faxbridge._src import render
+  from faxbridge._src.verify import read_export_manifest
 
   progress = ns.progress
   export_dir = Path(ns.dir)
@@ -357,37 +357,37 @@ def cmd_verify(ns: argparse.Namespace) -> int:
   start = time.perf_counter()
   with contextlib.ExitStack() as stack:
     stack.enter_context(progress.watch(
-        "faxbridge.verify", "check_files",
+        "faxbridge._src.verify", "check_files",
         lambda d, m: f"checking {len(m.get('files', {}))} files against the manifest's sha256"))
     stack.enter_context(progress.watch(
-        "faxbridge.verify", "_check_native_shapes", lambda *a: f"running on {ns.runtime}"))
+        "faxbridge._src.verify", "_check_native_shapes", lambda *a: f"running on {ns.runtime}"))
     stack.enter_context(progress.watch(
         "faxbridge.converters.runtimes.tff.client", "invoke",
         lambda *a, **k: "starting TFF 0.87 in .venv-tff (rounds run there)"))
     stack.enter_context(progress.rounds("faxbridge.converters.plan", ns.runtime))
     stack.enter_context(progress.watch(
-        "faxbridge.verify", "native_outputs", lambda *a, **k: "running natively (XLA)"))
-    stack.enter_context(progress.rounds("faxbridge.verify", "native"))
+        "faxbridge._src.verify", "native_outputs", lambda *a, **k: "running natively (XLA)"))
+    stack.enter_context(progress.rounds("faxbridge._src.verify", "native"))
     report = fb.verify(export_dir, *args, runtime=ns.runtime, inputs=inputs, rounds=ns.rounds)
   seconds = time.perf_counter() - start
-  labels = _report.output_labels(manifest)
+  labels = render.output_labels(manifest)
   print(f"{report.export_dir} on {report.runtime}\n")
-  print(_report.verify_table(report, labels))
-  print(f"\n{_report.verdict(report, seconds, labels)}")
+  print(render.verify_table(report, labels))
+  print(f"\n{render.verdict(report, seconds, labels)}")
   return 0 if report.ok else 1
 
 
 def _forms(program: Any, args: tuple) -> dict:
   """The federated forms of a program, as export splits it: ``computation``, or ``initialize``
   and ``next``."""
-  from faxbridge.export import split_program
+  from faxbridge._src.export import split_program
 
   return split_program(program, args).forms
 
 
 def cmd_inspect(ns: argparse.Namespace) -> int:
-  from faxbridge import _report
-  from faxbridge.iterative import IterativeProcess
+  from faxbridge._src import render
+  from faxbridge._src.iterative import IterativeProcess
 
   progress = ns.progress
   progress(f"importing {ns.program}")
@@ -399,11 +399,11 @@ def cmd_inspect(ns: argparse.Namespace) -> int:
     full = (program.state_spec(), *args) if isinstance(program, IterativeProcess) else args
     traced = comp.trace(*full)
     form = forms["next" if isinstance(program, IterativeProcess) else "computation"]
-    print(f"{traced.pretty()}\n{_report.jaxpr_legend(traced, form)}\n")
-  print("\n\n".join(_report.form_text(form, f"{ns.program} {name}" if len(forms) > 1
+    print(f"{traced.pretty()}\n{render.jaxpr_legend(traced, form)}\n")
+  print("\n\n".join(render.form_text(form, f"{ns.program} {name}" if len(forms) > 1
                                       else ns.program) for name, form in forms.items()))
   if ns.html:
-    Path(ns.html).write_text(_report.round_html(forms, f"faxbridge inspect {ns.program}"))
+    Path(ns.html).write_text(render.round_html(forms, f"faxbridge inspect {ns.program}"))
     print(f"\nthe round drawn: {ns.html}")
   return 0
 
@@ -415,8 +415,8 @@ _RUNTIME_MODULES = {"iree": ("iree.compiler", "iree.runtime"), "litert": ("ai_ed
 def _installed(runtime: str) -> tuple[bool, str]:
   """Whether ``runtime`` can run here, and where it runs or what is missing."""
   if runtime == "tff":
+    from faxbridge._src.errors import VerificationError
     from faxbridge.converters.runtimes.tff.launch import tff_python
-    from faxbridge.errors import VerificationError
 
     try:
       return True, str(tff_python())
@@ -456,8 +456,8 @@ def cmd_demo(ns: argparse.Namespace) -> int:
   """The main job on the bundled default example: FedAvg exported to TFF and proven on TFF 0.87."""
   import faxbridge as fb
   from examples import fedavg
-  from faxbridge import _report
-  from faxbridge.export import read_manifest
+  from faxbridge._src import render
+  from faxbridge._src.export import read_manifest
 
   progress = ns.progress
   out = Path(ns.output or tempfile.mkdtemp(prefix="faxbridge-demo-")) / "fedavg_tff"
@@ -469,18 +469,18 @@ def cmd_demo(ns: argparse.Namespace) -> int:
   with progress.watch(*_TARGET_STEPS["tff"]):
     fb.export(fedavg.process, data, target="tff", out_dir=out, force=True)
   print(f"exported examples.fedavg:process to {out} in {time.perf_counter() - start:.1f} s\n")
-  print(_report.files_summary(out))
+  print(render.files_summary(out))
   print(f"\nrunning {ns.rounds} rounds on TFF 0.87 and natively...")
   start = time.perf_counter()
   with contextlib.ExitStack() as stack:
     stack.enter_context(progress.watch(
         "faxbridge.converters.runtimes.tff.client", "invoke",
         lambda *a, **k: "starting TFF 0.87 in .venv-tff (rounds run there)"))
-    stack.enter_context(progress.rounds("faxbridge.verify", "native"))
+    stack.enter_context(progress.rounds("faxbridge._src.verify", "native"))
     report = fb.verify(out, data, runtime="tff", rounds=ns.rounds)
-  labels = _report.output_labels(read_manifest(out))
-  print(_report.verify_table(report, labels))
-  print(f"\n{_report.verdict(report, time.perf_counter() - start, labels)}")
+  labels = render.output_labels(read_manifest(out))
+  print(render.verify_table(report, labels))
+  print(f"\n{render.verdict(report, time.perf_counter() - start, labels)}")
   return 0 if report.ok else 1
 
 

@@ -14,12 +14,12 @@ import numpy as np
 from jax._src import source_info_util
 from jax.extend import core as jcore
 
-from faxbridge import _strategy, placements
-from faxbridge._source import describe, traceback_location
-from faxbridge._strategy import Strategy
-from faxbridge.api import federated_context, in_federated_trace
-from faxbridge.errors import PlacementError, TraceError
-from faxbridge.placements import CLIENTS, SERVER, Placement
+from faxbridge._src import execution, placements
+from faxbridge._src.api import federated_context, in_federated_trace
+from faxbridge._src.errors import PlacementError, TraceError
+from faxbridge._src.execution import Strategy
+from faxbridge._src.locations import describe, traceback_location
+from faxbridge._src.placements import CLIENTS, SERVER, Placement
 
 PyTree = Any
 
@@ -52,7 +52,7 @@ class TracedComputation:
 
   def pretty(self) -> str:
     """The jaxpr as text with the placement of every variable shown (``{f32[3]}@CLIENTS``)."""
-    from faxbridge._pretty import pretty_traced
+    from faxbridge._src.pretty import pretty_traced
 
     return pretty_traced(self)
 
@@ -94,7 +94,7 @@ class Computation:
   program, with CLIENTS values sharded over a mesh axis named ``clients`` when there is one, and
   its maps executed with the execution strategy in force (``strategy_for`` says which). It
   composes with JAX transformations (``jax.grad(comp)``, ``jax.vmap(comp)``), and is what
-  :func:`faxbridge.split`, :func:`faxbridge.export` and :class:`faxbridge.IterativeProcess` take.
+  :func:`faxbridge._src.split`, :func:`faxbridge._src.export` and :class:`faxbridge.IterativeProcess` take.
 
   Example:
     >>> @fb.computation(in_placements=(fb.SERVER, fb.CLIENTS))
@@ -123,7 +123,7 @@ class Computation:
     self.clients = clients
     self.in_placements = tuple(in_placements)
     self.mesh = mesh
-    self.strategy = None if strategy is None else _strategy.validate(strategy)
+    self.strategy = None if strategy is None else execution.validate(strategy)
     self._signatures: dict = {}
     # Name and docstring only: copying fn's __dict__ would copy another Computation's own `fn`
     # (fb.computation(jax.grad(comp))) over this one's.
@@ -215,13 +215,13 @@ class Computation:
     # Called while another federated computation is traced, this one's primitives must land in
     # that jaxpr as they are (for trace, split, export): no strategy then; nor for an export's
     # stored native program.
-    plain = in_federated_trace() or _strategy.forced_plain()
-    strategy = None if plain else _strategy.requested(self.strategy)
+    plain = in_federated_trace() or execution.forced_plain()
+    strategy = None if plain else execution.requested(self.strategy)
     key = (tree, tuple(map(_leaf_signature, leaves)), mesh, strategy)
     entry = self._signatures.get(key)
     if entry is None:
       traced = self._trace(args, mesh)
-      resolved = "vmap" if strategy is None else _strategy.resolve(
+      resolved = "vmap" if strategy is None else execution.resolve(
           strategy, traced.jaxpr.jaxpr, traced.clients, _clients_devices(mesh))
       if resolved == "vmap" or any(isinstance(c, jax.core.Tracer) for c in traced.jaxpr.consts):
         run = self._wrapped(traced.clients, mesh)
@@ -262,15 +262,15 @@ def _clients_devices(mesh) -> int:
 
 
 def _streamed(traced: TracedComputation, block: int, mesh) -> Callable:
-  """The traced computation run by the streaming interpreter (``faxbridge/_strategy.py``)."""
+  """The traced computation run by the streaming interpreter (``faxbridge/_src/execution.py``)."""
   sharded = None
   if _clients_devices(mesh) > 1:
     axis = lambda p: 0 if p is CLIENTS else None
-    sharded = _strategy._Mesh(mesh, tuple(map(axis, traced.in_placements)),
+    sharded = execution._Mesh(mesh, tuple(map(axis, traced.in_placements)),
                               tuple(map(axis, traced.out_placements)))
 
   def run(*args):
-    outs = _strategy.bind(traced.jaxpr, jax.tree.leaves(args), block, sharded)
+    outs = execution.bind(traced.jaxpr, jax.tree.leaves(args), block, sharded)
     return jax.tree.unflatten(traced.out_tree, outs)
 
   return run

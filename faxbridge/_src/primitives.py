@@ -30,10 +30,10 @@ from jax._src import source_info_util
 from jax.extend import core as jcore
 from jax.interpreters import ad, batching, mlir
 
-from faxbridge import placements
-from faxbridge._source import describe
-from faxbridge.errors import PlacementError
-from faxbridge.placements import CLIENTS, SERVER
+from faxbridge._src import placements
+from faxbridge._src.errors import PlacementError
+from faxbridge._src.locations import describe
+from faxbridge._src.placements import CLIENTS, SERVER
 
 __all__ = [
     "AGGREGATIONS",

@@ -26,11 +26,11 @@ from typing import Any
 import jax
 import numpy as np
 
-from faxbridge import registry
-from faxbridge.errors import VerificationError
-from faxbridge.export import read_manifest, sha256
-from faxbridge.form import run_program
-from faxbridge.registry import RuntimeResult
+from faxbridge._src import registry
+from faxbridge._src.errors import VerificationError
+from faxbridge._src.export import read_manifest, sha256
+from faxbridge._src.form import run_program
+from faxbridge._src.registry import RuntimeResult
 
 RTOL, ATOL = 1e-5, 1e-6
 

@@ -22,13 +22,13 @@ from typing import Any
 import jax
 import numpy as np
 
-from faxbridge import _strategy, registry
-from faxbridge._jax_export import export as export_without_locations
-from faxbridge.computation import Computation
-from faxbridge.errors import ExportError
-from faxbridge.form import FederatedForm, state_links
-from faxbridge.iterative import IterativeProcess
-from faxbridge.split import split
+from faxbridge._src import execution, registry
+from faxbridge._src.computation import Computation
+from faxbridge._src.errors import ExportError
+from faxbridge._src.form import FederatedForm, state_links
+from faxbridge._src.iterative import IterativeProcess
+from faxbridge._src.serialization import export as export_without_locations
+from faxbridge._src.split import split
 
 FORMAT_VERSION = 1
 
@@ -42,7 +42,7 @@ class SplitProgram:
   kind: str  # "computation" or "iterative_process"
   forms: dict[str, FederatedForm]
   native: dict[str, tuple[Computation, tuple]]  # computation name -> (computation, arg specs)
-  state: dict[str, list[dict[str, str]]] | None = None  # see faxbridge.form.state_links
+  state: dict[str, list[dict[str, str]]] | None = None  # see faxbridge._src.form.state_links
 
   def blocks(self) -> dict[str, dict]:
     """The manifest block of each computation: the leaves a caller passes and gets back (for
@@ -122,7 +122,7 @@ def _native(split: SplitProgram, out: Path) -> dict:
   """The computation itself, serialized with jax.export: what verify runs as the native side."""
   out.mkdir()
   for name, (comp, args) in split.native.items():
-    with _strategy.plain():  # the same program whatever the native execution strategy
+    with execution.plain():  # the same program whatever the native execution strategy
       exported = export_without_locations(comp, *args)
     (out / f"{name}.jax").write_bytes(exported.serialize())
   return {"native": {name: f"native/{name}.jax" for name in split.native}}
@@ -150,7 +150,7 @@ def export(
   written for ``target``: ``"tff"`` (a federated_language computation for TFF), ``"stablehlo"``
   (StableHLO and jax.export pieces + ``plan.json``, for IREE and jax) or ``"tflite"`` (a TFLite
   model per piece + ``plan.json``, for LiteRT). Every export also holds ``native/`` (the whole
-  computation as ``jax.export``, what :func:`faxbridge.verify` compares against) and
+  computation as ``jax.export``, what :func:`faxbridge._src.verify` compares against) and
   ``manifest.json`` (signature, versions, sha256 of every file); see docs/artifacts.md.
 
   For an :class:`IterativeProcess`, ``example_args`` are ``next``'s arguments after the state.

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jcore
 
-from faxbridge import api
+from faxbridge._src import api
 
 PyTree = Any
 

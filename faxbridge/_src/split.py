@@ -1,10 +1,10 @@
-"""Split a traced federated computation into its federated form (see :mod:`faxbridge.form`).
+"""Split a traced federated computation into its federated form (see :mod:`faxbridge._src.form`).
 
 Stage ``k`` holds the values that depend on exactly ``k`` earlier aggregations, so a broadcast
 that depends on an aggregate opens a new stage. Server equations of depth ``k`` go to stage ``k``'s
 ``server_prepare`` (or ``server_result`` after the last stage), per-client maps to its
-``client_work``, and each aggregation equation becomes an :class:`~faxbridge.form.Aggregation`
-read from :data:`faxbridge.primitives.AGGREGATIONS`.
+``client_work``, and each aggregation equation becomes an :class:`~faxbridge._src.form.Aggregation`
+read from :data:`faxbridge._src.primitives.AGGREGATIONS`.
 """
 
 from __future__ import annotations
@@ -18,23 +18,23 @@ from jax._src import debugging as jax_debugging
 from jax._src import source_info_util
 from jax.extend import core as jcore
 
-from faxbridge import placements
-from faxbridge._source import describe, enclosing
-from faxbridge.computation import Computation, TracedComputation
-from faxbridge.errors import ExportError
-from faxbridge.form import (
-    Aggregation,
-    Binding,
-    FederatedForm,
-    Names,
-    Piece,
-    Stage,
-    TensorSpec,
-    leaf_hint,
-    leaf_paths,
+from faxbridge._src import placements
+from faxbridge._src.computation import Computation, TracedComputation
+from faxbridge._src.errors import ExportError
+from faxbridge._src.form import (
+  Aggregation,
+  Binding,
+  FederatedForm,
+  Names,
+  Piece,
+  Stage,
+  TensorSpec,
+  leaf_hint,
+  leaf_paths,
 )
-from faxbridge.placements import CLIENTS, SERVER, Placement
-from faxbridge.primitives import AGGREGATIONS, broadcast_p, map_p
+from faxbridge._src.locations import describe, enclosing
+from faxbridge._src.placements import CLIENTS, SERVER, Placement
+from faxbridge._src.primitives import AGGREGATIONS, broadcast_p, map_p
 
 # Primitives that call back into Python cannot run on a client device or a TFF worker. JAX has no
 # public handle on them; keyed by the objects like every other table.

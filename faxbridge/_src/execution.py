@@ -7,7 +7,7 @@ small interpreter instead, at XLA lowering time:
 * an ``fb.map`` becomes a ``lax.scan`` over clients (``("stream", k)``: over blocks of ``k``
   clients, ``vmap`` inside a block, the ``n mod k`` remaining clients as one last block);
 * each aggregation of the map's outputs is fused into that scan as one accumulator in the
-  aggregation's own semantics (its :class:`~faxbridge.primitives.AggregationRule`: ``init``,
+  aggregation's own semantics (its :class:`~faxbridge._src.primitives.AggregationRule`: ``init``,
   ``accumulate``, ``finish``), so a value that only feeds aggregations is never stacked;
 * map outputs used otherwise (returned CLIENTS-placed, fed to another map) are stacked as the
   scan's outputs; ``fb.broadcast`` values are read by each client, never copied ``n`` times;
@@ -42,8 +42,8 @@ from jax.extend import core as jcore
 from jax.interpreters import ad, batching, mlir
 from jax.interpreters import partial_eval as pe
 
-from faxbridge import placements
-from faxbridge import primitives as P
+from faxbridge._src import placements
+from faxbridge._src import primitives as P
 
 Strategy = Any  # "auto" | "vmap" | "stream" | ("stream", k)
 

@@ -12,8 +12,8 @@ from typing import Any
 
 import jax
 
-from faxbridge.computation import Computation
-from faxbridge.placements import SERVER
+from faxbridge._src.computation import Computation
+from faxbridge._src.placements import SERVER
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,8 +22,8 @@ class IterativeProcess:
   next(state_t, *client_args)``.
 
   ``initialize`` takes no arguments; ``next``'s first argument is the SERVER-placed state, and it
-  returns the new state, or ``(state, metrics)``. :func:`faxbridge.export` writes both
-  computations and how the state feeds back; :func:`faxbridge.verify` runs ``rounds`` rounds.
+  returns the new state, or ``(state, metrics)``. :func:`faxbridge._src.export` writes both
+  computations and how the state feeds back; :func:`faxbridge._src.verify` runs ``rounds`` rounds.
 
   Example:
     >>> init = fb.computation(lambda: np.zeros(2, np.float32))

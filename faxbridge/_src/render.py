@@ -11,7 +11,7 @@ import html
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from faxbridge.form import Binding, FederatedForm, Stage, TensorSpec
+from faxbridge._src.form import Binding, FederatedForm, Stage, TensorSpec
 
 
 # --- names and sizes ----------------------------------------------------------------------------
@@ -93,7 +93,7 @@ def verify_table(report, labels: dict[str, str] | None = None) -> str:
   """Per output (and per extra result set, e.g. TFF's MapReduceForm rebuild): max abs and max rel
   error and pass/FAIL with the reason; then the runtime's notes. ``labels`` (see
   :func:`output_labels`) shows outputs by the user's names."""
-  from faxbridge.verify import ATOL, RTOL
+  from faxbridge._src.verify import ATOL, RTOL
 
   labels = labels or {}
 
@@ -194,7 +194,7 @@ _DP_LABELS = {"clip_norm": "clip norm", "noise_multiplier": "noise multiplier",
 def dp_lines(form: FederatedForm) -> list[str]:
   """The DP mechanisms of ``form`` (``fb.dp_mean``, ``fb.dp_adaptive_mean``): mechanism, clip norm
   (a number or server state), noise multiplier, and which pieces clip and which add the noise."""
-  from faxbridge.dp import form_mechanisms
+  from faxbridge._src.dp import form_mechanisms
 
   lines = []
   for d in form_mechanisms(form):
@@ -212,7 +212,7 @@ def dp_lines(form: FederatedForm) -> list[str]:
 def jaxpr_legend(traced, form: FederatedForm) -> str:
   """Which letter of ``traced.pretty()`` is which of the user's inputs (``a = params['b1']``):
   the printer names constants first, then the inputs in leaf order, as the form lists them."""
-  from faxbridge._pretty import _names
+  from faxbridge._src.pretty import _names
 
   names = _names()
   for _ in traced.jaxpr.jaxpr.constvars:

@@ -1,6 +1,6 @@
 """The federated operations a computation is written with. All take pytrees.
 
-Inside an :func:`faxbridge.computation`, SERVER values are ordinary arrays and CLIENTS values are
+Inside an :func:`faxbridge._src.computation`, SERVER values are ordinary arrays and CLIENTS values are
 arrays whose leading axis is the clients axis (size ``n``). These functions are the only way across
 the boundary; placement inference checks every use when the computation is traced.
 """
@@ -17,9 +17,9 @@ import jax
 import jax.numpy as jnp
 from jax._src import source_info_util
 
-from faxbridge import primitives as P
-from faxbridge._source import describe
-from faxbridge.errors import PlacementError
+from faxbridge._src import primitives as P
+from faxbridge._src.errors import PlacementError
+from faxbridge._src.locations import describe
 
 PyTree = Any
 
