@@ -24,11 +24,18 @@ from typing import Any
 
 import numpy as np
 
-from faxbridge._src.errors import ExportError, VerificationError
-from faxbridge._src.export import SplitProgram
-from faxbridge._src.form import FederatedForm, PerClientBackend, interpret, number_of_clients, run_program
-from faxbridge._src.placements import SERVER
+from faxbridge import SERVER
 from faxbridge._src.primitives import AGGREGATION_KINDS
+from faxbridge.extend import (
+  ExportError,
+  FederatedForm,
+  PerClientBackend,
+  SplitProgram,
+  VerificationError,
+  interpret,
+  number_of_clients,
+  run_program,
+)
 
 PLAN_VERSION = 1
 PLAN_FILE = "plan.json"

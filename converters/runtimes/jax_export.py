@@ -14,10 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from faxbridge._src.errors import VerificationError
-from faxbridge._src.registry import RuntimeResult
 from faxbridge.converters.plan import load_plan, pieces
 from faxbridge.converters.runtimes import jax_runner
+from faxbridge.extend import RuntimeResult, VerificationError
 
 TIMEOUT_S = 600
 

@@ -11,9 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from faxbridge._src.errors import VerificationError
-from faxbridge._src.registry import RuntimeResult
 from faxbridge.converters.plan import load_plan, pieces, run_plan
+from faxbridge.extend import RuntimeResult, VerificationError
 
 FORMAT = "tflite"
 

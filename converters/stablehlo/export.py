@@ -24,9 +24,8 @@ import jax
 from jax.extend import core as jcore
 from jax.extend.mlir.dialects import stablehlo as shlo
 
-from faxbridge._src.errors import ExportError
-from faxbridge._src.serialization import strip_locations
 from faxbridge.converters import plan as fplan
+from faxbridge.extend import ExportError, strip_locations
 
 _REQUIREMENTS = {"week_12": "WEEK_12", "week_4": "WEEK_4", "max": "MAX", "none": "NONE"}
 

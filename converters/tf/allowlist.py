@@ -10,7 +10,7 @@ from collections.abc import Iterable
 
 from tensorflow.core.framework import graph_pb2
 
-from faxbridge._src.errors import ExportError
+from faxbridge.extend import ExportError
 
 ALLOWED_OPS: frozenset[str] = frozenset({
     # graph plumbing

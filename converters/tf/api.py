@@ -13,7 +13,7 @@ from jax.extend import core as jcore
 from tensorflow.core.framework import graph_pb2
 from tensorflow.python.framework import op_def_registry
 
-from faxbridge._src.errors import ExportError
+from faxbridge.extend import ExportError
 
 from . import allowlist
 from .lower import Lowering, physical, tf_dtype

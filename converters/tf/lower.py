@@ -19,8 +19,7 @@ import tensorflow as tf
 from jax import lax
 from jax.extend import core as jcore
 
-from faxbridge._src.errors import ExportError, FaxbridgeError, UnsupportedPrimitiveError
-from faxbridge._src.locations import describe, enclosing
+from faxbridge.extend import ExportError, FaxbridgeError, UnsupportedPrimitiveError, describe, enclosing
 
 from . import registry
 

@@ -36,12 +36,10 @@ from typing import Any
 import federated_language as fl
 import jax
 
-from faxbridge._src.errors import ExportError
-from faxbridge._src.export import SplitProgram
-from faxbridge._src.form import Backend, FederatedForm, interpret
-from faxbridge._src.placements import CLIENTS, SERVER
+from faxbridge import CLIENTS, SERVER
 from faxbridge.converters.tff import local
 from faxbridge.converters.tff.local import LOCAL_FORMS, nest, struct_type_of
+from faxbridge.extend import Backend, ExportError, FederatedForm, SplitProgram, interpret
 
 # -- the federated computation of a form ---------------------------------------------------------
 _PLACEMENT = {SERVER: fl.SERVER, CLIENTS: fl.CLIENTS}

@@ -23,7 +23,7 @@ import numpy as np
 from federated_language.proto import computation_pb2 as pb
 from google.protobuf import any_pb2
 
-from faxbridge._src.form import Piece, TensorSpec
+from faxbridge.extend import Piece, TensorSpec
 
 LOCAL_FORMS = ("tensorflow", "xla")
 

@@ -28,9 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from faxbridge._src.errors import ExportError, FaxbridgeError
-from faxbridge._src.locations import describe
 from faxbridge.converters import plan as fplan
+from faxbridge.extend import ExportError, FaxbridgeError, describe
 
 LOWERINGS = ("tf", "jax2tf")
 

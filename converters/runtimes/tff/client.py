@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from faxbridge._src.errors import VerificationError
+from faxbridge.extend import VerificationError
 
 from .launch import DEFAULT_TIMEOUT_S, Completed, invoke, job_error, load_npz, save_npz
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from faxbridge._src.errors import VerificationError
+from faxbridge.extend import VerificationError
 
 # The runner package, run by path (its __main__ puts this folder on sys.path, last).
 RUNNER = Path(__file__).resolve().with_name("tff_runner")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from faxbridge._src.registry import RuntimeResult
+from faxbridge.extend import RuntimeResult
 
 from .client import run_computation
 
