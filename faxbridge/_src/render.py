@@ -42,10 +42,11 @@ def size_text(n: int) -> str:
   """Bytes for people: ``848 B``, ``12.3 KiB``, ``4.0 MiB``."""
   if n < 1024:
     return f"{n} B"
+  scaled = float(n)
   for unit in ("KiB", "MiB", "GiB"):
-    n /= 1024
-    if n < 1024 or unit == "GiB":
-      return f"{n:.1f} {unit}"
+    scaled /= 1024
+    if scaled < 1024 or unit == "GiB":
+      return f"{scaled:.1f} {unit}"
   raise AssertionError("unreachable")
 
 

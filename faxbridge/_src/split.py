@@ -226,12 +226,11 @@ class _Splitter:
     order = [(k, r) for k in range(stages) for r in ("prepare", "broadcast", "client", "aggregate")]
     order.append((stages, "result"))
     # live_after[i]: variables read by anything after position i (final outputs count).
-    live_after, live = [], {v for v in final_outs if not isinstance(v, jcore.Literal)}
+    live = {v for v in final_outs if not isinstance(v, jcore.Literal)}
+    live_after: dict[tuple[int, str], set] = {}
     for key in reversed(order):
-      live_after.append(set(live))
+      live_after[key] = set(live)
       live |= set(uses(groups.get(key, [])))
-    live_after.reverse()
-    live_after = dict(zip(order, live_after))
 
     counters: dict[str, int] = {}
 
