@@ -134,9 +134,15 @@ def _bindings(form: FederatedForm, bindings: Sequence[Binding], output: bool) ->
            size_text(b.spec.nbytes), b.name) for b in bindings]
 
 
+def _kind_text(agg) -> str:
+  """The aggregation's kind with its params, as the jaxpr shows them: ``secure_sum[bitwidth=16]``."""
+  params = " ".join(f"{k}={v}" for k, v in agg.params.items())
+  return f"{agg.kind}[{params}]" if params else agg.kind
+
+
 def _aggregation_text(agg, labels: dict[str, str]) -> str:
   weight = f", weight {labels.get(agg.weight, agg.weight)}" if agg.weight else ""
-  return (f"{agg.kind}({labels.get(agg.value, agg.value)}{weight}) -> {agg.result.name} "
+  return (f"{_kind_text(agg)}({labels.get(agg.value, agg.value)}{weight}) -> {agg.result.name} "
           f"{shape_text(agg.result)}")
 
 
@@ -253,7 +259,7 @@ def round_svg(form: FederatedForm) -> str:
   for stage, traffic in zip(form.stages, form.bytes_per_client()):
     down = [f"{labels.get(s.name, s.name)} {shape_text(s)}" for s in _broadcast_specs(stage)]
     uploads = _upload_specs(stage)
-    up = [f"{agg.kind}: {labels.get(agg.value, agg.value)} "
+    up = [f"{_kind_text(agg)}: {labels.get(agg.value, agg.value)} "
           f"{shape_text(uploads[agg.value]) if agg.value in uploads else ''}".rstrip()
           + (f" w={labels.get(agg.weight, agg.weight)}" if agg.weight else "")
           for agg in stage.aggregations]
