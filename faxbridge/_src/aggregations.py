@@ -388,10 +388,11 @@ def _highest(dtype):
   return np.inf if jnp.issubdtype(dtype, jnp.inexact) else jnp.iinfo(dtype).max
 
 
-def _builtin(kind: str, reduce: Callable, stream: Stream, doc: str, **rules) -> jcore.Primitive:
-  return _define(kind, f"faxbridge_{kind}", reduce, stream, rules.pop("params", ()),
-                 rules.pop("weighted", False), rules.pop("jvp", None), rules.pop("transpose", None),
-                 doc)
+def _builtin(kind: str, reduce: Callable, stream: Stream, doc: str, *, params: tuple[str, ...] = (),
+             weighted: bool = False, jvp: Callable | None = None,
+             transpose: Callable | None = None) -> jcore.Primitive:
+  """A faxbridge aggregation: a bare kind, its primitive namespaced ``faxbridge_<kind>``."""
+  return _define(kind, f"faxbridge_{kind}", reduce, stream, params, weighted, jvp, transpose, doc)
 
 
 def _to_clients(ct, x):

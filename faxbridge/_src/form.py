@@ -155,7 +155,7 @@ class Aggregation:
   value: str
   result: TensorSpec
   weight: str | None = None
-  params: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  params: Mapping[str, Any] = dataclasses.field(default_factory=dict, hash=False)  # a dict: unhashable
   source_info: Any = dataclasses.field(default=None, compare=False, repr=False)
 
   def __post_init__(self):
