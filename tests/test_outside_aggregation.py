@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 import faxbridge as fb
-from faxbridge._src.render import form_text
+from faxbridge._src.render import form_text, round_html
 from faxbridge.converters.plan import check_plan
 from faxbridge.extend import (
   AGGREGATION_ENTRY_POINTS,
@@ -168,7 +168,8 @@ def test_split_carries_the_param_and_runs_against_numpy(clipagg):
   want = _want(_doubled(data))
   for k in want:
     np.testing.assert_allclose(got[k], want[k], rtol=1e-6, atol=1e-6, err_msg=k)
-  assert f"{KIND}[c={C}](" in form_text(form, "clipped")
+  assert f"{KIND}[c={C}](" in form_text(form, "clipped")  # inspect's text and page
+  assert f"{KIND}[c={C}](" in round_html({"computation": form}, "clipped")
   assert f"fb.{KIND}[c={C}]" in _computation(clipagg).trace(data).pretty()
 
 

@@ -429,10 +429,13 @@ def _extremum_jvp(prim, primals, tangents):
   return out, sum_p.bind(masked) / sum_p.bind(ties)
 
 
-max_p = _builtin("max", _max, _extreme_stream(jnp.max, jnp.maximum, jax.lax.pmax, _lowest),
-                 "max_i x_i, elementwise", jvp=lambda ps, ts: _extremum_jvp(max_p, ps, ts))
-min_p = _builtin("min", _min, _extreme_stream(jnp.min, jnp.minimum, jax.lax.pmin, _highest),
-                 "min_i x_i, elementwise", jvp=lambda ps, ts: _extremum_jvp(min_p, ps, ts))
+# (Annotated: each JVP refers to its own primitive.)
+max_p: jcore.Primitive = _builtin(
+    "max", _max, _extreme_stream(jnp.max, jnp.maximum, jax.lax.pmax, _lowest),
+    "max_i x_i, elementwise", jvp=lambda ps, ts: _extremum_jvp(max_p, ps, ts))
+min_p: jcore.Primitive = _builtin(
+    "min", _min, _extreme_stream(jnp.min, jnp.minimum, jax.lax.pmin, _highest),
+    "min_i x_i, elementwise", jvp=lambda ps, ts: _extremum_jvp(min_p, ps, ts))
 
 
 # weighted_mean: sum_i w_i x_i / sum_i w_i, w_i one scalar per client (w has shape (n, *B) for a
@@ -457,8 +460,9 @@ def _weighted_mean_jvp(primals, tangents):
   return out, numerator / _expand_weight(total_w, out)
 
 
-weighted_mean_p = _builtin("weighted_mean", _weighted_mean, _WEIGHTED_STREAM,
-                           "sum_i w_i x_i / sum_i w_i", weighted=True, jvp=_weighted_mean_jvp)
+weighted_mean_p: jcore.Primitive = _builtin(
+    "weighted_mean", _weighted_mean, _WEIGHTED_STREAM, "sum_i w_i x_i / sum_i w_i", weighted=True,
+    jvp=_weighted_mean_jvp)
 
 # The kinds faxbridge defines itself (plan.schema.json lists exactly these).
 BUILTIN_KINDS = frozenset(AGGREGATION_KINDS)

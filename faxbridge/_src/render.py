@@ -259,7 +259,7 @@ def round_svg(form: FederatedForm) -> str:
   for stage, traffic in zip(form.stages, form.bytes_per_client()):
     down = [f"{labels.get(s.name, s.name)} {shape_text(s)}" for s in _broadcast_specs(stage)]
     uploads = _upload_specs(stage)
-    up = [f"{_kind_text(agg)}: {labels.get(agg.value, agg.value)} "
+    up = [f"{agg.kind}: {labels.get(agg.value, agg.value)} "
           f"{shape_text(uploads[agg.value]) if agg.value in uploads else ''}".rstrip()
           + (f" w={labels.get(agg.weight, agg.weight)}" if agg.weight else "")
           for agg in stage.aggregations]
