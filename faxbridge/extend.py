@@ -12,11 +12,31 @@ The pieces a target reads:
 * the form's data model (:class:`Stage`, :class:`Piece`, :class:`TensorSpec`,
   :class:`Aggregation`) and its one interpreter (:func:`interpret` with a :class:`Backend`,
   :func:`run_program` for the rounds of an iterative process);
+* aggregations: :func:`define_aggregation` (an aggregation defined outside faxbridge, with its
+  :class:`Stream`), :func:`aggregate` (bind one from an ``fb.*``-style function),
+  :func:`aggregation_rule` (a rule by kind; kinds of installed packages are found through the
+  entry-point group :data:`AGGREGATION_ENTRY_POINTS`), and the built-in aggregation primitives
+  (``sum_p``, ``mean_p``, ``weighted_mean_p``, ``secure_sum_p``, ``max_p``, ``min_p``) a target's
+  own tables are keyed by;
 * the errors to raise (:class:`ExportError` while exporting, :class:`VerificationError` while
   running an export) and :func:`describe`, which turns an equation's ``source_info`` into the user's
   ``file:line``.
 """
 
+from faxbridge._src.aggregations import (
+  AGGREGATION_ENTRY_POINTS,
+  AggregationRule,
+  Stream,
+  aggregation_rule,
+  define_aggregation,
+  max_p,
+  mean_p,
+  min_p,
+  secure_sum_p,
+  sum_p,
+  weighted_mean_p,
+)
+from faxbridge._src.api import aggregate
 from faxbridge._src.errors import (
   ExportError,
   FaxbridgeError,
@@ -41,7 +61,9 @@ from faxbridge._src.registry import RuntimeResult
 from faxbridge._src.serialization import strip_locations
 
 __all__ = [
+    "AGGREGATION_ENTRY_POINTS",
     "Aggregation",
+    "AggregationRule",
     "Backend",
     "ExportError",
     "FaxbridgeError",
@@ -51,14 +73,24 @@ __all__ = [
     "RuntimeResult",
     "SplitProgram",
     "Stage",
+    "Stream",
     "TensorSpec",
     "UnsupportedPrimitiveError",
     "VerificationError",
+    "aggregate",
+    "aggregation_rule",
+    "define_aggregation",
     "describe",
     "enclosing",
     "interpret",
+    "max_p",
+    "mean_p",
+    "min_p",
     "number_of_clients",
     "read_manifest",
     "run_program",
+    "secure_sum_p",
     "strip_locations",
+    "sum_p",
+    "weighted_mean_p",
 ]

@@ -7,7 +7,7 @@ A round trip between server and clients is a *stage*. For stage ``k``:
 * ``client_work``: one client's data, the broadcast values and what the client kept from earlier
   stages -> (values to upload, values kept for later stages);
 * aggregations: each uploaded leaf is combined over clients by its rule
-  (:data:`faxbridge._src.primitives.AGGREGATION_KINDS`) and joins the server values.
+  (:func:`faxbridge._src.aggregations.aggregation_rule`) and joins the server values.
 
 After the last stage ``server_result`` maps the server values to the outputs. Every value that
 crosses a piece boundary has one name, unique in the form by construction (:class:`Names`); the
@@ -29,8 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from faxbridge._src.aggregations import AggregationRule, aggregation_rule
 from faxbridge._src.placements import CLIENTS, SERVER, Placement
-from faxbridge._src.primitives import AGGREGATION_KINDS, AggregationRule
 
 LeafPath = list  # a leaf's struct steps: dict keys and attributes by name, sequence items by index
 
@@ -144,34 +144,40 @@ class Piece:
 
 @dataclasses.dataclass(frozen=True)
 class Aggregation:
-  """How one uploaded leaf becomes a server value: ``result = rule(value [, weight])``."""
+  """How one uploaded leaf becomes a server value: ``result = rule(value [, weight]; params)``.
+
+  ``params`` are the aggregation primitive's parameters its rule declares (``bitwidth`` of a
+  ``secure_sum``), JSON scalars sorted by name; ``source_info`` is the equation's (the user's
+  ``file:line`` for errors), kept out of comparisons and JSON.
+  """
 
   kind: str
   value: str
   result: TensorSpec
   weight: str | None = None
-  bitwidth: int | None = None
+  params: Mapping[str, Any] = dataclasses.field(default_factory=dict, hash=False)  # a dict: unhashable
+  source_info: Any = dataclasses.field(default=None, compare=False, repr=False)
+
+  def __post_init__(self):
+    object.__setattr__(self, "params", dict(sorted(self.params.items())))
 
   @property
   def rule(self) -> AggregationRule:
-    return AGGREGATION_KINDS[self.kind]
-
-  @property
-  def params(self) -> dict[str, Any]:
-    return {} if self.bitwidth is None else {"bitwidth": self.bitwidth}
+    """The rule of this kind (an installed package's, loaded on first use: see aggregation_rule)."""
+    return aggregation_rule(self.kind)
 
   def to_json(self) -> dict:
     out = {"kind": self.kind, "value": self.value, "result": self.result.to_json()}
     if self.weight is not None:
       out["weight"] = self.weight
-    if self.bitwidth is not None:
-      out["bitwidth"] = self.bitwidth
+    if self.params:
+      out["params"] = dict(self.params)
     return out
 
   @classmethod
   def from_json(cls, d: Mapping) -> Aggregation:
     return cls(d["kind"], d["value"], TensorSpec.from_json(d["result"]), d.get("weight"),
-               d.get("bitwidth"))
+               d.get("params", {}))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,7 +4,7 @@ Stage ``k`` holds the values that depend on exactly ``k`` earlier aggregations, 
 that depends on an aggregate opens a new stage. Server equations of depth ``k`` go to stage ``k``'s
 ``server_prepare`` (or ``server_result`` after the last stage), per-client maps to its
 ``client_work``, and each aggregation equation becomes an :class:`~faxbridge._src.form.Aggregation`
-read from :data:`faxbridge._src.primitives.AGGREGATIONS`.
+read from :data:`faxbridge._src.aggregations.AGGREGATIONS`: its kind and the params its rule declares.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from jax._src import source_info_util
 from jax.extend import core as jcore
 
 from faxbridge._src import placements
+from faxbridge._src.aggregations import AGGREGATIONS
 from faxbridge._src.computation import Computation, TracedComputation
 from faxbridge._src.errors import ExportError
 from faxbridge._src.form import (
@@ -34,7 +35,7 @@ from faxbridge._src.form import (
 )
 from faxbridge._src.locations import describe, enclosing
 from faxbridge._src.placements import CLIENTS, SERVER, Placement
-from faxbridge._src.primitives import AGGREGATIONS, broadcast_p, map_p
+from faxbridge._src.primitives import broadcast_p, map_p
 
 # Primitives that call back into Python cannot run on a client device or a TFF worker. JAX has no
 # public handle on them; keyed by the objects like every other table.
@@ -291,12 +292,14 @@ class _Splitter:
         result = e.outvars[0]
         value = self.resolve(e.invars[0])
         weight = self.resolve(e.invars[1]) if len(e.invars) > 1 else None
+        rule = AGGREGATIONS[e.primitive]
         aggs.append(Aggregation(
-            kind=AGGREGATIONS[e.primitive].kind,
+            kind=rule.kind,
             value=self.var_names[value],
             weight=None if weight is None else self.var_names[weight],
-            bitwidth=e.params.get("bitwidth"),
+            params={k: e.params[k] for k in rule.params},
             result=_spec(self.name(result, hint("aggregate")), result.aval, SERVER),
+            source_info=e.source_info,
         ))
       server_state = [*sources, *kept, *(e.outvars[0] for e in agg_eqns)]
       built_stages.append(Stage(
