@@ -15,6 +15,12 @@ The pieces a target reads:
 * the errors to raise (:class:`ExportError` while exporting, :class:`VerificationError` while
   running an export) and :func:`describe`, which turns an equation's ``source_info`` into the user's
   ``file:line``.
+
+What a target or runtime declares about itself, for the registry: :class:`Target` (with its
+:class:`Option` s and an optional :class:`Demo`) or :class:`Runtime`, named by an entry point of
+group ``faxbridge.targets`` / ``faxbridge.runtimes`` (or added with :func:`register_target` /
+:func:`register_runtime`); :func:`importable` is the usual ``available`` probe of a runtime.
+Progress is reported with :func:`emit` (``faxbridge.events`` lists who listens and how).
 """
 
 from faxbridge._src.errors import (
@@ -23,6 +29,7 @@ from faxbridge._src.errors import (
   UnsupportedPrimitiveError,
   VerificationError,
 )
+from faxbridge._src.events import emit
 from faxbridge._src.export import SplitProgram, read_manifest
 from faxbridge._src.form import (
   Aggregation,
@@ -37,28 +44,45 @@ from faxbridge._src.form import (
   run_program,
 )
 from faxbridge._src.locations import describe, enclosing
-from faxbridge._src.registry import RuntimeResult
+from faxbridge._src.registry import (
+  Demo,
+  Option,
+  Runtime,
+  RuntimeResult,
+  Target,
+  importable,
+  register_runtime,
+  register_target,
+)
 from faxbridge._src.serialization import strip_locations
 
 __all__ = [
     "Aggregation",
     "Backend",
+    "Demo",
     "ExportError",
     "FaxbridgeError",
     "FederatedForm",
+    "Option",
     "PerClientBackend",
     "Piece",
+    "Runtime",
     "RuntimeResult",
     "SplitProgram",
     "Stage",
+    "Target",
     "TensorSpec",
     "UnsupportedPrimitiveError",
     "VerificationError",
     "describe",
+    "emit",
     "enclosing",
+    "importable",
     "interpret",
     "number_of_clients",
     "read_manifest",
+    "register_runtime",
+    "register_target",
     "run_program",
     "strip_locations",
 ]

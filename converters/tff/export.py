@@ -37,8 +37,8 @@ import federated_language as fl
 import jax
 
 from faxbridge import CLIENTS, SERVER
-from faxbridge.converters.tff import local
-from faxbridge.converters.tff.local import LOCAL_FORMS, nest, struct_type_of
+from faxbridge.converters.tff import LOCAL_FORMS, local
+from faxbridge.converters.tff.local import lowering_computation, nest, struct_type_of
 from faxbridge.extend import Backend, ExportError, FederatedForm, SplitProgram, interpret
 
 # -- the federated computation of a form ---------------------------------------------------------
@@ -297,7 +297,10 @@ def export_tff(split: SplitProgram, out: Path, local: str = "tensorflow", **opti
     raise ExportError(f"the tff target takes no options {sorted(options)}")
   if local not in LOCAL_FORMS:
     raise ExportError(f"--local must be one of {LOCAL_FORMS}, got {local!r}")
-  comps = {name: to_federated_computation(form, local) for name, form in split.forms.items()}
+  comps = {}
+  for name, form in split.forms.items():
+    with lowering_computation(name):  # names the computation in each piece's progress event
+      comps[name] = to_federated_computation(form, local)
   if split.kind == "iterative_process":
     _check_iterative(comps["initialize"], comps["next"], split.name)
   part: dict[str, Any] = {"local": local}
