@@ -98,6 +98,12 @@ USAGE_CASES = {
                        "inputs.txt is not an .npz file"),
     "inputs-npy": (["verify", "{export}", "--runtime", "jax", "--inputs", "{tmp}/one.npy"],
                    "is a single .npy array, not an .npz"),
+    "option-of-another-target": (["export", "cli_programs:scaled_mean", "--target", "stablehlo",
+                                  "--local", "xla", "-o", "{tmp}/o"],
+                                 "target 'stablehlo' has no option 'local' (its options are "
+                                 "stablehlo_version)"),
+    "unregistered-target": (["verify", "{tmp}/unregistered", "--inputs", "{inputs}"],
+                            "no registered runtime reads exports of target 'gone'"),
     "unknown-runtime": (["verify", "{export}", "--runtime", "onnx", "--inputs", "{inputs}"],
                         "argument --runtime: invalid choice: 'onnx'"),
     "rounds-zero": (["verify", "{export}", "--runtime", "jax", "--inputs", "{inputs}", "--rounds",
@@ -156,6 +162,10 @@ def usage_setup(scaled, tmp_path_factory) -> dict[str, tuple[Path, list[str]]]:
   (tmp / "bad_json").mkdir()
   (tmp / "bad_json" / "manifest.json").write_text("{'format_version': 1,")
   (tmp / "inputs.txt").write_text("scale = 2.0\n")
+  # An export of a target no installed package registers (a plug-in since uninstalled).
+  shutil.copytree(export, tmp / "unregistered")
+  manifest = read_manifest(tmp / "unregistered")
+  (tmp / "unregistered" / "manifest.json").write_text(json.dumps({**manifest, "target": "gone"}))
   np.save(tmp / "one.npy", np.zeros(3, np.float32))
   data = dict(np.load(inputs))
   np.savez(tmp / "extra.npz", **data, weights=data["values"])
@@ -593,6 +603,24 @@ def test_verify_on_a_terminal_shows_the_rounds_tff_reports_while_it_runs(tmp_pat
              if s.startswith("tff") and "round" in s]
   assert seconds[-1] > seconds[0], lines
   assert out.splitlines()[-1].startswith("OK: ")
+
+
+@pytest.mark.slow
+def test_demo_exports_the_default_targets_demo_and_proves_it(tmp_path):
+  """`make demo`'s command: the default target's demo (the bundled FedAvg, from data in its registry
+  entry) exported and proven on the demo's runtime, every round compared."""
+  from faxbridge._src import registry
+
+  target = registry.default_target()
+  demo = target.demo
+  rc, out, err = _cli(["demo", "-o", tmp_path, "--rounds", "2"], cwd=REPO)
+  assert rc == 0, (out, err)
+  export = tmp_path / f"{demo.program.split(':')[0].rsplit('.', 1)[-1]}_{target.name}"
+  manifest = read_manifest(export)
+  assert manifest["target"] == target.name and manifest["kind"] == "iterative_process"
+  assert f"exported {demo.program} to {export}" in out
+  assert f"running 2 rounds on {demo.runtime} " in out
+  assert "round2/" in out and out.splitlines()[-1].startswith("OK: "), out
 
 
 @pytest.mark.slow
