@@ -267,8 +267,9 @@ def cmd_export(ns: argparse.Namespace) -> int:
   for name, value in vars(ns).items():
     if name.startswith("option_") and value is not None:
       name = name[len("option_"):]
-      # An option the target does not declare goes on as given: export refuses it, naming both.
+      # An option the target does not declare goes on as given, to be refused naming both.
       options[name] = _option_value(declared[name], value) if name in declared else value
+  target.check_options(options)  # export checks them too; here before the program is imported
   progress = ns.progress
   progress(f"importing {ns.program}")
   program, args = _load(ns.program, ns.example_inputs)
@@ -334,8 +335,8 @@ def cmd_inspect(ns: argparse.Namespace) -> int:
   progress = ns.progress
   progress(f"importing {ns.program}")
   program, args = _load(ns.program, ns.example_inputs)
-  progress("tracing and splitting")
-  forms = _forms(program, args)
+  with progress.listening():
+    forms = _forms(program, args)
   if ns.jaxpr:
     comp = program.next if isinstance(program, IterativeProcess) else program
     full = (program.state_spec(), *args) if isinstance(program, IterativeProcess) else args
@@ -403,6 +404,7 @@ def cmd_demo(ns: argparse.Namespace) -> int:
   runtime = registry.runtime(demo.runtime)
   rounds = ns.rounds or demo.rounds
   progress = ns.progress
+  progress(f"importing {demo.program}")
   program, args = _load(demo.program, demo.example_inputs)
   module = demo.program.partition(":")[0].rsplit(".", 1)[-1]
   out = Path(ns.output or tempfile.mkdtemp(prefix="faxbridge-demo-")) / f"{module}_{target.name}"
