@@ -401,6 +401,7 @@ def cmd_demo(ns: argparse.Namespace) -> int:
   target = demos[ns.target] if ns.target else \
       default if default is not None and default.name in demos else next(iter(demos.values()))
   demo = target.demo
+  assert demo is not None  # _demos() holds only targets with one
   runtime = registry.runtime(demo.runtime)
   rounds = ns.rounds or demo.rounds
   progress = ns.progress
@@ -426,6 +427,7 @@ def cmd_demo(ns: argparse.Namespace) -> int:
 def _add_option_flags(parser: argparse.ArgumentParser) -> None:
   """A flag per option name the targets declare (``--some-option`` for ``some_option``), its help
   naming the target(s), their defaults and choices."""
+  group = parser.add_argument_group("options of the targets (faxbridge targets lists them)")
   declared: dict[str, list[tuple[registry.Target, registry.Option]]] = {}
   for target in registry.targets().values():
     for option in target.options:
@@ -442,7 +444,7 @@ def _add_option_flags(parser: argparse.ArgumentParser) -> None:
     if "action" not in kwargs and option.choices is None:
       kwargs["metavar"] = name.upper()
     try:
-      parser.add_argument(option.flag, **kwargs)
+      group.add_argument(option.flag, **kwargs)
     except argparse.ArgumentError:
       # The name of one of the command's own flags: the option is still fb.export's to take.
       continue
@@ -488,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--save-inputs", nargs="?", const="", metavar="FILE",
                  help="also write the example inputs, by name, to FILE (.npz; default: "
                  "OUTPUT.inputs.npz beside the export, which verify reads by default)")
-  _add_option_flags(p.add_argument_group("options of the targets (faxbridge targets lists them)"))
+  _add_option_flags(p)
   p.set_defaults(fn=cmd_export)
 
   p = sub.add_parser("verify", help="run an export on a runtime and natively, and compare")

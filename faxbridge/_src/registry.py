@@ -208,7 +208,7 @@ def importable(*modules: str) -> tuple[bool, str]:
 class _Table:
   """Entries of one kind: entry points of ``group`` (read on first use) and registrations."""
 
-  def __init__(self, group: str, kind: type, what: str):
+  def __init__(self, group: str, kind: type[Target] | type[Runtime], what: str):
     self.group, self.kind, self.what = group, kind, what
     self.entries: dict[str, Any] = {}
     self.broken: dict[str, str] = {}  # name -> why its entry point could not be used
