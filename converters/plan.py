@@ -161,12 +161,13 @@ def check_plan(plan: dict, error: type[Exception] = VerificationError) -> None:
 # Running: the orchestration every runtime shares.
 # --------------------------------------------------------------------------------------------------
 def run_plan(plan: dict, call: PieceCall, inputs: dict[str, np.ndarray],
-             rounds: int) -> dict[str, np.ndarray]:
+             rounds: int, who: str = "") -> dict[str, np.ndarray]:
   """Run a whole plan one client at a time: a computation once, or an iterative process's
   ``initialize`` and ``rounds`` rounds of ``next``, the state fed back as ``plan["state"]`` says.
 
   Outputs are keyed as ``fb.verify`` keys them: ``NAME``, or ``initialize/NAME`` and
   ``round{r}/NAME``. ``inputs`` of an iterative process are next's inputs after the state.
+  ``who`` (the runtime's name) labels the round events.
 
   Raises:
     VerificationError: a piece returns values that do not match the plan, or the number of
@@ -186,7 +187,7 @@ def run_plan(plan: dict, call: PieceCall, inputs: dict[str, np.ndarray],
   def _entry(piece) -> dict:
     return piece.to_json(SERVER)  # runtimes look pieces up by name and files
 
-  return run_program(plan["kind"], run, inputs, rounds, plan.get("state"))
+  return run_program(plan["kind"], run, inputs, rounds, plan.get("state"), who=who)
 
 
 def pieces(plan: dict) -> list[dict]:

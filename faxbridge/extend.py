@@ -21,6 +21,12 @@ The pieces a target reads:
 * the errors to raise (:class:`ExportError` while exporting, :class:`VerificationError` while
   running an export) and :func:`describe`, which turns an equation's ``source_info`` into the user's
   ``file:line``.
+
+What a target or runtime declares about itself, for the registry: :class:`Target` (with its
+:class:`Option` s and an optional :class:`Demo`) or :class:`Runtime`, named by an entry point of
+group ``faxbridge.targets`` / ``faxbridge.runtimes`` (or added with :func:`register_target` /
+:func:`register_runtime`); :func:`importable` is the usual ``available`` probe of a runtime.
+Progress is reported with :func:`emit` (``faxbridge.events`` lists who listens and how).
 """
 
 from faxbridge._src.aggregations import (
@@ -43,6 +49,7 @@ from faxbridge._src.errors import (
   UnsupportedPrimitiveError,
   VerificationError,
 )
+from faxbridge._src.events import emit
 from faxbridge._src.export import SplitProgram, read_manifest
 from faxbridge._src.form import (
   Aggregation,
@@ -57,7 +64,16 @@ from faxbridge._src.form import (
   run_program,
 )
 from faxbridge._src.locations import describe, enclosing
-from faxbridge._src.registry import RuntimeResult
+from faxbridge._src.registry import (
+  Demo,
+  Option,
+  Runtime,
+  RuntimeResult,
+  Target,
+  importable,
+  register_runtime,
+  register_target,
+)
 from faxbridge._src.serialization import strip_locations
 
 __all__ = [
@@ -65,15 +81,19 @@ __all__ = [
     "Aggregation",
     "AggregationRule",
     "Backend",
+    "Demo",
     "ExportError",
     "FaxbridgeError",
     "FederatedForm",
+    "Option",
     "PerClientBackend",
     "Piece",
+    "Runtime",
     "RuntimeResult",
     "SplitProgram",
     "Stage",
     "Stream",
+    "Target",
     "TensorSpec",
     "UnsupportedPrimitiveError",
     "VerificationError",
@@ -81,13 +101,17 @@ __all__ = [
     "aggregation_rule",
     "define_aggregation",
     "describe",
+    "emit",
     "enclosing",
+    "importable",
     "interpret",
     "max_p",
     "mean_p",
     "min_p",
     "number_of_clients",
     "read_manifest",
+    "register_runtime",
+    "register_target",
     "run_program",
     "secure_sum_p",
     "strip_locations",

@@ -38,9 +38,9 @@ import federated_language as fl
 import jax
 
 from faxbridge import CLIENTS, SERVER
-from faxbridge.converters.tff import local
+from faxbridge.converters.tff import LOCAL_FORMS, local
 from faxbridge.converters.tff.intrinsics import intrinsic
-from faxbridge.converters.tff.local import LOCAL_FORMS, nest, struct_type_of
+from faxbridge.converters.tff.local import lowering_computation, nest, struct_type_of
 from faxbridge.extend import Backend, ExportError, FederatedForm, SplitProgram, interpret
 
 # -- the federated computation of a form ---------------------------------------------------------
@@ -303,7 +303,10 @@ def export_tff(split: SplitProgram, out: Path, local: str = "tensorflow", **opti
     for stage in form.stages:
       for agg in stage.aggregations:
         intrinsic(agg)
-  comps = {name: to_federated_computation(form, local) for name, form in split.forms.items()}
+  comps = {}
+  for name, form in split.forms.items():
+    with lowering_computation(name):  # names the computation in each piece's progress event
+      comps[name] = to_federated_computation(form, local)
   if split.kind == "iterative_process":
     _check_iterative(comps["initialize"], comps["next"], split.name)
   part: dict[str, Any] = {"local": local}

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from faxbridge._src.aggregations import AggregationRule, aggregation_rule
+from faxbridge._src.events import emit
 from faxbridge._src.placements import CLIENTS, SERVER, Placement
 
 LeafPath = list  # a leaf's struct steps: dict keys and attributes by name, sequence items by index
@@ -485,22 +486,28 @@ def _is_tuple(tree) -> bool:
 
 
 def run_program(kind: str, run: Callable[[str, dict], dict], inputs: Mapping[str, Any], rounds: int,
-                links: Mapping[str, list] | None = None) -> dict[str, Any]:
+                links: Mapping[str, list] | None = None, who: str = "") -> dict[str, Any]:
   """A computation once, or an iterative process's ``initialize`` and ``rounds`` rounds of
   ``next`` with the state fed back through ``links`` (see :func:`state_links`).
 
   ``run(name, inputs)`` runs one computation (``"computation"``, ``"initialize"``, ``"next"``) on
   inputs by name and returns its outputs by name. The result is keyed as ``fb.verify`` keys
   outputs: ``NAME``, or ``initialize/NAME`` and ``round{r}/NAME``; ``inputs`` of an iterative
-  process are next's inputs after the state.
+  process are next's inputs after the state. Each call of ``run`` is a ``round`` event (see
+  ``faxbridge._src.events``) saying ``who`` runs it (a runtime's name, or ``native``).
   """
+  label = f"{who}: " if who else ""
   if kind == "computation":
+    emit("round", f"{label}computation", who=who, computation="computation", round=0, rounds=0)
     return dict(run("computation", dict(inputs)))
   out: dict[str, Any] = {}
+  emit("round", f"{label}initialize", who=who, computation="initialize", round=0, rounds=rounds)
   init = run("initialize", {})
   out.update({f"initialize/{k}": v for k, v in init.items()})
   state = {link["to"]: init[link["from"]] for link in links["initialize_to_next"]}
   for r in range(1, rounds + 1):
+    emit("round", f"{label}round {r} of {rounds}", who=who, computation="next", round=r,
+         rounds=rounds)
     result = run("next", {**inputs, **state})
     out.update({f"round{r}/{k}": v for k, v in result.items()})
     state = {link["to"]: result[link["from"]] for link in links["next_to_next"]}
