@@ -407,17 +407,13 @@ def test_inspect_html_is_a_well_formed_self_contained_drawing_of_the_round(user_
   tmp, _ = user_runs
   page = (tmp / "round.html").read_text()
   root = ET.fromstring(page.split("\n", 1)[1])  # after <!DOCTYPE html>: XHTML, so XML parses it
-  svg = "{http://www.w3.org/2000/svg}"
-  drawings = list(root.iter(f"{svg}svg"))
-  assert len(drawings) == 1
-  texts = [t.text for t in drawings[0].iter(f"{svg}text")]
-  for want in ("stage 0", "stage 1", "broadcast 16 B per client", "upload 12 B per client",
-               "broadcast 8 B per client", "upload 8 B per client", "params['w'] f32[2]",
-               "weighted_mean: upload0 f32[2] w=data[1]", "sum: upload2 f32[2]", "CLIENTS (3)",
-               "out['spread']"):
-    assert want in texts, (want, texts)
-  # Per stage: down, up, and on to the next stage's server (the last to server_result).
-  assert [e.get("class") for e in drawings[0].iter(f"{svg}line")] == ["down", "up", "next"] * 2
+  text = "".join(root.itertext())
+  # The two round trips with their traffic per client and the user's names (the layout itself is
+  # tested in a browser: tests/test_drawing.py).
+  for want in ("stage 0", "stage 1", "16 B per client", "12 B per client", "8 B per client",
+               "3 in this trace", "weight: data[1]", "sum: upload2", "['spread']",
+               "stage 1 broadcast aggregate0, out['mean']"):
+    assert want in text, (want, text)
   # Nothing to fetch: no scripts, no links or sources (the namespaces are names, not fetched).
   assert not [e for e in root.iter() if e.tag.endswith(("script", "link", "img"))]
   assert not [e for e in root.iter() for k in e.attrib if k in ("src", "href")]

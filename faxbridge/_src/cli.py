@@ -329,7 +329,7 @@ def _forms(program: Any, args: tuple) -> dict:
 
 
 def cmd_inspect(ns: argparse.Namespace) -> int:
-  from faxbridge._src import render
+  from faxbridge._src import drawing, render
   from faxbridge._src.iterative import IterativeProcess
 
   progress = ns.progress
@@ -346,7 +346,7 @@ def cmd_inspect(ns: argparse.Namespace) -> int:
   print("\n\n".join(render.form_text(form, f"{ns.program} {name}" if len(forms) > 1
                                       else ns.program) for name, form in forms.items()))
   if ns.html:
-    Path(ns.html).write_text(render.round_html(forms, f"faxbridge inspect {ns.program}"))
+    Path(ns.html).write_text(drawing.round_html(forms, f"faxbridge inspect {ns.program}"))
     print(f"\nthe round drawn: {ns.html}")
   return 0
 
