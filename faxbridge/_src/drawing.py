@@ -243,7 +243,7 @@ def _upload_leaves(stage: Stage, flow: _Flow) -> list[_Leaf]:
   specs = {s.name: s for s in stage.client_work.inputs + stage.client_work.outputs}
   role: dict[str, str] = {}
   for agg in stage.aggregations:
-    role.setdefault(agg.value, _kind_text(agg))
+    role.setdefault(agg.value, agg.label)
     if agg.weight:
       role.setdefault(agg.weight, "weight")
   # An upload that is a client input is named as the user wrote it (data['n']).
@@ -261,12 +261,6 @@ def _result_leaf(form: FederatedForm, agg: Aggregation, flow: _Flow) -> _Leaf:
   if len(used) == 1:
     return _Leaf((flow.describe(used[0]),), agg.result)
   return _Leaf((agg.result.name,), agg.result)
-
-
-def _kind_text(agg: Aggregation) -> str:
-  """The kind with its params as the jaxpr shows them: ``secure_sum[bitwidth=16]``."""
-  params = " ".join(f"{k}={v}" for k, v in agg.params.items())
-  return f"{agg.kind}[{params}]" if params else agg.kind
 
 
 # --- DP ---------------------------------------------------------------------------------------------
@@ -402,7 +396,7 @@ def _figure(form: FederatedForm, flow: _Flow, mechanisms: list[dict]) -> str:
 
     kinds: dict[str, int] = {}
     for agg in stage.aggregations:
-      kinds[_kind_text(agg)] = kinds.get(_kind_text(agg), 0) + 1
+      kinds[agg.label] = kinds.get(agg.label, 0) + 1
     results = [_result_leaf(form, a, flow) for a in stage.aggregations]
     body = ('<div class="kicker">server · aggregate</div><div class="title">'
             + _e(_plural(len(stage.aggregations), "aggregation")) + "</div>"

@@ -163,6 +163,12 @@ class Aggregation:
     object.__setattr__(self, "params", dict(sorted(self.params.items())))
 
   @property
+  def label(self) -> str:
+    """The kind with its params, as the jaxpr shows them: ``secure_sum[bitwidth=16]``."""
+    params = " ".join(f"{k}={v}" for k, v in self.params.items())
+    return f"{self.kind}[{params}]" if params else self.kind
+
+  @property
   def rule(self) -> AggregationRule:
     """The rule of this kind (an installed package's, loaded on first use: see aggregation_rule)."""
     return aggregation_rule(self.kind)

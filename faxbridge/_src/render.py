@@ -149,15 +149,9 @@ def _bindings(form: FederatedForm, bindings: Sequence[Binding], output: bool) ->
            size_text(b.spec.nbytes), b.name) for b in bindings]
 
 
-def _kind_text(agg) -> str:
-  """The aggregation's kind with its params, as the jaxpr shows them: ``secure_sum[bitwidth=16]``."""
-  params = " ".join(f"{k}={v}" for k, v in agg.params.items())
-  return f"{agg.kind}[{params}]" if params else agg.kind
-
-
 def _aggregation_text(agg, labels: dict[str, str]) -> str:
   weight = f", weight {labels.get(agg.weight, agg.weight)}" if agg.weight else ""
-  return (f"{_kind_text(agg)}({labels.get(agg.value, agg.value)}{weight}) -> {agg.result.name} "
+  return (f"{agg.label}({labels.get(agg.value, agg.value)}{weight}) -> {agg.result.name} "
           f"{shape_text(agg.result)}")
 
 
