@@ -15,7 +15,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax._src import source_info_util
+from jax.extend import source_info_util
 
 from faxbridge._src import primitives as P
 from faxbridge._src.errors import PlacementError

@@ -11,8 +11,8 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax._src import source_info_util
 from jax.extend import core as jcore
+from jax.extend import source_info_util
 
 from faxbridge._src import execution, placements
 from faxbridge._src.api import federated_context, in_federated_trace

@@ -37,8 +37,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import core as jax_core
-from jax._src import dispatch, source_info_util
 from jax.extend import core as jcore
+from jax.extend import source_info_util
 from jax.interpreters import mlir
 from jax.interpreters import partial_eval as pe
 
@@ -222,7 +222,21 @@ def _abstract_eval(*args, jaxpr, block, mesh):
 
 
 native_p.def_abstract_eval(_abstract_eval)
-native_p.def_impl(functools.partial(dispatch.apply_primitive, native_p))
+
+
+@functools.partial(jax.jit, static_argnames=("jaxpr", "block", "mesh"))
+def _compiled(*args, jaxpr, block, mesh):
+  return native_p.bind(*args, jaxpr=jaxpr, block=block, mesh=mesh)
+
+
+def _impl(*args, jaxpr, block, mesh):
+  # Bound outside jit (eagerly, or under jax.disable_jit): the stream exists only as a lowering, so
+  # it is compiled, as JAX runs any primitive eagerly; one executable per jaxpr (its params are static).
+  with jax.disable_jit(False):
+    return _compiled(*args, jaxpr=jaxpr, block=block, mesh=mesh)
+
+
+native_p.def_impl(_impl)
 
 
 def _derived_mesh(params: dict, ins: Sequence[call_rules.Port],

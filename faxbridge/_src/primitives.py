@@ -26,8 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import core as jax_core
-from jax._src import source_info_util
 from jax.extend import core as jcore
+from jax.extend import source_info_util
 from jax.interpreters import ad, batching, mlir
 
 from faxbridge._src import call_rules, placements
