@@ -14,9 +14,12 @@ The pieces a target reads:
   :func:`run_program` for the rounds of an iterative process);
 * the errors to raise (:class:`ExportError` while exporting, :class:`VerificationError` while
   running an export) and :func:`describe`, which turns an equation's ``source_info`` into the user's
-  ``file:line``.
+  ``file:line``;
+* :mod:`jax_internals`: the few private JAX objects a lowering needs (primitives JAX gives no public
+  handle on), each with its reason, so that no package reaches into ``jax._src`` itself.
 """
 
+from faxbridge._src import jax_internals
 from faxbridge._src.errors import (
   ExportError,
   FaxbridgeError,
@@ -57,6 +60,7 @@ __all__ = [
     "describe",
     "enclosing",
     "interpret",
+    "jax_internals",
     "number_of_clients",
     "read_manifest",
     "run_program",
