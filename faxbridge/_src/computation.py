@@ -266,8 +266,8 @@ def _streamed(traced: TracedComputation, block: int, mesh) -> Callable:
   sharded = None
   if _clients_devices(mesh) > 1:
     axis = lambda p: 0 if p is CLIENTS else None
-    sharded = execution._Mesh(mesh, tuple(map(axis, traced.in_placements)),
-                              tuple(map(axis, traced.out_placements)))
+    sharded = execution.StreamMesh(mesh, tuple(map(axis, traced.in_placements)),
+                                   tuple(map(axis, traced.out_placements)))
 
   def run(*args):
     outs = execution.bind(traced.jaxpr, jax.tree.leaves(args), block, sharded)

@@ -191,7 +191,7 @@ native_p.multiple_results = True
 
 
 @dataclasses.dataclass(frozen=True)
-class _Mesh:
+class StreamMesh:
   """The device mesh a streamed run shards its clients over (hashable, a primitive param)."""
 
   mesh: jax.sharding.Mesh
@@ -207,7 +207,7 @@ class _Mesh:
     return jax.sharding.PartitionSpec(*(None,) * axis, "clients")
 
 
-def bind(closed: jcore.ClosedJaxpr, args: Sequence, block: int, mesh: _Mesh | None = None) -> list:
+def bind(closed: jcore.ClosedJaxpr, args: Sequence, block: int, mesh: StreamMesh | None = None) -> list:
   """Run ``closed`` (a traced federated computation) on flat ``args`` with the stream strategy."""
   jaxpr = pe.convert_constvars_jaxpr(closed.jaxpr)
   consts = list(closed.consts)
@@ -277,7 +277,7 @@ def _lower(*args, jaxpr, block, mesh):
 mlir.register_lowering(native_p, mlir.lower_fun(_lower, multiple_results=True))
 
 
-def _sharded(args, jaxpr, block, mesh: _Mesh):
+def _sharded(args, jaxpr, block, mesh: StreamMesh):
   """Each device streams its own clients; aggregations combine across the ``clients`` axis."""
   in_specs = tuple(mesh.spec(c) for c in mesh.in_clients)
   out_specs = tuple(mesh.spec(c) for c in mesh.out_clients)
