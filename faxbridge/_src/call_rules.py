@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import jax
 import jax.numpy as jnp
@@ -139,7 +139,7 @@ def _transpose(call: CallPrimitive, cts, args, params: Params):
   residuals = [a for a, lin in zip(args, linear) if not lin]
   lin_avals = [one_call(a.aval, call.mapped_axes) for a, lin in zip(args, linear) if lin]
   # A symbolic zero cotangent is passed as zeros of its result's shape and dtype.
-  cts = [jnp.zeros(ct.aval.shape, a.dtype) if type(ct) is ad.Zero else ct
+  cts = [jnp.zeros(cast(jax_core.ShapedArray, ct.aval).shape, a.dtype) if type(ct) is ad.Zero else ct
          for ct, a in zip(cts, jaxpr.out_avals)]
   inner = jcore.jaxpr_as_fun(jaxpr)
 

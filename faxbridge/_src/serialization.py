@@ -31,7 +31,7 @@ def strip_locations(exported: jax.export.Exported) -> jax.export.Exported:
   """The same exported program with every MLIR location set to ``unknown``."""
   with mlir.make_ir_context():
     text = ir.Module.parse(exported.mlir_module()).operation.get_asm(enable_debug_info=False)
-    serialized = _portable_bytecode(ir.Module.parse(text))
+    serialized = _portable_bytecode(ir.Module.parse(str(text)))  # get_asm is typed as any object
   return dataclasses.replace(exported, mlir_module_serialized=serialized)
 
 
