@@ -14,7 +14,7 @@ CORE := .venv/bin/python
 TFF := .venv-tff/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-quick lint fixtures bench envs clean-envs
+.PHONY: demo test test-quick lint fixtures bench envs clean-envs chromium
 
 envs: .venv/.ready .venv-tff/.ready
 
@@ -40,6 +40,13 @@ envs: .venv/.ready .venv-tff/.ready
 	.venv-tff/bin/pip install -q --disable-pip-version-check --no-deps tensorflow-federated==0.87.0
 	touch $@
 
+# tests/test_drawing.py opens every example's drawing (inspect --html) in a real browser: Debian's
+# chromium, installed as root where it is missing, the way the environments are built.
+chromium:
+	@command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium) || { \
+	  echo "error: the drawing's tests need Chromium: install Debian's chromium as root" \
+	  "(apt-get install -y chromium)"; exit 1; }
+
 # The main job on the bundled default example: export FedAvg to TFF and prove it on TFF 0.87.
 demo: envs
 	$(CORE) -m faxbridge demo -o build/demo
@@ -47,12 +54,12 @@ demo: envs
 # The whole suite, both environments. pytest's exit code 5 ("no tests ran") is a failure here.
 # An exported PYTEST_ADDOPTS would silently narrow it (-k, -m, --deselect): only PYTEST_ARGS,
 # given on purpose (make test PYTEST_ARGS=...), narrows a run.
-test: envs
+test: envs chromium
 	env -u PYTEST_ADDOPTS $(CORE) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests"; exit 1; fi; exit $$rc
 
 # The quick suite: everything but the slow round trips (under two minutes).
-test-quick: .venv/.ready
+test-quick: .venv/.ready chromium
 	env -u PYTEST_ADDOPTS $(CORE) -m pytest -m "not slow" $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests"; exit 1; fi; exit $$rc
 
@@ -62,8 +69,12 @@ test-quick: .venv/.ready
 programs-long: .venv/.ready
 	FAXBRIDGE_PROGRAMS=500 $(CORE) -m pytest tests/test_generated_programs.py -k "test_native or test_split" $(PYTEST_ARGS)
 
+# ruff, then mypy (configured in pyproject.toml) over faxbridge/ and converters/, and over the TFF
+# runner apart: it runs in .venv-tff on Python 3.11 and shares no code with the rest.
 lint: .venv/.ready
 	.venv/bin/ruff check .
+	.venv/bin/mypy faxbridge converters --exclude '^converters/runtimes/tff/tff_runner/'
+	.venv/bin/mypy --python-version 3.11 converters/runtimes/tff/tff_runner
 
 fixtures: envs
 	$(CORE) interop_fixtures/regenerate.py

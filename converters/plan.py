@@ -11,7 +11,8 @@ adds ``state``: which outputs feed which ``next`` inputs.
 ``run_plan`` is the orchestration every runtime shares (IREE, LiteRT, jax.export): it reads only the
 plan and runs it with :func:`faxbridge._src.form.interpret`, one client at a time, calling pieces through
 a runtime's ``call(piece, args)``; aggregations follow their rules in
-:data:`faxbridge._src.primitives.AGGREGATION_KINDS`. A runtime adds nothing but "how to run one piece".
+:func:`faxbridge.extend.aggregation_rule` (built-in kinds, and those of installed packages, found
+through their entry points). A runtime adds nothing but "how to run one piece".
 """
 
 from __future__ import annotations
@@ -25,13 +26,13 @@ from typing import Any
 import numpy as np
 
 from faxbridge import SERVER
-from faxbridge._src.primitives import AGGREGATION_KINDS
 from faxbridge.extend import (
   ExportError,
   FederatedForm,
   PerClientBackend,
   SplitProgram,
   VerificationError,
+  aggregation_rule,
   interpret,
   number_of_clients,
   run_program,
@@ -122,8 +123,15 @@ def _check_computation(name: str, comp: dict, problems: list[str]) -> None:
     _check_reads(client, work["inputs"], f"{name}/{work['name']}", problems)
     client.update((s["name"], _sig(s)) for s in work["outputs"])
     for agg in stage["aggregations"]:
-      if agg["kind"] not in AGGREGATION_KINDS:
-        problems.append(f"{name}: unknown aggregation kind {agg['kind']!r}")
+      try:
+        declared = aggregation_rule(agg["kind"]).params
+      except LookupError as e:
+        problems.append(f"{name}: {e}")
+      else:
+        given = sorted(agg.get("params", {}))
+        if given != sorted(declared):
+          problems.append(f"{name}: aggregation {agg['kind']!r} of {agg['value']!r} has params "
+                          f"{given}, its rule takes {sorted(declared)}")
       for key in ("value", "weight"):
         if agg.get(key) is not None and agg[key] not in client:
           problems.append(f"{name}: aggregation of undefined upload {agg[key]!r}")
@@ -153,12 +161,13 @@ def check_plan(plan: dict, error: type[Exception] = VerificationError) -> None:
 # Running: the orchestration every runtime shares.
 # --------------------------------------------------------------------------------------------------
 def run_plan(plan: dict, call: PieceCall, inputs: dict[str, np.ndarray],
-             rounds: int) -> dict[str, np.ndarray]:
+             rounds: int, who: str = "") -> dict[str, np.ndarray]:
   """Run a whole plan one client at a time: a computation once, or an iterative process's
   ``initialize`` and ``rounds`` rounds of ``next``, the state fed back as ``plan["state"]`` says.
 
   Outputs are keyed as ``fb.verify`` keys them: ``NAME``, or ``initialize/NAME`` and
   ``round{r}/NAME``. ``inputs`` of an iterative process are next's inputs after the state.
+  ``who`` (the runtime's name) labels the round events.
 
   Raises:
     VerificationError: a piece returns values that do not match the plan, or the number of
@@ -178,7 +187,7 @@ def run_plan(plan: dict, call: PieceCall, inputs: dict[str, np.ndarray],
   def _entry(piece) -> dict:
     return piece.to_json(SERVER)  # runtimes look pieces up by name and files
 
-  return run_program(plan["kind"], run, inputs, rounds, plan.get("state"))
+  return run_program(plan["kind"], run, inputs, rounds, plan.get("state"), who=who)
 
 
 def pieces(plan: dict) -> list[dict]:

@@ -9,6 +9,7 @@ TensorFlow Federated, StableHLO (IREE) and TFLite (LiteRT), and proven equal by 
       return fb.mean(updates)
 """
 
+from faxbridge import events
 from faxbridge._src.api import broadcast, map, max, mean, min, secure_sum, sum, weighted_mean
 from faxbridge._src.computation import Computation, TracedComputation, computation
 from faxbridge._src.dp import dp_adaptive_init, dp_adaptive_mean, dp_epsilon, dp_mean
@@ -61,6 +62,7 @@ __all__ = [
     "dp_adaptive_mean",
     "dp_epsilon",
     "dp_mean",
+    "events",
     "execution_strategy",
     "export",
     "from_drjax",

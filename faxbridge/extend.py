@@ -12,20 +12,47 @@ The pieces a target reads:
 * the form's data model (:class:`Stage`, :class:`Piece`, :class:`TensorSpec`,
   :class:`Aggregation`) and its one interpreter (:func:`interpret` with a :class:`Backend`,
   :func:`run_program` for the rounds of an iterative process);
+* aggregations: :func:`define_aggregation` (an aggregation defined outside faxbridge, with its
+  :class:`Stream`), :func:`aggregate` (bind one from an ``fb.*``-style function),
+  :func:`aggregation_rule` (a rule by kind; kinds of installed packages are found through the
+  entry-point group :data:`AGGREGATION_ENTRY_POINTS`), and the built-in aggregation primitives
+  (``sum_p``, ``mean_p``, ``weighted_mean_p``, ``secure_sum_p``, ``max_p``, ``min_p``) a target's
+  own tables are keyed by;
 * the errors to raise (:class:`ExportError` while exporting, :class:`VerificationError` while
   running an export) and :func:`describe`, which turns an equation's ``source_info`` into the user's
   ``file:line``;
 * :mod:`jax_internals`: the few private JAX objects a lowering needs (primitives JAX gives no public
   handle on), each with its reason, so that no package reaches into ``jax._src`` itself.
+
+What a target or runtime declares about itself, for the registry: :class:`Target` (with its
+:class:`Option` s and an optional :class:`Demo`) or :class:`Runtime`, named by an entry point of
+group ``faxbridge.targets`` / ``faxbridge.runtimes`` (or added with :func:`register_target` /
+:func:`register_runtime`); :func:`importable` is the usual ``available`` probe of a runtime.
+Progress is reported with :func:`emit` (``faxbridge.events`` lists who listens and how).
 """
 
 from faxbridge._src import jax_internals
+from faxbridge._src.aggregations import (
+  AGGREGATION_ENTRY_POINTS,
+  AggregationRule,
+  Stream,
+  aggregation_rule,
+  define_aggregation,
+  max_p,
+  mean_p,
+  min_p,
+  secure_sum_p,
+  sum_p,
+  weighted_mean_p,
+)
+from faxbridge._src.api import aggregate
 from faxbridge._src.errors import (
   ExportError,
   FaxbridgeError,
   UnsupportedPrimitiveError,
   VerificationError,
 )
+from faxbridge._src.events import emit
 from faxbridge._src.export import SplitProgram, read_manifest
 from faxbridge._src.form import (
   Aggregation,
@@ -40,29 +67,58 @@ from faxbridge._src.form import (
   run_program,
 )
 from faxbridge._src.locations import describe, enclosing
-from faxbridge._src.registry import RuntimeResult
+from faxbridge._src.registry import (
+  Demo,
+  Option,
+  Runtime,
+  RuntimeResult,
+  Target,
+  importable,
+  register_runtime,
+  register_target,
+)
 from faxbridge._src.serialization import strip_locations
 
 __all__ = [
+    "AGGREGATION_ENTRY_POINTS",
     "Aggregation",
+    "AggregationRule",
     "Backend",
+    "Demo",
     "ExportError",
     "FaxbridgeError",
     "FederatedForm",
+    "Option",
     "PerClientBackend",
     "Piece",
+    "Runtime",
     "RuntimeResult",
     "SplitProgram",
     "Stage",
+    "Stream",
+    "Target",
     "TensorSpec",
     "UnsupportedPrimitiveError",
     "VerificationError",
+    "aggregate",
+    "aggregation_rule",
+    "define_aggregation",
     "describe",
+    "emit",
     "enclosing",
+    "importable",
     "interpret",
     "jax_internals",
+    "max_p",
+    "mean_p",
+    "min_p",
     "number_of_clients",
     "read_manifest",
+    "register_runtime",
+    "register_target",
     "run_program",
+    "secure_sum_p",
     "strip_locations",
+    "sum_p",
+    "weighted_mean_p",
 ]

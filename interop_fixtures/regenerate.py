@@ -77,7 +77,7 @@ def export_fixture(name: str, out_root: Path, target: str) -> Path:
 
 def regenerate(out_root: Path = ROOT) -> None:
   from faxbridge._src.export import read_manifest
-  from faxbridge._src.verify import _blocks
+  from faxbridge._src.verify import signature_blocks
 
   for name, spec in PROGRAMS.items():
     program, args = load(spec)
@@ -86,7 +86,7 @@ def regenerate(out_root: Path = ROOT) -> None:
       shutil.rmtree(fixture)
     for target in TARGETS:
       export_fixture(name, out_root, target)
-    block, init_block = _blocks(read_manifest(fixture / TARGETS[0]))
+    block, init_block = signature_blocks(read_manifest(fixture / TARGETS[0]))
     inputs = {s["name"]: np.asarray(v) for s, v in zip(block["inputs"], jax.tree.leaves(args))}
     np.savez(fixture / "inputs.npz", **inputs)
     rounds = ROUNDS_OF.get(name, ROUNDS)

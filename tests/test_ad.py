@@ -13,6 +13,7 @@ from jax.extend import core as jcore
 from jax.test_util import check_grads
 
 import faxbridge as fb
+from faxbridge._src import aggregations as A
 from faxbridge._src import primitives as P
 
 N = 4
@@ -20,7 +21,7 @@ RNG = np.random.default_rng(0)
 X = RNG.normal(size=(N, 3)).astype(np.float32)
 W = np.array([1.0, 2.0, 3.0, 4.0], np.float32)
 S = np.float32(0.7)
-FEDERATED = {p.name for p in P.FEDERATED_PRIMITIVES}
+FEDERATED = {p.name for p in (P.broadcast_p, P.map_p, *A.AGGREGATIONS)}
 
 
 def all_eqns(jaxpr: jcore.Jaxpr):
@@ -74,9 +75,9 @@ def test_transpose_of_mean_is_broadcast_over_n():
 
 def test_transpose_at_the_primitive_level():
   spec = jax.ShapeDtypeStruct((N, 3), jnp.float32)
-  (got,) = jax.linear_transpose(lambda v: P.sum_p.bind(v), spec)(X[0])
+  (got,) = jax.linear_transpose(lambda v: A.sum_p.bind(v), spec)(X[0])
   np.testing.assert_array_equal(got, np.broadcast_to(X[0], (N, 3)))
-  (got,) = jax.linear_transpose(lambda v: P.mean_p.bind(v), spec)(X[0])
+  (got,) = jax.linear_transpose(lambda v: A.mean_p.bind(v), spec)(X[0])
   np.testing.assert_allclose(got, np.broadcast_to(X[0] / N, (N, 3)))
   (got,) = jax.linear_transpose(lambda v: P.broadcast_p.bind(v, clients=N), X[0])(X)
   np.testing.assert_allclose(got, X.sum(0), rtol=1e-6)

@@ -5,6 +5,7 @@ JAX_ENABLE_X64=1 and is refused without it."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -97,6 +98,12 @@ USAGE_CASES = {
                        "inputs.txt is not an .npz file"),
     "inputs-npy": (["verify", "{export}", "--runtime", "jax", "--inputs", "{tmp}/one.npy"],
                    "is a single .npy array, not an .npz"),
+    "option-of-another-target": (["export", "cli_programs:scaled_mean", "--target", "stablehlo",
+                                  "--local", "xla", "-o", "{tmp}/o"],
+                                 "target 'stablehlo' has no option 'local' (its options are "
+                                 "stablehlo_version)"),
+    "unregistered-target": (["verify", "{tmp}/unregistered", "--inputs", "{inputs}"],
+                            "no registered runtime reads exports of target 'gone'"),
     "unknown-runtime": (["verify", "{export}", "--runtime", "onnx", "--inputs", "{inputs}"],
                         "argument --runtime: invalid choice: 'onnx'"),
     "rounds-zero": (["verify", "{export}", "--runtime", "jax", "--inputs", "{inputs}", "--rounds",
@@ -155,6 +162,10 @@ def usage_setup(scaled, tmp_path_factory) -> dict[str, tuple[Path, list[str]]]:
   (tmp / "bad_json").mkdir()
   (tmp / "bad_json" / "manifest.json").write_text("{'format_version': 1,")
   (tmp / "inputs.txt").write_text("scale = 2.0\n")
+  # An export of a target no installed package registers (a plug-in since uninstalled).
+  shutil.copytree(export, tmp / "unregistered")
+  manifest = read_manifest(tmp / "unregistered")
+  (tmp / "unregistered" / "manifest.json").write_text(json.dumps({**manifest, "target": "gone"}))
   np.save(tmp / "one.npy", np.zeros(3, np.float32))
   data = dict(np.load(inputs))
   np.savez(tmp / "extra.npz", **data, weights=data["values"])
@@ -338,10 +349,13 @@ def test_targets_lists_every_target_with_its_runtimes_and_whether_they_are_insta
 
   _, runs = user_runs
   out = runs["targets"][1]
-  for name, target in registry.TARGETS.items():
+  for name, target in registry.targets().items():
     assert f"{name}: {target.summary}" in out
-  expected = {(t, r.name) for t in registry.TARGETS for r in registry.RUNTIMES.values()
-              if t in r.reads}
+    for option in target.options:
+      assert f"  option  {option.flag}" in out
+  expected = {(t, r.name) for t in registry.targets() for r in registry.readers(t)}
+  assert expected >= {("tff", "tff"), ("stablehlo", "iree"), ("stablehlo", "jax"),
+                      ("tflite", "litert")}
   lines = _runtime_lines(out)
   assert set(lines) == expected
   # Installed as this machine has them, checked here independently of the CLI.
@@ -355,7 +369,7 @@ def test_targets_lists_every_target_with_its_runtimes_and_whether_they_are_insta
     assert line.split()[2] == ("installed" if here[runtime] else "MISSING"), line
   missing = _runtime_lines(runs["targets-tff-missing"][1])[("tff", "tff")]
   assert "MISSING" in missing and "no-python does not exist" in missing
-  assert f"install: {registry.RUNTIMES['tff'].needs}" in missing
+  assert f"install: {registry.runtime('tff').install}" in missing
 
 
 def test_inspect_names_leaves_as_the_user_does_and_gives_each_stages_traffic(user_runs):
@@ -393,17 +407,13 @@ def test_inspect_html_is_a_well_formed_self_contained_drawing_of_the_round(user_
   tmp, _ = user_runs
   page = (tmp / "round.html").read_text()
   root = ET.fromstring(page.split("\n", 1)[1])  # after <!DOCTYPE html>: XHTML, so XML parses it
-  svg = "{http://www.w3.org/2000/svg}"
-  drawings = list(root.iter(f"{svg}svg"))
-  assert len(drawings) == 1
-  texts = [t.text for t in drawings[0].iter(f"{svg}text")]
-  for want in ("stage 0", "stage 1", "broadcast 16 B per client", "upload 12 B per client",
-               "broadcast 8 B per client", "upload 8 B per client", "params['w'] f32[2]",
-               "weighted_mean: upload0 f32[2] w=data[1]", "sum: upload2 f32[2]", "CLIENTS (3)",
-               "out['spread']"):
-    assert want in texts, (want, texts)
-  # Per stage: down, up, and on to the next stage's server (the last to server_result).
-  assert [e.get("class") for e in drawings[0].iter(f"{svg}line")] == ["down", "up", "next"] * 2
+  text = "".join(root.itertext())
+  # The two round trips with their traffic per client and the user's names (the layout itself is
+  # tested in a browser: tests/test_drawing.py).
+  for want in ("stage 0", "stage 1", "16 B per client", "12 B per client", "8 B per client",
+               "3 in this trace", "weight: data[1]", "sum: upload2", "['spread']",
+               "stage 1 broadcast aggregate0, out['mean']"):
+    assert want in text, (want, text)
   # Nothing to fetch: no scripts, no links or sources (the namespaces are names, not fetched).
   assert not [e for e in root.iter() if e.tag.endswith(("script", "link", "img"))]
   assert not [e for e in root.iter() for k in e.attrib if k in ("src", "href")]
@@ -480,11 +490,65 @@ def test_progress_goes_to_a_terminal_stderr_step_by_step(tmp_path):
                                         "stablehlo", "-o", tmp_path / "scaled"])
   assert rc == 0, (out, err)
   steps = [line.split("] ", 1)[1] for line in err.splitlines() if line.startswith("[")]
-  assert steps[0] == "importing cli_programs:scaled_mean"
-  assert "tracing and splitting scaled_mean" in steps
-  assert "lowering stage0_client_work to StableHLO" in steps
-  assert steps[-1] == "serializing the native reference"
+  assert steps == ["importing cli_programs:scaled_mean",
+                   "loading the stablehlo exporter",
+                   "tracing and splitting scaled_mean",
+                   "computation: lowering stage0_server_prepare to StableHLO",
+                   "computation: lowering stage0_client_work to StableHLO",
+                   "computation: lowering server_result to StableHLO",
+                   "serializing the native reference"], err
   assert "exported cli_programs:scaled_mean" in out and "[" not in out.splitlines()[0][:1]
+
+
+class _Terminal(io.StringIO):
+  """A stderr that says it is a terminal, so the CLI reports progress."""
+
+  def isatty(self) -> bool:
+    return True
+
+
+def _library_functions() -> dict[tuple[str, str], object]:
+  """Every function and class of every faxbridge module loaded now, by (module, name)."""
+  return {(name, attr): value for name, module in list(sys.modules.items())
+          if name.startswith("faxbridge") and module is not None
+          for attr, value in vars(module).items() if callable(value)}
+
+
+def test_progress_is_heard_not_patched_the_library_is_the_same_while_the_cli_runs(
+    tmp_path, monkeypatch):
+  """In this process: the CLI prints the library's events, and every library function seen while
+  it runs (checked at each event) and after is the one that was there before."""
+  from faxbridge._src import cli, events
+  from faxbridge._src import export as fe
+
+  before = _library_functions()
+  assert ("faxbridge._src.export", "split_program") in before
+  changed: list = []
+
+  def check(event):
+    now = _library_functions()
+    changed.extend((key, event.name) for key, value in before.items() if now.get(key) is not value)
+
+  err = _Terminal()
+  monkeypatch.setattr(sys, "stderr", err)
+  monkeypatch.chdir(TESTS)
+  split_program = fe.split_program
+  with fb.events.listen(check):
+    rc = cli.main(["export", "cli_programs:scaled_mean", "--target", "stablehlo", "-o",
+                   str(tmp_path / "out"), "--save-inputs"])
+    assert rc == 0, err.getvalue()
+    rc = cli.main(["verify", str(tmp_path / "out"), "--runtime", "iree"])
+    assert rc == 0, err.getvalue()
+  assert fe.split_program is split_program
+  assert not changed, changed
+  after = _library_functions()
+  assert not [key for key, value in before.items() if after.get(key) is not value]
+  assert not events.listening()  # the CLI's listener went with its command
+  steps = [line.split("] ", 1)[1] for line in err.getvalue().splitlines() if line.startswith("[")]
+  for step in ("tracing and splitting scaled_mean", "serializing the native reference",
+               "loading runtime iree", "iree: computation", "running natively (XLA)",
+               "native: computation"):
+    assert step in steps, steps
 
 
 @pytest.mark.slow
@@ -492,15 +556,67 @@ def test_verify_on_a_terminal_shows_each_round_on_the_runtime_and_natively(tmp_p
   rc, out, err = _cli(["export", "examples.fedavg:process", "--target", "stablehlo", "-o",
                        tmp_path / "fedavg", "--save-inputs"], cwd=REPO)
   assert rc == 0, err
-  rc, out, err = _with_terminal_stderr(["verify", tmp_path / "fedavg", "--runtime", "iree",
+  for runtime in ("iree", "jax"):  # in this process, and in a fresh one that reports its rounds
+    rc, out, err = _with_terminal_stderr(["verify", tmp_path / "fedavg", "--runtime", runtime,
+                                          "--rounds", "2"], cwd=REPO)
+    assert rc == 0, (out, err)
+    steps = [line.split("] ", 1)[1] for line in err.splitlines() if line.startswith("[")]
+    assert steps[:3] == [f"checking {len(read_manifest(tmp_path / 'fedavg')['files'])} files "
+                         "against the manifest's sha256", f"loading runtime {runtime}",
+                         f"running on {runtime}"], steps
+    rounds = {who: [s for s in steps if s.startswith(f"{who}: ")] for who in (runtime, "native")}
+    for who in (runtime, "native"):
+      assert rounds[who] == [f"{who}: initialize", f"{who}: round 1 of 2",
+                             f"{who}: round 2 of 2"], steps
+    assert steps.index(f"{runtime}: round 2 of 2") < steps.index("running natively (XLA)") \
+        < steps.index("native: initialize")
+    assert out.splitlines()[-1].startswith("OK: ")
+
+
+@pytest.mark.slow
+def test_verify_on_a_terminal_shows_the_rounds_tff_reports_while_it_runs(tmp_path):
+  rc, out, err = _cli(["export", "examples.fedavg:process", "--target", "tff", "-o",
+                       tmp_path / "fedavg", "--save-inputs"], cwd=REPO)
+  assert rc == 0, err
+  rc, out, err = _with_terminal_stderr(["verify", tmp_path / "fedavg", "--runtime", "tff",
                                         "--rounds", "2"], cwd=REPO)
   assert rc == 0, (out, err)
-  steps = [line.split("] ", 1)[1] for line in err.splitlines() if line.startswith("[")]
-  assert steps[0] == "loading runtime iree"
-  for who in ("iree", "native"):
-    assert [s for s in steps if s.startswith(f"{who}: ")] == [
-        f"{who}: initialize", f"{who}: round 1 of 2", f"{who}: round 2 of 2"], steps
+  lines = [line for line in err.splitlines() if line.startswith("[")]
+  steps = [line.split("] ", 1)[1] for line in lines]
+  start = steps.index("starting TFF 0.87 in .venv-tff (rounds run there)")
+  tff = [s for s in steps[start:] if s == "tff: initialize" or s.startswith("tff: round ")]
+  # The runner's rounds, then (a single-stage round) the MapReduceForm and DistributeAggregateForm
+  # rebuilds' rounds, all before the native side starts.
+  assert tff == ["tff: initialize", "tff: round 1 of 2", "tff: round 2 of 2"], steps
+  for form in ("mapreduce", "distribute_aggregate"):
+    assert [s for s in steps if s.startswith(f"tff ({form} rebuilt): ")] == [
+        f"tff ({form} rebuilt): initialize", f"tff ({form} rebuilt): round 1 of 2",
+        f"tff ({form} rebuilt): round 2 of 2"], steps
+  assert steps.index("tff: round 2 of 2") < steps.index("running natively (XLA)")
+  # Each round was printed when TFF started it (the file is read while the runner runs), not all
+  # at the end: the rounds' times differ.
+  seconds = [float(line[1:].split(" s]")[0]) for line, s in zip(lines, steps)
+             if s.startswith("tff") and "round" in s]
+  assert seconds[-1] > seconds[0], lines
   assert out.splitlines()[-1].startswith("OK: ")
+
+
+@pytest.mark.slow
+def test_demo_exports_the_default_targets_demo_and_proves_it(tmp_path):
+  """`make demo`'s command: the default target's demo (the bundled FedAvg, from data in its registry
+  entry) exported and proven on the demo's runtime, every round compared."""
+  from faxbridge._src import registry
+
+  target = registry.default_target()
+  demo = target.demo
+  rc, out, err = _cli(["demo", "-o", tmp_path, "--rounds", "2"], cwd=REPO)
+  assert rc == 0, (out, err)
+  export = tmp_path / f"{demo.program.split(':')[0].rsplit('.', 1)[-1]}_{target.name}"
+  manifest = read_manifest(export)
+  assert manifest["target"] == target.name and manifest["kind"] == "iterative_process"
+  assert f"exported {demo.program} to {export}" in out
+  assert f"running 2 rounds on {demo.runtime} " in out
+  assert "round2/" in out and out.splitlines()[-1].startswith("OK: "), out
 
 
 @pytest.mark.slow
@@ -509,7 +625,7 @@ def test_tensorflow_and_absl_logs_are_hidden_unless_verbose(tmp_path):
   args = ["export", "cli_programs:scaled_mean", "--target", "tflite", "-o"]
   rc, out, err = _with_terminal_stderr([*args, tmp_path / "quiet"])
   assert rc == 0, (out, err)
-  assert "converting stage0_client_work to TFLite" in err
+  assert "computation: converting stage0_client_work to TFLite" in err
   assert not [n for n in noise if n in err], err
   rc, out, err = _with_terminal_stderr(["-v", *args, tmp_path / "verbose"])
   assert rc == 0, (out, err)
@@ -522,8 +638,7 @@ def test_tensorflow_and_absl_logs_are_hidden_unless_verbose(tmp_path):
 def _help_examples() -> list[str]:
   from faxbridge._src import cli
 
-  lines = cli.__doc__.split("examples (from the repository root):\n", 1)[1].splitlines()
-  return [line.strip() for line in lines if line.startswith("  faxbridge ")]
+  return cli.examples()
 
 
 def test_the_help_shows_the_examples_and_the_readme_runs_the_same_commands(user_runs):

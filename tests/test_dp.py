@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import faxbridge as fb
-from faxbridge._src import render
+from faxbridge._src import drawing, render
 from faxbridge._src.dp import adaptive_noise_multipliers, form_mechanisms
 
 RNG = np.random.default_rng(7)
@@ -235,10 +235,10 @@ def test_inspect_text_shows_the_dp_parameters():
   assert "clipped count's noise stddev: 2\n" in text
   import xml.etree.ElementTree as ET
 
-  page = render.round_html({"next": fb.split(adaptive, _updates(8), fb.dp_adaptive_init(1.0),
+  page = drawing.round_html({"next": fb.split(adaptive, _updates(8), fb.dp_adaptive_init(1.0),
                                               KEY)}, "dp")
   ET.fromstring(page.split("\n", 1)[1])  # still well-formed XHTML
-  assert "clip norm: server state (adapted each round)" in page
+  assert "<th>clip norm</th><td>server state (adapted each round)</td>" in page  # DP table
   plain = render.form_text(fb.split(fb.computation(fb.mean, in_placements=(fb.CLIENTS,)),
                                      np.ones((3, 2), np.float32)), "plain")
   assert "differential privacy" not in plain

@@ -20,9 +20,9 @@ from jax.extend import core as jcore
 
 import faxbridge as fb
 from examples import EXAMPLES
+from faxbridge._src.aggregations import AGGREGATION_KINDS, BUILTIN_KINDS
 from faxbridge._src.errors import ExportError, VerificationError
 from faxbridge._src.export import split_program
-from faxbridge._src.primitives import AGGREGATION_KINDS
 from faxbridge.converters import plan as fplan
 
 SCHEMA = json.loads((pathlib.Path(__file__).parent.parent / "docs" / "plan.schema.json").read_text())
@@ -73,6 +73,31 @@ def test_schema_is_valid_json_schema():
   jsonschema.Draft202012Validator.check_schema(SCHEMA)
 
 
+def test_schema_kinds_weights_and_params_are_the_registered_rules():
+  """The schema lists exactly faxbridge's aggregation kinds, and requires of each the weight and
+  the params its rule declares; other kinds must be package-qualified (defined outside)."""
+  builtin = SCHEMA["$defs"]["aggregation"]["properties"]["kind"]["anyOf"][0]
+  assert sorted(builtin["enum"]) == sorted(BUILTIN_KINDS)
+  aggregation = jsonschema.Draft202012Validator({"$ref": "#/$defs/aggregation", "$defs": SCHEMA["$defs"]})
+  result = {"name": "r", "shape": [], "dtype": "int32"}
+
+  def entry(kind, weight=False, **params):
+    return {"kind": kind, "value": "v", "result": result, **({"weight": "w"} if weight else {}),
+            **({"params": params} if params else {})}
+
+  for kind in BUILTIN_KINDS:
+    rule = AGGREGATION_KINDS[kind]
+    declared = dict.fromkeys(rule.params, 8)
+    aggregation.validate(entry(kind, rule.weighted, **declared))
+    assert not aggregation.is_valid(entry(kind, not rule.weighted, **declared)), kind
+    assert not aggregation.is_valid(entry(kind, rule.weighted, **declared, extra=1)), kind
+    if declared:
+      assert not aggregation.is_valid(entry(kind, rule.weighted)), kind
+  aggregation.validate(entry("mypkg.clipped_sum", c=0.5))
+  aggregation.validate(entry("mypkg.trimmed_mean", True, trim=1, mode="low"))
+  assert not aggregation.is_valid(entry("clipped_sum"))  # neither built-in nor qualified
+
+
 @pytest.mark.parametrize("program,args", _programs())
 def test_plan_validates_and_runs_like_the_whole_computation(program, args):
   plan, kept = _plan_with_pieces(program, args)
@@ -118,7 +143,7 @@ def test_plan_records_stages_broadcasts_and_aggregations():
   plan, _ = _plan_with_pieces(analytics.computation, analytics.example_inputs())
   (secure,) = [a for s in plan["computations"]["computation"]["stages"] for a in s["aggregations"]
                if a["kind"] == "secure_sum"]
-  assert secure["bitwidth"] == 16 and secure["result"]["dtype"] == "int32"
+  assert secure["params"] == {"bitwidth": 16} and secure["result"]["dtype"] == "int32"
 
   plan, _ = _plan_with_pieces(two_stage.computation, two_stage.example_inputs())
   stages = plan["computations"]["computation"]["stages"]
@@ -206,7 +231,7 @@ def _by_loops(kind, values, weights):
   return acc
 
 
-@given(kind=st.sampled_from(sorted(AGGREGATION_KINDS)),
+@given(kind=st.sampled_from(sorted(BUILTIN_KINDS)),
        clients=st.integers(1, 6), shape=st.sampled_from([(), (3,), (2, 2)]),
        seed=st.integers(0, 2**16), dtype=st.sampled_from(["float32", "int32", "int8", "uint8"]))
 def test_aggregation_rules_with_numpy_and_jax_match_loops(kind, clients, shape, seed, dtype):

@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import faxbridge as fb
+from faxbridge._src import aggregations as A
 from faxbridge._src import primitives as P
 
 FLOATS = (np.float32,)
@@ -192,23 +193,23 @@ def test_broadcast_needs_a_number_of_clients():
 def test_primitives_evaluate_eagerly_and_abstractly():
   x = np.arange(6, dtype=np.float32).reshape(3, 2)
   np.testing.assert_array_equal(P.broadcast_p.bind(x[0], clients=4), np.stack([x[0]] * 4))
-  np.testing.assert_array_equal(P.sum_p.bind(x), x.sum(0))
-  np.testing.assert_allclose(P.mean_p.bind(x), x.mean(0))
-  np.testing.assert_array_equal(P.max_p.bind(x), x.max(0))
-  np.testing.assert_array_equal(P.min_p.bind(x), x.min(0))
-  np.testing.assert_array_equal(P.secure_sum_p.bind(x.astype(np.int32), bitwidth=4), [6, 9])
+  np.testing.assert_array_equal(A.sum_p.bind(x), x.sum(0))
+  np.testing.assert_allclose(A.mean_p.bind(x), x.mean(0))
+  np.testing.assert_array_equal(A.max_p.bind(x), x.max(0))
+  np.testing.assert_array_equal(A.min_p.bind(x), x.min(0))
+  np.testing.assert_array_equal(A.secure_sum_p.bind(x.astype(np.int32), bitwidth=4), [6, 9])
   w = np.array([1.0, 2.0, 5.0], np.float32)
-  np.testing.assert_allclose(P.weighted_mean_p.bind(x, w), (w[:, None] * x).sum(0) / w.sum())
+  np.testing.assert_allclose(A.weighted_mean_p.bind(x, w), (w[:, None] * x).sum(0) / w.sum())
   spec = jax.ShapeDtypeStruct((3, 2), jnp.float32)
-  for prim in P.AGGREGATIONS:
-    args = (spec, jax.ShapeDtypeStruct((3,), jnp.float32)) if prim is P.weighted_mean_p else (spec,)
-    params = {"bitwidth": 8} if prim is P.secure_sum_p else {}
+  for prim in A.AGGREGATIONS:
+    args = (spec, jax.ShapeDtypeStruct((3,), jnp.float32)) if prim is A.weighted_mean_p else (spec,)
+    params = {"bitwidth": 8} if prim is A.secure_sum_p else {}
     out = jax.eval_shape(lambda *a, p=prim, kw=params: p.bind(*a, **kw), *args)
     assert (out.shape, out.dtype) == ((2,), jnp.float32), prim
   out = jax.eval_shape(lambda v: P.broadcast_p.bind(v, clients=5), spec)
   assert (out.shape, out.dtype) == ((5, 3, 2), jnp.float32)
   with pytest.raises(TypeError, match="does not fit"):
-    jax.eval_shape(P.weighted_mean_p.bind, spec, jax.ShapeDtypeStruct((3,), jnp.float16))
+    jax.eval_shape(A.weighted_mean_p.bind, spec, jax.ShapeDtypeStruct((3,), jnp.float16))
 
 
 def test_map_primitive_runs_its_per_client_jaxpr():

@@ -54,13 +54,13 @@ def test_each_piece_is_a_jaxpr_and_a_callable():
                           "faxbridge_weighted_mean"}
 
 
-def test_aggregation_kinds_weights_and_bitwidths():
+def test_aggregation_kinds_weights_and_params():
   comp, args = _example("analytics")
   (stage,) = fb.split(comp, *args).stages
   kinds = sorted(a.kind for a in stage.aggregations)
   assert kinds == ["max", "mean", "min", "secure_sum"]
   (secure,) = [a for a in stage.aggregations if a.kind == "secure_sum"]
-  assert secure.bitwidth == 16 and secure.result.dtype == "int32"
+  assert secure.params == {"bitwidth": 16} and secure.result.dtype == "int32"
 
   comp, args = _example("fedavg")
   (stage,) = fb.split(comp, *args).stages

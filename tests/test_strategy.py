@@ -15,8 +15,8 @@ import pytest
 from federated_programs import generate, mismatches, program
 
 import faxbridge as fb
+from faxbridge._src import aggregations as A
 from faxbridge._src import execution
-from faxbridge._src import primitives as P
 
 STRATEGIES = ["vmap", "stream", ("stream", 3)]
 RNG = np.random.default_rng(7)
@@ -146,7 +146,8 @@ def test_vmap_over_simulations_jit_and_eval_shape():
 
 
 # -- each aggregation's stream rule, block by block, against numpy ---------------------------------
-def _streamed(rule, x, w, block):
+def _streamed(prim, x, w, block):
+  rule = A.AGGREGATIONS[prim].streaming({"bitwidth": 8} if prim is A.secure_sum_p else {})
   aval = jax.core.ShapedArray(x.shape[1:], x.dtype)
   acc = rule.init(aval, None if w is None else jax.core.ShapedArray(w.shape[1:], w.dtype))
   for start in range(0, len(x), block):
@@ -157,26 +158,26 @@ def _streamed(rule, x, w, block):
 @pytest.mark.parametrize("block", [1, 2, 5])
 def test_aggregation_rules_stream_exactly_for_integers(block):
   i8 = np.int8([[100, -128], [100, 2], [-3, 127], [90, -1], [1, 1]])
-  assert _streamed(P.AGGREGATIONS[P.sum_p], i8, None, block).tolist() == [32, 1]  # 288 wraps
-  assert _streamed(P.AGGREGATIONS[P.sum_p], i8, None, block).dtype == np.int8
-  assert _streamed(P.AGGREGATIONS[P.secure_sum_p], np.uint8([[200], [100]]), None, block).tolist() == [44]
-  assert _streamed(P.AGGREGATIONS[P.max_p], i8, None, block).tolist() == [100, 127]
-  assert _streamed(P.AGGREGATIONS[P.min_p], i8, None, block).tolist() == [-3, -128]
+  assert _streamed(A.sum_p, i8, None, block).tolist() == [32, 1]  # 288 wraps
+  assert _streamed(A.sum_p, i8, None, block).dtype == np.int8
+  assert _streamed(A.secure_sum_p, np.uint8([[200], [100]]), None, block).tolist() == [44]
+  assert _streamed(A.max_p, i8, None, block).tolist() == [100, 127]
+  assert _streamed(A.min_p, i8, None, block).tolist() == [-3, -128]
   # The primitive's int mean: the wrapped int8 sum, divided as integers (truncating).
-  assert _streamed(P.AGGREGATIONS[P.mean_p], i8, None, block).tolist() == [6, 0]  # 32 // 5
-  assert _streamed(P.AGGREGATIONS[P.max_p], np.array([[False], [True]]), None, block).tolist() == [True]
+  assert _streamed(A.mean_p, i8, None, block).tolist() == [6, 0]  # 32 // 5
+  assert _streamed(A.max_p, np.array([[False], [True]]), None, block).tolist() == [True]
 
 
 @pytest.mark.parametrize("block", [1, 3])
 def test_aggregation_rules_stream_floats(block):
   x = RNG.normal(size=(7, 2, 3)).astype(np.float32)
   w = RNG.uniform(0.5, 2, size=(7,)).astype(np.float32)
-  np.testing.assert_allclose(_streamed(P.AGGREGATIONS[P.mean_p], x, None, block), x.mean(0),
+  np.testing.assert_allclose(_streamed(A.mean_p, x, None, block), x.mean(0),
                              rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(_streamed(P.AGGREGATIONS[P.weighted_mean_p], x, w, block),
+  np.testing.assert_allclose(_streamed(A.weighted_mean_p, x, w, block),
                              (w[:, None, None] * x).sum(0) / w.sum(), rtol=1e-5, atol=1e-6)
   xb = jnp.asarray(x, jnp.bfloat16)  # low precision accumulates in float32, as jnp.sum does
-  got = _streamed(P.AGGREGATIONS[P.mean_p], xb, None, block)
+  got = _streamed(A.mean_p, xb, None, block)
   assert got.dtype == jnp.bfloat16
   np.testing.assert_allclose(got.astype(np.float32), np.asarray(xb, np.float32).mean(0),
                              rtol=1e-2, atol=1e-2)

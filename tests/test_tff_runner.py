@@ -245,7 +245,13 @@ def exports(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def computation_batch(exports):
+def runner_events() -> list:
+  """The events of ``computation_batch``'s runner call, in the order they arrived."""
+  return []
+
+
+@pytest.fixture(scope="module")
+def computation_batch(exports, runner_events):
   """One runner call for every federated test; returns the inputs and the runs by name."""
   inputs = tt.round_inputs(NUM_CLIENTS, seed=1)
   per_round = {f"round{r}/{k}": v for r in range(1, ROUNDS + 1)
@@ -262,7 +268,8 @@ def computation_batch(exports):
           "broadcast_secure_4": rt.ComputationJob(exports["broadcast_secure_4"], params),
           "broadcast_no_count": rt.ComputationJob(exports["broadcast_no_count"], params),
           "counting": rt.ComputationJob(exports["counting"], {"scale": np.float32(0.5)}, rounds=2)}
-  results = rt.run_computations(list(jobs.values()), strict=False)
+  with fb.events.listen(runner_events.append):
+    results = rt.run_computations(list(jobs.values()), strict=False)
   return inputs, per_round, dict(zip(jobs, results))
 
 
@@ -324,6 +331,27 @@ def test_iterative_process_state_after_each_round_equals_numpy(computation_batch
     params = want["params"]
   # Per-round data really differed (clients 6..10): the rounds are not one repeated round.
   assert iterative.round(1)["metrics/loss"] != iterative.round(2)["metrics/loss"]
+
+
+@pytest.mark.slow
+def test_the_runner_reports_each_round_while_it_runs(computation_batch, runner_events):
+  """The runner's progress lines (``--progress``) arrive here as events, job by job, as TFF
+  starts each computation: the iterative job's initialize and rounds, then its forms' rebuilds'."""
+  names = list(computation_batch[2])
+  assert [e.name for e in runner_events[:2]] == ["tff.start", "tff.imported"]
+  by_who: dict[str, list[str]] = {}
+  for event in runner_events:
+    if event.name == "round":
+      by_who.setdefault(event.fields["who"], []).append(event.message)
+  job = f"tff job {names.index('iterative')}"
+  steps = ["initialize", *(f"round {r} of {ROUNDS}" for r in range(1, ROUNDS + 1))]
+  assert by_who[job] == [f"{job}: {s}" for s in steps]
+  for form in ("mapreduce", "distribute_aggregate"):
+    assert by_who[f"{job} ({form} rebuilt)"] == [f"{job} ({form} rebuilt): {s}" for s in steps]
+  plain = f"tff job {names.index('plain')}"
+  assert by_who[plain] == [f"{plain}: computation"]
+  times = [e.time for e in runner_events]
+  assert times == sorted(times) and times[-1] > times[0]
 
 
 @pytest.mark.slow

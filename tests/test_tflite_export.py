@@ -132,9 +132,9 @@ def test_converter_error_ops_are_extracted():
 
 def test_options_are_checked(tmp_path):
   args = two_stage.example_inputs()
-  with pytest.raises(ExportError, match="--lowering must be one of"):
+  with pytest.raises(ExportError, match="option lowering='x' of target 'tflite' must be one of"):
     fb.export(two_stage.computation, *args, target="tflite", out_dir=tmp_path / "a", lowering="x")
-  with pytest.raises(ExportError, match="takes only lowering"):
+  with pytest.raises(ExportError, match="target 'tflite' has no option 'stablehlo_version'"):
     fb.export(two_stage.computation, *args, target="tflite", out_dir=tmp_path / "b",
               stablehlo_version="week_12")
   assert not list(tmp_path.iterdir())

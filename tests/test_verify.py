@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 import faxbridge as fb
+from faxbridge._src import registry
 from faxbridge._src.errors import ExportError, VerificationError
-from faxbridge._src.registry import RuntimeResult
+from faxbridge._src.registry import Runtime, RuntimeResult
 
 fv = importlib.import_module("faxbridge._src.verify")  # the module: fb.verify is the function
 
@@ -99,9 +100,19 @@ def counting(tmp_path_factory):
   return out, args
 
 
+_STAND_IN: dict = {}  # what the registered stand-in runtime runs, set per test
+
+
+def stand_in_run(export_dir, manifest, inputs, rounds):
+  return _STAND_IN["run"](export_dir, manifest, inputs, rounds)
+
+
 def _runtime_returning(monkeypatch, change):
-  """Runtime stand-in: the native program's own outputs, passed through ``change``; it records
-  every call (so a test sees whether anything ran)."""
+  """Runtime stand-in, registered as runtime ``stand-in`` as any plug-in is: the native program's
+  own outputs, passed through ``change``; it records every call (so a test sees whether anything
+  ran)."""
+  registry.register_runtime(Runtime("stand-in", runner=f"{__name__}:stand_in_run",
+                                    summary="the native outputs passed through a test's change"))
   calls = []
 
   def run(export_dir, manifest, inputs, rounds):
@@ -110,7 +121,7 @@ def _runtime_returning(monkeypatch, change):
       return RuntimeResult(outputs={})
     return RuntimeResult(outputs=change(fv.native_outputs(export_dir, manifest, inputs, rounds)))
 
-  monkeypatch.setattr(fv, "_runtime", lambda name: run)
+  monkeypatch.setitem(_STAND_IN, "run", run)
   return calls
 
 

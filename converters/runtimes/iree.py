@@ -19,10 +19,15 @@ from pathlib import Path
 import numpy as np
 
 from faxbridge.converters.plan import load_plan, pieces, run_plan
-from faxbridge.extend import RuntimeResult, VerificationError
+from faxbridge.extend import RuntimeResult, VerificationError, importable
 
 FORMAT = "stablehlo_text"
 COMPILE_FLAGS = ("--iree-llvmcpu-target-cpu=generic",)
+
+
+def available() -> tuple[bool, str]:
+  """The registry's availability probe: IREE's compiler and runtime importable here."""
+  return importable("iree.compiler", "iree.runtime")
 
 
 def _cache_dir() -> Path:
@@ -92,6 +97,6 @@ def verify_run(export_dir: Path, manifest: dict, inputs: dict[str, np.ndarray],
     raise VerificationError("runtime 'iree' needs iree-base-compiler and iree-base-runtime: "
                             "pip install iree-base-compiler==3.13.0 iree-base-runtime==3.13.0") from e
   modules = _Modules(export_dir, plan)
-  outputs = run_plan(plan, modules, inputs, rounds)
+  outputs = run_plan(plan, modules, inputs, rounds, who="iree")
   return RuntimeResult(outputs=outputs, info={"iree_pieces": len(modules.functions),
                                               "iree_flags": " ".join(COMPILE_FLAGS)})

@@ -16,9 +16,15 @@ import numpy as np
 
 from faxbridge.converters.plan import load_plan, pieces
 from faxbridge.converters.runtimes import jax_runner
-from faxbridge.extend import RuntimeResult, VerificationError
+from faxbridge.converters.runtimes.progress import ProgressFile, wait
+from faxbridge.extend import RuntimeResult, VerificationError, emit
 
 TIMEOUT_S = 600
+
+
+def available() -> tuple[bool, str]:
+  """The registry's availability probe: jax is what faxbridge runs on, so always here."""
+  return True, "this Python (jax.export)"
 
 
 def verify_run(export_dir: Path, manifest: dict, inputs: dict[str, np.ndarray],
@@ -32,17 +38,31 @@ def verify_run(export_dir: Path, manifest: dict, inputs: dict[str, np.ndarray],
                             "(export with --target=stablehlo to run on runtime 'jax')")
   with tempfile.TemporaryDirectory(prefix="faxbridge-jax-") as tmp:
     in_path, out_path = Path(tmp) / "inputs.npz", Path(tmp) / "outputs.npz"
+    progress = ProgressFile(Path(tmp) / "progress.jsonl")
     jax_runner.save(in_path, inputs)
     cmd = [sys.executable, "-m", "faxbridge.converters.runtimes.jax_runner", str(export_dir),
-           str(in_path), str(out_path), str(rounds)]
+           str(in_path), str(out_path), str(rounds), str(progress.path)]
     # The child runs in an empty directory and imports the same faxbridge as this process; it
     # never imports the program (it is given nothing but the export's path).
     path = os.pathsep.join(p for p in [_faxbridge_root(), os.environ.get("PYTHONPATH")] if p)
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S, cwd=tmp,
-                          env={**os.environ, "PYTHONPATH": path, **_x64_env()})
-    if proc.returncode != 0:
-      raise VerificationError(f"runtime 'jax' failed (exit {proc.returncode}):\n"
-                              f"{proc.stderr[-4000:]}")
+    emit("jax.start", "starting a fresh Python for the jax.export pieces")
+    with open(Path(tmp) / "stderr", "w+") as err:
+      proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              stderr=err, cwd=tmp,
+                              env={**os.environ, "PYTHONPATH": path, **_x64_env()})
+      try:
+        code = wait(proc, TIMEOUT_S, progress,
+                    lambda line: emit(line["name"], line["message"], **line.get("fields", {})))
+      except BaseException as e:  # a timeout, or a listener that raised: the child goes too
+        proc.kill()
+        proc.wait()
+        if isinstance(e, subprocess.TimeoutExpired):
+          raise VerificationError(f"runtime 'jax' did not finish within {TIMEOUT_S} s") from None
+        raise
+      err.seek(0)
+      stderr = err.read()
+    if code != 0:
+      raise VerificationError(f"runtime 'jax' failed (exit {code}):\n{stderr[-4000:]}")
     outputs = jax_runner.load(out_path)
   return RuntimeResult(outputs=outputs, info={"jax_process": "fresh subprocess"})
 

@@ -1,11 +1,13 @@
 """Run an export's ``jax.export`` pieces in this (fresh) process: the child side of runtime "jax".
 
-    python -m faxbridge.converters.runtimes.jax_runner EXPORT_DIR INPUTS.npz OUTPUTS.npz ROUNDS
+    python -m faxbridge.converters.runtimes.jax_runner EXPORT_DIR INPUTS.npz OUTPUTS.npz ROUNDS [PROGRESS]
 
 It reads ``plan.json`` and the ``.jax`` artifacts only (no Python of the program is importable
 here), deserializes each piece with ``jax.export.deserialize``, runs the round(s) with
 ``faxbridge.converters.plan.run_plan`` and writes the outputs. Arrays travel as ``np.savez`` files: entries
 ``a0, a1, ...`` plus ``names``, the keys in order (keys like ``round1/out`` are not safe zip names).
+With ``PROGRESS``, every event of this process (``faxbridge.events``: each round) is appended to
+that file as a JSON line, which the parent reads while this runs and emits as its own.
 """
 
 from __future__ import annotations
@@ -28,12 +30,30 @@ def load(path: str | Path) -> dict[str, np.ndarray]:
 
 
 def main(argv: list[str]) -> int:
+  import contextlib
+  import json
+
+  import faxbridge as fb
+
+  export_dir, inputs_path, outputs_path, rounds, *progress = argv
+  with contextlib.ExitStack() as stack:
+    if progress:
+      file = stack.enter_context(open(progress[0], "a", encoding="utf-8"))
+
+      def forward(event: fb.events.Event) -> None:
+        file.write(json.dumps({"name": event.name, "message": event.message,
+                               "fields": event.fields}, default=str) + "\n")
+        file.flush()
+
+      stack.enter_context(fb.events.listen(forward))
+    return _run(Path(export_dir), inputs_path, outputs_path, int(rounds))
+
+
+def _run(export_dir: Path, inputs_path: str, outputs_path: str, rounds: int) -> int:
   import jax
 
   from faxbridge.converters.plan import load_plan, pieces, run_plan
 
-  export_dir, inputs_path, outputs_path, rounds = argv
-  export_dir = Path(export_dir)
   plan = load_plan(export_dir)
   loaded = {}
   for piece in pieces(plan):
@@ -43,7 +63,7 @@ def main(argv: list[str]) -> int:
   def call(piece: dict, args: list[np.ndarray]) -> list[np.ndarray]:
     return [np.asarray(x) for x in loaded[piece["files"]["jax"]].call(*args)]
 
-  save(outputs_path, run_plan(plan, call, load(inputs_path), int(rounds)))
+  save(outputs_path, run_plan(plan, call, load(inputs_path), rounds, who="jax"))
   return 0
 
 

@@ -12,9 +12,14 @@ from pathlib import Path
 import numpy as np
 
 from faxbridge.converters.plan import load_plan, pieces, run_plan
-from faxbridge.extend import RuntimeResult, VerificationError
+from faxbridge.extend import RuntimeResult, VerificationError, importable
 
 FORMAT = "tflite"
+
+
+def available() -> tuple[bool, str]:
+  """The registry's availability probe: LiteRT importable here."""
+  return importable("ai_edge_litert")
 
 
 class _Runners:
@@ -50,5 +55,5 @@ def verify_run(export_dir: Path, manifest: dict, inputs: dict[str, np.ndarray],
   except ImportError as e:
     raise VerificationError("runtime 'litert' needs ai-edge-litert: pip install ai-edge-litert") from e
   runners = _Runners(export_dir, plan)
-  return RuntimeResult(outputs=run_plan(plan, runners, inputs, rounds),
+  return RuntimeResult(outputs=run_plan(plan, runners, inputs, rounds, who="litert"),
                        info={"litert_pieces": len(runners.runners)})

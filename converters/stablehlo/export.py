@@ -25,7 +25,7 @@ from jax.extend import core as jcore
 from jax.extend.mlir.dialects import stablehlo as shlo
 
 from faxbridge.converters import plan as fplan
-from faxbridge.extend import ExportError, strip_locations
+from faxbridge.extend import ExportError, emit, strip_locations
 
 _REQUIREMENTS = {"week_12": "WEEK_12", "week_4": "WEEK_4", "max": "MAX", "none": "NONE"}
 
@@ -97,6 +97,8 @@ def export_stablehlo(split, out: Path, stablehlo_version: str | None = None,
   version = resolve_version(stablehlo_version)
 
   def write(comp_name: str, piece) -> dict[str, str]:
+    emit("stablehlo.lower", f"{comp_name}: lowering {piece.name} to StableHLO",
+         computation=comp_name, piece=piece.name)
     stem = f"pieces/{comp_name}/{piece.name}"
     (out / stem).parent.mkdir(parents=True, exist_ok=True)
     exported = export_piece(piece)

@@ -78,10 +78,12 @@ def _fuse_transposed_products(jaxpr: jcore.Jaxpr) -> list[Any]:
       uses.setdefault(atom, []).append(None)
   fused: dict[Any, Any] = {}  # product variable -> its dot_general, for products used by one transpose
   for e in jaxpr.eqns:
-    if e.primitive is not lax.dot_general_p or len(e.outvars[0].aval.shape) != 2:
+    out_aval: Any = e.outvars[0].aval  # ShapedArrays (typed as AbstractValue): dot_general's are arrays
+    if e.primitive is not lax.dot_general_p or len(out_aval.shape) != 2:
       continue
     (lc, rc), (lb, _) = e.params["dimension_numbers"]
     la, ra = (a.aval for a in e.invars)
+    assert hasattr(la, "shape") and hasattr(ra, "shape")
     users = uses.get(e.outvars[0], [])
     if (not lb and len(la.shape) - len(lc) == 1 and len(ra.shape) - len(rc) == 1 and len(users) == 1
         and users[0] is not None and users[0].primitive is lax.transpose_p

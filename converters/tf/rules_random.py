@@ -10,6 +10,8 @@ same functions JAX lowers to XLA), and the expansion is lowered like any jaxpr; 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
@@ -33,6 +35,7 @@ def _expansion(kind: str, impl_name: str, in_specs: tuple, params: tuple) -> jax
   impl = _jprng.prngs[impl_name]
   kw = dict(params)
   specs = [jax.ShapeDtypeStruct(s, d) for s, d in in_specs]
+  fn: Callable[..., Any]
   if kind == "seed":
     fn = lambda seeds: _jprng.random_seed_impl_base(seeds, impl=impl)
   elif kind == "split":

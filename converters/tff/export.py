@@ -11,9 +11,10 @@ and intrinsics: a lambda over one struct parameter, an element per positional ar
   aggregates = federated_{sum,mean,secure_sum_bitwidth,max,min}(<uploads of that kind>)
 
 and ``server_result`` is one more server ``federated_map``. The stages are walked by
-:func:`faxbridge._src.form.interpret`; each aggregation's intrinsic is its rule's ``tff``. Uploads of one
-aggregation kind (and weight, or bitwidth) are aggregated as one struct, so a round has one
-intrinsic call per kind.
+:func:`faxbridge.extend.interpret`; each aggregation's intrinsic comes from this target's own table
+(``intrinsics.py``, keyed by the aggregation's Primitive), and an aggregation it has none for is
+refused before anything is traced. Uploads of one aggregation kind, weight and params are
+aggregated as one struct, so a round has one intrinsic call per kind.
 
 A zip's elements are whole structs where the computation already holds one (an argument, a piece's
 result, a broadcast, an aggregate): e.g. ``federated_zip_at_clients(<data, received>)`` rather than a
@@ -37,8 +38,9 @@ import federated_language as fl
 import jax
 
 from faxbridge import CLIENTS, SERVER
-from faxbridge.converters.tff import local
-from faxbridge.converters.tff.local import LOCAL_FORMS, nest, struct_type_of
+from faxbridge.converters.tff import LOCAL_FORMS, local
+from faxbridge.converters.tff.intrinsics import intrinsic
+from faxbridge.converters.tff.local import lowering_computation, nest, struct_type_of
 from faxbridge.extend import Backend, ExportError, FederatedForm, SplitProgram, interpret
 
 # -- the federated computation of a form ---------------------------------------------------------
@@ -174,7 +176,7 @@ class TffBackend(Backend):
     # per kind and round, which is what MapReduceForm expects of a round.
     groups: dict[tuple, list] = {}
     for agg in aggregations:
-      groups.setdefault((agg.kind, agg.weight, agg.bitwidth), []).append(agg)
+      groups.setdefault((agg.kind, agg.weight, tuple(agg.params.items())), []).append(agg)
     results = {}
     for (_, weight, _), aggs in groups.items():
       keys = list(dict.fromkeys(a.value for a in aggs))  # one upload may be aggregated twice
@@ -182,8 +184,8 @@ class TffBackend(Backend):
       struct, size = self._whole(parts, 0)
       values = struct if struct is not None and size == len(parts) else \
           _zip({k: uploads[k] for k in keys})
-      rule = aggs[0].rule
-      combined = rule.tff(fl, values, uploads[weight] if weight else None, aggs[0].params)
+      combined = intrinsic(aggs[0])(values, uploads[weight] if weight else None,
+                                    dict(aggs[0].params))
       for a in aggs:
         results[a.result.name] = self.leaf(combined, keys.index(a.value))
     return results
@@ -297,7 +299,14 @@ def export_tff(split: SplitProgram, out: Path, local: str = "tensorflow", **opti
     raise ExportError(f"the tff target takes no options {sorted(options)}")
   if local not in LOCAL_FORMS:
     raise ExportError(f"--local must be one of {LOCAL_FORMS}, got {local!r}")
-  comps = {name: to_federated_computation(form, local) for name, form in split.forms.items()}
+  for form in split.forms.values():  # refuse an aggregation without intrinsic before tracing
+    for stage in form.stages:
+      for agg in stage.aggregations:
+        intrinsic(agg)
+  comps = {}
+  for name, form in split.forms.items():
+    with lowering_computation(name):  # names the computation in each piece's progress event
+      comps[name] = to_federated_computation(form, local)
   if split.kind == "iterative_process":
     _check_iterative(comps["initialize"], comps["next"], split.name)
   part: dict[str, Any] = {"local": local}

@@ -13,8 +13,11 @@ leaves (the parameter and result types of the federated computation are built fr
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
-from collections.abc import Sequence
+import sys
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import federated_language as fl
@@ -23,9 +26,21 @@ import numpy as np
 from federated_language.proto import computation_pb2 as pb
 from google.protobuf import any_pb2
 
-from faxbridge.extend import Piece, TensorSpec
+from faxbridge.extend import Piece, TensorSpec, emit
 
-LOCAL_FORMS = ("tensorflow", "xla")
+# The computation (``computation``, ``initialize``, ``next``) whose pieces are being lowered, for
+# the progress events: a piece's name alone (``server_result``) is in every computation.
+_computation: contextvars.ContextVar[str] = contextvars.ContextVar("tff_computation", default="")
+
+
+@contextlib.contextmanager
+def lowering_computation(name: str) -> Iterator[None]:
+  """While inside, pieces lowered by :func:`local_computation` belong to computation ``name``."""
+  token = _computation.set(name)
+  try:
+    yield
+  finally:
+    _computation.reset(token)
 
 
 # -- pytrees of tensors as federated_language types ----------------------------------------------
@@ -194,5 +209,13 @@ def local_computation(piece: Piece, form: str = "tensorflow", layout: ParamLayou
   """A typed federated_language computation running ``piece`` locally, its parameter grouped as
   ``layout`` says (default: the flat struct of its inputs), its result's elements named
   ``result_names`` (default: the outputs' tensor names)."""
+  if form == "tensorflow" and "tensorflow" not in sys.modules:
+    # Its import takes seconds: a step of its own, not billed to the first piece's lowering.
+    emit("tff.import", "importing TensorFlow")
+    import tensorflow  # noqa: F401
+  where = _computation.get()
+  emit("tff.lower", f"{where + ': ' if where else ''}lowering {piece.name} to a "
+       f"{'TF' if form == 'tensorflow' else 'XLA'} local computation", computation=where,
+       piece=piece.name, form=form)
   return fl.framework.ConcreteComputation.from_proto(
       _BUILDERS[form](piece, layout, result_names))

@@ -21,6 +21,7 @@ kernels cannot prepare fails the export, not a device.
 from __future__ import annotations
 
 import re
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -29,9 +30,8 @@ from typing import Any
 import numpy as np
 
 from faxbridge.converters import plan as fplan
-from faxbridge.extend import ExportError, FaxbridgeError, describe
-
-LOWERINGS = ("tf", "jax2tf")
+from faxbridge.converters.tflite import LOWERINGS
+from faxbridge.extend import ExportError, FaxbridgeError, describe, emit
 
 
 def _unsupported_primitives(closed) -> list[str]:
@@ -212,8 +212,14 @@ def export_tflite(split, out: Path, lowering: str = "tf", **options: Any) -> dic
   if lowering not in LOWERINGS:
     raise ExportError(f"--lowering must be one of {LOWERINGS}, got {lowering!r}")
   ops: dict[str, list[str]] = {}
+  if "tensorflow" not in sys.modules:
+    # Its import takes seconds: a step of its own, not billed to the first piece's conversion.
+    emit("tflite.import", "importing TensorFlow")
+    import tensorflow  # noqa: F401
 
   def write(comp_name: str, piece) -> dict[str, str]:
+    emit("tflite.convert", f"{comp_name}: converting {piece.name} to TFLite",
+         computation=comp_name, piece=piece.name)
     rel = f"pieces/{comp_name}/{piece.name}.tflite"
     (out / rel).parent.mkdir(parents=True, exist_ok=True)
     model = convert_piece(piece, lowering)

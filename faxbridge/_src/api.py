@@ -10,13 +10,16 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.extend import source_info_util
 
+from faxbridge._src import aggregations as A
 from faxbridge._src import primitives as P
 from faxbridge._src.errors import PlacementError
 from faxbridge._src.locations import describe
@@ -143,10 +146,64 @@ def map(fn: Callable, *args: PyTree) -> PyTree:
   return jax.tree.unflatten(out_tree_box[-1], _constrain_to_clients(list(out)))
 
 
-def _aggregate(op: str, prim, x: PyTree, **params) -> PyTree:
+def aggregate(prim, x: PyTree, weight: jax.Array | None = None, **params) -> PyTree:
+  """CLIENTS -> SERVER: the aggregation ``prim`` of every leaf of ``x``.
+
+  ``prim`` is an aggregation primitive (``faxbridge.extend.define_aggregation``'s result, or a
+  built-in one); ``params`` are exactly the parameters its rule declares, each a JSON scalar
+  (bool, int, float, str: they travel into ``plan.json``). A weighted aggregation takes one
+  ``weight`` per client (shape ``(n,)``), cast to each leaf's dtype as client work. This is how
+  an ``fb.*``-style function is written::
+
+    def clipped_sum(x, c):
+      return aggregate(clipped_sum_p, x, c=float(c))
+
+  Raises:
+    TypeError: ``prim`` is no aggregation, or the params or the weight do not fit its rule.
+    PlacementError: a leaf (or the weight) is not CLIENTS-placed.
+  """
+  rule = A.AGGREGATIONS.get(prim)
+  if rule is None:
+    raise TypeError(f"{getattr(prim, 'name', prim)!r} is not an aggregation primitive: define it "
+                    "with faxbridge.extend.define_aggregation")
+  op = rule.kind
+  missing, unknown = set(rule.params) - set(params), set(params) - set(rule.params)
+  if missing or unknown:
+    raise TypeError(f"fb.{op}{_here()} takes the params {sorted(rule.params)}; missing "
+                    f"{sorted(missing)}, unknown {sorted(unknown)}")
+  params = {k: _json_scalar(op, k, v) for k, v in params.items()}
   leaves, tree = jax.tree.flatten(x)
-  _clients_of(op, leaves)
-  return jax.tree.unflatten(tree, [prim.bind(jnp.asarray(v), **params) for v in leaves])
+  n = _clients_of(op, leaves)
+  if not rule.weighted:
+    if weight is not None:
+      raise TypeError(f"fb.{op}{_here()} takes no weight")
+    return jax.tree.unflatten(tree, [prim.bind(jnp.asarray(v), **params) for v in leaves])
+  if weight is None:
+    raise TypeError(f"fb.{op}{_here()} needs a weight: one scalar per client")
+  weight = jnp.asarray(weight)
+  if weight.shape != (n,):
+    raise PlacementError(
+        f"fb.{op}{_here()}: the weight must be one scalar per client, shape ({n},), "
+        f"not {weight.shape}."
+    )
+  out = []
+  for v in leaves:
+    v, w = jnp.asarray(v), weight
+    if w.dtype != v.dtype:  # the cast is per-client work
+      (w,) = P.bind_map(lambda wi, dt=v.dtype: [wi.astype(dt)], weight)
+    out.append(prim.bind(v, w, **params))
+  return jax.tree.unflatten(tree, out)
+
+
+def _json_scalar(op: str, name: str, value: Any) -> bool | int | float | str:
+  """A param as the plain JSON scalar it is written as (numpy scalars become Python's)."""
+  if isinstance(value, np.generic) and value.ndim == 0:
+    value = value.item()
+  if isinstance(value, bool | int | str) or (isinstance(value, float) and math.isfinite(value)):
+    return value
+  raise TypeError(f"fb.{op}{_here()}: param {name}={value!r} must be a bool, int, finite float or "
+                  "str (params are static and written into plan.json), not "
+                  f"{type(value).__name__}")
 
 
 def sum(x: PyTree) -> PyTree:
@@ -166,7 +223,7 @@ def sum(x: PyTree) -> PyTree:
           f"fb.sum{_here()} adds numbers, got bool: cast inside fb.map first, "
           "e.g. fb.map(lambda b: b.astype(jnp.int32), x)."
       )
-  return _aggregate("sum", P.sum_p, x)
+  return aggregate(A.sum_p, x)
 
 
 def mean(x: PyTree) -> PyTree:
@@ -181,7 +238,7 @@ def mean(x: PyTree) -> PyTree:
     3.0
   """
   _require_float("mean", x)
-  return _aggregate("mean", P.mean_p, x)
+  return aggregate(A.mean_p, x)
 
 
 def weighted_mean(x: PyTree, weight: jax.Array) -> PyTree:
@@ -196,21 +253,7 @@ def weighted_mean(x: PyTree, weight: jax.Array) -> PyTree:
     2.75
   """
   _require_float("weighted_mean", x)
-  leaves, tree = jax.tree.flatten(x)
-  n = _clients_of("weighted_mean", leaves)
-  weight = jnp.asarray(weight)
-  if weight.shape != (n,):
-    raise PlacementError(
-        f"fb.weighted_mean{_here()}: the weight must be one scalar per client, shape ({n},), "
-        f"not {weight.shape}."
-    )
-  out = []
-  for v in leaves:
-    w = weight
-    if w.dtype != v.dtype:  # the cast is per-client work
-      (w,) = P.bind_map(lambda wi, dt=v.dtype: [wi.astype(dt)], weight)
-    out.append(P.weighted_mean_p.bind(jnp.asarray(v), w))
-  return jax.tree.unflatten(tree, out)
+  return aggregate(A.weighted_mean_p, x, weight)
 
 
 def secure_sum(x: PyTree, bitwidth: int) -> PyTree:
@@ -234,7 +277,7 @@ def secure_sum(x: PyTree, bitwidth: int) -> PyTree:
       raise TypeError(
           f"fb.secure_sum{_here()} sums integers, got {jnp.result_type(v)}: quantize first."
       )
-  return _aggregate("secure_sum", P.secure_sum_p, x, bitwidth=bitwidth)
+  return aggregate(A.secure_sum_p, x, bitwidth=bitwidth)
 
 
 def max(x: PyTree) -> PyTree:
@@ -248,7 +291,7 @@ def max(x: PyTree) -> PyTree:
     >>> largest(np.array([[1, 5], [3, 2]], np.int32)).tolist()  # 2 clients
     [3, 5]
   """
-  return _aggregate("max", P.max_p, x)
+  return aggregate(A.max_p, x)
 
 
 def min(x: PyTree) -> PyTree:
@@ -262,7 +305,7 @@ def min(x: PyTree) -> PyTree:
     >>> smallest(np.array([[1, 5], [3, 2]], np.int32)).tolist()  # 2 clients
     [1, 2]
   """
-  return _aggregate("min", P.min_p, x)
+  return aggregate(A.min_p, x)
 
 
 def _require_float(op: str, x: PyTree) -> None:

@@ -1,46 +1,53 @@
 """The ``faxbridge`` command: inspect, export and verify federated computations.
 
-A program is named ``MODULE:ATTR`` (an ``fb.computation`` or ``fb.IterativeProcess``), imported
-relative to the working directory; its example inputs come from ``MODULE.example_inputs()`` (or
-``--example-inputs NAME``), which returns the computation's positional arguments. For an iterative
-process the arguments of ``next`` after the state are used.
-
-examples (from the repository root):
-  faxbridge targets
-  faxbridge inspect examples.fedavg:computation --html fedavg_round.html
-  faxbridge export examples.fedavg:process --target=tff -o build/fedavg_tff --save-inputs --force
-  faxbridge verify build/fedavg_tff --runtime=tff
-  faxbridge export examples.two_stage:computation --target=stablehlo -o build/two_stage --force
-  faxbridge verify build/two_stage --runtime=iree --program examples.two_stage:computation
-
-``--save-inputs`` with no file writes DIR.inputs.npz beside the export DIR; ``verify DIR`` reads it
-when neither ``--inputs`` nor ``--program`` is given.
-
-Exit codes: 0 success; 1 a verification ran and some output differs (the table says which);
-2 a usage error or an export/inputs that cannot be verified (one line on stderr, nothing compared).
-Progress goes to stderr when it is a terminal; results go to stdout.
+Targets, runtimes, their options, progress and the examples of ``--help`` come from the registry
+(``faxbridge._src.registry``): this module names none of them.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import importlib
-import importlib.util
 import os
 import sys
 import tempfile
 import time
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from faxbridge._src import registry
+from faxbridge._src import events, registry
 from faxbridge._src.errors import FaxbridgeError
+
+USAGE = """A program is named ``MODULE:ATTR`` (an ``fb.computation`` or ``fb.IterativeProcess``), imported
+relative to the working directory; its example inputs come from ``MODULE.example_inputs()`` (or
+``--example-inputs NAME``), which returns the computation's positional arguments. For an iterative
+process the arguments of ``next`` after the state are used.
+
+examples (from the repository root):
+{examples}
+
+``--save-inputs`` with no file writes DIR.inputs.npz beside the export DIR; ``verify DIR`` reads it
+when neither ``--inputs`` nor ``--program`` is given. ``verify`` without ``--runtime`` uses the
+first runtime that reads the export's target.
+
+Exit codes: 0 success; 1 a verification ran and some output differs (the table says which);
+2 a usage error or an export/inputs that cannot be verified (one line on stderr, nothing compared).
+Progress goes to stderr when it is a terminal; results go to stdout.
+"""
+
+# The examples that need no particular target; each target adds its own (``Target.examples``).
+GENERAL_EXAMPLES = ("faxbridge targets",
+                    "faxbridge inspect examples.fedavg:computation --html fedavg_round.html")
+
+
+def examples() -> list[str]:
+  """The command lines ``--help`` shows, in the order they run."""
+  return [*GENERAL_EXAMPLES, *(e for t in registry.targets().values() for e in t.examples)]
 
 
 class UsageError(Exception):
@@ -128,9 +135,9 @@ def _save_inputs(path: Path, out_dir: Path, args: tuple) -> None:
   import jax
 
   from faxbridge._src.export import read_manifest
-  from faxbridge._src.verify import _blocks
+  from faxbridge._src.verify import signature_blocks
 
-  block, _ = _blocks(read_manifest(out_dir))
+  block, _ = signature_blocks(read_manifest(out_dir))
   leaves = jax.tree.leaves(args)
   # A Python scalar is typed as the export typed it (weakly), not as numpy's float64/int64.
   np.savez(path, **{s["name"]: np.asarray(v) if hasattr(v, "dtype") else
@@ -141,82 +148,41 @@ def _save_inputs(path: Path, out_dir: Path, args: tuple) -> None:
 # --- progress and quiet native logs --------------------------------------------------------------
 class Progress:
   """Steps of a long command on stderr, each with the seconds since the command started; silent
-  unless stderr is a terminal (pipes, CI logs and tests see only the results on stdout)."""
+  unless stderr is a terminal (pipes, CI logs and tests see only the results on stdout).
+
+  The command's own steps are calls; the library's are its events (``faxbridge._src.events``),
+  received while :meth:`listening`. Nothing of the library is replaced to report them."""
 
   def __init__(self, enabled: bool):
     self.enabled, self.start = enabled, time.perf_counter()
 
-  def __call__(self, message: str) -> None:
+  def __call__(self, message: str, at: float | None = None) -> None:
     if self.enabled:
-      print(f"[{time.perf_counter() - self.start:6.1f} s] {message}", file=sys.stderr, flush=True)
+      seconds = (time.perf_counter() if at is None else at) - self.start
+      print(f"[{seconds:6.1f} s] {message}", file=sys.stderr, flush=True)
 
-  def watch(self, module: str, attr: str, label: Callable[..., str]
-            ) -> contextlib.AbstractContextManager:
-    """While inside, announce each call of ``module.attr`` with ``label(*its arguments)``."""
-
-    def wrap(original):
-      @functools.wraps(original)
-      def announced(*args, **kwargs):
-        with contextlib.suppress(Exception):  # a label that cannot be made is no reason to fail
-          self(label(*args, **kwargs))
-        return original(*args, **kwargs)
-      return announced
-
-    return self._replace(module, attr, wrap)
-
-  def rounds(self, module: str, who: str) -> contextlib.AbstractContextManager:
-    """Announce each round of ``run_program`` as imported by ``module`` (plan runtimes, native)."""
-
-    def wrap(run_program):
-      @functools.wraps(run_program)
-      def counted(kind, run, *rest, **kwargs):
-        # run_program(kind, run, inputs, rounds, ...): only `run` is wrapped, the rest passed on.
-        rounds = rest[1] if len(rest) > 1 else kwargs.get("rounds", "?")
-        done = {"next": 0}
-
-        def run_one(name, *args, **kw):
-          if name == "next":
-            done["next"] += 1
-            self(f"{who}: round {done['next']} of {rounds}")
-          else:
-            self(f"{who}: {name}")
-          return run(name, *args, **kw)
-
-        return run_program(kind, run_one, *rest, **kwargs)
-      return counted
-
-    return self._replace(module, "run_program", wrap)
+  def event(self, event: events.Event) -> None:
+    self(event.message, event.time)
 
   @contextlib.contextmanager
-  def _replace(self, module: str, attr: str, wrap: Callable) -> Iterator[None]:
-    """``module.attr`` replaced by ``wrap(it)`` while inside. Functions are looked up in their
-    module's globals at call time, so this reaches every caller there: the library has no
-    progress hooks of its own, and this keeps the CLI's reporting out of export and verify. A name
-    that has moved is skipped (progress is a courtesy, never a reason to fail); nothing is replaced
-    when progress is off, so pipes and tests run the library untouched."""
+  def listening(self) -> Iterator[None]:
+    """While inside, print every event of the library (no listener at all when progress is off,
+    so the library runs as if nobody watched)."""
     if not self.enabled:
       yield
       return
-    try:
-      mod = importlib.import_module(module)
-      original = getattr(mod, attr)
-    except (ImportError, AttributeError):
+    with events.listen(self.event):
       yield
-      return
-    setattr(mod, attr, wrap(original))
-    try:
-      yield
-    finally:
-      setattr(mod, attr, original)
 
 
 @contextlib.contextmanager
 def _native_logs_hidden(hide: bool) -> Iterator[None]:
-  """TensorFlow, TFLite and absl write their C++ logs (oneDNN notices, "Ignored output_format",
-  "All log messages before absl::InitializeLog()") straight to file descriptor 2, ignoring
-  TF_CPP_MIN_LOG_LEVEL in TF 2.21. While inside, descriptor 2 goes to a scratch file and Python's
-  sys.stderr (progress, errors, tracebacks) to a copy of the real one; a crash shows the captured
-  log after its traceback so nothing is lost. ``--verbose`` leaves everything as it is."""
+  """Native libraries (TensorFlow's C++ runtime and converters, absl) write their logs (oneDNN
+  notices, "Ignored output_format", "All log messages before absl::InitializeLog()") straight to
+  file descriptor 2, ignoring TF_CPP_MIN_LOG_LEVEL in TF 2.21. While inside, descriptor 2 goes to
+  a scratch file and Python's sys.stderr (progress, errors, tracebacks) to a copy of the real one;
+  a crash shows the captured log after its traceback so nothing is lost. ``--verbose`` leaves
+  everything as it is."""
   if not hide:
     yield
     return
@@ -274,14 +240,16 @@ def _sidecar(export_dir: str | os.PathLike) -> Path:
   return Path(str(Path(export_dir)).rstrip("/") + ".inputs.npz")
 
 
-_TARGET_STEPS = {  # module, function, what one call of it means (one per piece)
-    "stablehlo": ("faxbridge.converters.stablehlo.export", "export_piece",
-                  lambda piece, *a, **k: f"lowering {piece.name} to StableHLO"),
-    "tflite": ("faxbridge.converters.tflite.export", "convert_piece",
-               lambda piece, *a, **k: f"converting {piece.name} to TFLite"),
-    "tff": ("faxbridge.converters.tff.local", "local_computation",
-            lambda piece, *a, **k: f"lowering {piece.name} to a TF local computation"),
-}
+def _option_value(option: registry.Option, value: Any) -> Any:
+  """A flag's value as the option's type (argparse converted it already when only one target
+  declares the option; several targets may type one name differently)."""
+  if value is None or isinstance(value, bool) or option.type in (str, bool):
+    return value
+  try:
+    return option.type(value)
+  except (TypeError, ValueError):
+    raise UsageError(f"{option.flag} {value!r}: expected a value of type {option.type.__name__}") \
+        from None
 
 
 def cmd_export(ns: argparse.Namespace) -> int:
@@ -291,35 +259,26 @@ def cmd_export(ns: argparse.Namespace) -> int:
   # Before the program is imported and traced: the cheap mistakes first.
   if Path(ns.output).exists() and not ns.force:
     raise UsageError(f"{ns.output} exists; pass --force to replace it")
+  target = registry.target(ns.target) if ns.target else registry.default_target()
+  if target is None:
+    raise UsageError("no --target given and no registered target is the default")
+  declared = {o.name: o for o in target.options}
+  options = {}
+  for name, value in vars(ns).items():
+    if name.startswith("option_") and value is not None:
+      name = name[len("option_"):]
+      # An option the target does not declare goes on as given, to be refused naming both.
+      options[name] = _option_value(declared[name], value) if name in declared else value
+  target.check_options(options)  # export checks them too; here before the program is imported
   progress = ns.progress
   progress(f"importing {ns.program}")
   program, args = _load(ns.program, ns.example_inputs)
-  options = {}
-  if ns.local:
-    options["local"] = ns.local
-  if ns.stablehlo_version:
-    options["stablehlo_version"] = ns.stablehlo_version
-  if ns.lowering:
-    options["lowering"] = ns.lowering
   start = time.perf_counter()
-  progress(f"loading the {ns.target} exporter")
-  registry.TARGETS[ns.target].load()
-  if ns.target == "tflite" or (ns.target == "tff" and ns.local != "xla"):
-    # These lower through TensorFlow, whose import (seconds) would otherwise be billed to the
-    # first piece's step.
-    progress("importing TensorFlow")
-    import tensorflow  # noqa: F401
-  with contextlib.ExitStack() as stack:
-    stack.enter_context(progress.watch(
-        "faxbridge._src.export", "split_program",
-        lambda p, *a, **k: f"tracing and splitting {getattr(p, '__name__', p)}"))
-    stack.enter_context(progress.watch(*_TARGET_STEPS[ns.target]))
-    stack.enter_context(progress.watch(
-        "faxbridge._src.export", "_native", lambda *a, **k: "serializing the native reference"))
-    out = fb.export(program, *args, target=ns.target, out_dir=ns.output, force=ns.force,
+  with progress.listening():
+    out = fb.export(program, *args, target=target.name, out_dir=ns.output, force=ns.force,
                     **options)
   seconds = time.perf_counter() - start
-  print(f"exported {ns.program} to {out} ({ns.target}) in {seconds:.1f} s\n")
+  print(f"exported {ns.program} to {out} ({target.name}) in {seconds:.1f} s\n")
   print(render.files_summary(out))
   if ns.save_inputs is not None:
     path = Path(ns.save_inputs) if ns.save_inputs else _sidecar(out)
@@ -350,24 +309,8 @@ def cmd_verify(ns: argparse.Namespace) -> int:
   else:
     raise UsageError(f"no inputs: pass --inputs FILE.npz or --program MODULE:ATTR (its example "
                      f"inputs), or export with --save-inputs to write {_sidecar(export_dir)}")
-  entry = registry.RUNTIMES[ns.runtime]
-  progress(f"loading runtime {ns.runtime}")
-  with contextlib.suppress(ImportError):  # a missing runtime is reported by verify, as usual
-    entry.load()
   start = time.perf_counter()
-  with contextlib.ExitStack() as stack:
-    stack.enter_context(progress.watch(
-        "faxbridge._src.verify", "check_files",
-        lambda d, m: f"checking {len(m.get('files', {}))} files against the manifest's sha256"))
-    stack.enter_context(progress.watch(
-        "faxbridge._src.verify", "_check_native_shapes", lambda *a: f"running on {ns.runtime}"))
-    stack.enter_context(progress.watch(
-        "faxbridge.converters.runtimes.tff.client", "invoke",
-        lambda *a, **k: "starting TFF 0.87 in .venv-tff (rounds run there)"))
-    stack.enter_context(progress.rounds("faxbridge.converters.plan", ns.runtime))
-    stack.enter_context(progress.watch(
-        "faxbridge._src.verify", "native_outputs", lambda *a, **k: "running natively (XLA)"))
-    stack.enter_context(progress.rounds("faxbridge._src.verify", "native"))
+  with progress.listening():
     report = fb.verify(export_dir, *args, runtime=ns.runtime, inputs=inputs, rounds=ns.rounds)
   seconds = time.perf_counter() - start
   labels = render.output_labels(manifest)
@@ -386,14 +329,14 @@ def _forms(program: Any, args: tuple) -> dict:
 
 
 def cmd_inspect(ns: argparse.Namespace) -> int:
-  from faxbridge._src import render
+  from faxbridge._src import drawing, render
   from faxbridge._src.iterative import IterativeProcess
 
   progress = ns.progress
   progress(f"importing {ns.program}")
   program, args = _load(ns.program, ns.example_inputs)
-  progress("tracing and splitting")
-  forms = _forms(program, args)
+  with progress.listening():
+    forms = _forms(program, args)
   if ns.jaxpr:
     comp = program.next if isinstance(program, IterativeProcess) else program
     full = (program.state_spec(), *args) if isinstance(program, IterativeProcess) else args
@@ -403,85 +346,108 @@ def cmd_inspect(ns: argparse.Namespace) -> int:
   print("\n\n".join(render.form_text(form, f"{ns.program} {name}" if len(forms) > 1
                                       else ns.program) for name, form in forms.items()))
   if ns.html:
-    Path(ns.html).write_text(render.round_html(forms, f"faxbridge inspect {ns.program}"))
+    Path(ns.html).write_text(drawing.round_html(forms, f"faxbridge inspect {ns.program}"))
     print(f"\nthe round drawn: {ns.html}")
   return 0
 
 
-# What each runtime imports in this Python (tff runs in its own environment; jax needs nothing more).
-_RUNTIME_MODULES = {"iree": ("iree.compiler", "iree.runtime"), "litert": ("ai_edge_litert",)}
-
-
-def _installed(runtime: str) -> tuple[bool, str]:
-  """Whether ``runtime`` can run here, and where it runs or what is missing."""
-  if runtime == "tff":
-    from faxbridge._src.errors import VerificationError
-    from faxbridge.converters.runtimes.tff.launch import tff_python
-
-    try:
-      return True, str(tff_python())
-    except VerificationError as e:
-      return False, str(e).split(". ")[0]
-  modules = _RUNTIME_MODULES.get(runtime, ())
-  missing = []
-  for m in modules:
-    try:
-      found = importlib.util.find_spec(m) is not None
-    except (ImportError, ValueError):
-      found = False
-    if not found:
-      missing.append(m)
-  if missing:
-    return False, f"{', '.join(missing)} not importable"
-  return True, f"{', '.join(modules)} in this Python" if modules else "this Python (jax.export)"
+def _option_help(option: registry.Option) -> str:
+  choices = f" {{{','.join(map(str, option.choices))}}}" if option.choices else ""
+  return f"{option.flag}{choices} (default {option.default}): {option.help}"
 
 
 def cmd_targets(ns: argparse.Namespace) -> int:
   rows = []
-  for name, target in registry.TARGETS.items():
-    readers = [r for r in registry.RUNTIMES.values() if name in r.reads]
+  listed = set()
+  for name, target in registry.targets().items():
     print(f"{name}: {target.summary}")
-    for runtime in readers:
-      ok, where = _installed(runtime.name)
-      how = "" if ok else f"; install: {runtime.needs or 'pip install -e . (the core environment)'}"
+    for option in target.options:
+      print(f"  option  {_option_help(option)}")
+    for runtime in registry.readers(name):
+      listed.add(runtime.name)
+      ok, where = runtime.availability()
+      how = "" if ok else f"; install: {runtime.install or 'pip install -e . (the core environment)'}"
       print(f"  runtime {runtime.name:7s} {'installed' if ok else 'MISSING  '}  {where}{how}")
       rows.append(ok)
+    print()
+  unread = [r for r in registry.runtimes().values() if r.name not in listed]
+  for runtime in unread:
+    print(f"runtime {runtime.name}: {runtime.summary} (reads {', '.join(runtime.reads) or 'no target'},"
+          " none registered)")
+  for where, why in registry.broken().items():
+    print(f"broken plug-in {where}: {why}")
+  if unread or registry.broken():
     print()
   print(f"{sum(rows)} of {len(rows)} target/runtime pairs can verify here; "
         "`faxbridge verify DIR --runtime=NAME` runs one")
   return 0
 
 
+def _demos() -> dict[str, registry.Target]:
+  return {name: t for name, t in registry.targets().items() if t.demo is not None}
+
+
 def cmd_demo(ns: argparse.Namespace) -> int:
-  """The main job on the bundled default example: FedAvg exported to TFF and proven on TFF 0.87."""
+  """The main job on a target's demo program (``Target.demo``: the bundled FedAvg on the default
+  target): exported, then proven on the demo's runtime."""
   import faxbridge as fb
-  from examples import fedavg
   from faxbridge._src import render
   from faxbridge._src.export import read_manifest
 
+  demos = _demos()
+  if not demos:
+    raise UsageError("no registered target declares a demo")
+  default = registry.default_target()
+  target = demos[ns.target] if ns.target else \
+      default if default is not None and default.name in demos else next(iter(demos.values()))
+  demo = target.demo
+  assert demo is not None  # _demos() holds only targets with one
+  runtime = registry.runtime(demo.runtime)
+  rounds = ns.rounds or demo.rounds
   progress = ns.progress
-  out = Path(ns.output or tempfile.mkdtemp(prefix="faxbridge-demo-")) / "fedavg_tff"
-  _, data = fedavg.example_inputs()
+  progress(f"importing {demo.program}")
+  program, args = _load(demo.program, demo.example_inputs)
+  module = demo.program.partition(":")[0].rsplit(".", 1)[-1]
+  out = Path(ns.output or tempfile.mkdtemp(prefix="faxbridge-demo-")) / f"{module}_{target.name}"
   start = time.perf_counter()
-  progress("loading the tff exporter and TensorFlow")
-  registry.TARGETS["tff"].load()
-  import tensorflow  # noqa: F401  (its import is seconds: a step of its own, not the first piece's)
-  with progress.watch(*_TARGET_STEPS["tff"]):
-    fb.export(fedavg.process, data, target="tff", out_dir=out, force=True)
-  print(f"exported examples.fedavg:process to {out} in {time.perf_counter() - start:.1f} s\n")
+  with progress.listening():
+    fb.export(program, *args, target=target.name, out_dir=out, force=True)
+  print(f"exported {demo.program} to {out} in {time.perf_counter() - start:.1f} s\n")
   print(render.files_summary(out))
-  print(f"\nrunning {ns.rounds} rounds on TFF 0.87 and natively...")
+  print(f"\nrunning {rounds} rounds on {runtime.name} ({runtime.summary}) and natively...")
   start = time.perf_counter()
-  with contextlib.ExitStack() as stack:
-    stack.enter_context(progress.watch(
-        "faxbridge.converters.runtimes.tff.client", "invoke",
-        lambda *a, **k: "starting TFF 0.87 in .venv-tff (rounds run there)"))
-    stack.enter_context(progress.rounds("faxbridge._src.verify", "native"))
-    report = fb.verify(out, data, runtime="tff", rounds=ns.rounds)
+  with progress.listening():
+    report = fb.verify(out, *args, runtime=runtime.name, rounds=rounds)
   labels = render.output_labels(read_manifest(out))
   print(render.verify_table(report, labels))
   print(f"\n{render.verdict(report, time.perf_counter() - start, labels)}")
   return 0 if report.ok else 1
+
+
+def _add_option_flags(parser: argparse.ArgumentParser) -> None:
+  """A flag per option name the targets declare (``--some-option`` for ``some_option``), its help
+  naming the target(s), their defaults and choices."""
+  group = parser.add_argument_group("options of the targets (faxbridge targets lists them)")
+  declared: dict[str, list[tuple[registry.Target, registry.Option]]] = {}
+  for target in registry.targets().values():
+    for option in target.options:
+      declared.setdefault(option.name, []).append((target, option))
+  for name, pairs in declared.items():
+    option = pairs[0][1]
+    kwargs: dict[str, Any] = {
+        "dest": f"option_{name}", "default": None,
+        "help": "; ".join(f"{t.name}: {o.help} (default: {o.default})" for t, o in pairs)}
+    if len(pairs) == 1 and option.type is bool:
+      kwargs["action"] = argparse.BooleanOptionalAction
+    elif len(pairs) == 1:
+      kwargs.update(type=option.type, choices=option.choices)
+    if "action" not in kwargs and option.choices is None:
+      kwargs["metavar"] = name.upper()
+    try:
+      group.add_argument(option.flag, **kwargs)
+    except argparse.ArgumentError:
+      # The name of one of the command's own flags: the option is still fb.export's to take.
+      continue
 
 
 def _version() -> str:
@@ -498,11 +464,14 @@ def _version() -> str:
 def main(argv: list[str] | None = None) -> int:
   """Run the command; the exit code is 0 on success, 1 when a verification ran and outputs differ,
   2 for a usage error or a faxbridge error (one line on stderr; nothing verified)."""
-  parser = _Parser(prog="faxbridge", description=__doc__,
+  parser = _Parser(prog="faxbridge", description="\n\n".join([
+      __doc__.split("\n\n")[0],
+      USAGE.format(examples="\n".join(f"  {line}" for line in examples()))]),
                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--version", action="version", version=_version())
   parser.add_argument("-v", "--verbose", action="store_true",
-                      help="show TensorFlow's, TFLite's and absl's own logs (hidden by default)")
+                      help="show the native libraries' own logs (TensorFlow's, absl's; hidden "
+                      "by default)")
   sub = parser.add_subparsers(dest="command", required=True)
 
   p = sub.add_parser("targets", help="list targets, the runtimes that read them, and which are "
@@ -511,21 +480,23 @@ def main(argv: list[str] | None = None) -> int:
 
   p = sub.add_parser("export", help="export a program for a target")
   p.add_argument("program", help="MODULE:ATTR of an fb.computation or fb.IterativeProcess")
-  p.add_argument("--target", default="tff", choices=sorted(registry.TARGETS))
+  default = registry.default_target()
+  p.add_argument("--target", choices=sorted(registry.targets()),
+                 help=f"the target (default: {default.name if default else 'none: name one'}; "
+                 "`faxbridge targets` lists them)")
   p.add_argument("-o", "--output", required=True, help="the export directory to create")
   p.add_argument("--force", action="store_true", help="replace an existing directory")
-  p.add_argument("--local", choices=["tensorflow", "xla"], help="tff: form of local computations")
-  p.add_argument("--stablehlo-version", help="stablehlo: version of the portable artifacts")
-  p.add_argument("--lowering", choices=["tf", "jax2tf"], help="tflite: how pieces reach TF")
   p.add_argument("--example-inputs", default="example_inputs", help="function giving the inputs")
   p.add_argument("--save-inputs", nargs="?", const="", metavar="FILE",
                  help="also write the example inputs, by name, to FILE (.npz; default: "
                  "OUTPUT.inputs.npz beside the export, which verify reads by default)")
+  _add_option_flags(p)
   p.set_defaults(fn=cmd_export)
 
   p = sub.add_parser("verify", help="run an export on a runtime and natively, and compare")
   p.add_argument("dir")
-  p.add_argument("--runtime", default="tff", choices=sorted(registry.RUNTIMES))
+  p.add_argument("--runtime", choices=sorted(registry.runtimes()),
+                 help="the runtime (default: the first that reads the export's target)")
   p.add_argument("--inputs", help=".npz of the inputs by manifest name (default: DIR.inputs.npz "
                  "written by export --save-inputs)")
   p.add_argument("--program", help="MODULE:ATTR whose example inputs to verify with")
@@ -543,9 +514,12 @@ def main(argv: list[str] | None = None) -> int:
                  help="also print the traced jaxpr with every value's placement")
   p.set_defaults(fn=cmd_inspect)
 
-  p = sub.add_parser("demo", help="export the bundled FedAvg to TFF and verify it on TFF 0.87")
+  p = sub.add_parser("demo", help="export a target's demo program (the bundled FedAvg on the "
+                     "default target) and prove it on the demo's runtime")
   p.add_argument("-o", "--output", help="where to write (default: a temporary folder)")
-  p.add_argument("--rounds", type=_at_least_one, default=5)
+  p.add_argument("--target", choices=sorted(_demos()),
+                 help="whose demo (default: the default target's)")
+  p.add_argument("--rounds", type=_at_least_one, help="rounds (default: the demo's)")
   p.set_defaults(fn=cmd_demo)
 
   ns = parser.parse_args(argv)

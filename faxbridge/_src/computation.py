@@ -125,6 +125,7 @@ class Computation:
     self.mesh = mesh
     self.strategy = None if strategy is None else execution.validate(strategy)
     self._signatures: dict = {}
+    self.__name__: str = getattr(fn, "__name__", type(fn).__name__)  # update_wrapper refines it
     # Name and docstring only: copying fn's __dict__ would copy another Computation's own `fn`
     # (fb.computation(jax.grad(comp))) over this one's.
     functools.update_wrapper(self, fn, updated=())
@@ -226,7 +227,7 @@ class Computation:
       if resolved == "vmap" or any(isinstance(c, jax.core.Tracer) for c in traced.jaxpr.consts):
         run = self._wrapped(traced.clients, mesh)
       else:
-        run = _streamed(traced, resolved[1], mesh)
+        run = _streamed(traced, int(resolved[1]), mesh)
       shardings = _shardings(traced, mesh)
       if shardings is None:
         jitted = jax.jit(run)

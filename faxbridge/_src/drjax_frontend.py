@@ -298,12 +298,13 @@ def from_drjax(
   placements = tuple(_placement(p, name) for p in in_placements)
   translation = _Translation(name, clients)
 
-  def translated(*args):
+  def translated(*args: Any) -> Any:
     with _swapped(translation):
       return fn(*args)
 
   for attr in ("__name__", "__qualname__", "__doc__", "__module__"):
     if hasattr(fn, attr):
       setattr(translated, attr, getattr(fn, attr))
-  translated.__wrapped__ = getattr(fn, "__wrapped__", fn)  # arg names come from the user's fn
+  # Argument names come from the user's fn (inspect.signature follows __wrapped__).
+  translated.__wrapped__ = getattr(fn, "__wrapped__", fn)  # type: ignore[attr-defined]
   return Computation(translated, clients=clients, in_placements=placements, mesh=mesh)

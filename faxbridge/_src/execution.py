@@ -7,7 +7,7 @@ small interpreter instead, at XLA lowering time:
 * an ``fb.map`` becomes a ``lax.scan`` over clients (``("stream", k)``: over blocks of ``k``
   clients, ``vmap`` inside a block, the ``n mod k`` remaining clients as one last block);
 * each aggregation of the map's outputs is fused into that scan as one accumulator in the
-  aggregation's own semantics (its :class:`~faxbridge._src.primitives.AggregationRule`: ``init``,
+  aggregation's own semantics (its :class:`~faxbridge._src.aggregations.Stream`: ``init``,
   ``accumulate``, ``finish``), so a value that only feeds aggregations is never stacked;
 * map outputs used otherwise (returned CLIENTS-placed, fed to another map) are stacked as the
   scan's outputs; ``fb.broadcast`` values are read by each client, never copied ``n`` times;
@@ -42,6 +42,7 @@ from jax.extend import source_info_util
 from jax.interpreters import mlir
 from jax.interpreters import partial_eval as pe
 
+from faxbridge._src import aggregations as A
 from faxbridge._src import call_rules, placements
 from faxbridge._src import primitives as P
 
@@ -343,7 +344,7 @@ def _plan(jaxpr: jcore.Jaxpr) -> tuple[dict[int, _Group], set[int]]:
         outs |= set(later.outvars)
     members = set(maps)
     aggs = sorted({j for v in outs for j, pos in users.get(v, ())
-                   if jaxpr.eqns[j].primitive in P.AGGREGATIONS and pos == 0})
+                   if jaxpr.eqns[j].primitive in A.AGGREGATIONS and pos == 0})
 
     def stacked_outputs(aggs, maps=maps, members=members):
       inside = members | set(aggs)
@@ -411,8 +412,9 @@ class _Interpreter:
           isinstance(env.get(v), _Broadcast) for v in eqn.invars if isinstance(v, jcore.Var)):
         # A layout annotation of a broadcast value: the value stays the server's one copy.
         outs = [read(v, keep_broadcast=True) for v in eqn.invars][: len(eqn.outvars)]
-      elif prim in P.AGGREGATIONS:
-        outs = [self._aggregate(P.AGGREGATIONS[prim], eqn, [read(v) for v in eqn.invars])]
+      elif prim in A.AGGREGATIONS:
+        rule = A.AGGREGATIONS[prim].streaming(eqn.params)
+        outs = [self._aggregate(rule, eqn, [read(v) for v in eqn.invars])]
       elif (body := placements.call_body(eqn)) is not None and placements.has_federated(body[0]):
         outs = self.run(body[0], [read(v) for v in eqn.invars], body[1])
       elif self.axis_name is not None and prim in placements.PLACEMENT_PRESERVING:
@@ -452,12 +454,12 @@ class _Interpreter:
     n = next(v.aval.shape[0] for x, v, loc in zip(invals, eqn.invars, local) if loc)
     return [x if loc else self._localize(x, n) for x, loc in zip(invals, local)]
 
-  def _finish(self, rule: P.AggregationRule, acc, clients: int, dtype):
+  def _finish(self, rule: A.Streaming, acc, clients: int, dtype):
     if self.axis_name is not None:
       acc = rule.combine(acc, self.axis_name)
     return rule.finish(acc, clients, dtype)
 
-  def _aggregate(self, rule: P.AggregationRule, eqn, invals):
+  def _aggregate(self, rule: A.Streaming, eqn, invals):
     """An aggregation of a stacked value (not fused into a scan): one accumulate of all clients."""
     n = eqn.invars[0].aval.shape[0]
     x = self._localize(invals[0], n)
@@ -472,7 +474,7 @@ class _Interpreter:
     """Run a group's maps and fused aggregations as one scan over (blocks of) clients."""
     maps = [jaxpr.eqns[j] for j in group.maps]
     aggs = [jaxpr.eqns[j] for j in group.aggregations]
-    rules = [P.AGGREGATIONS[a.primitive] for a in aggs]
+    rules = [A.AGGREGATIONS[a.primitive].streaming(a.params) for a in aggs]
     inside = {v: aval for m in maps
               for v, aval in zip(m.outvars, m.params["jaxpr"].out_avals)}  # per-client avals
     # Values from outside the group: read per client (stacked) or the same by all (broadcast).

@@ -15,7 +15,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ import numpy as np
 from faxbridge._src import execution, registry
 from faxbridge._src.computation import Computation
 from faxbridge._src.errors import ExportError
+from faxbridge._src.events import emit
 from faxbridge._src.form import FederatedForm, state_links
 from faxbridge._src.iterative import IterativeProcess
 from faxbridge._src.serialization import export as export_without_locations
@@ -73,6 +74,8 @@ def split_program(program: Program, example_args: Sequence[Any]) -> SplitProgram
     ExportError: not a computation or iterative process, a program that cannot be split, or a
       ``next`` whose state does not match ``initialize``'s.
   """
+  name = getattr(program, "__name__", type(program).__name__)
+  emit("export.split", f"tracing and splitting {name}", program=name)
   specs = _specs(example_args)
   if isinstance(program, IterativeProcess):
     state = program.state_spec()
@@ -92,18 +95,13 @@ def split_program(program: Program, example_args: Sequence[Any]) -> SplitProgram
                     "fb.IterativeProcess")
 
 
-def _target(name: str) -> Callable[..., dict]:
-  return registry.lookup(registry.TARGETS, name, "export target", ExportError).load()
-
-
-def versions() -> dict[str, str]:
-  import federated_language
-
+def versions(target: registry.Target | None = None) -> dict[str, str]:
+  """What the manifest records as the versions that wrote an export: faxbridge and jax, and what
+  ``target``'s own probe adds (e.g. the tff target's federated_language)."""
   import faxbridge
 
   return {"faxbridge": faxbridge.__version__, "jax": jax.__version__,
-          "federated_language": federated_language.version.__version__
-          if hasattr(federated_language.version, "__version__") else str(federated_language.version)}
+          **(target.version_info() if target is not None else {})}
 
 
 def sha256(path: Path) -> str:
@@ -120,6 +118,7 @@ def write_json(path: Path, obj: Any) -> None:
 
 def _native(split: SplitProgram, out: Path) -> dict:
   """The computation itself, serialized with jax.export: what verify runs as the native side."""
+  emit("export.native", "serializing the native reference")
   out.mkdir()
   for name, (comp, args) in split.native.items():
     with execution.plain():  # the same program whatever the native execution strategy
@@ -139,7 +138,7 @@ def _merge_blocks(blocks: dict[str, dict], target_part: dict) -> dict:
 def export(
     program: Program,
     *example_args: Any,
-    target: str = "tff",
+    target: str | None = None,
     out_dir: str | os.PathLike,
     force: bool = False,
     **options: Any,
@@ -147,9 +146,10 @@ def export(
   """Export ``program`` for the signature of ``example_args`` into ``out_dir``.
 
   The program is split once into its federated form (stages of server and client pieces) and
-  written for ``target``: ``"tff"`` (a federated_language computation for TFF), ``"stablehlo"``
-  (StableHLO and jax.export pieces + ``plan.json``, for IREE and jax) or ``"tflite"`` (a TFLite
-  model per piece + ``plan.json``, for LiteRT). Every export also holds ``native/`` (the whole
+  written for ``target``, a registered target (``faxbridge targets`` lists them; built in:
+  ``"tff"``, a federated_language computation for TFF; ``"stablehlo"``, StableHLO and jax.export
+  pieces + ``plan.json`` for IREE and jax; ``"tflite"``, a TFLite model per piece + ``plan.json``
+  for LiteRT; docs/targets.md). Every export also holds ``native/`` (the whole
   computation as ``jax.export``, what :func:`faxbridge._src.verify` compares against) and
   ``manifest.json`` (signature, versions, sha256 of every file); see docs/artifacts.md.
 
@@ -161,11 +161,11 @@ def export(
     program: an ``fb.computation`` or ``fb.IterativeProcess``.
     *example_args: arrays (or ``jax.ShapeDtypeStruct``) fixing shapes, dtypes and the number of
       clients.
-    target: ``"tff"``, ``"stablehlo"`` or ``"tflite"``.
+    target: the target's name; None: the registered default target (``tff``).
     out_dir: the directory to create.
     force: replace an existing ``out_dir``.
-    **options: the target's options (``local=`` for tff, ``stablehlo_version=`` for stablehlo,
-      ``lowering=`` for tflite; docs/targets.md).
+    **options: the options the target declares (``local=`` for tff, ``stablehlo_version=`` for
+      stablehlo, ``lowering=`` for tflite; docs/targets.md); anything else is refused.
 
   Returns:
     The export directory, resolved.
@@ -178,13 +178,17 @@ def export(
     ['manifest.json', 'native', 'pieces', 'plan.json']
 
   Raises:
-    ExportError: the target cannot express the program (names the cause and the user's file:line),
-      or an example argument is 64-bit while ``jax_enable_x64`` is off.
+    ExportError: an unknown target or option, the target cannot express the program (names the
+      cause and the user's file:line), or an example argument is 64-bit while ``jax_enable_x64``
+      is off.
   """
   out = Path(out_dir).resolve()
   if out.exists() and not force:
     raise ExportError(f"{out} exists; pass force=True (--force) to replace it")
-  exporter = _target(target)
+  entry = _chosen_target(target)
+  options = entry.check_options(options)
+  emit("export.load", f"loading the {entry.name} exporter", target=entry.name)
+  exporter = entry.load()
   if not jax.config.jax_enable_x64:
     # JAX would silently export a float64 leaf as float32; verify would then refuse the very data
     # the export was made from. Python scalars carry no dtype (JAX types them weakly): allowed.
@@ -206,10 +210,10 @@ def export(
   try:
     manifest = {
         "format_version": FORMAT_VERSION,
-        "target": target,
+        "target": entry.name,
         "name": split.name,
         "kind": split.kind,
-        "versions": versions(),
+        "versions": versions(entry),
     }
     if split.state is not None:
       manifest["state"] = split.state
@@ -230,6 +234,16 @@ def export(
     shutil.rmtree(tmp, ignore_errors=True)
     raise
   return out
+
+
+def _chosen_target(name: str | None) -> registry.Target:
+  if name is not None:
+    return registry.target(name)
+  default = registry.default_target()
+  if default is None:
+    raise ExportError("no target named and none is registered as the default: pass target=NAME "
+                      f"(known: {', '.join(registry.targets()) or 'none'})")
+  return default
 
 
 def read_manifest(export_dir: str | os.PathLike) -> dict:

@@ -7,7 +7,7 @@ A round trip between server and clients is a *stage*. For stage ``k``:
 * ``client_work``: one client's data, the broadcast values and what the client kept from earlier
   stages -> (values to upload, values kept for later stages);
 * aggregations: each uploaded leaf is combined over clients by its rule
-  (:data:`faxbridge._src.primitives.AGGREGATION_KINDS`) and joins the server values.
+  (:func:`faxbridge._src.aggregations.aggregation_rule`) and joins the server values.
 
 After the last stage ``server_result`` maps the server values to the outputs. Every value that
 crosses a piece boundary has one name, unique in the form by construction (:class:`Names`); the
@@ -29,8 +29,9 @@ from typing import Any
 
 import numpy as np
 
+from faxbridge._src.aggregations import AggregationRule, aggregation_rule
+from faxbridge._src.events import emit
 from faxbridge._src.placements import CLIENTS, SERVER, Placement
-from faxbridge._src.primitives import AGGREGATION_KINDS, AggregationRule
 
 LeafPath = list  # a leaf's struct steps: dict keys and attributes by name, sequence items by index
 
@@ -144,34 +145,40 @@ class Piece:
 
 @dataclasses.dataclass(frozen=True)
 class Aggregation:
-  """How one uploaded leaf becomes a server value: ``result = rule(value [, weight])``."""
+  """How one uploaded leaf becomes a server value: ``result = rule(value [, weight]; params)``.
+
+  ``params`` are the aggregation primitive's parameters its rule declares (``bitwidth`` of a
+  ``secure_sum``), JSON scalars sorted by name; ``source_info`` is the equation's (the user's
+  ``file:line`` for errors), kept out of comparisons and JSON.
+  """
 
   kind: str
   value: str
   result: TensorSpec
   weight: str | None = None
-  bitwidth: int | None = None
+  params: Mapping[str, Any] = dataclasses.field(default_factory=dict, hash=False)  # a dict: unhashable
+  source_info: Any = dataclasses.field(default=None, compare=False, repr=False)
+
+  def __post_init__(self):
+    object.__setattr__(self, "params", dict(sorted(self.params.items())))
 
   @property
   def rule(self) -> AggregationRule:
-    return AGGREGATION_KINDS[self.kind]
-
-  @property
-  def params(self) -> dict[str, Any]:
-    return {} if self.bitwidth is None else {"bitwidth": self.bitwidth}
+    """The rule of this kind (an installed package's, loaded on first use: see aggregation_rule)."""
+    return aggregation_rule(self.kind)
 
   def to_json(self) -> dict:
     out = {"kind": self.kind, "value": self.value, "result": self.result.to_json()}
     if self.weight is not None:
       out["weight"] = self.weight
-    if self.bitwidth is not None:
-      out["bitwidth"] = self.bitwidth
+    if self.params:
+      out["params"] = dict(self.params)
     return out
 
   @classmethod
   def from_json(cls, d: Mapping) -> Aggregation:
     return cls(d["kind"], d["value"], TensorSpec.from_json(d["result"]), d.get("weight"),
-               d.get("bitwidth"))
+               d.get("params", {}))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -479,22 +486,28 @@ def _is_tuple(tree) -> bool:
 
 
 def run_program(kind: str, run: Callable[[str, dict], dict], inputs: Mapping[str, Any], rounds: int,
-                links: Mapping[str, list] | None = None) -> dict[str, Any]:
+                links: Mapping[str, list] | None = None, who: str = "") -> dict[str, Any]:
   """A computation once, or an iterative process's ``initialize`` and ``rounds`` rounds of
   ``next`` with the state fed back through ``links`` (see :func:`state_links`).
 
   ``run(name, inputs)`` runs one computation (``"computation"``, ``"initialize"``, ``"next"``) on
   inputs by name and returns its outputs by name. The result is keyed as ``fb.verify`` keys
   outputs: ``NAME``, or ``initialize/NAME`` and ``round{r}/NAME``; ``inputs`` of an iterative
-  process are next's inputs after the state.
+  process are next's inputs after the state. Each call of ``run`` is a ``round`` event (see
+  ``faxbridge._src.events``) saying ``who`` runs it (a runtime's name, or ``native``).
   """
+  label = f"{who}: " if who else ""
   if kind == "computation":
+    emit("round", f"{label}computation", who=who, computation="computation", round=0, rounds=0)
     return dict(run("computation", dict(inputs)))
   out: dict[str, Any] = {}
+  emit("round", f"{label}initialize", who=who, computation="initialize", round=0, rounds=rounds)
   init = run("initialize", {})
   out.update({f"initialize/{k}": v for k, v in init.items()})
   state = {link["to"]: init[link["from"]] for link in links["initialize_to_next"]}
   for r in range(1, rounds + 1):
+    emit("round", f"{label}round {r} of {rounds}", who=who, computation="next", round=r,
+         rounds=rounds)
     result = run("next", {**inputs, **state})
     out.update({f"round{r}/{k}": v for k, v in result.items()})
     state = {link["to"]: result[link["from"]] for link in links["next_to_next"]}

@@ -7,8 +7,9 @@ import string
 
 from jax.extend import core as jcore
 
+from faxbridge._src.aggregations import AGGREGATIONS
 from faxbridge._src.placements import CLIENTS
-from faxbridge._src.primitives import FEDERATED_PRIMITIVES, map_p, secure_sum_p
+from faxbridge._src.primitives import broadcast_p, map_p
 
 
 def _names():
@@ -73,9 +74,12 @@ def pretty_traced(traced) -> str:
       lines.append("      per-client:")
       lines.append(_indent(str(eqn.params["jaxpr"]), "        "))
       continue
-    federated = eqn.primitive in FEDERATED_PRIMITIVES
-    label = f"fb.{prim.removeprefix('faxbridge_')}" if federated else prim
-    shown = _params(eqn) if not federated or eqn.primitive is secure_sum_p else ""
+    if eqn.primitive is broadcast_p:  # its one param, the number of clients, is in the types
+      label, shown = "fb.broadcast", ""
+    elif eqn.primitive in AGGREGATIONS:  # by kind, with the params that travel with it
+      label, shown = f"fb.{AGGREGATIONS[eqn.primitive].kind}", _params(eqn)
+    else:
+      label, shown = prim, _params(eqn)
     lines.append(f"    {outs} = {label}{shown} {ins}")
   lines.append("  in (" + " ".join(name(v) for v in jaxpr.outvars) + ") }")
   return "\n".join(lines)

@@ -1,73 +1,322 @@
-"""The export targets and the runtimes that execute them: one table each, read by export, verify
-and the CLI.
+"""Export targets and the runtimes that execute their exports: plug-ins, declared by the packages
+that implement them, read by export, verify and the CLI.
 
-A target is ``export(program, example_args, out_dir, **options) -> manifest part``; a runtime is
-``run(export_dir, manifest, inputs, rounds) -> RuntimeResult``. Their modules are imported on first
-use (TensorFlow, federated_language and IREE take seconds to import), so the entries name them.
+A target or runtime is a :class:`Target` or :class:`Runtime` object, declared in its own package
+(the built-in ones in ``faxbridge.converters.*``'s ``__init__``) and registered either as a Python
+entry point (groups ``faxbridge.targets`` and ``faxbridge.runtimes``, each entry point naming the
+object; read on first use) or by :func:`register_target` / :func:`register_runtime`. The core names
+no target: everything it knows about one is its entry here.
+
+* a target's exporter is ``export(split: SplitProgram, out_dir: Path, **options) -> manifest part``;
+  its options are declared (:class:`Option`) and checked here before it is called;
+* a runtime's runner is ``run(export_dir, manifest, inputs, rounds) -> RuntimeResult``.
+
+Functions are named ``"module:function"`` and imported on first use: the libraries a target or
+runtime builds on can take seconds to import, and a package that only declares an entry must stay
+cheap to import.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
-from collections.abc import Callable
+import importlib.metadata
+import importlib.util
+import threading
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
+
+from faxbridge._src.errors import ExportError, FaxbridgeError, VerificationError
+
+TARGET_GROUP = "faxbridge.targets"
+RUNTIME_GROUP = "faxbridge.runtimes"
 
 
 @dataclasses.dataclass
 class RuntimeResult:
   """What a runtime returns: outputs by name (``round{r}/NAME`` for iterative processes), and
-  named extra result sets to compare the same way (e.g. TFF's MapReduceForm rebuild)."""
+  named extra result sets to compare the same way (e.g. the program rebuilt from another form of
+  it by the runtime)."""
 
   outputs: dict[str, np.ndarray]
   extra_outputs: dict[str, dict[str, np.ndarray]] = dataclasses.field(default_factory=dict)
   info: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
+def _load(reference: str) -> Callable[..., Any]:
+  """The function named ``"module:function"``, imported now."""
+  module, _, attr = reference.partition(":")
+  return getattr(importlib.import_module(module), attr)
+
+
+# -- declarations ---------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
-class Entry:
-  """A target or runtime: where its function lives, and what it needs to be installed."""
+class Option:
+  """One option of a target's exporter: ``fb.export(..., name=value)``, and on the command line
+  ``--name-with-dashes VALUE``. ``None`` always means the default."""
 
   name: str
-  function: str  # "module:function", imported on first use
+  type: type = str  # str, int, float or bool
+  default: Any = None
+  help: str = ""
+  choices: tuple[Any, ...] | None = None
+
+  @property
+  def flag(self) -> str:
+    return "--" + self.name.replace("_", "-")
+
+  def check(self, value: Any, target: str) -> None:
+    """Raises ExportError naming the option and the target when ``value`` does not fit."""
+    if value is None:
+      return
+    # bool is an int in Python, but a flag is not a number (nor a number a flag).
+    fits = isinstance(value, self.type) and not (self.type is not bool and isinstance(value, bool))
+    if self.type is float and isinstance(value, int) and not isinstance(value, bool):
+      fits = True
+    if not fits:
+      raise ExportError(f"option {self.name}={value!r} of target {target!r} must be of type "
+                        f"{self.type.__name__}, not {type(value).__name__}")
+    if self.choices is not None and value not in self.choices:
+      raise ExportError(f"option {self.name}={value!r} of target {target!r} must be one of "
+                        f"{', '.join(map(repr, self.choices))}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Demo:
+  """What ``faxbridge demo`` runs for a target: ``program`` (``MODULE:ATTR``, imported relative to
+  the working directory, with its ``example_inputs()``) exported to the target and verified on
+  ``runtime`` for ``rounds`` rounds."""
+
+  program: str
+  runtime: str
+  rounds: int = 5
+  example_inputs: str = "example_inputs"
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+  """An export target.
+
+  Attributes:
+    name: what ``fb.export(target=...)`` and ``--target`` take.
+    exporter: ``"module:function"`` of ``export(split, out_dir, **options) -> manifest part``.
+    summary: one line for ``faxbridge targets``.
+    options: the exporter's options; anything else given to ``fb.export`` is refused.
+    runtimes: the runtimes that read its exports, the one ``fb.verify`` uses by default first
+      (a runtime may also declare that it reads a target: :attr:`Runtime.reads`).
+    steps: the names of the progress events its exporter emits (``faxbridge._src.events``).
+    install: how to install what the exporter needs, when the core environment lacks it.
+    versions: ``"module:function"`` returning ``{package: version}`` for the manifest (what the
+      export's format depends on), or None.
+    examples: command lines shown by ``faxbridge --help``.
+    demo: what ``faxbridge demo`` runs with this target, or None.
+    default: the target ``fb.export`` and ``faxbridge export`` use when none is named.
+  """
+
+  name: str
+  exporter: str
   summary: str
-  reads: tuple[str, ...] = ()  # runtimes: the targets whose exports they execute
-  needs: str = ""  # how to install what it needs, when that is not the core environment
+  options: tuple[Option, ...] = ()
+  runtimes: tuple[str, ...] = ()
+  steps: tuple[str, ...] = ()
+  install: str = ""
+  versions: str | None = None
+  examples: tuple[str, ...] = ()
+  demo: Demo | None = None
+  default: bool = False
 
-  def load(self) -> Callable[..., Any]:
-    module, fn = self.function.split(":")
-    return getattr(importlib.import_module(module), fn)
+  def load(self) -> Callable[..., dict]:
+    return _load(self.exporter)
 
+  def version_info(self) -> dict[str, str]:
+    return dict(_load(self.versions)()) if self.versions else {}
 
-TARGETS: dict[str, Entry] = {e.name: e for e in (
-    Entry("tff", "faxbridge.converters.tff.export:export_tff",
-          "federated_language computation protos (TFF 0.87), plain-TF or XLA local computations"),
-    Entry("stablehlo", "faxbridge.converters.stablehlo.export:export_stablehlo",
-          "a StableHLO module per piece and plan.json"),
-    Entry("tflite", "faxbridge.converters.tflite.export:export_tflite",
-          "a TFLite model per piece (builtins only) and plan.json"),
-)}
+  def check_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
+    """Every declared option with its value (the default where none is given).
 
-RUNTIMES: dict[str, Entry] = {e.name: e for e in (
-    Entry("tff", "faxbridge.converters.runtimes.tff.verify:verify_run",
-          "TensorFlow Federated 0.87's native context, in .venv-tff", reads=("tff",),
-          needs="make .venv-tff/.ready"),
-    Entry("iree", "faxbridge.converters.runtimes.iree:verify_run",
-          "IREE (llvm-cpu, local-task), orchestrated from plan.json", reads=("stablehlo",)),
-    Entry("litert", "faxbridge.converters.runtimes.litert:verify_run",
-          "LiteRT's builtin kernels, orchestrated from plan.json", reads=("tflite",)),
-    Entry("jax", "faxbridge.converters.runtimes.jax_export:verify_run",
-          "jax.export pieces reloaded in a fresh process, orchestrated from plan.json",
-          reads=("stablehlo",)),
-)}
-
-
-def lookup(table: dict[str, Entry], name: str, what: str, error: type[Exception]) -> Entry:
-  if name not in table:
-    raise error(f"unknown {what} {name!r}; known: {', '.join(sorted(table))}")
-  return table[name]
+    Raises:
+      ExportError: an option the target does not declare, or a value of the wrong type or not
+        among its choices; one error, naming the option and the target.
+    """
+    declared = {o.name: o for o in self.options}
+    unknown = sorted(set(options) - set(declared))
+    if unknown:
+      takes = f"its options are {', '.join(sorted(declared))}" if declared else "it takes none"
+      raise ExportError(f"target {self.name!r} has no option {unknown[0]!r} ({takes})")
+    for name, value in options.items():
+      declared[name].check(value, self.name)
+    return {name: option.default if options.get(name) is None else options[name]
+            for name, option in declared.items()}
 
 
-__all__ = ["RUNTIMES", "TARGETS", "Entry", "RuntimeResult", "lookup"]
+@dataclasses.dataclass(frozen=True)
+class Runtime:
+  """A runtime that executes exports.
+
+  Attributes:
+    name: what ``fb.verify(runtime=...)`` and ``--runtime`` take.
+    runner: ``"module:function"`` of ``run(export_dir, manifest, inputs, rounds) -> RuntimeResult``.
+    summary: one line for ``faxbridge targets``.
+    reads: targets whose exports it executes (besides those that list it in ``Target.runtimes``).
+    install: how to install what it needs, when the core environment lacks it.
+    available: ``"module:function"`` returning ``(ok, where it runs or what is missing)``, cheap
+      (no import of the runtime itself); None: it runs wherever faxbridge does.
+  """
+
+  name: str
+  runner: str
+  summary: str
+  reads: tuple[str, ...] = ()
+  install: str = ""
+  available: str | None = None
+
+  def load(self) -> Callable[..., RuntimeResult]:
+    return _load(self.runner)
+
+  def availability(self) -> tuple[bool, str]:
+    """Whether it can run here, and where it runs or what is missing (a failing probe is an
+    answer too: it cannot run)."""
+    if self.available is None:
+      return True, "this Python"
+    try:
+      ok, where = _load(self.available)()
+    except Exception as e:  # a probe's own bug must not hide the other runtimes
+      return False, f"its availability probe failed: {type(e).__name__}: {e}"
+    return bool(ok), str(where)
+
+
+def importable(*modules: str) -> tuple[bool, str]:
+  """An ``available`` probe's answer for a runtime that needs ``modules`` in this Python, found
+  without importing them."""
+  missing = []
+  for name in modules:
+    try:
+      found = importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+      found = False
+    if not found:
+      missing.append(name)
+  if missing:
+    return False, f"{', '.join(missing)} not importable"
+  return True, f"{', '.join(modules)} in this Python"
+
+
+# -- the registry -----------------------------------------------------------------------------------
+class _Table:
+  """Entries of one kind: entry points of ``group`` (read on first use) and registrations."""
+
+  def __init__(self, group: str, kind: type[Target] | type[Runtime], what: str):
+    self.group, self.kind, self.what = group, kind, what
+    self.entries: dict[str, Any] = {}
+    self.broken: dict[str, str] = {}  # name -> why its entry point could not be used
+    self.discovered = False
+    self.lock = threading.Lock()
+
+  def add(self, entry: Any, source: str) -> None:
+    if not isinstance(entry, self.kind):
+      raise TypeError(f"{source} is a {type(entry).__name__}, not a faxbridge {self.kind.__name__}")
+    known = self.entries.get(entry.name)
+    if known is not None and known != entry:
+      raise ValueError(f"{self.what} {entry.name!r} is registered twice, differently ({source})")
+    self.entries[entry.name] = entry
+
+  def discover(self) -> None:
+    with self.lock:
+      if self.discovered:
+        return
+      for point in importlib.metadata.entry_points(group=self.group):
+        source = f"entry point {point.name} = {point.value} (group {self.group})"
+        try:
+          entry = point.load()
+          if getattr(entry, "name", None) != point.name:
+            raise ValueError(f"it names {getattr(entry, 'name', None)!r}, not {point.name!r}")
+          self.add(entry, source)
+        except Exception as e:  # one broken plug-in must not take the others down
+          self.broken[point.name] = f"{source}: {type(e).__name__}: {e}"
+      self.discovered = True
+
+  def all(self) -> Mapping[str, Any]:
+    self.discover()
+    return MappingProxyType(self.entries)
+
+  def get(self, name: str, error: type[FaxbridgeError]) -> Any:
+    entries = self.all()
+    if name in entries:
+      return entries[name]
+    if name in self.broken:
+      raise error(f"{self.what} {name!r} cannot be loaded: {self.broken[name]}")
+    if not entries:
+      raise error(f"unknown {self.what} {name!r}: none is registered (entry points of group "
+                  f"{self.group!r}); is faxbridge installed? (pip install -e .)")
+    raise error(f"unknown {self.what} {name!r}; known: {', '.join(sorted(entries))}")
+
+
+_TARGETS = _Table(TARGET_GROUP, Target, "export target")
+_RUNTIMES = _Table(RUNTIME_GROUP, Runtime, "runtime")
+
+
+def register_target(target: Target) -> Target:
+  """Add ``target`` (e.g. from a notebook or a test; packages declare an entry point instead)."""
+  _TARGETS.discover()
+  _TARGETS.add(target, f"register_target({target.name!r})")
+  return target
+
+
+def register_runtime(runtime: Runtime) -> Runtime:
+  """Add ``runtime`` (e.g. from a notebook or a test; packages declare an entry point instead)."""
+  _RUNTIMES.discover()
+  _RUNTIMES.add(runtime, f"register_runtime({runtime.name!r})")
+  return runtime
+
+
+def targets() -> Mapping[str, Target]:
+  """Every registered target by name, in registration order."""
+  return _TARGETS.all()
+
+
+def runtimes() -> Mapping[str, Runtime]:
+  """Every registered runtime by name, in registration order."""
+  return _RUNTIMES.all()
+
+
+def broken() -> dict[str, str]:
+  """Entry points that could not be loaded, by ``group/name``: why."""
+  _TARGETS.discover()
+  _RUNTIMES.discover()
+  return {**{f"{TARGET_GROUP}/{k}": v for k, v in _TARGETS.broken.items()},
+          **{f"{RUNTIME_GROUP}/{k}": v for k, v in _RUNTIMES.broken.items()}}
+
+
+def target(name: str) -> Target:
+  """The target called ``name``. Raises ExportError listing the known ones."""
+  return _TARGETS.get(name, ExportError)
+
+
+def runtime(name: str) -> Runtime:
+  """The runtime called ``name``. Raises VerificationError listing the known ones."""
+  return _RUNTIMES.get(name, VerificationError)
+
+
+def default_target() -> Target | None:
+  """The target used when none is named: the first (by name) that declares ``default``."""
+  chosen = sorted((t for t in targets().values() if t.default), key=lambda t: t.name)
+  return chosen[0] if chosen else None
+
+
+def readers(target_name: str) -> list[Runtime]:
+  """The runtimes that execute exports of ``target_name``: the target's own list in its order
+  (its default first), then any other runtime declaring that it reads the target, by name."""
+  found = runtimes()
+  named = targets()[target_name].runtimes if target_name in targets() else ()
+  ordered = [found[r] for r in named if r in found]
+  ordered += sorted((r for r in found.values() if target_name in r.reads and r not in ordered),
+                    key=lambda r: r.name)
+  return ordered
+
+
+__all__ = ["RUNTIME_GROUP", "TARGET_GROUP", "Demo", "Option", "Runtime", "RuntimeResult", "Target",
+           "broken", "default_target", "importable", "readers", "register_runtime",
+           "register_target", "runtime", "runtimes", "target", "targets"]

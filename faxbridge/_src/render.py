@@ -1,13 +1,13 @@
-"""What the command line prints and draws: leaf names as the user wrote them, tables of files and of
-verified outputs, the stages of a federated form as text, and the round as a self-contained HTML page
-with an inline SVG (no scripts, no external assets: it opens from a mail attachment or a CI artifact).
+"""What the command line prints: leaf names as the user wrote them, tables of files and of verified
+outputs, and the stages of a federated form as text. The round drawn as a page is
+:mod:`faxbridge._src.drawing`, which names leaves with the functions here.
 
-Only the CLI imports this module; nothing here changes what is exported or how it is compared.
+Only the CLI (and the drawing) import this module; nothing here changes what is exported or how it
+is compared.
 """
 
 from __future__ import annotations
 
-import html
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -15,11 +15,12 @@ from faxbridge._src.form import Binding, FederatedForm, Stage, TensorSpec
 
 
 # --- names and sizes ----------------------------------------------------------------------------
-def user_name(binding: Binding, arg_names: Sequence[str], output: bool = False) -> str:
-  """A leaf as the user indexes it: ``params['w1']``, ``data['x']``, ``out[1]``.
+def user_steps(binding: Binding, arg_names: Sequence[str], output: bool = False) -> list[str]:
+  """A leaf as the user indexes it, step by step: ``['params', "['w1']"]``, ``['out', '[1]']``.
 
   Inputs start with the argument's name (the form's ``arg_names``, by the path's first step);
-  outputs with ``out``. Dict keys and attributes are quoted, sequence items are indices.
+  outputs with ``out``. Dict keys and attributes are quoted, sequence items are indices. The
+  drawing groups leaves by these steps (a model's 200 leaves under ``params``).
   """
   path = list(binding.path)
   if output:
@@ -27,8 +28,21 @@ def user_name(binding: Binding, arg_names: Sequence[str], output: bool = False) 
   elif path and isinstance(path[0], int) and path[0] < len(arg_names):
     head = arg_names[path.pop(0)]
   else:  # a form read back from JSON has no arg_names: the manifest name is what there is
-    return binding.name
-  return head + "".join(f"[{k}]" if isinstance(k, int) else f"[{k!r}]" for k in path)
+    return [binding.name]
+  return [head, *(f"[{k}]" if isinstance(k, int) else f"[{k!r}]" for k in path)]
+
+
+def user_name(binding: Binding, arg_names: Sequence[str], output: bool = False) -> str:
+  """A leaf as the user indexes it: ``params['w1']``, ``data['x']``, ``out[1]`` (see
+  :func:`user_steps`)."""
+  return "".join(user_steps(binding, arg_names, output))
+
+
+def leaf_labels(form: FederatedForm) -> dict[str, str]:
+  """Internal leaf name -> the user's name, for the leaves that are inputs or outputs."""
+  labels = {b.name: user_name(b, form.arg_names) for b in form.inputs}
+  labels.update({b.name: user_name(b, form.arg_names, output=True) for b in form.outputs})
+  return labels
 
 
 def shape_text(spec: TensorSpec) -> str:
@@ -42,10 +56,11 @@ def size_text(n: int) -> str:
   """Bytes for people: ``848 B``, ``12.3 KiB``, ``4.0 MiB``."""
   if n < 1024:
     return f"{n} B"
+  scaled = float(n)
   for unit in ("KiB", "MiB", "GiB"):
-    n /= 1024
-    if n < 1024 or unit == "GiB":
-      return f"{n:.1f} {unit}"
+    scaled /= 1024
+    if scaled < 1024 or unit == "GiB":
+      return f"{scaled:.1f} {unit}"
   raise AssertionError("unreachable")
 
 
@@ -134,17 +149,16 @@ def _bindings(form: FederatedForm, bindings: Sequence[Binding], output: bool) ->
            size_text(b.spec.nbytes), b.name) for b in bindings]
 
 
+def _kind_text(agg) -> str:
+  """The aggregation's kind with its params, as the jaxpr shows them: ``secure_sum[bitwidth=16]``."""
+  params = " ".join(f"{k}={v}" for k, v in agg.params.items())
+  return f"{agg.kind}[{params}]" if params else agg.kind
+
+
 def _aggregation_text(agg, labels: dict[str, str]) -> str:
   weight = f", weight {labels.get(agg.weight, agg.weight)}" if agg.weight else ""
-  return (f"{agg.kind}({labels.get(agg.value, agg.value)}{weight}) -> {agg.result.name} "
+  return (f"{_kind_text(agg)}({labels.get(agg.value, agg.value)}{weight}) -> {agg.result.name} "
           f"{shape_text(agg.result)}")
-
-
-def _leaf_labels(form: FederatedForm) -> dict[str, str]:
-  """Internal leaf name -> the user's name, for the leaves that are inputs or outputs."""
-  labels = {b.name: user_name(b, form.arg_names) for b in form.inputs}
-  labels.update({b.name: user_name(b, form.arg_names, output=True) for b in form.outputs})
-  return labels
 
 
 def _broadcast_specs(stage: Stage) -> list[TensorSpec]:
@@ -166,7 +180,7 @@ def _leaves_table(form: FederatedForm, bindings: Sequence[Binding], output: bool
 def form_text(form: FederatedForm, title: str) -> str:
   """Inputs and outputs by the user's names, and each stage with what a client downloads and
   uploads."""
-  labels = _leaf_labels(form)
+  labels = leaf_labels(form)
   where = (f"{len(form.stages)} stage(s), traced for {form.clients} clients" if form.stages
            else "runs on the server only (no round trip to clients)")
   lines = [f"{title}: {where}", "",
@@ -218,139 +232,5 @@ def jaxpr_legend(traced, form: FederatedForm) -> str:
                               for letter, b in zip(input_names(traced), form.inputs))
 
 
-# --- the round as SVG -----------------------------------------------------------------------------
-_LINE = 16  # px per text line
-_STAGE_W = 580  # room for a broadcast and an upload column of ~36 characters each
-
-
-def _svg_text(x: float, y: float, text: str, cls: str = "", anchor: str = "start") -> str:
-  cls_attr = f' class="{cls}"' if cls else ""
-  return (f'<text x="{x:.0f}" y="{y:.0f}" text-anchor="{anchor}"{cls_attr}>'
-          f"{html.escape(text)}</text>")
-
-
-def _svg_box(x: float, y: float, w: float, h: float, title: str, sub: str, cls: str) -> list[str]:
-  return [f'<rect x="{x:.0f}" y="{y:.0f}" width="{w:.0f}" height="{h:.0f}" rx="8" class="{cls}"/>',
-          _svg_text(x + w / 2, y + h / 2 - 3, title, "title", "middle"),
-          _svg_text(x + w / 2, y + h / 2 + 14, sub, "sub", "middle")]
-
-
-def _svg_arrow(x: float, y1: float, y2: float, cls: str, x2: float | None = None) -> str:
-  """From (x, y1) to (x2 or x, y2), with an arrow head."""
-  x2 = x if x2 is None else x2
-  return (f'<line x1="{x:.0f}" y1="{y1:.0f}" x2="{x2:.0f}" y2="{y2:.0f}" class="{cls}" '
-          'marker-end="url(#head)"/>')
-
-
-def round_svg(form: FederatedForm) -> str:
-  """The round as an SVG: per stage, the server (its prepare piece) broadcasting down to the
-  clients (their work piece) and the uploads aggregated back up; shapes and bytes on the edges."""
-  labels = _leaf_labels(form)
-  stages = []
-  for stage, traffic in zip(form.stages, form.bytes_per_client()):
-    down = [f"{labels.get(s.name, s.name)} {shape_text(s)}" for s in _broadcast_specs(stage)]
-    uploads = _upload_specs(stage)
-    up = [f"{agg.kind}: {labels.get(agg.value, agg.value)} "
-          f"{shape_text(uploads[agg.value]) if agg.value in uploads else ''}".rstrip()
-          + (f" w={labels.get(agg.weight, agg.weight)}" if agg.weight else "")
-          for agg in stage.aggregations]
-    stages.append((stage, traffic, down, up))
-  edge_lines = max([len(d) + 1 for _, _, d, _ in stages] + [len(u) + 1 for _, _, _, u in stages]
-                   + [1])
-  box_h, top = 56, 40
-  gap = max(120, edge_lines * _LINE + 40)
-  clients_y = top + box_h + gap
-  width = 40 + _STAGE_W * len(stages) + 260
-  height = clients_y + box_h + 60
-  parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-           f'viewBox="0 0 {width} {height}" role="img" aria-label="one round of {form.name}">',
-           '<defs><marker id="head" viewBox="0 0 10 10" refX="9" refY="5" markerWidth="7" '
-           'markerHeight="7" orient="auto"><path d="M0,0 L10,5 L0,10 z"/></marker></defs>']
-  x = 20
-  for stage, traffic, down, up in stages:
-    box_w = _STAGE_W - 60
-    parts.append(_svg_text(x, 24, f"stage {stage.index}", "stage"))
-    parts += _svg_box(x, top, box_w, box_h, "SERVER", stage.server_prepare.name, "server")
-    parts += _svg_box(x, clients_y, box_w, box_h, f"CLIENTS ({form.clients})",
-                      stage.client_work.name, "clients")
-    bx, ux = x + 30, x + box_w / 2 + 30
-    parts.append(_svg_arrow(bx, top + box_h, clients_y, "down"))
-    parts.append(_svg_text(bx + 8, top + box_h + 20,
-                           f"broadcast {size_text(traffic['download'])} per client", "edge"))
-    parts += [_svg_text(bx + 8, top + box_h + 20 + (i + 1) * _LINE, t, "leaf")
-              for i, t in enumerate(down)]
-    parts.append(_svg_arrow(ux, clients_y, top + box_h, "up"))
-    parts.append(_svg_text(ux + 8, top + box_h + 20,
-                           f"upload {size_text(traffic['upload'])} per client", "edge"))
-    parts += [_svg_text(ux + 8, top + box_h + 20 + (i + 1) * _LINE, t, "leaf")
-              for i, t in enumerate(up)]
-    # The server's values carry on to the next stage (or to server_result): left to right.
-    parts.append(_svg_arrow(x + box_w, top + box_h / 2, top + box_h / 2, "next", x + _STAGE_W))
-    x += _STAGE_W
-  outs = [labels.get(b.name, b.name) for b in form.outputs]
-  parts += _svg_box(x, top, 220, box_h, "SERVER", form.server_result.name, "server")
-  parts.append(_svg_text(x, top + box_h + 20, "outputs", "edge"))
-  parts += [_svg_text(x, top + box_h + 20 + (i + 1) * _LINE, t, "leaf")
-            for i, t in enumerate(outs[:edge_lines + 4])]
-  parts.append("</svg>")
-  return "\n".join(parts)
-
-
-_CSS = """
-body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
-svg { border: 1px solid #ddd; background: #fcfcfc; }
-svg text { font-family: ui-monospace, monospace; font-size: 12px; }
-svg text.title { font-weight: bold; font-size: 14px; }
-svg text.stage, svg text.edge { font-weight: bold; }
-rect.server { fill: #e3eefc; stroke: #3a6fb0; }
-rect.clients { fill: #e7f6e7; stroke: #3c8d3c; }
-line.down { stroke: #3a6fb0; stroke-width: 2; }
-line.up { stroke: #3c8d3c; stroke-width: 2; }
-line.next { stroke: #888; stroke-width: 1.5; stroke-dasharray: 4 3; }
-table { border-collapse: collapse; margin: 0.5em 0 1.5em; }
-td, th { border: 1px solid #ccc; padding: 2px 8px; font-family: ui-monospace, monospace; }
-td.n { text-align: right; }
-"""
-
-
-def _html_table(header: Sequence[str], rows: Iterable[Sequence[str]], numeric: Iterable[int] = ()
-                ) -> str:
-  numeric = set(numeric)
-  head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-  body = "".join("<tr>" + "".join(
-      f'<td class="n">{html.escape(str(c))}</td>' if i in numeric else f"<td>{html.escape(str(c))}</td>"
-      for i, c in enumerate(r)) + "</tr>" for r in rows)
-  return f"<table><tr>{head}</tr>{body}</table>"
-
-
-def round_html(forms: dict[str, FederatedForm], title: str) -> str:
-  """A page per program: for each computation (``next`` of a process, or the computation), the
-  round drawn, then its inputs, outputs and stages as tables. Well-formed XML (XHTML), so it
-  parses with any XML parser as well as in a browser."""
-  sections = []
-  head = ["name", "placement", "shape", "bytes", "leaf"]
-  for name, form in forms.items():
-    labels = _leaf_labels(form)
-    stage_rows = []
-    for stage, traffic in zip(form.stages, form.bytes_per_client()):
-      stage_rows.append((str(stage.index),
-                         ", ".join(labels.get(n, n) for n in stage.broadcasts) or "-",
-                         "; ".join(_aggregation_text(a, labels) for a in stage.aggregations) or "-",
-                         size_text(traffic["download"]), size_text(traffic["upload"])))
-    sections.append(
-        f"<h2>{html.escape(name)}: {len(form.stages)} stage(s), {form.clients} clients</h2>"
-        + (round_svg(form) if form.stages else "<p>server only: no round trip to clients</p>")
-        + "<h3>inputs</h3>" + _html_table(head, _bindings(form, form.inputs, False), [3])
-        + "<h3>outputs</h3>" + _html_table(head, _bindings(form, form.outputs, True), [3])
-        + "<h3>stages</h3>" + _html_table(
-            ["stage", "broadcast", "aggregations", "download per client", "upload per client"],
-            stage_rows, [3, 4])
-        + "".join(f"<p>{html.escape(line)}</p>" for line in dp_lines(form) if line))
-  return ("<!DOCTYPE html>\n"
-          '<html xmlns="http://www.w3.org/1999/xhtml" lang="en"><head><meta charset="utf-8"/>'
-          f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>"
-          f"<h1>{html.escape(title)}</h1>" + "".join(sections) + "</body></html>\n")
-
-
-__all__ = ["dp_lines", "files_summary", "form_text", "jaxpr_legend", "round_html", "round_svg",
-           "size_text", "table", "user_name", "verdict", "verify_table"]
+__all__ = ["dp_lines", "files_summary", "form_text", "jaxpr_legend", "leaf_labels", "shape_text",
+           "size_text", "table", "user_name", "user_steps", "verdict", "verify_table"]

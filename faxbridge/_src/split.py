@@ -4,7 +4,7 @@ Stage ``k`` holds the values that depend on exactly ``k`` earlier aggregations, 
 that depends on an aggregate opens a new stage. Server equations of depth ``k`` go to stage ``k``'s
 ``server_prepare`` (or ``server_result`` after the last stage), per-client maps to its
 ``client_work``, and each aggregation equation becomes an :class:`~faxbridge._src.form.Aggregation`
-read from :data:`faxbridge._src.primitives.AGGREGATIONS`.
+read from :data:`faxbridge._src.aggregations.AGGREGATIONS`: its kind and the params its rule declares.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from jax.extend import core as jcore
 from jax.extend import source_info_util
 
 from faxbridge._src import placements
+from faxbridge._src.aggregations import AGGREGATIONS
 from faxbridge._src.computation import Computation, TracedComputation
 from faxbridge._src.errors import ExportError
 from faxbridge._src.form import (
@@ -33,7 +34,7 @@ from faxbridge._src.form import (
 from faxbridge._src.jax_internals import PYTHON_CALLBACKS
 from faxbridge._src.locations import describe, enclosing
 from faxbridge._src.placements import CLIENTS, SERVER, Placement
-from faxbridge._src.primitives import AGGREGATIONS, broadcast_p, map_p
+from faxbridge._src.primitives import broadcast_p, map_p
 
 
 def split(comp: Computation | TracedComputation, *example_args) -> FederatedForm:
@@ -217,12 +218,11 @@ class _Splitter:
     order = [(k, r) for k in range(stages) for r in ("prepare", "broadcast", "client", "aggregate")]
     order.append((stages, "result"))
     # live_after[i]: variables read by anything after position i (final outputs count).
-    live_after, live = [], {v for v in final_outs if not isinstance(v, jcore.Literal)}
+    live = {v for v in final_outs if not isinstance(v, jcore.Literal)}
+    live_after: dict[tuple[int, str], set] = {}
     for key in reversed(order):
-      live_after.append(set(live))
+      live_after[key] = set(live)
       live |= set(uses(groups.get(key, [])))
-    live_after.reverse()
-    live_after = dict(zip(order, live_after))
 
     counters: dict[str, int] = {}
 
@@ -283,12 +283,14 @@ class _Splitter:
         result = e.outvars[0]
         value = self.resolve(e.invars[0])
         weight = self.resolve(e.invars[1]) if len(e.invars) > 1 else None
+        rule = AGGREGATIONS[e.primitive]
         aggs.append(Aggregation(
-            kind=AGGREGATIONS[e.primitive].kind,
+            kind=rule.kind,
             value=self.var_names[value],
             weight=None if weight is None else self.var_names[weight],
-            bitwidth=e.params.get("bitwidth"),
+            params={k: e.params[k] for k in rule.params},
             result=_spec(self.name(result, hint("aggregate")), result.aval, SERVER),
+            source_info=e.source_info,
         ))
       server_state = [*sources, *kept, *(e.outvars[0] for e in agg_eqns)]
       built_stages.append(Stage(

@@ -28,6 +28,7 @@ import numpy as np
 
 from faxbridge._src import registry
 from faxbridge._src.errors import VerificationError
+from faxbridge._src.events import emit
 from faxbridge._src.export import read_manifest, sha256
 from faxbridge._src.form import run_program
 from faxbridge._src.registry import RuntimeResult
@@ -89,6 +90,8 @@ class VerificationReport:
 
 def check_files(export_dir: Path, manifest: dict) -> None:
   """Every file listed has its sha256; anything unlisted or missing is refused."""
+  emit("verify.files", f"checking {len(manifest.get('files', {}))} files against the manifest's "
+       "sha256", export_dir=str(export_dir))
   problems = []
   for rel, digest in sorted(manifest.get("files", {}).items()):
     path = export_dir / rel
@@ -155,7 +158,9 @@ def compare_all(expected: Mapping[str, np.ndarray], got: Mapping[str, np.ndarray
   return checks
 
 
-def _blocks(manifest: dict) -> tuple[dict, dict | None]:
+def signature_blocks(manifest: dict) -> tuple[dict, dict | None]:
+  """The manifest blocks whose inputs a caller passes: ``computation``'s, or ``next``'s (after
+  the state) with ``initialize``'s second."""
   if manifest["kind"] == "iterative_process":
     return manifest["next"], manifest["initialize"]
   return manifest["computation"], None
@@ -215,7 +220,7 @@ def _named_inputs(block: dict, args: Any, inputs: Mapping | None) -> dict[str, n
 def _check_native_shapes(export_dir: Path, manifest: dict, named: dict[str, np.ndarray]) -> None:
   """The stored native program was exported for fixed shapes (the example's number of clients):
   refuse other shapes here, before a runtime starts, rather than fail after it ran."""
-  block, init_block = _blocks(manifest)
+  block, init_block = signature_blocks(manifest)
   exported = _load_native(export_dir, manifest, "next" if init_block is not None else "computation")
   avals = exported.in_avals[len(exported.in_avals) - len(block["inputs"]):]
   for spec, aval in zip(block["inputs"], avals):
@@ -267,15 +272,36 @@ def native_outputs(export_dir: Path, manifest: dict, inputs: dict[str, np.ndarra
     leaves = jax.tree.leaves(exported.call(*args))
     return {s["name"]: np.asarray(v) for s, v in zip(block["outputs"], leaves)}
 
-  return run_program(manifest["kind"], run, inputs, rounds, manifest.get("state"))
+  emit("verify.native", "running natively (XLA)")
+  return run_program(manifest["kind"], run, inputs, rounds, manifest.get("state"), who="native")
 
 
-def _runtime(name: str):
-  return registry.lookup(registry.RUNTIMES, name, "runtime", VerificationError).load()
+def chosen_runtime(manifest: dict, name: str | None) -> registry.Runtime:
+  """The runtime called ``name``; None: the first runtime that reads the export's target.
+
+  Raises:
+    VerificationError: an unknown runtime (listing the known ones), or none reads the target.
+  """
+  if name is not None:
+    return registry.runtime(name)
+  target = manifest.get("target")
+  readers = registry.readers(target) if target else []
+  if not readers:
+    raise VerificationError(f"no registered runtime reads exports of target {target!r}: pass "
+                            f"runtime=NAME (known: {', '.join(registry.runtimes()) or 'none'})")
+  return readers[0]
 
 
-def run_on_runtime(export_dir: str | os.PathLike, runtime: str, inputs: Mapping[str, np.ndarray],
-                   rounds: int = 1) -> RuntimeResult:
+def _run(runtime: registry.Runtime, export_dir: Path, manifest: dict, named: dict[str, np.ndarray],
+         rounds: int) -> RuntimeResult:
+  emit("verify.load", f"loading runtime {runtime.name}", runtime=runtime.name)
+  run = runtime.load()
+  emit("verify.runtime", f"running on {runtime.name}", runtime=runtime.name)
+  return run(export_dir, manifest, named, rounds)
+
+
+def run_on_runtime(export_dir: str | os.PathLike, runtime: str | None,
+                   inputs: Mapping[str, np.ndarray], rounds: int = 1) -> RuntimeResult:
   """Run an export on ``runtime`` alone (no native side, no comparison): its outputs by name.
 
   ``inputs`` are leaves by manifest name; outputs are keyed as :func:`verify` keys them (``NAME``,
@@ -284,16 +310,16 @@ def run_on_runtime(export_dir: str | os.PathLike, runtime: str, inputs: Mapping[
   export_dir = Path(export_dir).resolve()
   manifest = read_export_manifest(export_dir)
   check_files(export_dir, manifest)
-  block, _ = _blocks(manifest)
+  block, _ = signature_blocks(manifest)
   named = _named_inputs(block, (), dict(inputs))
   rounds = rounds if manifest["kind"] == "iterative_process" else 0
-  return _runtime(runtime)(export_dir, manifest, named, rounds)
+  return _run(chosen_runtime(manifest, runtime), export_dir, manifest, named, rounds)
 
 
 def verify(
     export_dir: str | os.PathLike,
     *args: Any,
-    runtime: str = "tff",
+    runtime: str | None = None,
     inputs: Mapping[str, np.ndarray] | None = None,
     rounds: int = 5,
     rtol: float = RTOL,
@@ -303,8 +329,10 @@ def verify(
 
   An output passes when ``|runtime - native| <= atol + rtol * |native|`` elementwise (floats;
   ``rtol=1e-5``, ``atol=1e-6``), or is equal (integers, booleans), with the native dtype and
-  shape. The native side is the export's stored ``native/`` program. Runtimes: ``"tff"`` reads
-  the tff target, ``"iree"`` and ``"jax"`` the stablehlo target, ``"litert"`` the tflite target.
+  shape. The native side is the export's stored ``native/`` program. ``runtime`` is a registered
+  runtime (``faxbridge targets`` lists them; built in: ``"tff"`` reads the tff target, ``"iree"``
+  and ``"jax"`` the stablehlo target, ``"litert"`` the tflite target); None: the first runtime
+  that reads the export's target.
 
   Inputs are the computation's arguments as a pytree (``*args``; for an iterative process the
   arguments of ``next`` after the state) or leaves by manifest name (``inputs=``). An iterative
@@ -331,7 +359,7 @@ def verify(
   export_dir = Path(export_dir).resolve()
   manifest = read_export_manifest(export_dir)
   check_files(export_dir, manifest)
-  block, _ = _blocks(manifest)
+  block, _ = signature_blocks(manifest)
   named = _named_inputs(block, args, inputs)
   _check_native_shapes(export_dir, manifest, named)
   wide = [n for n, v in named.items() if v.dtype.name in ("float64", "complex128", "int64", "uint64")]
@@ -342,10 +370,10 @@ def verify(
   if manifest["kind"] == "iterative_process" and rounds < 1:
     raise VerificationError(f"rounds={rounds}: an iterative process runs at least 1 round")
   rounds = rounds if manifest["kind"] == "iterative_process" else 0
-  run = _runtime(runtime)  # an unknown runtime is refused before anything runs
-  result = run(export_dir, manifest, named, rounds)
+  chosen = chosen_runtime(manifest, runtime)  # an unknown runtime is refused before anything runs
+  result = _run(chosen, export_dir, manifest, named, rounds)
   expected = native_outputs(export_dir, manifest, named, rounds)
   checks = compare_all(expected, result.outputs, rtol, atol)
   extra = {label: compare_all(expected, outs, rtol, atol)
            for label, outs in result.extra_outputs.items()}
-  return VerificationReport(str(export_dir), runtime, checks, extra, result.info)
+  return VerificationReport(str(export_dir), chosen.name, checks, extra, result.info)

@@ -8,7 +8,11 @@ has two sides that talk only through files (``docs/tff_runner_protocol.md``):
   ``run_computations``) and ``verify`` (``fb.verify(..., runtime="tff")``);
 * ``tff_runner/``, the runner that runs inside .venv-tff, started by path and importing nothing
   from faxbridge (its own ``__init__`` lists its modules).
+
+``RUNTIME`` is its registry entry (the ``faxbridge.runtimes`` entry point ``tff``).
 """
+
+from faxbridge.extend import Runtime
 
 from .client import (
     ComputationJob,
@@ -20,12 +24,18 @@ from .client import (
     run_graph,
     run_graphs,
 )
-from .launch import DEFAULT_TIMEOUT_S, ENV_VAR, RUNNER, tff_python
+from .launch import DEFAULT_TIMEOUT_S, ENV_VAR, MAKE_COMMAND, RUNNER, tff_python
+
+RUNTIME = Runtime(
+    "tff", runner="faxbridge.converters.runtimes.tff.verify:verify_run",
+    summary="TensorFlow Federated 0.87's native context, in .venv-tff",
+    install=MAKE_COMMAND, available="faxbridge.converters.runtimes.tff.launch:available")
 
 __all__ = [
     "DEFAULT_TIMEOUT_S",
     "ENV_VAR",
     "RUNNER",
+    "RUNTIME",
     "ComputationJob",
     "FormStatus",
     "GraphJob",

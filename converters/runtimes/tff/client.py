@@ -22,9 +22,32 @@ from pathlib import Path
 
 import numpy as np
 
-from faxbridge.extend import VerificationError
+from faxbridge.extend import VerificationError, emit
 
 from .launch import DEFAULT_TIMEOUT_S, Completed, invoke, job_error, load_npz, save_npz
+
+
+def _progress(jobs: int):
+  """What each line of the runner's ``--progress`` file becomes here: an event (see
+  ``faxbridge.events``), named as this process's own (``round`` as ``run_program``'s)."""
+
+  def on_line(line: dict) -> None:
+    event, job = line.get("event"), line.get("job")
+    who = "tff" if jobs == 1 or job is None else f"tff job {job}"
+    if event == "imported":
+      emit("tff.imported", f"{who}: {line.get('what')} imported ({line.get('seconds', 0):.1f} s)",
+           who=who, seconds=line.get("seconds"))
+    elif event == "forms":
+      emit("tff.forms", f"{who}: building MapReduceForm and DistributeAggregateForm", who=who)
+    elif event == "round":
+      if line.get("form"):
+        who = f"{who} ({line['form']} rebuilt)"
+      computation, r, rounds = line.get("computation"), line.get("round"), line.get("rounds")
+      emit("round", f"{who}: round {r} of {rounds}" if computation == "next" else
+           f"{who}: {computation}", who=who, computation=computation, round=r, rounds=rounds)
+
+  return on_line
+
 
 # ----------------------------------------------------------------------------------------------
 # Plain GraphDefs in TF 2.14
@@ -62,8 +85,10 @@ def run_graphs(jobs: Sequence[GraphJob | tuple], *, timeout: float = DEFAULT_TIM
       feeds.update({f"{i}/{t}": v for t, v in job.inputs.items()})
     (workdir / "spec.json").write_text(json.dumps({"jobs": spec}))
     save_npz(workdir / "in.npz", feeds)
+    emit("tff.start", f"starting TF 2.14 in .venv-tff for {len(jobs)} graph(s)", jobs=len(jobs))
     done = invoke(["graph", "--spec", "spec.json", "--inputs", "in.npz", "--outputs", "out.npz",
-                    "--status", "status.json"], workdir, workdir / "status.json", timeout)
+                    "--status", "status.json"], workdir, workdir / "status.json", timeout,
+                   _progress(len(jobs)))
     fetched = load_npz(workdir / "out.npz")
   results: list[dict[str, np.ndarray] | VerificationError] = []
   for i, (job, job_status) in enumerate(zip(jobs, done.status["jobs"])):
@@ -168,8 +193,11 @@ def run_computations(jobs: Sequence[ComputationJob], *, timeout: float = DEFAULT
       spec.append({"dir": str(export_dir), "inputs": f"in{i}.npz", "outputs": f"out{i}.npz",
                    "rounds": job.rounds, "forms": job.forms})
     (workdir / "spec.json").write_text(json.dumps({"jobs": spec}))
+    emit("tff.start", "starting TFF 0.87 in .venv-tff (rounds run there)"
+         if len(jobs) == 1 else f"starting TFF 0.87 in .venv-tff for {len(jobs)} exports",
+         jobs=len(jobs))
     done = invoke(["computation", "--spec", "spec.json", "--status", "status.json"], workdir,
-                   workdir / "status.json", timeout)
+                   workdir / "status.json", timeout, _progress(len(jobs)))
     results: list[TffRun | VerificationError] = []
     for i, (job, job_status) in enumerate(zip(jobs, done.status["jobs"])):
       if job_status["ok"]:

@@ -14,13 +14,14 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from faxbridge.converters.runtimes.progress import ProgressFile, wait
 from faxbridge.extend import VerificationError
 
 # The runner package, run by path (its __main__ puts this folder on sys.path, last).
@@ -59,6 +60,15 @@ def tff_python() -> Path:
   return python
 
 
+def available() -> tuple[bool, str]:
+  """The registry's availability probe: whether .venv-tff's Python is there, and where (or why
+  not); nothing is started."""
+  try:
+    return True, str(tff_python())
+  except VerificationError as e:
+    return False, str(e).split(". ")[0]
+
+
 # ----------------------------------------------------------------------------------------------
 # Running the runner
 
@@ -80,13 +90,19 @@ def _end_group(pgid: int) -> None:
     os.killpg(pgid, signal.SIGKILL)
 
 
-def invoke(args: Sequence[str], workdir: Path, status_path: Path, timeout: float) -> Completed:
+def invoke(args: Sequence[str], workdir: Path, status_path: Path, timeout: float,
+           on_progress: Callable[[dict[str, Any]], None] | None = None) -> Completed:
   """Runs ``tff_runner *args`` in ``workdir``; stdout and stderr go to files, never pipes.
 
   A pipe would stay open as long as TFF's worker_binary lives (it inherits them); files cannot
   hang us. The runner gets its own session, so a timeout or a leftover worker is ended as a group.
+  With ``on_progress``, the runner is given ``--progress`` and each line it reports is passed on
+  while it runs (the protocol's "Progress").
   """
   python = tff_python()
+  progress = ProgressFile(workdir / "progress.jsonl")
+  if on_progress is not None:
+    args = [*args, "--progress", progress.path.name]
   command = [str(python), str(RUNNER), *args]
   env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}
   out_path, err_path = workdir / "runner.stdout", workdir / "runner.stderr"
@@ -95,7 +111,7 @@ def invoke(args: Sequence[str], workdir: Path, status_path: Path, timeout: float
     proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
                             cwd=workdir, env=env, start_new_session=True)
     try:
-      proc.wait(timeout=timeout)
+      wait(proc, timeout, progress, on_progress or (lambda line: None))
     except subprocess.TimeoutExpired:
       proc.send_signal(signal.SIGTERM)  # the runner turns this into a clean exit
       try:

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from .processes import end_children, install_guards
-from .protocol import PROTOCOL, ProtocolError, error_text, load_npz, save_npz
+from .protocol import PROGRESS, PROTOCOL, ProtocolError, error_text, load_npz, save_npz
 
 # TF's C++ logging (CUDA probing, CPU feature notes) would bury the errors that matter in stderr.
 # TF is imported later, by the subcommands.
@@ -34,6 +34,7 @@ def _parser() -> argparse.ArgumentParser:
   graph.add_argument("--inputs", required=True)
   graph.add_argument("--outputs", required=True)
   graph.add_argument("--status")
+  graph.add_argument("--progress", help="append one JSON line per step to this file")
   comp = sub.add_parser("computation", help="execute exported computations with TFF")
   comp.add_argument("--spec", help="jobs JSON (instead of --dir/--inputs/--outputs)")
   comp.add_argument("--dir")
@@ -42,6 +43,7 @@ def _parser() -> argparse.ArgumentParser:
   comp.add_argument("--rounds", type=int)
   comp.add_argument("--forms", action="store_true")
   comp.add_argument("--status")
+  comp.add_argument("--progress", help="append one JSON line per step to this file")
   return parser
 
 
@@ -98,6 +100,7 @@ def _run_graph(args: argparse.Namespace, status: dict) -> None:
   from .graphs import run_graph_jobs
 
   timings["import_s"] = time.perf_counter() - start
+  PROGRESS.report("imported", what="tensorflow", seconds=round(timings["import_s"], 3))
   status["versions"] = _versions(with_tff=False)
   start = time.perf_counter()
   outputs, status["jobs"] = run_graph_jobs(jobs, inputs, base, graph, prefix=bool(args.spec))
@@ -122,9 +125,13 @@ def _run_computation(args: argparse.Namespace, status: dict) -> None:
   from .contexts import CONTEXTS
 
   timings["import_s"] = time.perf_counter() - start
+  PROGRESS.report("imported", what="tensorflow_federated", seconds=round(timings["import_s"], 3))
   status["versions"] = _versions(with_tff=True)
   start = time.perf_counter()
-  status["jobs"] = [run_computation_job(job, base, CONTEXTS) for job in jobs]
+  for i, job in enumerate(jobs):
+    PROGRESS.job = i
+    status["jobs"].append(run_computation_job(job, base, CONTEXTS))
+  PROGRESS.job = None
   timings["run_s"] = time.perf_counter() - start
 
 
@@ -133,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
   started = time.perf_counter()
   install_guards()
   args = _parser().parse_args(argv)
+  if args.progress:
+    PROGRESS.open(args.progress)
   status: dict[str, Any] = {"protocol": PROTOCOL, "ok": False, "error": None, "versions": {},
                             "timings": {}, "jobs": [], "ended_children": []}
   code = 1

@@ -19,7 +19,7 @@ from tensorflow_federated.proto.v0 import computation_pb2
 
 from . import forms
 from .contexts import SECURE_MARKER, Contexts, default_clients, scan_proto
-from .protocol import ProtocolError, error_text, load_npz, save_npz
+from .protocol import PROGRESS, ProtocolError, error_text, load_npz, save_npz
 from .values import build_argument, element, extract_outputs
 
 
@@ -97,21 +97,26 @@ class Program:
     return contexts.run(context, clients, comp, *args)
 
   def execute(self, contexts: Contexts, context: str, comp: Any, arrays: dict[str, np.ndarray],
-              rounds: int | None) -> dict[str, np.ndarray]:
-    """Runs the program with ``comp`` as the computation (or as ``next``); returns npz leaves."""
+              rounds: int | None, form: str | None = None) -> dict[str, np.ndarray]:
+    """Runs the program with ``comp`` as the computation (or as ``next``; ``form`` names the form
+    it was rebuilt from, if any); returns npz leaves. Each call of a computation is reported to
+    ``--progress`` as it starts."""
     if self.kind == "computation":
       if rounds is not None:
         raise ProtocolError("--rounds applies to iterative processes (initialize.pb + next.pb)")
+      PROGRESS.report("round", computation="computation", round=0, rounds=0, form=form)
       result = self._call(contexts, context, "computation", comp, arrays, None, "inputs")
       return extract_outputs(result, comp.type_signature.result,
                              self.blocks["computation"].get("outputs", []), "", "outputs")
     init = self.comps["initialize"]
+    PROGRESS.report("round", computation="initialize", round=0, rounds=rounds or 1, form=form)
     state = self._call(contexts, context, "initialize", init, {}, None, "initialize")
     out = extract_outputs(state, init.type_signature.result,
                           self.blocks["initialize"].get("outputs", []), "initialize/",
                           "initialize outputs")
     self.round_s = []
     for r in range(1, (rounds or 1) + 1):
+      PROGRESS.report("round", computation="next", round=r, rounds=rounds or 1, form=form)
       start = time.perf_counter()
       result = self._call(contexts, context, "next", comp, _round_inputs(arrays, r),
                           {(0,): state}, f"next inputs (round {r})")

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import tensorflow_federated as tff
 
-from .protocol import error_text
+from .protocol import PROGRESS, error_text
 
 if TYPE_CHECKING:
   from .computations import Program
@@ -49,13 +49,14 @@ def run_forms(program: Program, contexts: Contexts, arrays: dict[str, np.ndarray
   same initial state for an iterative process); adds their outputs to ``outputs`` under
   ``"{form}/{key}"`` and returns the forms' statuses."""
   statuses = {}
+  PROGRESS.report("forms", forms=list(NAMES))
   for name, (rebuilt, status) in build_forms(program.comp).items():
     if rebuilt is not None:
       start = time.perf_counter()
       try:
         # Rebuilt forms hold secure-sum slots (empty or not): only the test context runs them.
         # The number of clients is decided as for the original (same inputs, same manifest).
-        rebuilt_out = program.execute(contexts, "test", rebuilt, arrays, rounds)
+        rebuilt_out = program.execute(contexts, "test", rebuilt, arrays, rounds, form=name)
         outputs.update({f"{name}/{k}": v for k, v in rebuilt_out.items()})
         status["ran"] = True
       except Exception as e:

@@ -6,7 +6,9 @@ Files between the environments are JSON and ``np.savez`` archives loaded with
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import IO, Any
 
 import numpy as np
 
@@ -30,3 +32,25 @@ def save_npz(path: str | Path, arrays: dict[str, np.ndarray]) -> None:
 
 def error_text(e: BaseException) -> str:
   return f"{type(e).__name__}: {e}"
+
+
+class Progress:
+  """The ``--progress`` file ("Progress" in the protocol): one JSON object a line, written and
+  flushed at each step, so the core reads every step while the runner is still running. Without
+  ``--progress`` nothing is written."""
+
+  def __init__(self) -> None:
+    self.file: IO[str] | None = None
+    self.job: int | None = None  # the index of the job running now, in every line
+
+  def open(self, path: str | Path) -> None:
+    self.file = open(path, "a", encoding="utf-8")  # noqa: SIM115 (open for the process's life)
+
+  def report(self, event: str, **fields: Any) -> None:
+    if self.file is None:
+      return
+    self.file.write(json.dumps({"event": event, "job": self.job, **fields}) + "\n")
+    self.file.flush()
+
+
+PROGRESS = Progress()
