@@ -20,7 +20,9 @@ The pieces a target reads:
   own tables are keyed by;
 * the errors to raise (:class:`ExportError` while exporting, :class:`VerificationError` while
   running an export) and :func:`describe`, which turns an equation's ``source_info`` into the user's
-  ``file:line``.
+  ``file:line``;
+* :mod:`jax_internals`: the few private JAX objects a lowering needs (primitives JAX gives no public
+  handle on), each with its reason, so that no package reaches into ``jax._src`` itself.
 
 What a target or runtime declares about itself, for the registry: :class:`Target` (with its
 :class:`Option` s and an optional :class:`Demo`) or :class:`Runtime`, named by an entry point of
@@ -29,6 +31,7 @@ group ``faxbridge.targets`` / ``faxbridge.runtimes`` (or added with :func:`regis
 Progress is reported with :func:`emit` (``faxbridge.events`` lists who listens and how).
 """
 
+from faxbridge._src import jax_internals
 from faxbridge._src.aggregations import (
   AGGREGATION_ENTRY_POINTS,
   AggregationRule,
@@ -105,6 +108,7 @@ __all__ = [
     "enclosing",
     "importable",
     "interpret",
+    "jax_internals",
     "max_p",
     "mean_p",
     "min_p",

@@ -846,6 +846,59 @@ def reference(recipe: Recipe, *args: PyTree) -> PyTree:
 
 
 # ------------------------------------------------------------------------------------------------
+# Interpreter 3: the same program in plain JAX, without faxbridge, so that JAX's own derivatives of it
+# are an independent answer for faxbridge's rules. CLIENTS values are arrays stacked on a leading
+# clients axis; a broadcast is ``jnp.broadcast_to``, per-client work ``jax.vmap``, an aggregation a
+# ``jax.numpy`` reduction over the clients in the value's dtype.
+# ------------------------------------------------------------------------------------------------
+def _jnp_weighted_mean(x, w):
+  w = jnp.reshape(w, w.shape + (1,) * (x.ndim - 1)).astype(x.dtype)
+  return jnp.sum(w * x, axis=0) / jnp.sum(w, axis=0)
+
+
+_JNP_AGGREGATE = {
+    "sum": lambda x, w: jnp.sum(x, axis=0, dtype=x.dtype),
+    "secure_sum": lambda x, w: jnp.sum(x, axis=0, dtype=x.dtype),
+    "mean": lambda x, w: jnp.mean(x, axis=0, dtype=x.dtype),
+    "weighted_mean": _jnp_weighted_mean,
+    "max": lambda x, w: jnp.max(x, axis=0),
+    "min": lambda x, w: jnp.min(x, axis=0),
+}
+
+
+def plain_jax(recipe: Recipe) -> Callable:
+  """The recipe as a plain JAX function of the computation's arguments."""
+  n = recipe.clients
+
+  def program(*args):
+    env: dict = {}
+    for tree, arg in zip(recipe.args, args):
+      _bind(env, tree, arg)
+    for st in recipe.body:
+      if isinstance(st, Op):
+        _local([st], env)
+      elif isinstance(st, Broadcast):
+        for src, dst in zip(names(st.value), names(st.out)):
+          env[dst] = jnp.broadcast_to(env[src], (n, *jnp.shape(env[src])))
+      elif isinstance(st, Map):
+        def per_client(*trees, st=st):
+          lenv: dict = {}
+          for tree, value in zip(st.args, trees):
+            _bind(lenv, tree, value)
+          _local(st.ops, lenv)
+          return _read(lenv, st.out)
+
+        _bind(env, st.out, jax.vmap(per_client)(*(_read(env, t) for t in st.args)))
+      elif isinstance(st, Agg):
+        w = env[st.weight] if st.weight else None
+        for src, dst in zip(names(st.value), names(st.out)):
+          env[dst] = _JNP_AGGREGATE[st.kind](env[src], w)
+    return _read(env, recipe.result)
+
+  return program
+
+
+# ------------------------------------------------------------------------------------------------
 # Inputs, and the whole program.
 # ------------------------------------------------------------------------------------------------
 def example_inputs(recipe: Recipe) -> tuple:

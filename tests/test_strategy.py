@@ -206,6 +206,13 @@ def test_streaming_keeps_per_client_intermediates_out_of_memory():
   assert temp["stream"] < 8 * per_client, temp  # one client's (and the accumulator)
 
 
+def test_a_streamed_computation_runs_under_disable_jit():
+  """Bound eagerly, the native primitive is compiled all the same: the stream is only a lowering."""
+  with jax.disable_jit():
+    got = _comp(every_op, ("stream", 3))(S, X, W)
+  _close(got, every_op_numpy(S, X, W))
+
+
 def test_trace_split_and_gradient_jaxprs_keep_the_federated_primitives():
   comp = _comp(every_op, "stream")
   names = {e.primitive.name for e in comp.trace(S, X, W).jaxpr.jaxpr.eqns}

@@ -14,12 +14,15 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 from jax import lax
-from jax._src.pjit import reshard_p  # jax.sharding.reshard's primitive (no public handle)
-from jax._src.random import random_clone_p  # jax.random.clone's primitive (no public handle)
 from jax.extend.core import primitives as jprims
+
+from faxbridge.extend import jax_internals
 
 from . import _util as u
 from .registry import register
+
+# jax.sharding.reshard's and jax.random.clone's primitives: JAX has no public handle on them.
+reshard_p, random_clone_p = jax_internals.reshard_p, jax_internals.random_clone_p
 
 _F = "elementwise"
 

@@ -16,13 +16,16 @@ from typing import Any
 import jax
 import numpy as np
 import tensorflow as tf
-from jax._src.random import prng as _jprng  # the key types' implementations (no public API)
 from jax.extend.core import primitives as jprims
+
+from faxbridge.extend import jax_internals
 
 from . import _util as u
 from .lower import physical
 from .registry import register
 from .rules_structural import iota
+
+_jprng = jax_internals.prng  # the key types' implementations (private JAX: no public API)
 
 _F = "random"
 

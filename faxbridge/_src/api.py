@@ -17,7 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax._src import source_info_util
+from jax.extend import source_info_util
 
 from faxbridge._src import aggregations as A
 from faxbridge._src import primitives as P

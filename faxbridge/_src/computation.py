@@ -11,8 +11,8 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax._src import source_info_util
 from jax.extend import core as jcore
+from jax.extend import source_info_util
 
 from faxbridge._src import execution, placements
 from faxbridge._src.api import federated_context, in_federated_trace
@@ -267,8 +267,8 @@ def _streamed(traced: TracedComputation, block: int, mesh) -> Callable:
   sharded = None
   if _clients_devices(mesh) > 1:
     axis = lambda p: 0 if p is CLIENTS else None
-    sharded = execution._Mesh(mesh, tuple(map(axis, traced.in_placements)),
-                              tuple(map(axis, traced.out_placements)))
+    sharded = execution.StreamMesh(mesh, tuple(map(axis, traced.in_placements)),
+                                   tuple(map(axis, traced.out_placements)))
 
   def run(*args):
     outs = execution.bind(traced.jaxpr, jax.tree.leaves(args), block, sharded)

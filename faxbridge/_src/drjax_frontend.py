@@ -35,11 +35,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax._src import source_info_util
 
 from faxbridge._src import api
 from faxbridge._src.computation import Computation
 from faxbridge._src.errors import PlacementError, TraceError
+from faxbridge._src.jax_internals import is_user_filename
 from faxbridge._src.locations import traceback_location
 from faxbridge._src.placements import CLIENTS, SERVER, Placement
 
@@ -67,7 +67,7 @@ def _user_line() -> str:
     name = os.path.abspath(frame.filename)
     if name.startswith((_FAXBRIDGE_DIR, drjax_dir)) or frame.filename.startswith("<"):
       continue
-    if source_info_util.is_user_filename(frame.filename) and "contextlib" not in frame.filename:
+    if is_user_filename(frame.filename) and "contextlib" not in frame.filename:
       return f" at {frame.filename}:{frame.lineno} ({frame.name})"
   return ""
 

@@ -15,7 +15,7 @@ small interpreter instead, at XLA lowering time:
   ``jax.shard_map`` and one collective per aggregation (``psum``, ``pmax``, ``pmin``) follows.
 
 The computation stays one primitive to JAX (``faxbridge_native``, its jaxpr the federated one), with
-JVP, transpose and batching rules written like ``fb.map``'s: ``jax.grad``, ``jvp``, ``vjp``,
+``fb.map``'s JVP, transpose and batching rules (``call_rules.py``): ``jax.grad``, ``jvp``, ``vjp``,
 ``vmap`` and ``eval_shape`` of a streamed round act on the federated jaxpr (so their jaxprs keep the
 federated primitives), and only lowering streams. ``trace()``, ``split`` and exports never see it.
 
@@ -37,13 +37,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import core as jax_core
-from jax._src import dispatch, source_info_util
 from jax.extend import core as jcore
-from jax.interpreters import ad, batching, mlir
+from jax.extend import source_info_util
+from jax.interpreters import mlir
 from jax.interpreters import partial_eval as pe
 
 from faxbridge._src import aggregations as A
-from faxbridge._src import placements
+from faxbridge._src import call_rules, placements
 from faxbridge._src import primitives as P
 
 Strategy = Any  # "auto" | "vmap" | "stream" | ("stream", k)
@@ -192,7 +192,7 @@ native_p.multiple_results = True
 
 
 @dataclasses.dataclass(frozen=True)
-class _Mesh:
+class StreamMesh:
   """The device mesh a streamed run shards its clients over (hashable, a primitive param)."""
 
   mesh: jax.sharding.Mesh
@@ -208,7 +208,7 @@ class _Mesh:
     return jax.sharding.PartitionSpec(*(None,) * axis, "clients")
 
 
-def bind(closed: jcore.ClosedJaxpr, args: Sequence, block: int, mesh: _Mesh | None = None) -> list:
+def bind(closed: jcore.ClosedJaxpr, args: Sequence, block: int, mesh: StreamMesh | None = None) -> list:
   """Run ``closed`` (a traced federated computation) on flat ``args`` with the stream strategy."""
   jaxpr = pe.convert_constvars_jaxpr(closed.jaxpr)
   consts = list(closed.consts)
@@ -223,98 +223,50 @@ def _abstract_eval(*args, jaxpr, block, mesh):
 
 
 native_p.def_abstract_eval(_abstract_eval)
-native_p.def_impl(functools.partial(dispatch.apply_primitive, native_p))
 
 
-def _trace(fn, avals) -> jcore.ClosedJaxpr:
-  return jax.make_jaxpr(fn)(*[jax.ShapeDtypeStruct(a.shape, a.dtype) for a in avals])
+@functools.partial(jax.jit, static_argnames=("jaxpr", "block", "mesh"))
+def _compiled(*args, jaxpr, block, mesh):
+  return native_p.bind(*args, jaxpr=jaxpr, block=block, mesh=mesh)
 
 
-def _avals(args) -> list:
-  return [jax.typeof(a) for a in args]
+def _impl(*args, jaxpr, block, mesh):
+  # Bound outside jit (eagerly, or under jax.disable_jit): the stream exists only as a lowering, so
+  # it is compiled, as JAX runs any primitive eagerly; one executable per jaxpr (its params are static).
+  with jax.disable_jit(False):
+    return _compiled(*args, jaxpr=jaxpr, block=block, mesh=mesh)
 
 
-# JVP, transpose and batching as fb.map's (primitives.py): the rule of the whole computation is
+native_p.def_impl(_impl)
+
+
+def _derived_mesh(params: dict, ins: Sequence[call_rules.Port],
+                  outs: Sequence[call_rules.Port]) -> dict:
+  """A derived call (tangents, cotangents) shards each value as the value it stands for."""
+  mesh = params["mesh"]
+  if mesh is None:
+    return params
+  axes = {"in": mesh.in_clients, "out": mesh.out_clients}
+  return {**params, "mesh": dataclasses.replace(
+      mesh, in_clients=tuple(axes[kind][i] for kind, i in ins),
+      out_clients=tuple(axes[kind][j] for kind, j in outs))}
+
+
+def _batched_mesh(params: dict, batched: Sequence[bool]) -> dict:
+  """The batch axis goes first: a batched CLIENTS value's clients axis moves one to the right."""
+  mesh = params["mesh"]
+  if mesh is None:
+    return params
+  shift = lambda axis, by: None if axis is None else axis + by
+  return {**params, "mesh": dataclasses.replace(
+      mesh, in_clients=tuple(shift(a, b) for a, b in zip(mesh.in_clients, batched)),
+      out_clients=tuple(shift(a, 1) for a in mesh.out_clients))}
+
+
+# JVP, transpose and batching as fb.map's (call_rules.py): the rule of the whole computation is
 # JAX's rule of its jaxpr, traced into a new jaxpr (still federated) that runs as one more stream.
-def _jvp(primals, tangents, *, jaxpr, block, mesh):
-  primal_out = native_p.bind(*primals, jaxpr=jaxpr, block=block, mesh=mesh)
-  nonzero = [type(t) is not ad.Zero for t in tangents]
-  out_float = [jnp.issubdtype(a.dtype, jnp.inexact) for a in jaxpr.out_avals]
-  if not any(nonzero) or not any(out_float):
-    return primal_out, [ad.Zero(jax.typeof(p).to_tangent_aval()) for p in primal_out]
-  inner = jcore.jaxpr_as_fun(jaxpr)
-
-  def tangent_fn(*primals_and_tangents):
-    ps = primals_and_tangents[: len(primals)]
-    it = iter(primals_and_tangents[len(primals):])
-    ts = [next(it) if nz else _zero_tangent(a) for nz, a in zip(nonzero, jaxpr.in_avals)]
-    _, t_out = jax.jvp(inner, tuple(ps), tuple(ts))
-    return [t for t, f in zip(t_out, out_float) if f]
-
-  nz_tangents = [t for t, nz in zip(tangents, nonzero) if nz]
-  t_jaxpr = _trace(tangent_fn, _avals(primals) + _avals(nz_tangents))
-  t_mesh = None if mesh is None else dataclasses.replace(
-      mesh, in_clients=mesh.in_clients + tuple(c for c, nz in zip(mesh.in_clients, nonzero) if nz),
-      out_clients=tuple(c for c, f in zip(mesh.out_clients, out_float) if f))
-  t_float = iter(native_p.bind(*primals, *nz_tangents, jaxpr=t_jaxpr, block=block, mesh=t_mesh))
-  return primal_out, [
-      next(t_float) if f else ad.Zero(jax.typeof(p).to_tangent_aval())
-      for p, f in zip(primal_out, out_float)
-  ]
-
-
-def _zero_tangent(aval):
-  t_aval = aval.to_tangent_aval()
-  return np.zeros(t_aval.shape, t_aval.dtype)
-
-
-def _transpose(cts, *args, jaxpr, block, mesh):
-  # Linear in its undefined arguments given the others: the transpose is the VJP at zeros.
-  linear = [ad.is_undefined_primal(a) for a in args]
-  residuals = [a for a, lin in zip(args, linear) if not lin]
-  lin_avals = [a.aval for a, lin in zip(args, linear) if lin]
-  cts = [jnp.zeros(a.shape, a.dtype) if type(ct) is ad.Zero else ct
-         for ct, a in zip(cts, jaxpr.out_avals)]
-  inner = jcore.jaxpr_as_fun(jaxpr)
-
-  def transpose_fn(*res_and_cts):
-    res, ct = res_and_cts[: len(residuals)], res_and_cts[len(residuals):]
-
-    def on_linear(*lin):
-      it_res, it_lin = iter(res), iter(lin)
-      return inner(*[next(it_lin) if is_lin else next(it_res) for is_lin in linear])
-
-    _, vjp = jax.vjp(on_linear, *[jnp.zeros(a.shape, a.dtype) for a in lin_avals])
-    return vjp(list(ct))
-
-  t_jaxpr = _trace(transpose_fn, _avals(residuals) + _avals(cts))
-  t_mesh = None if mesh is None else dataclasses.replace(
-      mesh, in_clients=tuple(c for c, lin in zip(mesh.in_clients, linear) if not lin)
-      + mesh.out_clients,
-      out_clients=tuple(c for c, lin in zip(mesh.in_clients, linear) if lin))
-  lin_cts = iter(native_p.bind(*residuals, *cts, jaxpr=t_jaxpr, block=block, mesh=t_mesh))
-  return [next(lin_cts) if lin else None for lin in linear]
-
-
-def _batch(args, dims, *, jaxpr, block, mesh):
-  size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
-  args = [a if d is None else jnp.moveaxis(a, d, 0) for a, d in zip(args, dims)]
-  in_axes = [None if d is None else 0 for d in dims]
-  fn = jax.vmap(jcore.jaxpr_as_fun(jaxpr), in_axes=in_axes, out_axes=0, axis_size=size)
-  batched = _trace(fn, _avals(args))
-  # The batch axis goes first: a batched CLIENTS value's clients axis moves one to the right.
-  if mesh is not None:
-    shift = lambda a, batched: None if a is None else a + batched
-    mesh = dataclasses.replace(
-        mesh, in_clients=tuple(shift(a, d is not None) for a, d in zip(mesh.in_clients, dims)),
-        out_clients=tuple(shift(a, True) for a in mesh.out_clients))
-  out = native_p.bind(*args, jaxpr=batched, block=block, mesh=mesh)
-  return out, [0] * len(out)
-
-
-ad.primitive_jvps[native_p] = _jvp
-ad.primitive_transposes[native_p] = _transpose
-batching.primitive_batchers[native_p] = _batch
+call_rules.define(call_rules.CallPrimitive(native_p, "a streamed computation", derive=_derived_mesh,
+                                           batch=_batched_mesh))
 
 
 def _lower(*args, jaxpr, block, mesh):
@@ -326,7 +278,7 @@ def _lower(*args, jaxpr, block, mesh):
 mlir.register_lowering(native_p, mlir.lower_fun(_lower, multiple_results=True))
 
 
-def _sharded(args, jaxpr, block, mesh: _Mesh):
+def _sharded(args, jaxpr, block, mesh: StreamMesh):
   """Each device streams its own clients; aggregations combine across the ``clients`` axis."""
   in_specs = tuple(mesh.spec(c) for c in mesh.in_clients)
   out_specs = tuple(mesh.spec(c) for c in mesh.out_clients)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import traceback
 
-from jax._src import source_info_util
+from faxbridge._src.jax_internals import is_user_filename, user_frames
 
 # faxbridge/_src/locations.py -> the checkout (or site-packages) holding faxbridge/ and converters/.
 _PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -16,14 +16,14 @@ _INTERNAL_DIRS = tuple(
 
 
 def _is_internal(file_name: str) -> bool:
-  return file_name.startswith(_INTERNAL_DIRS) or source_info_util.is_user_filename(file_name) is False
+  return file_name.startswith(_INTERNAL_DIRS) or is_user_filename(file_name) is False
 
 
 def user_location(source_info) -> str | None:
   """``file:line (function)`` of the innermost user frame of ``source_info``, or None."""
   if source_info is None or source_info.traceback is None:
     return None
-  for frame in source_info_util.user_frames(source_info.traceback):
+  for frame in user_frames(source_info.traceback):
     if not _is_internal(frame.file_name):
       return f"{frame.file_name}:{frame.start_line} ({frame.function_name})"
   return None
@@ -49,7 +49,7 @@ def enclosing(source_info, fallback=None):
 def traceback_location(exc: BaseException) -> str:
   """`` at file:line (function)`` of the innermost user frame of an exception's traceback."""
   for frame in reversed(traceback.extract_tb(exc.__traceback__)):
-    if source_info_util.is_user_filename(frame.filename) and not _is_internal(frame.filename) \
+    if is_user_filename(frame.filename) and not _is_internal(frame.filename) \
         and "importlib" not in frame.filename and not frame.filename.startswith("<"):
       return f" at {frame.filename}:{frame.lineno} ({frame.name})"
   return ""

@@ -18,6 +18,15 @@ def _names():
       yield "".join(letters)
 
 
+def input_names(traced) -> list[str]:
+  """The names :func:`pretty_traced` gives the inputs of ``traced``'s jaxpr, in order: it names the
+  constants first, then the inputs."""
+  names = _names()
+  for _ in traced.jaxpr.jaxpr.constvars:
+    next(names)
+  return [next(names) for _ in traced.jaxpr.jaxpr.invars]
+
+
 def _type(aval, place) -> str:
   if place is CLIENTS:
     per_client = aval.update(shape=aval.shape[1:]).str_short(short_dtypes=True)

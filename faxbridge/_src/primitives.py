@@ -20,13 +20,12 @@ from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import core as jax_core
-from jax._src import source_info_util
 from jax.extend import core as jcore
+from jax.extend import source_info_util
 from jax.interpreters import ad, batching, mlir
 
-from faxbridge._src import placements
+from faxbridge._src import call_rules, placements
 from faxbridge._src.errors import PlacementError
 from faxbridge._src.locations import describe
 from faxbridge._src.placements import CLIENTS, SERVER
@@ -42,11 +41,6 @@ __all__ = [
 
 def _shaped(shape, dtype, weak_type=False) -> jax_core.ShapedArray:
   return jax_core.ShapedArray(tuple(shape), dtype, weak_type=weak_type)
-
-
-def _to_clients_axis0(x, bdim):
-  """Batching keeps the clients axis first: move a batch axis that sits at 0 to axis 1."""
-  return (jnp.moveaxis(x, bdim, 1), 1) if bdim == 0 else (x, bdim)
 
 
 def placement_rule(prim: jcore.Primitive, kind: str, expects: placements.Placement,
@@ -114,10 +108,6 @@ map_p = jcore.Primitive("faxbridge_map")
 map_p.multiple_results = True
 
 
-def _per_client_avals(args) -> list[jax_core.ShapedArray]:
-  return [_shaped(jnp.shape(a)[1:], jnp.result_type(a)) for a in args]
-
-
 def trace_per_client(fn: Callable, avals: Sequence, what: str = "fb.map") -> jcore.ClosedJaxpr:
   """The jaxpr of ``fn`` on one client's values; values it captures from outside are refused.
 
@@ -137,7 +127,7 @@ def trace_per_client(fn: Callable, avals: Sequence, what: str = "fb.map") -> jco
 def bind_map(fn: Callable, *args) -> list:
   """Apply ``fn`` per client to flat CLIENTS arrays ``args`` (all with leading axis n)."""
   clients = jnp.shape(args[0])[0]
-  closed = trace_per_client(fn, _per_client_avals(args))
+  closed = trace_per_client(fn, call_rules.call_avals(args, mapped_axes=1))
   return map_p.bind(*args, jaxpr=closed, clients=clients)
 
 
@@ -156,92 +146,10 @@ map_p.def_abstract_eval(_map_abstract_eval)
 mlir.register_lowering(map_p, mlir.lower_fun(_map_impl, multiple_results=True))
 
 
-def _is_float(aval) -> bool:
-  return jnp.issubdtype(aval.dtype, jnp.inexact)
-
-
-def _map_jvp(primals, tangents, *, jaxpr, clients):
-  # Primal and tangent maps are bound separately so that partial evaluation (linearize, grad) sees
-  # a known primal map and an unknown, linear tangent map. The tangent map recomputes the primal per
-  # client: that is the price of keeping each half a plain per-client function.
-  primal_out = map_p.bind(*primals, jaxpr=jaxpr, clients=clients)
-  nonzero = [type(t) is not ad.Zero for t in tangents]
-  out_float = [_is_float(a) for a in jaxpr.out_avals]
-  if not any(nonzero) or not any(out_float):
-    return primal_out, [ad.Zero(jax.typeof(p).to_tangent_aval()) for p in primal_out]
-  inner = jcore.jaxpr_as_fun(jaxpr)
-  in_avals = jaxpr.in_avals
-
-  def tangent_fn(*primals_and_tangents):
-    ps = primals_and_tangents[: len(primals)]
-    it = iter(primals_and_tangents[len(primals):])
-    ts = [next(it) if nz else _zero_tangent(a) for nz, a in zip(nonzero, in_avals)]
-    _, t_out = jax.jvp(inner, tuple(ps), tuple(ts))
-    return [t for t, f in zip(t_out, out_float) if f]
-
-  nz_tangents = [t for t, nz in zip(tangents, nonzero) if nz]
-  avals = _per_client_avals(primals) + _per_client_avals(nz_tangents)
-  t_jaxpr = trace_per_client(tangent_fn, avals, "the JVP of fb.map")
-  t_float = iter(map_p.bind(*primals, *nz_tangents, jaxpr=t_jaxpr, clients=clients))
-  tangent_out = [
-      next(t_float) if f else ad.Zero(jax.typeof(p).to_tangent_aval())
-      for p, f in zip(primal_out, out_float)
-  ]
-  return primal_out, tangent_out
-
-
-def _zero_tangent(aval):
-  t_aval = aval.to_tangent_aval()
-  return np.zeros(t_aval.shape, t_aval.dtype)
-
-
-ad.primitive_jvps[map_p] = _map_jvp
-
-
-def _map_transpose(cts, *args, jaxpr, clients):
-  # The map is linear in its undefined (linear) arguments given the others (residuals), so its
-  # transpose is the per-client VJP at any point of the linear arguments: zeros will do.
-  linear = [ad.is_undefined_primal(a) for a in args]
-  residuals = [a for a, lin in zip(args, linear) if not lin]
-  lin_avals = [a.aval for a, lin in zip(args, linear) if lin]
-  cts = [
-      jnp.zeros((clients, *a.shape), a.dtype) if type(ct) is ad.Zero else ct
-      for ct, a in zip(cts, jaxpr.out_avals)
-  ]
-  inner = jcore.jaxpr_as_fun(jaxpr)
-
-  def per_client_transpose(*res_and_cts):
-    res, ct = res_and_cts[: len(residuals)], res_and_cts[len(residuals):]
-
-    def on_linear(*lin):
-      it_res, it_lin = iter(res), iter(lin)
-      return inner(*[next(it_lin) if is_lin else next(it_res) for is_lin in linear])
-
-    lin_zeros = [jnp.zeros(a.shape[1:], a.dtype) for a in lin_avals]
-    _, vjp = jax.vjp(on_linear, *lin_zeros)
-    return vjp(list(ct))
-
-  t_jaxpr = trace_per_client(
-      per_client_transpose, _per_client_avals([*residuals, *cts]), "the transpose of fb.map"
-  )
-  lin_cts = iter(map_p.bind(*residuals, *cts, jaxpr=t_jaxpr, clients=clients))
-  return [next(lin_cts) if lin else None for lin in linear]
-
-
-ad.primitive_transposes[map_p] = _map_transpose
-
-
-def _map_batch(args, dims, *, jaxpr, clients):
-  args, dims = zip(*[_to_clients_axis0(a, d) if d is not None else (a, d) for a, d in zip(args, dims)])
-  # Per client the batch axis of a clients-first array sits at d - 1.
-  in_axes = [None if d is None else d - 1 for d in dims]
-  fn = jax.vmap(jcore.jaxpr_as_fun(jaxpr), in_axes=in_axes, out_axes=0)
-  batched = trace_per_client(fn, _per_client_avals(args), "a vmapped fb.map")
-  out = map_p.bind(*args, jaxpr=batched, clients=clients)
-  return out, [1] * len(out)
-
-
-batching.primitive_batchers[map_p] = _map_batch
+# JVP, transpose and batching: JAX's rules of the per-client jaxpr, traced per client into a new map
+# (call_rules.py), so the jaxprs of jax.grad and vmap keep faxbridge_map: tangents and cotangents are
+# per-client work too. Traced as fb.map's own function is: captured tracers are refused.
+call_rules.define(call_rules.CallPrimitive(map_p, "fb.map", mapped_axes=1, trace=trace_per_client))
 placement_rule(
     map_p, "map", CLIENTS, CLIENTS,
     "fb.map applies a per-client function to CLIENTS-placed values: broadcast SERVER values first, "

@@ -218,15 +218,12 @@ def dp_lines(form: FederatedForm) -> list[str]:
 
 
 def jaxpr_legend(traced, form: FederatedForm) -> str:
-  """Which letter of ``traced.pretty()`` is which of the user's inputs (``a = params['b1']``):
-  the printer names constants first, then the inputs in leaf order, as the form lists them."""
-  from faxbridge._src.pretty import _names
+  """Which letter of ``traced.pretty()`` is which of the user's inputs (``a = params['b1']``): the
+  jaxpr's inputs are the leaves in the order the form lists them."""
+  from faxbridge._src.pretty import input_names
 
-  names = _names()
-  for _ in traced.jaxpr.jaxpr.constvars:
-    next(names)
-  return "where " + ", ".join(f"{next(names)} = {user_name(b, form.arg_names)}"
-                              for b in form.inputs)
+  return "where " + ", ".join(f"{letter} = {user_name(b, form.arg_names)}"
+                              for letter, b in zip(input_names(traced), form.inputs))
 
 
 __all__ = ["dp_lines", "files_summary", "form_text", "jaxpr_legend", "leaf_labels", "shape_text",

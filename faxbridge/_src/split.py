@@ -13,10 +13,8 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax._src import callback as jax_callback
-from jax._src import debugging as jax_debugging
-from jax._src import source_info_util
 from jax.extend import core as jcore
+from jax.extend import source_info_util
 
 from faxbridge._src import placements
 from faxbridge._src.aggregations import AGGREGATIONS
@@ -33,17 +31,10 @@ from faxbridge._src.form import (
   leaf_hint,
   leaf_paths,
 )
+from faxbridge._src.jax_internals import PYTHON_CALLBACKS
 from faxbridge._src.locations import describe, enclosing
 from faxbridge._src.placements import CLIENTS, SERVER, Placement
 from faxbridge._src.primitives import broadcast_p, map_p
-
-# Primitives that call back into Python cannot run on a client device or a TFF worker. JAX has no
-# public handle on them; keyed by the objects like every other table.
-_CALLBACKS = frozenset(
-    p for p in (getattr(jax_callback, "pure_callback_p", None),
-                getattr(jax_callback, "io_callback_p", None),
-                getattr(jax_debugging, "debug_callback_p", None),
-                getattr(jax_debugging, "debug_print_p", None)) if p is not None)
 
 
 def split(comp: Computation | TracedComputation, *example_args) -> FederatedForm:
@@ -178,7 +169,7 @@ class _Splitter:
   def _check_client_work(self, eqn) -> None:
     def walk(jaxpr, where):
       for e in jaxpr.eqns:
-        if e.primitive in _CALLBACKS:
+        if e.primitive in PYTHON_CALLBACKS:  # Python cannot run on a client device or a TFF worker
           raise ExportError(
               f"client work calls back into Python ('{e.primitive.name}')"
               f"{describe(e.source_info, where)}: a client device has no Python. Compute it with "
