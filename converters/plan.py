@@ -17,6 +17,7 @@ through their entry points). A runtime adds nothing but "how to run one piece".
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -58,7 +59,7 @@ def build_plan(split: SplitProgram, piece_files: PieceFiles) -> dict:
   without outputs computes nothing anybody reads: it gets no files and runtimes skip it.
   """
   computations = {
-      name: form.with_files(lambda piece, name=name: piece_files(name, piece)).to_json()
+      name: form.with_files(functools.partial(piece_files, name)).to_json()
       for name, form in split.forms.items()}
   clients = split.forms["next" if split.kind == "iterative_process" else "computation"].clients
   plan = {"plan_version": PLAN_VERSION, "name": split.name, "kind": split.kind,

@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 
 def save(path: str | Path, arrays: dict[str, np.ndarray]) -> None:
   names = list(arrays)
-  np.savez(path, names=np.array(names, dtype=np.str_),
-           **{f"a{i}": np.asarray(arrays[n]) for i, n in enumerate(names)})
+  by_index: dict[str, Any] = {f"a{i}": np.asarray(arrays[n]) for i, n in enumerate(names)}
+  np.savez(path, names=np.array(names, dtype=np.str_), **by_index)
 
 
 def load(path: str | Path) -> dict[str, np.ndarray]:

@@ -45,19 +45,20 @@ def resolve_version(stablehlo_version: str | None = None) -> str:
     ExportError: an unknown name or a version outside the range this jaxlib can write.
   """
   req = shlo.StablehloCompatibilityRequirement
-  key = (stablehlo_version or "week_12").lower().replace("-", "_")
+  version = stablehlo_version or "week_12"
+  key = version.lower().replace("-", "_")
   if key in _REQUIREMENTS:
     return shlo.get_version_from_compatibility_requirement(getattr(req, _REQUIREMENTS[key]))
   lo, hi = shlo.get_minimum_version(), shlo.get_current_version()
   try:
-    wanted = _as_tuple(stablehlo_version)
+    wanted = _as_tuple(version)
   except ValueError:
     wanted = None
   if wanted is None or len(wanted) != 3 or not _as_tuple(lo) <= wanted <= _as_tuple(hi):
     raise ExportError(f"--stablehlo-version {stablehlo_version!r}: expected one of "
                       f"{sorted(_REQUIREMENTS)} or a version X.Y.Z between {lo} and {hi} "
                       "(the versions this jaxlib's StableHLO can write)")
-  return stablehlo_version
+  return version
 
 
 def export_piece(piece) -> jax.export.Exported:

@@ -79,7 +79,7 @@ def _passthrough(piece) -> list[int] | None:
     return None
   index = {id(v): i for i, v in enumerate(jaxpr.invars)}
   found = [index.get(id(v)) for v in jaxpr.outvars]
-  return None if any(i is None for i in found) else found
+  return [i for i in found if i is not None] if None not in found else None
 
 
 class TffBackend(Backend):
@@ -201,7 +201,9 @@ def to_federated_computation(
   # Parameterless pieces are built here; the others when their argument's layout is known.
   pieces = {p.name: local.local_computation(p, local_form)
             for p in form.pieces() if p.outputs and not p.inputs}
-  backend = TffBackend(pieces, local_form, {form.server_result.name: _result_names(form)})
+  names = _result_names(form)
+  backend = TffBackend(pieces, local_form,
+                       {form.server_result.name: names} if names is not None else {})
 
   def body(param):
     inputs, parents = {}, {}
@@ -232,9 +234,10 @@ def _result_names(form: FederatedForm) -> list[str] | None:
   selection and re-zip); None (the tensor names) otherwise."""
   keys = {b.name: b.path[-1] for b in form.outputs if b.path}
   names = [keys.get(s.name) for s in form.server_result.outputs]
-  if any(not isinstance(n, str) for n in names) or len(set(names)) != len(names):
+  strings = [n for n in names if isinstance(n, str)]
+  if len(strings) != len(names) or len(set(strings)) != len(strings):
     return None
-  return names
+  return strings
 
 
 def _outputs(form: FederatedForm, values: dict, backend: TffBackend | None = None):

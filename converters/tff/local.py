@@ -189,7 +189,9 @@ def xla_computation(piece: Piece, layout: ParamLayout | None = None,
   fn = jax.extend.core.jaxpr_as_fun(piece.jaxpr)
   args = [jax.ShapeDtypeStruct(s.shape, np.dtype(s.dtype)) for s in piece.inputs]
   lowered = jax.jit(lambda *a: tuple(fn(*a))).lower(*args)
-  hlo = lowered.compiler_ir("hlo").as_serialized_hlo_module_proto()
+  hlo_module = lowered.compiler_ir("hlo")
+  assert hlo_module is not None  # jax.jit's lowering always has an HLO form
+  hlo = hlo_module.as_serialized_hlo_module_proto()
   return pb.Computation(
       type=_function_type(piece, layout, result_names).to_proto(),
       xla=pb.Xla(

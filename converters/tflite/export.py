@@ -166,9 +166,9 @@ def _converter_error(piece, lowering: str, where: str, message: str) -> ExportEr
   failed on (when the ``"tf"`` lowering lets them be found), then the TF ops, then the MLIR dump."""
   ops = _converter_ops(message)
   listed = f"ops without a TFLITE_BUILTINS kernel: {', '.join(ops)}" if ops else ""
-  reason = re.search(r"error: ([^\n]*)", message)
+  found = re.search(r"error: ([^\n]*)", message)
   # the diagnostic's own text, without the MLIR location that leads it
-  reason = re.sub(r"^loc\(.*\):\s*", "", reason.group(1).strip())[:300] if reason else "conversion failed"
+  reason = re.sub(r"^loc\(.*\):\s*", "", found.group(1).strip())[:300] if found else "conversion failed"
   culprits = _culprits(piece) if lowering == "tf" else []
   if culprits:
     kind = "primitive" if len(culprits) == 1 else "primitives"

@@ -140,9 +140,10 @@ def _save_inputs(path: Path, out_dir: Path, args: tuple) -> None:
   block, _ = signature_blocks(read_manifest(out_dir))
   leaves = jax.tree.leaves(args)
   # A Python scalar is typed as the export typed it (weakly), not as numpy's float64/int64.
-  np.savez(path, **{s["name"]: np.asarray(v) if hasattr(v, "dtype") else
-                    np.asarray(v, dtype=np.dtype(s["dtype"]))
-                    for s, v in zip(block["inputs"], leaves)})
+  by_name: dict[str, Any] = {s["name"]: np.asarray(v) if hasattr(v, "dtype") else
+                             np.asarray(v, dtype=np.dtype(s["dtype"]))
+                             for s, v in zip(block["inputs"], leaves)}
+  np.savez(path, **by_name)
 
 
 # --- progress and quiet native logs --------------------------------------------------------------

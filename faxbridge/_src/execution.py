@@ -506,7 +506,8 @@ class _Interpreter:
 
     def step(accs, xs, count):
       """Run the maps on ``count`` clients (``xs``: their slices) and accumulate them."""
-      block = {v: (x, 0) for v, x in zip(sliced, xs)}  # Var -> (value, its clients axis)
+      # Var -> (value, its clients axis: 0 for this block's slice, None for a value every client reads)
+      block: dict[Any, tuple[Any, int | None]] = {v: (x, 0) for v, x in zip(sliced, xs)}
       block.update((v, (x, None)) for v, x in fixed.items())
 
       def get(v):
@@ -541,5 +542,6 @@ class _Interpreter:
       ys = ys_rest if not full else [jnp.concatenate([a, b]) for a, b in zip(ys, ys_rest)]
     result = dict(zip(group.stacked, ys))
     for rule, acc, a in zip(rules, accs, aggs):
-      result[a.outvars[0]] = self._finish(rule, acc, global_n, a.outvars[0].aval.dtype)
+      out_aval: Any = a.outvars[0].aval  # an aggregation's result is an array
+      result[a.outvars[0]] = self._finish(rule, acc, global_n, out_aval.dtype)
     return result

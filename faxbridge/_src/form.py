@@ -506,6 +506,8 @@ def run_program(kind: str, run: Callable[[str, dict], dict], inputs: Mapping[str
   if kind == "computation":
     emit("round", f"{label}computation", who=who, computation="computation", round=0, rounds=0)
     return dict(run("computation", dict(inputs)))
+  if links is None:
+    raise ValueError("run_program: an iterative process needs its state links")
   out: dict[str, Any] = {}
   emit("round", f"{label}initialize", who=who, computation="initialize", round=0, rounds=rounds)
   init = run("initialize", {})

@@ -69,14 +69,14 @@ def run_graphs(jobs: Sequence[GraphJob | tuple], *, timeout: float = DEFAULT_TIM
   With ``strict`` the first failed job raises (after all ran); otherwise a failed job's entry is the
   ``VerificationError`` describing it, so one bad graph does not hide the others' results.
   """
-  jobs = [j if isinstance(j, GraphJob) else GraphJob(*j) for j in jobs]
-  if not jobs:
+  graph_jobs = [j if isinstance(j, GraphJob) else GraphJob(*j) for j in jobs]
+  if not graph_jobs:
     return []
   with tempfile.TemporaryDirectory(prefix="faxbridge-tf214-") as tmp:
     workdir = Path(tmp)
     files: dict[bytes, str] = {}  # identical graphs are written once
     spec, feeds = [], {}
-    for i, job in enumerate(jobs):
+    for i, job in enumerate(graph_jobs):
       name = files.setdefault(job.graph_def, f"g{len(files)}.pb")
       if not (workdir / name).exists():
         (workdir / name).write_bytes(job.graph_def)
@@ -85,13 +85,14 @@ def run_graphs(jobs: Sequence[GraphJob | tuple], *, timeout: float = DEFAULT_TIM
       feeds.update({f"{i}/{t}": v for t, v in job.inputs.items()})
     (workdir / "spec.json").write_text(json.dumps({"jobs": spec}))
     save_npz(workdir / "in.npz", feeds)
-    emit("tff.start", f"starting TF 2.14 in .venv-tff for {len(jobs)} graph(s)", jobs=len(jobs))
+    emit("tff.start", f"starting TF 2.14 in .venv-tff for {len(graph_jobs)} graph(s)",
+         jobs=len(graph_jobs))
     done = invoke(["graph", "--spec", "spec.json", "--inputs", "in.npz", "--outputs", "out.npz",
                     "--status", "status.json"], workdir, workdir / "status.json", timeout,
-                   _progress(len(jobs)))
+                   _progress(len(graph_jobs)))
     fetched = load_npz(workdir / "out.npz")
   results: list[dict[str, np.ndarray] | VerificationError] = []
-  for i, (job, job_status) in enumerate(zip(jobs, done.status["jobs"])):
+  for i, (job, job_status) in enumerate(zip(graph_jobs, done.status["jobs"])):
     if job_status["ok"]:
       results.append({n: fetched[f"{i}/{n}"] for n in job.outputs})
     else:
@@ -106,6 +107,8 @@ def run_graph(graph_def: bytes, inputs: Mapping[str, np.ndarray], output_names: 
               *, timeout: float = DEFAULT_TIMEOUT_S) -> dict[str, np.ndarray]:
   """Runs one GraphDef in TF 2.14; returns ``{output_name: array}``."""
   (result,) = run_graphs([GraphJob(graph_def, inputs, output_names)], timeout=timeout)
+  if isinstance(result, VerificationError):  # strict: run_graphs raises it first
+    raise result
   return result
 
 
@@ -216,4 +219,6 @@ def run_computation(export_dir: str | os.PathLike, inputs: Mapping[str, np.ndarr
   """Executes one export directory on TFF (native context, or test context for secure sums)."""
   (result,) = run_computations([ComputationJob(export_dir, inputs, rounds, forms)],
                                timeout=timeout)
+  if isinstance(result, VerificationError):  # strict: run_computations raises it first
+    raise result
   return result

@@ -148,7 +148,8 @@ def load_npz(path: Path) -> dict[str, np.ndarray]:
 
 def save_npz(path: Path, arrays: Mapping[str, Any]) -> None:
   with open(path, "wb") as f:
-    np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})
+    by_name: dict[str, Any] = {k: np.asarray(v) for k, v in arrays.items()}
+    np.savez(f, **by_name)
 
 
 def job_error(what: str, job: dict[str, Any], done: Completed) -> VerificationError:

@@ -87,8 +87,9 @@ class Program:
             arrays: dict[str, np.ndarray], fixed: dict | None, where: str) -> Any:
     block = self.blocks[role]
     param = comp.type_signature.parameter
+    args: tuple = ()
     if param is None:
-      args, from_inputs = (), None
+      from_inputs = None
     else:
       arg, from_inputs = build_argument(param, block.get("inputs", []), arrays, fixed=fixed,
                                         where=where)

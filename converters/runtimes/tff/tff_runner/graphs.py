@@ -26,7 +26,7 @@ def run_graph_jobs(jobs: list[dict], inputs: dict[str, np.ndarray], base: Path,
   import tensorflow as tf  # here, so that the caller can time the import apart
 
   outputs: dict[str, np.ndarray] = {}
-  statuses = []
+  statuses: list[dict[str, Any]] = []
   cache: dict[Path, Any] = {}  # jobs often share one graph file: parse it once
   for i, job in enumerate(jobs):
     start = time.perf_counter()

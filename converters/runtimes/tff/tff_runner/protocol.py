@@ -27,7 +27,8 @@ def load_npz(path: str | Path) -> dict[str, np.ndarray]:
 def save_npz(path: str | Path, arrays: dict[str, np.ndarray]) -> None:
   # np.savez appends ".npz" to names without it; write to the exact path the caller asked for.
   with open(path, "wb") as f:
-    np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})
+    by_name: dict[str, Any] = {k: np.asarray(v) for k, v in arrays.items()}
+    np.savez(f, **by_name)
 
 
 def error_text(e: BaseException) -> str:

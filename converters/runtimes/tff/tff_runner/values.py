@@ -123,9 +123,9 @@ def build_argument(param_type: Any, entries: list[dict], arrays: dict[str, np.nd
       if _placement_name(type_) == "CLIENTS" and not type_.all_equal:
         if client is not None:
           raise ProtocolError(f"{where}: nested CLIENTS placement at {list(path)}")
-        counts = {leaves[p][1].shape[0] if leaves[p][1].ndim else None for p in under(path)}
-        if None in counts:
+        if any(not leaves[p][1].ndim for p in under(path)):
           raise ProtocolError(f"{where}: a CLIENTS input at {list(path)} has no client axis")
+        counts = {int(leaves[p][1].shape[0]) for p in under(path)}
         if not counts:
           raise ProtocolError(f"{where}: the CLIENTS value at {list(path)} holds no tensor to "
                               "carry the number of clients")
