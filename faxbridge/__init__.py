@@ -33,15 +33,6 @@ from faxbridge._src.verify import verify
 __version__ = "0.1.0"
 
 
-def to_tf(fn, *example_args):
-  """A JAX function as a TensorFlow concrete function of plain TF ops (no XlaCallModule).
-
-  See :func:`faxbridge.converters.tf.to_tf`; TensorFlow is imported on first use.
-  """
-  from faxbridge.converters.tf import to_tf as lower
-
-  return lower(fn, *example_args)
-
 __all__ = [
     "CLIENTS",
     "SERVER",
@@ -73,7 +64,6 @@ __all__ = [
     "secure_sum",
     "split",
     "sum",
-    "to_tf",
     "verify",
     "weighted_mean",
 ]

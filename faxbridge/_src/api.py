@@ -45,6 +45,13 @@ def federated_context(clients: int | None, mesh=None) -> Iterator[None]:
     _CONTEXT.reset(token)
 
 
+def traced_clients() -> int | None:
+  """The ``clients=`` of the federated computation being traced right now (None: not given, or no
+  computation is being traced)."""
+  ctx = _CONTEXT.get()
+  return ctx.clients if ctx else None
+
+
 def in_federated_trace() -> bool:
   """Whether a federated computation is being traced (its ``fn`` is running) right now."""
   return _CONTEXT.get() is not None
@@ -64,7 +71,9 @@ def _context(op: str) -> _Context:
   return ctx
 
 
-def _clients_of(op: str, leaves) -> int:
+def clients_of(op: str, leaves) -> int:
+  """The number of clients the CLIENTS-placed ``leaves`` of ``fb.{op}`` hold (checked against
+  each other and the computation's ``clients=``), or a PlacementError naming the user's line."""
   ctx = _context(op)
   n = ctx.clients
   for leaf in leaves:
@@ -131,7 +140,7 @@ def map(fn: Callable, *args: PyTree) -> PyTree:
     [2.0, 4.0, 6.0]
   """
   leaves, in_tree = jax.tree.flatten(args)
-  n = _clients_of("map", leaves)
+  n = clients_of("map", leaves)
   out_tree_box = []
 
   def flat_fn(*flat):
@@ -173,7 +182,7 @@ def aggregate(prim, x: PyTree, weight: jax.Array | None = None, **params) -> PyT
                     f"{sorted(missing)}, unknown {sorted(unknown)}")
   params = {k: _json_scalar(op, k, v) for k, v in params.items()}
   leaves, tree = jax.tree.flatten(x)
-  n = _clients_of(op, leaves)
+  n = clients_of(op, leaves)
   if not rule.weighted:
     if weight is not None:
       raise TypeError(f"fb.{op}{_here()} takes no weight")

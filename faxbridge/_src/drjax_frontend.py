@@ -113,7 +113,7 @@ class _Translation:
     leaves, in_tree = jax.tree.flatten(args)
     per_client = [jax.ShapeDtypeStruct(jnp.shape(v)[1:], jnp.result_type(v)) for v in leaves]
     # The same check fb.map makes, done first so that tracing fn below sees valid shapes.
-    api._clients_of("map", leaves)
+    api.clients_of("map", leaves)
     try:
       closed, out_shape = jax.make_jaxpr(
           lambda *flat: fn(*jax.tree.unflatten(in_tree, list(flat))), return_shape=True
@@ -177,8 +177,7 @@ class _Translation:
     del module, prim_computations
     sizes = dict(getattr(placed_computations, "_placements_to_n_elements", {}))
     n = sizes.get(placement)
-    ctx = api._CONTEXT.get()
-    clients = self.clients if self.clients is not None else ctx.clients if ctx else None
+    clients = self.clients if self.clients is not None else api.traced_clients()
     if placement != self.placement or (clients is not None and n != clients):
       raise PlacementError(
           f"fb.from_drjax translates one placement, '{self.placement}' with {clients} "

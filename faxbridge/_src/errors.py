@@ -44,8 +44,8 @@ class TraceError(FaxbridgeError, TypeError):
 class UnsupportedPrimitiveError(FaxbridgeError, NotImplementedError):
   """A JAX primitive has no rule in a converter's table (also a NotImplementedError).
 
-  Raised by the plain-TF lowering (``fb.to_tf`` and the ``tff`` target); docs/tf_primitives.md
-  lists the primitives it supports.
+  Raised by the plain-TF lowering (``faxbridge.converters.tf.to_tf`` and the ``tff`` target);
+  docs/tf_primitives.md lists the primitives it supports.
 
   Example::
 
