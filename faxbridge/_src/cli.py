@@ -564,7 +564,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
   except KeyboardInterrupt:
     # Ctrl-C: what was being written has been removed on the way out (fb.export writes beside and
-    # swaps; the TFF runner's process group is ended), so one line says so; 130 is the shell's
+    # swaps; a runtime ends the processes it started), so one line says so; 130 is the shell's
     # 128 + SIGINT, what scripts expect of an interrupted command.
     print(f"faxbridge {ns.command}: interrupted", file=sys.stderr)
     # A timer the interrupted code would have cancelled (JAX's "backend initialization is taking
