@@ -25,7 +25,7 @@ TESTS = REPO / "tests"
 TIMEOUT_S = 300
 
 
-def _env(x64: bool = False) -> dict[str, str]:
+def cli_env(x64: bool = False) -> dict[str, str]:
   """This checkout's faxbridge first; programs import from the working directory (the CLI puts it
   on sys.path); 64-bit JAX only when asked, whatever the calling environment holds."""
   env = {k: v for k, v in os.environ.items() if k not in ("JAX_ENABLE_X64", "PYTHONPATH")}
@@ -37,7 +37,7 @@ def _env(x64: bool = False) -> dict[str, str]:
 
 def _start(args: list[str], cwd: Path = TESTS, x64: bool = False) -> subprocess.Popen:
   return subprocess.Popen([sys.executable, "-m", "faxbridge", *map(str, args)], cwd=cwd,
-                          env=_env(x64), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                          env=cli_env(x64), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def _finish(proc: subprocess.Popen) -> tuple[int, str, str]:
@@ -180,19 +180,19 @@ def usage_setup(scaled, tmp_path_factory) -> dict[str, tuple[Path, list[str]]]:
           for name, (argv, _) in USAGE_CASES.items()}
 
 
-def _drive(cases: dict[str, tuple], results: Path) -> dict[str, tuple[int, str, str]]:
+def drive(cases: dict[str, tuple], results: Path) -> dict[str, tuple[int, str, str]]:
   """Run ``{name: (cwd, argv[, env])}`` through DRIVER in one interpreter: (rc, stdout, stderr)."""
   cases = {name: (str(cwd), [str(a) for a in argv], *rest) for name, (cwd, argv, *rest)
            in cases.items()}
   proc = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(cases), str(results)],
-                        cwd=TESTS, env=_env(), capture_output=True, text=True, timeout=TIMEOUT_S)
+                        cwd=TESTS, env=cli_env(), capture_output=True, text=True, timeout=TIMEOUT_S)
   assert proc.returncode == 0, proc.stderr
   return {name: tuple(r) for name, r in json.loads(results.read_text()).items()}
 
 
 @pytest.fixture(scope="module")
 def usage_runs(usage_setup, tmp_path_factory) -> dict[str, tuple[int, str, str]]:
-  return _drive(usage_setup, tmp_path_factory.mktemp("driver") / "results.json")
+  return drive(usage_setup, tmp_path_factory.mktemp("driver") / "results.json")
 
 
 def _assert_usage_error(case: str, rc: int, out: str, err: str) -> None:
@@ -313,7 +313,7 @@ def user_runs(tmp_path_factory) -> tuple[Path, dict[str, tuple[int, str, str]]]:
       "verify-program": (TESTS, ["verify", tmp / "centred", "--runtime", "jax", "--program",
                                  "cli_programs:centred", "--example-inputs", "centred_inputs"]),
   }
-  return tmp, _drive(cases, tmp / "results.json")
+  return tmp, drive(cases, tmp / "results.json")
 
 
 def test_every_everyday_command_succeeds_quietly_when_stderr_is_not_a_terminal(user_runs):
@@ -461,7 +461,7 @@ def _with_terminal_stderr(args: list[str], cwd: Path = TESTS, extra_env: dict | 
   import threading
 
   leader, follower = pty.openpty()
-  env = {**_env(), **(extra_env or {})}
+  env = {**cli_env(), **(extra_env or {})}
   proc = subprocess.Popen([sys.executable, "-m", "faxbridge", *map(str, args)], cwd=cwd, env=env,
                           stdout=subprocess.PIPE, stderr=follower, text=True)
   os.close(follower)

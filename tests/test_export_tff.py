@@ -112,8 +112,15 @@ def test_existing_directory_is_refused_unless_forced(tmp_path):
   with pytest.raises(fb.ExportError, match="exists"):
     fb.export(comp, *args, target="tff", out_dir=out)
   assert (out / "keep.txt").read_text() == "mine"
+  # force replaces only an earlier export (or an empty directory): a user's folder is kept.
+  with pytest.raises(fb.ExportError, match="is not a faxbridge export"):
+    fb.export(comp, *args, target="tff", out_dir=out, force=True)
+  assert (out / "keep.txt").read_text() == "mine"
+  (out / "keep.txt").unlink()
   fb.export(comp, *args, target="tff", out_dir=out, force=True)
-  assert not (out / "keep.txt").exists() and (out / "computation.pb").exists()
+  (out / "stale.txt").write_text("left in an export")
+  fb.export(comp, *args, target="tff", out_dir=out, force=True)
+  assert not (out / "stale.txt").exists() and (out / "computation.pb").exists()
   assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary folder left
 
 

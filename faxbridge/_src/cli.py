@@ -12,6 +12,7 @@ import importlib
 import os
 import sys
 import tempfile
+import threading
 import time
 import zipfile
 from collections.abc import Iterator
@@ -129,6 +130,20 @@ def _read_npz(path: str) -> dict[str, np.ndarray]:
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
       raise UsageError(f"--inputs {path}: cannot read its arrays ({type(e).__name__}: "
                        f"{str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def _check_writable_file(path: str, flag: str) -> None:
+  """A UsageError unless ``path`` can be written as a file: its folder exists and it is not a
+  directory. Asked before any work, so a typo in a folder name does not cost the export."""
+  where = Path(path)
+  if where.is_dir():
+    raise UsageError(f"{flag} {path} is a directory; name a file")
+  folder = where.parent
+  if not folder.is_dir():
+    raise UsageError(f"{flag} {path}: no such folder {folder}"
+                     + (" (it is a file)" if folder.exists() else "; create it first"))
+  if not os.access(folder, os.W_OK | os.X_OK) or (where.exists() and not os.access(where, os.W_OK)):
+    raise UsageError(f"{flag} {path}: not writable")
 
 
 def _save_inputs(path: Path, out_dir: Path, args: tuple) -> None:
@@ -256,10 +271,12 @@ def _option_value(option: registry.Option, value: Any) -> Any:
 def cmd_export(ns: argparse.Namespace) -> int:
   import faxbridge as fb
   from faxbridge._src import render
+  from faxbridge._src.export import check_out_dir
 
-  # Before the program is imported and traced: the cheap mistakes first.
-  if Path(ns.output).exists() and not ns.force:
-    raise UsageError(f"{ns.output} exists; pass --force to replace it")
+  # Before the program is imported and traced: the cheap mistakes first (fb.export asks again).
+  check_out_dir(ns.output, ns.force)
+  if ns.save_inputs:
+    _check_writable_file(ns.save_inputs, "--save-inputs")
   target = registry.target(ns.target) if ns.target else registry.default_target()
   if target is None:
     raise UsageError("no --target given and no registered target is the default")
@@ -333,6 +350,8 @@ def cmd_inspect(ns: argparse.Namespace) -> int:
   from faxbridge._src import drawing, render
   from faxbridge._src.iterative import IterativeProcess
 
+  if ns.html:
+    _check_writable_file(ns.html, "--html")  # before the program is imported and traced
   progress = ns.progress
   progress(f"importing {ns.program}")
   program, args = _load(ns.program, ns.example_inputs)
@@ -543,6 +562,23 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.suppress(OSError):
       os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
+  except KeyboardInterrupt:
+    # Ctrl-C: what was being written has been removed on the way out (fb.export writes beside and
+    # swaps; a runtime ends the processes it started), so one line says so; 130 is the shell's
+    # 128 + SIGINT, what scripts expect of an interrupted command.
+    print(f"faxbridge {ns.command}: interrupted", file=sys.stderr)
+    # A timer the interrupted code would have cancelled (JAX's "backend initialization is taking
+    # more than 60 s" warning, started while its backend comes up) would hold the exit a minute
+    # and then print its warning: nothing it reports is still happening.
+    for thread in threading.enumerate():
+      if isinstance(thread, threading.Timer):
+        thread.cancel()
+    return 130
+  except OSError as e:
+    # The file system refused something the checks before the work could not foresee (a disk
+    # full, a folder removed meanwhile): the user's to fix, so one line, not a traceback.
+    print(f"faxbridge {ns.command}: error: {e}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -9,13 +9,15 @@ computation exports to the same bytes.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 import shutil
+import signal
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -155,7 +157,9 @@ def export(
 
   For an :class:`IterativeProcess`, ``example_args`` are ``next``'s arguments after the state.
   The directory is written in a temporary folder beside ``out_dir`` and moved into place whole;
-  an existing ``out_dir`` is refused unless ``force``. The same program exports to the same bytes.
+  an existing ``out_dir`` is refused unless ``force``, and even then unless it is an earlier export or
+  empty. Files and folders get the modes the umask gives. The same program exports to the same
+  bytes.
 
   Args:
     program: an ``fb.computation`` or ``fb.IterativeProcess``.
@@ -163,7 +167,8 @@ def export(
       clients.
     target: the target's name; None: the registered default target (``tff``).
     out_dir: the directory to create.
-    force: replace an existing ``out_dir``.
+    force: replace an existing ``out_dir`` that is an earlier export or an empty directory
+      (anything else is refused: see :func:`check_out_dir`).
     **options: the options the target declares (``local=`` for tff, ``stablehlo_version=`` for
       stablehlo, ``lowering=`` for tflite; docs/targets.md); anything else is refused.
 
@@ -178,13 +183,12 @@ def export(
     ['manifest.json', 'native', 'pieces', 'plan.json']
 
   Raises:
-    ExportError: an unknown target or option, the target cannot express the program (names the
+    ExportError: ``out_dir`` cannot be written or replaced (see :func:`check_out_dir`), an unknown
+      target or option, the target cannot express the program (names the
       cause and the user's file:line), or an example argument is 64-bit while ``jax_enable_x64``
       is off.
   """
-  out = Path(out_dir).resolve()
-  if out.exists() and not force:
-    raise ExportError(f"{out} exists; pass force=True (--force) to replace it")
+  out = check_out_dir(out_dir, force)
   entry = _chosen_target(target)
   options = entry.check_options(options)
   emit("export.load", f"loading the {entry.name} exporter", target=entry.name)
@@ -223,17 +227,105 @@ def export(
         str(p.relative_to(tmp)): sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()
     }
     write_json(tmp / "manifest.json", manifest)
-    if out.exists():
-      old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
-      os.replace(out, old / "x")
-      os.replace(tmp, out)
-      shutil.rmtree(old)
-    else:
-      os.replace(tmp, out)
+    _umask_modes(tmp)
+    check_out_dir(out, force)  # again: whatever appeared at out_dir meanwhile is not replaced blindly
+    with _interrupts_deferred():  # never half swapped: either the old export or the new one
+      if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+        os.replace(out, old / "x")
+        os.replace(tmp, out)
+        shutil.rmtree(old)
+      else:
+        os.replace(tmp, out)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
   return out
+
+
+def _is_export(path: Path) -> bool:
+  """Whether ``path`` holds a faxbridge export: a ``manifest.json`` that parses, with faxbridge's
+  format version and a target name (the keys every export's manifest starts with)."""
+  try:
+    manifest = json.loads((path / "manifest.json").read_text())
+  except (OSError, ValueError):
+    return False
+  return (isinstance(manifest, dict) and isinstance(manifest.get("format_version"), int)
+          and isinstance(manifest.get("target"), str))
+
+
+def check_out_dir(out_dir: str | os.PathLike, force: bool) -> Path:
+  """Where an export of ``out_dir`` goes (absolute, its parent resolved), or an ExportError saying
+  why it cannot go there; nothing is created or removed. Shared by ``fb.export`` and the CLI, which
+  asks before it imports the program.
+
+  ``force`` replaces only what an export may replace: an earlier faxbridge export or an empty
+  directory. A user's own directory, a regular file or a symlink (whose target would be replaced)
+  is refused, because replacing it would delete the user's files.
+
+  Raises:
+    ExportError: ``out_dir`` exists (without ``force``), is not an export or an empty directory
+      (with ``force``), or cannot be created (a regular file above it, a folder not writable).
+  """
+  # The parent resolved, not the name itself: a symlink at out_dir must be seen, not followed.
+  given = Path(os.path.abspath(out_dir))
+  out = given.parent.resolve() / given.name
+  if out.is_symlink():
+    raise ExportError(f"{out} is a symlink (to {os.readlink(out)}); refusing to replace it: "
+                      "name the directory itself, or another output directory")
+  if out.exists():
+    if not force:
+      raise ExportError(f"{out} exists; pass --force to replace it (force=True in Python)")
+    if not out.is_dir():
+      raise ExportError(f"{out} is a file, not an export directory; refusing to replace it even "
+                        "with --force (force=True): remove it yourself or choose another output")
+    if any(out.iterdir()) and not _is_export(out):
+      raise ExportError(f"{out} is not a faxbridge export (no faxbridge manifest.json) and not "
+                        "empty; refusing to replace it even with --force (force=True), which "
+                        "replaces only an earlier export: remove it yourself or choose another "
+                        "output")
+    return out
+  above = out.parent
+  while not above.exists() and above != above.parent:
+    above = above.parent
+  if not above.is_dir():
+    raise ExportError(f"cannot create {out}: {above} is a file, not a directory")
+  if not os.access(above, os.W_OK | os.X_OK):
+    raise ExportError(f"cannot create {out}: {above} is not writable")
+  return out
+
+
+def _umask() -> int:
+  mask = os.umask(0o22)  # reading the umask means setting it; set straight back
+  os.umask(mask)
+  return mask
+
+
+def _umask_modes(root: Path) -> None:
+  """Give ``root`` (made by mkdtemp: 0700) and everything in it the modes a plain ``mkdir`` and
+  ``open`` would have given under the umask, so an export is as readable as any file the user
+  writes (by another user, a container, a web server)."""
+  mask = _umask()
+  for path in [root, *root.rglob("*")]:
+    if path.is_symlink():
+      continue
+    path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+
+
+@contextlib.contextmanager
+def _interrupts_deferred() -> Iterator[None]:
+  """Ctrl-C (SIGINT) and SIGTERM held back while inside: the swap of an old export for the new one
+  is two renames, and an interruption between them would leave neither at ``out_dir``."""
+  held = {signal.SIGINT, signal.SIGTERM}
+  try:
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+  except (AttributeError, OSError, ValueError):  # no signal masks here: nothing to hold back
+    yield
+    return
+  try:
+    yield
+  finally:
+    signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _chosen_target(name: str | None) -> registry.Target:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -80,8 +81,44 @@ class Completed:
   wall_s: float
 
 
+# What TensorFlow, XLA and absl print on every start in .venv-tff whatever happens next (GPU
+# plug-ins registered twice, no TensorRT, no CUDA driver, CPU instructions, oneDNN's notice): it
+# explains no failure and would bury the lines that do.
+_START_UP_NOISE = re.compile("|".join([
+    r"Unable to register cu(DNN|FFT|BLAS) factory",
+    r"TF-TRT Warning", r"Could not find TensorRT", r"TensorRT",
+    r"oneDNN custom operations are on", r"TF_ENABLE_ONEDNN_OPTS",
+    r"This TensorFlow binary is optimized", r"To enable the following instructions",
+    r"rebuild TensorFlow with the appropriate compiler flags",
+    r"Could not find cuda drivers", r"failed call to cuInit", r"cuda_diagnostics",
+    r"CUDA_ERROR_NO_DEVICE", r"computation placer already registered",
+    r"All log messages before absl::InitializeLog\(\) is called",
+    r"Unable to register cuda", r"cpu_feature_guard",
+]))
+
+
+def explaining(text: str) -> str:
+  """The runner's stderr without TensorFlow's start-up log (``_START_UP_NOISE``): what is left
+  explains a failure (a Python traceback, an error TensorFlow logged while running)."""
+  kept = [line for line in text.splitlines() if not _START_UP_NOISE.search(line)]
+  return "\n".join(kept).strip()
+
+
 def tail(text: str) -> str:
+  """The end of the runner's stderr that a failure's message shows: the lines that can explain it
+  (``explaining``), at most the last ``_STDERR_TAIL`` characters."""
+  text = explaining(text)
+  if not text:
+    return "(nothing but TensorFlow's start-up log)"
   return text if len(text) <= _STDERR_TAIL else "..." + text[-_STDERR_TAIL:]
+
+
+def _exit_text(returncode: int | None) -> str:
+  """"exited with code N", or "was killed by SIGKILL" for a runner ended by a signal."""
+  if returncode is not None and returncode < 0:
+    with contextlib.suppress(ValueError):
+      return f"was killed by {signal.Signals(-returncode).name}"
+  return f"exited with code {returncode}"
 
 
 def _end_group(pgid: int) -> None:
@@ -132,7 +169,7 @@ def invoke(args: Sequence[str], workdir: Path, status_path: Path, timeout: float
     status = json.loads(status_path.read_text())
   except (OSError, ValueError):
     raise VerificationError(
-        f"the TFF runner exited with code {proc.returncode} and wrote no status: "
+        f"the TFF runner {_exit_text(proc.returncode)} and wrote no status: "
         f"{' '.join(command)}\n--- runner stderr (tail) ---\n{tail(stderr)}") from None
   if status.get("error") is not None:
     raise VerificationError(
