@@ -274,8 +274,7 @@ TARGET_OF = {"tff": "tff", "iree": "stablehlo", "jax": "stablehlo", "litert": "t
 @pytest.mark.slow
 @pytest.mark.parametrize("runtime", ["tff", "iree", "litert", "jax"])
 @pytest.mark.parametrize("name", ["dp_mean", "adaptive"])
-def test_export_replays_the_noise_on_every_runtime(tmp_path, monkeypatch, name, runtime):
-  monkeypatch.setenv("FAXBRIDGE_IREE_CACHE", str(tmp_path / "iree-cache"))
+def test_export_replays_the_noise_on_every_runtime(tmp_path, name, runtime):
   comp, args = _dp_programs()[name]
   out = fb.export(comp, *args, target=TARGET_OF[runtime], out_dir=tmp_path / name)
   report = fb.verify(out, *args, runtime=runtime)
@@ -294,11 +293,9 @@ def test_export_replays_the_noise_on_every_runtime(tmp_path, monkeypatch, name, 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("runtime", ["tff", "iree", "litert", "jax"])
-def test_dp_fedavg_process_round_trips_with_the_same_noise_on_every_runtime(tmp_path, monkeypatch,
-                                                                            runtime):
+def test_dp_fedavg_process_round_trips_with_the_same_noise_on_every_runtime(tmp_path, runtime):
   from examples import dp_fedavg
 
-  monkeypatch.setenv("FAXBRIDGE_IREE_CACHE", str(tmp_path / "iree-cache"))
   _, data = dp_fedavg.example_inputs()
   out = fb.export(dp_fedavg.process, data, target=TARGET_OF[runtime], out_dir=tmp_path / "dp")
   report = fb.verify(out, data, runtime=runtime, rounds=3)

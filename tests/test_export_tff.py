@@ -12,14 +12,12 @@ import sys
 from pathlib import Path
 
 import federated_language as fl
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from federated_language.proto import computation_pb2 as pb
 
 import faxbridge as fb
-from examples import EXAMPLES
 from faxbridge._src.export import read_manifest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -191,32 +189,9 @@ def test_verify_checks_input_names_and_dtypes(tmp_path):
 
 
 # -- round trips on TFF 0.87 ------------------------------------------------------------------
-@pytest.mark.slow
-@pytest.mark.parametrize("name", EXAMPLES)
-def test_computation_round_trips_on_tff(tmp_path, name):
-  comp, args = _program(name)
-  out = fb.export(comp, *args, target="tff", out_dir=tmp_path / name)
-  report = fb.verify(out, *args, runtime="tff")
-  assert report.ok, str(report)
-  assert len(report.checks) == len(jax.tree.leaves(comp(*args)))
-  assert report.info["context"] == ("test" if name == "analytics" else "native")
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("name", ["fedavg", "fedadam"])
-def test_iterative_process_round_trips_five_rounds_and_forms(tmp_path, name):
-  process, args = _program(name, process=True)
-  out = fb.export(process, *args, target="tff", out_dir=tmp_path / name)
-  report = fb.verify(out, *args, runtime="tff", rounds=5)
-  assert report.ok, str(report)
-  assert {c.name.split("/")[0] for c in report.checks} == {
-      "initialize", *(f"round{r}" for r in range(1, 6))}
-  assert report.info["mapreduce_form"] == "built"
-  assert report.info["distribute_aggregate_form"] == "built"
-  assert set(report.extra_checks) == {"mapreduce rebuilt", "distribute_aggregate rebuilt"}
-  assert all(c.ok for c in report.extra_checks["mapreduce rebuilt"])
-
-
+# Every example's computation and process on TFF (contexts, deployment forms, every round) is
+# test_examples_reference.py's test_every_example_on_runtime, against an independent reference
+# and the native program.
 @pytest.mark.slow
 def test_cli_export_and_verify(tmp_path):
   env = {**os.environ, "PYTHONPATH": str(ROOT)}

@@ -143,12 +143,6 @@ def test_stablehlo_on_jax(seed, tmp_path):
   _round_trip(_program(seed), "jax", tmp_path)
 
 
-@pytest.fixture(autouse=True)
-def _iree_cache(tmp_path_factory, monkeypatch):
-  # One IREE compile cache for the session, away from the user's.
-  monkeypatch.setenv("FAXBRIDGE_IREE_CACHE", str(tmp_path_factory.getbasetemp() / "iree-cache"))
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("runtime", ["litert", "iree"])
 @pytest.mark.parametrize("seed", SAMPLE, ids=lambda s: f"seed{s}")

@@ -174,7 +174,7 @@ CASES = {
     "int8_sum": (int8_sum, (X8,), lambda: X8.sum(dtype=np.int8)),
     "vector_matrix_grad": (vector_matrix_grad, (W, XM), _vector_matrix_want),
 }
-RUNTIMES = [("tff", "tff"), ("stablehlo", "jax"), ("stablehlo", "iree"), ("tflite", "litert")]
+RUNTIMES = [("stablehlo", "jax"), ("stablehlo", "iree"), ("tflite", "litert")]
 
 
 def _named(export_dir, args) -> dict:
@@ -183,15 +183,9 @@ def _named(export_dir, args) -> dict:
   return block, {s["name"]: np.asarray(v) for s, v in zip(block["inputs"], jax.tree.leaves(args))}
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("target,runtime", RUNTIMES, ids=[r for _, r in RUNTIMES])
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_reproduction_on_runtime(case, target, runtime, tmp_path):
-  comp, args, want = CASES[case]
-  out = fb.export(comp, *args, target=target, out_dir=tmp_path / case)
-  block, named = _named(out, args)
-  got = run_on_runtime(out, runtime, named).outputs
-  want_leaves = jax.tree.leaves(want())
+def _check(case: str, block: dict, got: dict) -> None:
+  """The runtime's outputs, by manifest name, against the case's numpy answer."""
+  want_leaves = jax.tree.leaves(CASES[case][2]())
   assert len(block["outputs"]) == len(want_leaves) == len(got)
   for spec, w in zip(block["outputs"], want_leaves):
     g = got[spec["name"]]
@@ -200,6 +194,45 @@ def test_reproduction_on_runtime(case, target, runtime, tmp_path):
       np.testing.assert_array_equal(g, w, err_msg=spec["name"])
     else:
       np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6, err_msg=spec["name"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target,runtime", RUNTIMES, ids=[r for _, r in RUNTIMES])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_reproduction_on_runtime(case, target, runtime, tmp_path):
+  comp, args, _ = CASES[case]
+  out = fb.export(comp, *args, target=target, out_dir=tmp_path / case)
+  block, named = _named(out, args)
+  _check(case, block, run_on_runtime(out, runtime, named).outputs)
+
+
+@pytest.fixture(scope="module")
+def on_tff(tmp_path_factory) -> dict:
+  """Every case exported to TFF and run in ONE runner process (each start of TFF costs seconds):
+  per case, (manifest block, outputs) or the error of its export or its run alone."""
+  from faxbridge.converters.runtimes.tff import ComputationJob, run_computations
+
+  root, results, jobs = tmp_path_factory.mktemp("tff"), {}, {}
+  for case, (comp, args, _) in sorted(CASES.items()):
+    try:
+      out = fb.export(comp, *args, target="tff", out_dir=root / case)
+    except Exception as e:  # reported by that case's test
+      results[case] = e
+      continue
+    block, named = _named(out, args)
+    jobs[case] = (block, ComputationJob(out, named))
+  runs = run_computations([job for _, job in jobs.values()], strict=False)
+  for (case, (block, _)), run in zip(jobs.items(), runs):
+    results[case] = run if isinstance(run, Exception) else (block, run.outputs)
+  return results
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_reproduction_on_tff(case, on_tff):
+  if isinstance(on_tff[case], Exception):
+    raise on_tff[case]
+  _check(case, *on_tff[case])
 
 
 def test_a_computation_of_a_gradient_computes_the_gradient():
