@@ -396,7 +396,8 @@ _RUNS: dict = {}  # made once per process; the tests of one program spread over 
 @pytest.fixture
 def run_example(example_export, run_dir):
   """``run_example(name, kind, runtime)``: (manifest, args, runtime outputs by name, other result
-  sets the runtime returned, native outputs, info); each run is made once per process, and on TFF
+  sets the runtime returned, native outputs (when called), info); each run is made once per
+  process, and on TFF
   every program's run is made by the first TFF test (all of them are in one xdist group)."""
   runs = _RUNS
 
@@ -415,14 +416,17 @@ def run_example(example_export, run_dir):
       else:
         result = run_on_runtime(out, runtime, inputs, ROUNDS)
         outputs, extra, info = result.outputs, result.extra_outputs, result.info
-      runs[name, kind, runtime] = (manifest, example_args(name), outputs, extra,
-                                   _native(run_dir, out, manifest, inputs, kind), info)
+      native = functools.cache(lambda: _native(run_dir, out, manifest, inputs, kind))
+      runs[name, kind, runtime] = (manifest, example_args(name), outputs, extra, native, info)
     return runs[name, kind, runtime]
 
   return get
 
 
-def check_against_reference(run_example, name: str, kind: str, runtime: str) -> None:
+def check_against_reference(run_example, name: str, kind: str, runtime: str,
+                            against_native: bool = True) -> None:
+  """The run against the independent reference and (``against_native``) as ``fb.verify`` checks
+  it, against the export's native program."""
   manifest, args, outputs, extra, native, info = run_example(name, kind, runtime)
   ref = reference_outputs(name, kind, manifest, args)
   if kind == "process":  # every round of the process came back and was compared
@@ -445,13 +449,15 @@ def check_against_reference(run_example, name: str, kind: str, runtime: str) -> 
           f" max rel {max(v[1] for v in report.values()):.3g}")
     assert not bad, (f"{name} {kind} on {runtime}{' [' + label + ']' if label else ''} differs "
                      f"from the independent reference (max_abs, max_rel, why): {bad}")
+  if not against_native:
+    return
   # fb.verify's check of the same run: every output of every round against the export's native
   # program, within verify's tolerance, and no float off by 1e-5 or more.
-  checks = compare_all(native, outputs)
+  checks = compare_all(native(), outputs)
   assert len(checks) == len(ref) and all(c.ok for c in checks), [c for c in checks if not c.ok]
   assert max(c.max_abs for c in checks) < 1e-5, max(c.max_abs for c in checks)
   for label, got in extra.items():
-    assert all(c.ok for c in compare_all(native, got)), label
+    assert all(c.ok for c in compare_all(native(), got)), label
 
 
 def _programs() -> list[tuple[str, str]]:
@@ -467,7 +473,8 @@ QUICK = [("fedadam", "process"), ("analytics", "computation")]
 
 @pytest.mark.parametrize("name,kind", QUICK, ids=[f"{n}-{k}" for n, k in QUICK])
 def test_quick_on_jax_runtime(run_example, name, kind):
-  check_against_reference(run_example, name, kind, "jax")
+  # The native comparison is the slow suite's (test_every_example_on_runtime, every program).
+  check_against_reference(run_example, name, kind, "jax", against_native=False)
 
 
 def test_a_wrong_reference_is_caught(run_example):
@@ -519,7 +526,7 @@ def _runtime_cases() -> list:
     # TFF's runs are one batch (one runner process): its tests stay on one xdist worker.
     marks = [pytest.mark.xdist_group("examples-on-tff")] if runtime == "tff" else []
     cases += [pytest.param(name, kind, runtime, marks=marks, id=f"{name}-{kind}-{runtime}")
-              for name, kind in _programs() if not (runtime == "jax" and (name, kind) in QUICK)]
+              for name, kind in _programs()]
   return cases
 
 
