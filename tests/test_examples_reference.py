@@ -9,14 +9,15 @@ iterative process as a Python loop feeding its state back. Only the plain-JAX mo
 ``examples/_mlp.py`` are shared (the loss and the initial parameters); nothing here calls ``fb.*``
 or an example's ``fb.computation``.
 
-The runtime's outputs (``faxbridge._src.verify.run_on_runtime``) must equal the reference
-elementwise within ``1e-6 + 1e-5 * |reference|`` for floats, exactly for integers, with the
-reference's dtype and shape. The same outputs must also pass ``fb.verify``'s comparison with the
-export's native program (``native_outputs`` and ``compare_all``, what ``fb.verify`` is made of), so
-one run of each export on each runtime serves both checks. The quick suite runs two programs on
-runtime ``jax`` (a fresh process); the slow suite runs every program on TFF (all in one runner
-process), IREE, LiteRT and jax. A negative check shows that a reference with a slightly wrong
-learning rate, or shifted by one round, is caught.
+The runtime's outputs must equal the reference elementwise within ``1e-6 + 1e-5 * |reference|``
+for floats, exactly for integers, with the reference's dtype and shape. In the slow suite the same
+outputs must also pass ``fb.verify``'s comparison with the export's native program
+(``native_outputs`` and ``compare_all``, what ``fb.verify`` is made of), so one run of each export
+on each runtime serves both checks. The quick suite runs two programs on runtime ``jax``
+(``faxbridge._src.verify.run_on_runtime``: a fresh process each); the slow suite runs every program
+on TFF (all in one runner process), IREE, LiteRT and jax (all in one fresh process, jax_batch.py).
+A negative check shows that a reference with a slightly wrong learning rate, or shifted by one
+round, is caught.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import algorithm_references as algo
 import jax
 import numpy as np
 import pytest
+from jax_batch import run_on_jax
 from run_shared import made_once
 
 from examples import EXAMPLES, _mlp, _transformer
@@ -379,6 +381,21 @@ def _on_tff(example_export) -> dict[tuple[str, str], Any]:
   return results
 
 
+def _on_jax(example_export) -> dict[tuple[str, str], Any]:
+  """Every program's StableHLO export on runtime jax's child, all in ONE fresh Python
+  (jax_batch.py): per (name, kind), (outputs, {}, {}) or the error of that program alone."""
+  jobs = []
+  for name, kind in _programs():
+    out, _ = example_export(name, kind, "stablehlo")
+    manifest = json.loads((out / "manifest.json").read_text())
+    jobs.append((out, _inputs(manifest, kind, name), ROUNDS if kind == "process" else 0))
+  return {program: run if isinstance(run, Exception) else (run, {}, {})
+          for program, run in zip(_programs(), run_on_jax(jobs))}
+
+
+BATCHES = {"tff": _on_tff, "jax": _on_jax}
+
+
 def _native(run_dir: Path, export: Path, manifest: dict, inputs: dict, kind: str) -> dict:
   """The export's native program (what ``fb.verify`` compares a runtime with) on the inputs, run
   once per run for every export holding the same native files (those of every target agree)."""
@@ -395,21 +412,22 @@ _RUNS: dict = {}  # made once per process; the tests of one program spread over 
 
 @pytest.fixture
 def run_example(example_export, run_dir):
-  """``run_example(name, kind, runtime)``: (manifest, args, runtime outputs by name, other result
-  sets the runtime returned, native outputs (when called), info); each run is made once per
-  process, and on TFF
-  every program's run is made by the first TFF test (all of them are in one xdist group)."""
-  runs = _RUNS
+  """``run_example(name, kind, runtime, batch=False)``: (manifest, args, runtime outputs by name,
+  other result sets the runtime returned, native outputs (when called), info), made once per
+  process. On TFF, and on jax with ``batch``, the first test runs every program at once (in
+  BATCHES); the tests that read such a batch are one xdist group."""
 
-  def get(name: str, kind: str, runtime: str):
-    if (name, kind, runtime) not in runs:
+  def get(name: str, kind: str, runtime: str, batch: bool = False):
+    batch = (batch and runtime in BATCHES) or runtime == "tff"
+    key = (name, kind, runtime, batch)
+    if key not in _RUNS:
       out, _ = example_export(name, kind, TARGET_OF[runtime])
       manifest = json.loads((Path(out) / "manifest.json").read_text())
       inputs = _inputs(manifest, kind, name)
-      if runtime == "tff":
-        if "tff" not in runs:
-          runs["tff"] = _on_tff(example_export)
-        result = runs["tff"][name, kind]
+      if batch:
+        if runtime not in _RUNS:
+          _RUNS[runtime] = BATCHES[runtime](example_export)
+        result = _RUNS[runtime][name, kind]
         if isinstance(result, Exception):
           raise result
         outputs, extra, info = result
@@ -417,17 +435,17 @@ def run_example(example_export, run_dir):
         result = run_on_runtime(out, runtime, inputs, ROUNDS)
         outputs, extra, info = result.outputs, result.extra_outputs, result.info
       native = functools.cache(lambda: _native(run_dir, out, manifest, inputs, kind))
-      runs[name, kind, runtime] = (manifest, example_args(name), outputs, extra, native, info)
-    return runs[name, kind, runtime]
+      _RUNS[key] = (manifest, example_args(name), outputs, extra, native, info)
+    return _RUNS[key]
 
   return get
 
 
 def check_against_reference(run_example, name: str, kind: str, runtime: str,
-                            against_native: bool = True) -> None:
+                            against_native: bool = True, batch: bool = False) -> None:
   """The run against the independent reference and (``against_native``) as ``fb.verify`` checks
   it, against the export's native program."""
-  manifest, args, outputs, extra, native, info = run_example(name, kind, runtime)
+  manifest, args, outputs, extra, native, info = run_example(name, kind, runtime, batch)
   ref = reference_outputs(name, kind, manifest, args)
   if kind == "process":  # every round of the process came back and was compared
     assert {k.split("/")[0] for k in ref} == {"initialize",
@@ -523,8 +541,8 @@ def test_a_wrong_reference_is_caught(run_example):
 def _runtime_cases() -> list:
   cases = []
   for runtime in ("tff", "iree", "litert", "jax"):
-    # TFF's runs are one batch (one runner process): its tests stay on one xdist worker.
-    marks = [pytest.mark.xdist_group("examples-on-tff")] if runtime == "tff" else []
+    # TFF's and jax's runs are one batch each (one process): its tests stay on one xdist worker.
+    marks = [pytest.mark.xdist_group(f"examples-on-{runtime}")] if runtime in BATCHES else []
     cases += [pytest.param(name, kind, runtime, marks=marks, id=f"{name}-{kind}-{runtime}")
               for name, kind in _programs()]
   return cases
@@ -533,4 +551,4 @@ def _runtime_cases() -> list:
 @pytest.mark.slow
 @pytest.mark.parametrize("name,kind,runtime", _runtime_cases())
 def test_every_example_on_runtime(run_example, name, kind, runtime):
-  check_against_reference(run_example, name, kind, runtime)
+  check_against_reference(run_example, name, kind, runtime, batch=True)

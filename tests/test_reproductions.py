@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax_batch import run_on_jax
 
 import faxbridge as fb
 from faxbridge._src.verify import run_on_runtime
@@ -174,7 +175,10 @@ CASES = {
     "int8_sum": (int8_sum, (X8,), lambda: X8.sum(dtype=np.int8)),
     "vector_matrix_grad": (vector_matrix_grad, (W, XM), _vector_matrix_want),
 }
-RUNTIMES = [("stablehlo", "jax"), ("stablehlo", "iree"), ("tflite", "litert")]
+# Runtimes run case by case; TFF and jax run every case in one process each (each start of one
+# costs seconds): their runner and jax_batch.py.
+RUNTIMES = [("stablehlo", "iree"), ("tflite", "litert")]
+BATCHED = [("tff", "tff"), ("stablehlo", "jax")]
 
 
 def _named(export_dir, args) -> dict:
@@ -206,33 +210,45 @@ def test_reproduction_on_runtime(case, target, runtime, tmp_path):
   _check(case, block, run_on_runtime(out, runtime, named).outputs)
 
 
-@pytest.fixture(scope="module")
-def on_tff(tmp_path_factory) -> dict:
-  """Every case exported to TFF and run in ONE runner process (each start of TFF costs seconds):
-  per case, (manifest block, outputs) or the error of its export or its run alone."""
+def _run_all(runtime: str, jobs: list) -> list:
+  """``jobs``: (export directory, inputs by name); one process runs them all."""
+  if runtime == "jax":
+    return run_on_jax([(out, named, 0) for out, named in jobs])
   from faxbridge.converters.runtimes.tff import ComputationJob, run_computations
 
-  root, results, jobs = tmp_path_factory.mktemp("tff"), {}, {}
-  for case, (comp, args, _) in sorted(CASES.items()):
-    try:
-      out = fb.export(comp, *args, target="tff", out_dir=root / case)
-    except Exception as e:  # reported by that case's test
-      results[case] = e
-      continue
-    block, named = _named(out, args)
-    jobs[case] = (block, ComputationJob(out, named))
-  runs = run_computations([job for _, job in jobs.values()], strict=False)
-  for (case, (block, _)), run in zip(jobs.items(), runs):
-    results[case] = run if isinstance(run, Exception) else (block, run.outputs)
+  return [run if isinstance(run, Exception) else run.outputs
+          for run in run_computations([ComputationJob(out, named) for out, named in jobs],
+                                      strict=False)]
+
+
+@pytest.fixture(scope="module")
+def batched(tmp_path_factory) -> dict:
+  """Every case exported for TFF and for jax, and run in one process per runtime: per (case,
+  runtime), (manifest block, outputs) or the error of its export or its run alone."""
+  results = {}
+  for target, runtime in BATCHED:
+    root, jobs = tmp_path_factory.mktemp(runtime), {}
+    for case, (comp, args, _) in sorted(CASES.items()):
+      try:
+        out = fb.export(comp, *args, target=target, out_dir=root / case)
+      except Exception as e:  # reported by that case's test
+        results[case, runtime] = e
+        continue
+      block, named = _named(out, args)
+      jobs[case] = (block, (out, named))
+    runs = _run_all(runtime, [job for _, job in jobs.values()])
+    for (case, (block, _)), run in zip(jobs.items(), runs):
+      results[case, runtime] = run if isinstance(run, Exception) else (block, run)
   return results
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("runtime", [r for _, r in BATCHED])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_reproduction_on_tff(case, on_tff):
-  if isinstance(on_tff[case], Exception):
-    raise on_tff[case]
-  _check(case, *on_tff[case])
+def test_reproduction_in_one_process(case, runtime, batched):
+  if isinstance(batched[case, runtime], Exception):
+    raise batched[case, runtime]
+  _check(case, *batched[case, runtime])
 
 
 def test_a_computation_of_a_gradient_computes_the_gradient():
