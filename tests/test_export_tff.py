@@ -50,9 +50,8 @@ def _local_kinds(comp: pb.Computation) -> set[str]:
   return {c.WhichOneof("computation") for c in _walk(comp)} & {"tensorflow", "xla"}
 
 
-def test_export_writes_proto_manifest_and_rendering(tmp_path):
-  comp, args = _program("analytics")
-  out = fb.export(comp, *args, target="tff", out_dir=tmp_path / "analytics")
+def test_export_writes_proto_manifest_and_rendering(example_export):
+  out, _ = example_export("analytics", "computation", "tff")  # shared: read, never written
   files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
   assert files == ["computation.pb", "computation.txt", "manifest.json", "native/computation.jax"]
   manifest = read_manifest(out)
@@ -92,9 +91,9 @@ def test_weighted_mean_sum_and_local_xla(tmp_path):
   assert read_manifest(out)["local"] == "xla"
 
 
-def test_export_is_deterministic(tmp_path):
+def test_export_is_deterministic(example_export, tmp_path):
   process, args = _program("fedavg", process=True)
-  a = fb.export(process, *args, target="tff", out_dir=tmp_path / "a")
+  a, _ = example_export("fedavg", "process", "tff")  # made by conftest, elsewhere
   b = fb.export(process, *args, target="tff", out_dir=tmp_path / "b")
   names = sorted(str(p.relative_to(a)) for p in a.rglob("*") if p.is_file())
   assert names == sorted(str(p.relative_to(b)) for p in b.rglob("*") if p.is_file())
@@ -125,9 +124,8 @@ def test_failed_export_leaves_nothing_behind(tmp_path):
   assert list(tmp_path.iterdir()) == []
 
 
-def test_iterative_process_exports_initialize_and_next(tmp_path):
-  process, args = _program("fedadam", process=True)
-  out = fb.export(process, *args, target="tff", out_dir=tmp_path / "fedadam")
+def test_iterative_process_exports_initialize_and_next(example_export):
+  out, _ = example_export("fedadam", "process", "tff")
   manifest = read_manifest(out)
   assert manifest["kind"] == "iterative_process"
   init = fl.framework.ConcreteComputation.from_proto(
@@ -158,9 +156,9 @@ def test_next_must_return_state_and_metrics(tmp_path):
   assert list(tmp_path.iterdir()) == []
 
 
-def test_tampered_artifact_is_reported_and_nothing_runs(tmp_path, monkeypatch):
-  comp, args = _program("two_stage")
-  out = fb.export(comp, *args, target="tff", out_dir=tmp_path / "t")
+def test_tampered_artifact_is_reported_and_nothing_runs(example_export, tmp_path, monkeypatch):
+  shared, args = example_export("two_stage", "computation", "tff")
+  out = shutil.copytree(shared, tmp_path / "t")  # a copy to tamper with
   blob = bytearray((out / "computation.pb").read_bytes())
   blob[len(blob) // 2] ^= 0xFF
   (out / "computation.pb").write_bytes(bytes(blob))
@@ -171,17 +169,15 @@ def test_tampered_artifact_is_reported_and_nothing_runs(tmp_path, monkeypatch):
   assert "nothing was run" in str(info.value)
 
 
-def test_missing_tff_environment_names_the_command(tmp_path, monkeypatch):
-  comp, args = _program("two_stage")
-  out = fb.export(comp, *args, target="tff", out_dir=tmp_path / "t")
+def test_missing_tff_environment_names_the_command(example_export, tmp_path, monkeypatch):
+  out, args = example_export("two_stage", "computation", "tff")
   monkeypatch.setenv("FAXBRIDGE_TFF_PYTHON", str(tmp_path / "no-such-python"))
   with pytest.raises(fb.VerificationError, match=r"make \.venv-tff/\.ready"):
     fb.verify(out, *args, runtime="tff")
 
 
-def test_verify_checks_input_names_and_dtypes(tmp_path):
-  comp, args = _program("two_stage")
-  out = fb.export(comp, *args, target="tff", out_dir=tmp_path / "t")
+def test_verify_checks_input_names_and_dtypes(example_export):
+  out, args = example_export("two_stage", "computation", "tff")
   with pytest.raises(fb.VerificationError, match="dtype"):
     fb.verify(out, np.float64(2.0), args[1], runtime="tff")
   with pytest.raises(fb.VerificationError, match="lack"):
