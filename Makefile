@@ -51,16 +51,21 @@ chromium:
 demo: envs
 	$(CORE) -m faxbridge demo -o build/demo
 
+# Both test recipes run on every core (pytest-xdist; at most 4 workers, as each holds JAX, TF and
+# IREE in memory). loadgroup keeps the tests of one xdist_group (the users of one batched runner
+# call) on one worker. A plain `pytest tests/...` runs in one process; PYTEST_ARGS=-n0 does too.
+PARALLEL := -n auto --maxprocesses=4 --dist loadgroup
+
 # The whole suite, both environments. pytest's exit code 5 ("no tests ran") is a failure here.
 # An exported PYTEST_ADDOPTS would silently narrow it (-k, -m, --deselect): only PYTEST_ARGS,
 # given on purpose (make test PYTEST_ARGS=...), narrows a run.
 test: envs chromium
-	env -u PYTEST_ADDOPTS $(CORE) -m pytest $(PYTEST_ARGS); rc=$$?; \
+	env -u PYTEST_ADDOPTS $(CORE) -m pytest $(PARALLEL) $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests"; exit 1; fi; exit $$rc
 
-# The quick suite: everything but the slow round trips (under two minutes).
+# The quick suite: everything but the slow round trips (under a minute).
 test-quick: .venv/.ready chromium
-	env -u PYTEST_ADDOPTS $(CORE) -m pytest -m "not slow" $(PYTEST_ARGS); rc=$$?; \
+	env -u PYTEST_ADDOPTS $(CORE) -m pytest $(PARALLEL) -m "not slow" $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests"; exit 1; fi; exit $$rc
 
 # 500 random federated programs (tests/federated_programs.py) natively and through fb.split, each

@@ -1,12 +1,15 @@
-"""Shared test settings: the code under test is this checkout's, reproducible hypothesis runs, and
-a check that an error names user code."""
+"""Shared test settings: the code under test is this checkout's, reproducible hypothesis runs, a
+check that an error names user code, and what the processes of one run share (the bundled
+examples' exports, IREE's compile cache: see run_shared.py)."""
 
 from __future__ import annotations
 
 import pathlib
+from collections.abc import Callable, Iterator
 
 import hypothesis
 import pytest
+from run_shared import example_program, made_once, shared_dir
 
 import faxbridge
 import faxbridge.converters
@@ -56,3 +59,81 @@ def assert_points_at():
     assert f"{path}:{found[0]}" in str(error), str(error)
 
   return check
+
+
+# -- shared by the processes of one run --------------------------------------------------------------
+@pytest.fixture(scope="session")
+def run_dir(tmp_path_factory) -> pathlib.Path:
+  """A directory every worker of this run shares (see run_shared.shared_dir)."""
+  return shared_dir(tmp_path_factory)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _iree_cache(run_dir) -> Iterator[None]:
+  # One IREE compile cache for the run and every process it starts (the CLI's too), away from the
+  # user's: a module compiled once (an example's export and its byte-identical interop fixture) is
+  # not compiled again. Entries are keyed by content and written atomically.
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setenv("FAXBRIDGE_IREE_CACHE", str(run_dir / "iree-cache"))
+    yield
+
+
+@pytest.fixture(scope="session")
+def example_export(run_dir) -> Callable[[str, str, str], tuple[pathlib.Path, tuple]]:
+  """``example_export(name, kind, target)``: (export directory, program arguments) of a bundled
+  example's computation or process (``kind``), exported once per run for every test that reads it.
+  Exports are deterministic (test_fixtures checks them byte for byte), so one serves all."""
+
+  def get(name: str, kind: str, target: str) -> tuple[pathlib.Path, tuple]:
+    program, args = example_program(name, kind)
+    out = made_once(run_dir, f"example-{name}-{kind}-{target}",
+                    lambda path: faxbridge.export(program, *args, target=target, out_dir=path))
+    return out, args
+
+  return get
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups (--dist loadgroup)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+  """Keeps the users of a test module's own module-scoped fixtures on one xdist worker.
+
+  Such a fixture is one costly run shared by many tests (a subprocess driving the CLI, a batch on
+  the TFF runner, a Python with 8 devices); each worker would make its own, so its users go to the
+  worker that makes it. Tests that name their xdist_group keep it.
+  """
+  for item in items:
+    module = item.getparent(pytest.Module)
+    if module is None or item.get_closest_marker("xdist_group"):
+      continue
+    # _fixtureinfo: pytest's record of the fixtures an item uses (read by plugins such as xdist).
+    defs = getattr(item, "_fixtureinfo", None)
+    owned = [name for name, found in (defs.name2fixturedefs.items() if defs else ())
+             if found and found[-1].scope == "module" and found[-1].baseid == module.nodeid]
+    if owned:
+      item.add_marker(pytest.mark.xdist_group(module.nodeid))
+
+
+class _XdistGroupIds:
+  """Makes --dist loadgroup keep each xdist_group on one worker again.
+
+  pytest-xdist 3.8 marks a grouped test by appending ``@group`` to ``item._nodeid``, which pytest
+  9.2 no longer reads (a node's id is ``item._id``, a NodeId): every group was silently spread
+  over all workers. This appends the suffix where pytest reads it, after xdist's own hook; with an
+  xdist whose suffix shows in ``nodeid`` it does nothing.
+  """
+
+  @pytest.hookimpl(trylast=True)
+  def pytest_collection_modifyitems(self, config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not getattr(config.option, "loadgroup", False):  # set on xdist's workers under loadgroup
+      return
+    from _pytest.nodeid import NodeId
+
+    for item in items:
+      names = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+                      for m in item.iter_markers("xdist_group")})
+      if names and "@" not in item.nodeid:
+        item._id = NodeId.parse(f"{item.nodeid}@{'_'.join(names)}")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+  config.pluginmanager.register(_XdistGroupIds(), "faxbridge-xdist-group-ids")

@@ -52,6 +52,10 @@ def _make(recipe: str, fake_python: Path, rc: int, *make_args: str) -> subproces
       timeout=60)
 
 
+# Both recipes run the suite on every core (pytest-xdist), tests of one xdist_group on one worker.
+PARALLEL = ["-n", "auto", "--maxprocesses=4", "--dist", "loadgroup"]
+
+
 @pytest.mark.parametrize("recipe,marks", [("test", []), ("test-quick", ["-m", "not slow"])])
 def test_make_recipes_ignore_an_exported_pytest_addopts(tmp_path, recipe, marks):
   record = tmp_path / "record"
@@ -59,11 +63,12 @@ def test_make_recipes_ignore_an_exported_pytest_addopts(tmp_path, recipe, marks)
   assert proc.returncode == 0, proc.stderr
   lines = record.read_text().splitlines()
   assert "PYTEST_ADDOPTS unset" in lines
-  assert [line[4:] for line in lines if line.startswith("arg=")] == ["-m", "pytest", *marks]
+  assert [line[4:] for line in lines if line.startswith("arg=")] == ["-m", "pytest", *PARALLEL,
+                                                                     *marks]
   # PYTEST_ARGS given on purpose on the command line still narrows a run.
   proc = _make(recipe, _recorder(tmp_path / "python", record), 0, "PYTEST_ARGS=-x")
   assert [line[4:] for line in record.read_text().splitlines() if line.startswith("arg=")] == \
-      ["-m", "pytest", *marks, "-x"]
+      ["-m", "pytest", *PARALLEL, *marks, "-x"]
 
 
 @pytest.mark.parametrize("recipe", ["test", "test-quick"])
@@ -103,7 +108,8 @@ def test_session_refuses_faxbridge_from_another_tree(tmp_path, own_faxbridge):
   """A copy of this conftest in another tree: there faxbridge (or only faxbridge.converters, as an
   editable install made from this checkout maps it) comes from here, and the session must stop."""
   (tmp_path / "tests").mkdir()
-  shutil.copyfile(REPO / "tests" / "conftest.py", tmp_path / "tests" / "conftest.py")
+  for helper in ("conftest.py", "run_shared.py"):  # the conftest and the module it imports
+    shutil.copyfile(REPO / "tests" / helper, tmp_path / "tests" / helper)
   (tmp_path / "tests" / "test_anything.py").write_text("def test_passes():\n  assert True\n")
   (tmp_path / "pytest.ini").write_text("[pytest]\n")
   if own_faxbridge:

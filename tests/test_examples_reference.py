@@ -9,15 +9,21 @@ iterative process as a Python loop feeding its state back. Only the plain-JAX mo
 ``examples/_mlp.py`` are shared (the loss and the initial parameters); nothing here calls ``fb.*``
 or an example's ``fb.computation``.
 
-The runtime's outputs (``faxbridge._src.verify.run_on_runtime``, no native side) must equal the
-reference elementwise within ``1e-6 + 1e-5 * |reference|`` for floats, exactly for integers, with
-the reference's dtype and shape. The quick suite runs two programs on runtime ``jax`` (a fresh
-process); the slow suite runs every program on TFF, IREE and LiteRT. A negative check shows that a
-reference with a slightly wrong learning rate, or shifted by one round, is caught.
+The runtime's outputs must equal the reference elementwise within ``1e-6 + 1e-5 * |reference|``
+for floats, exactly for integers, with the reference's dtype and shape. In the slow suite the same
+outputs must also pass ``fb.verify``'s comparison with the export's native program
+(``native_outputs`` and ``compare_all``, what ``fb.verify`` is made of), so one run of each export
+on each runtime serves both checks. The quick suite runs two programs on runtime ``jax``
+(``faxbridge._src.verify.run_on_runtime``: a fresh process each); the slow suite runs every program
+on TFF (all in one runner process), IREE, LiteRT and jax (all in one fresh process, jax_batch.py).
+A negative check shows that a reference with a slightly wrong learning rate, or shifted by one
+round, is caught.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import importlib
 import json
 from collections.abc import Callable
@@ -28,10 +34,12 @@ import algorithm_references as algo
 import jax
 import numpy as np
 import pytest
+from jax_batch import run_on_jax
+from run_shared import made_once
 
-import faxbridge as fb
 from examples import EXAMPLES, _mlp, _transformer
-from faxbridge._src.verify import run_on_runtime
+from faxbridge._src.verify import compare_all, native_outputs, run_on_runtime
+from faxbridge.converters.runtimes import jax_runner
 
 RTOL, ATOL = 1e-5, 1e-6
 ROUNDS = 3  # rounds of each iterative process, every one compared
@@ -274,17 +282,39 @@ def _named(block: dict, tree: Any, prefix: str = "") -> dict[str, np.ndarray]:
   return {prefix + o["name"]: np.asarray(v) for o, (_, v) in zip(block["outputs"], leaves)}
 
 
-def reference_outputs(name: str, kind: str, manifest: dict, args: tuple, rounds: int = ROUNDS,
-                      **hyper: Any) -> dict[str, np.ndarray]:
+def reference_trees(name: str, kind: str, args: tuple, rounds: int = ROUNDS,
+                    **hyper: Any) -> list[tuple[str, str, Any]]:
+  """(manifest block, output prefix, reference pytree) of the computation, or of the initial state
+  and of each round of the process."""
   step, init = REFERENCES[name]
   if kind == "computation":
-    return _named(manifest["computation"], step(*args, **hyper))
+    return [("computation", "", step(*args, **hyper))]
   state = init()
-  out = _named(manifest["initialize"], state, "initialize/")
+  trees = [("initialize", "initialize/", state)]
   for r in range(1, rounds + 1):
     state, metrics = step(state, *args[1:], **hyper)
-    out.update(_named(manifest["next"], (state, metrics), f"round{r}/"))
-  return out
+    trees.append(("next", f"round{r}/", (state, metrics)))
+  return trees
+
+
+def reference_outputs(name: str, kind: str, manifest: dict, args: tuple, rounds: int = ROUNDS,
+                      **hyper: Any) -> dict[str, np.ndarray]:
+  trees = (_example_reference(name, kind) if rounds == ROUNDS and not hyper and
+           args is example_args(name) else reference_trees(name, kind, args, rounds, **hyper))
+  return {k: v for block, prefix, tree in trees for k, v in _named(manifest[block], tree,
+                                                                     prefix).items()}
+
+
+@functools.cache
+def example_args(name: str) -> tuple:
+  """The example's inputs (``example_inputs()``), made once per process."""
+  return tuple(importlib.import_module(f"examples.{name}").example_inputs())
+
+
+@functools.cache
+def _example_reference(name: str, kind: str) -> list[tuple[str, str, Any]]:
+  # Each program is compared on four runtimes: its reference is computed once per process.
+  return reference_trees(name, kind, example_args(name))
 
 
 def compare(ref: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> dict[str, tuple]:
@@ -316,51 +346,117 @@ def mismatches(report: dict[str, tuple]) -> dict[str, tuple]:
   return {k: v for k, v in report.items() if v[2]}
 
 
-# -- exports and runs, shared within the module ----------------------------------------------------
-@pytest.fixture(scope="module")
-def run_example(tmp_path_factory):
-  """``run_example(name, kind, runtime)``: (manifest, args, runtime outputs by name, other
-  result sets the runtime returned); each export and run is made once per module."""
-  exports, runs = {}, {}
+# -- exports (once per run: conftest's example_export) and runs --------------------------------------
+def _inputs(manifest: dict, kind: str, name: str) -> dict[str, np.ndarray]:
+  block = manifest["next" if kind == "process" else "computation"]
+  args = example_args(name)
+  return dict(zip([s["name"] for s in block["inputs"]],
+                  jax.tree.leaves(args[1:] if kind == "process" else args), strict=True))
 
-  def get(name: str, kind: str, runtime: str):
-    module = importlib.import_module(f"examples.{name}")
-    args = tuple(module.example_inputs())
-    program, program_args = (module.process, args[1:]) if kind == "process" else \
-        (module.computation, args)
-    target = TARGET_OF[runtime]
-    if (name, kind, target) not in exports:
-      out = tmp_path_factory.mktemp("ref") / f"{name}-{kind}-{target}"
-      exports[name, kind, target] = fb.export(program, *program_args, target=target, out_dir=out)
-    out = exports[name, kind, target]
-    if (name, kind, runtime) not in runs:
+
+def _on_tff(example_export) -> dict[tuple[str, str], Any]:
+  """Every program's TFF export run in ONE runner process (each start of TFF costs seconds): per
+  (name, kind), (outputs, other result sets by label, info) or the error of that program alone.
+  A one-stage ``next`` is also built into TFF's two deployment forms, whose rebuilt computations
+  run the same rounds (as ``fb.verify`` on runtime tff does)."""
+  from faxbridge.converters.runtimes.tff import ComputationJob, run_computations
+
+  jobs = []
+  for name, kind in _programs():
+    out, _ = example_export(name, kind, "tff")
+    manifest = json.loads((out / "manifest.json").read_text())
+    process = kind == "process"
+    jobs.append(ComputationJob(out, _inputs(manifest, kind, name), rounds=ROUNDS if process else None,
+                               forms=process and manifest["next"]["stages"] == 1))
+  results = {}
+  for program, run in zip(_programs(), run_computations(jobs, strict=False)):
+    if isinstance(run, Exception):
+      results[program] = run
+      continue
+    extra = {f"{form} rebuilt": status.outputs for form, status in run.forms.items()
+             if status.built and status.ran}
+    info = {"context": run.context, **{f"{form}_form": (status.error or status.run_error or "ran")
+                                       for form, status in run.forms.items()}}
+    results[program] = (run.outputs, extra, info)
+  return results
+
+
+def _on_jax(example_export) -> dict[tuple[str, str], Any]:
+  """Every program's StableHLO export on runtime jax's child, all in ONE fresh Python
+  (jax_batch.py): per (name, kind), (outputs, {}, {}) or the error of that program alone."""
+  jobs = []
+  for name, kind in _programs():
+    out, _ = example_export(name, kind, "stablehlo")
+    manifest = json.loads((out / "manifest.json").read_text())
+    jobs.append((out, _inputs(manifest, kind, name), ROUNDS if kind == "process" else 0))
+  return {program: run if isinstance(run, Exception) else (run, {}, {})
+          for program, run in zip(_programs(), run_on_jax(jobs))}
+
+
+BATCHES = {"tff": _on_tff, "jax": _on_jax}
+
+
+def _native(run_dir: Path, export: Path, manifest: dict, inputs: dict, kind: str) -> dict:
+  """The export's native program (what ``fb.verify`` compares a runtime with) on the inputs, run
+  once per run for every export holding the same native files (those of every target agree)."""
+  digest = hashlib.sha256(b"".join(
+      (export / rel).read_bytes() for rel in sorted(manifest["native"].values()))).hexdigest()
+  rounds = ROUNDS if kind == "process" else 0
+  path = made_once(run_dir, f"native-{digest[:24]}-{rounds}.npz", lambda p: jax_runner.save(
+      p, native_outputs(export, manifest, inputs, rounds)))
+  return jax_runner.load(path)
+
+
+_RUNS: dict = {}  # made once per process; the tests of one program spread over the workers
+
+
+@pytest.fixture
+def run_example(example_export, run_dir):
+  """``run_example(name, kind, runtime, batch=False)``: (manifest, args, runtime outputs by name,
+  other result sets the runtime returned, native outputs (when called), info), made once per
+  process. On TFF, and on jax with ``batch``, the first test runs every program at once (in
+  BATCHES); the tests that read such a batch are one xdist group."""
+
+  def get(name: str, kind: str, runtime: str, batch: bool = False):
+    batch = (batch and runtime in BATCHES) or runtime == "tff"
+    key = (name, kind, runtime, batch)
+    if key not in _RUNS:
+      out, _ = example_export(name, kind, TARGET_OF[runtime])
       manifest = json.loads((Path(out) / "manifest.json").read_text())
-      block = manifest["next" if kind == "process" else "computation"]
-      inputs = dict(zip([s["name"] for s in block["inputs"]], jax.tree.leaves(program_args),
-                        strict=True))
-      result = run_on_runtime(out, runtime, inputs, ROUNDS)
-      runs[name, kind, runtime] = (manifest, args, result.outputs, result.extra_outputs)
-    return runs[name, kind, runtime]
+      inputs = _inputs(manifest, kind, name)
+      if batch:
+        if runtime not in _RUNS:
+          _RUNS[runtime] = BATCHES[runtime](example_export)
+        result = _RUNS[runtime][name, kind]
+        if isinstance(result, Exception):
+          raise result
+        outputs, extra, info = result
+      else:
+        result = run_on_runtime(out, runtime, inputs, ROUNDS)
+        outputs, extra, info = result.outputs, result.extra_outputs, result.info
+      native = functools.cache(lambda: _native(run_dir, out, manifest, inputs, kind))
+      _RUNS[key] = (manifest, example_args(name), outputs, extra, native, info)
+    return _RUNS[key]
 
   return get
 
 
-@pytest.fixture(autouse=True)
-def _iree_cache(tmp_path_factory, monkeypatch):
-  # One IREE compile cache for the session, away from the user's temp cache.
-  monkeypatch.setenv("FAXBRIDGE_IREE_CACHE", str(tmp_path_factory.getbasetemp() / "iree-cache"))
-
-
-def check_against_reference(run_example, name: str, kind: str, runtime: str) -> None:
-  manifest, args, outputs, extra = run_example(name, kind, runtime)
+def check_against_reference(run_example, name: str, kind: str, runtime: str,
+                            against_native: bool = True, batch: bool = False) -> None:
+  """The run against the independent reference and (``against_native``) as ``fb.verify`` checks
+  it, against the export's native program."""
+  manifest, args, outputs, extra, native, info = run_example(name, kind, runtime, batch)
   ref = reference_outputs(name, kind, manifest, args)
   if kind == "process":  # every round of the process came back and was compared
     assert {k.split("/")[0] for k in ref} == {"initialize",
                                               *(f"round{r}" for r in range(1, ROUNDS + 1))}
+  if runtime == "tff":
+    # Secure sums run on TFF's test context (the native one rejects them); all else natively.
+    assert info["context"] == ("test" if name == "analytics" else "native"), info
   if runtime == "tff" and kind == "process" and manifest["next"]["stages"] == 1:
     # A one-stage next(state, data) is what cross-device deployment takes: TFF must build both
     # deployment forms from it and run their rebuilds (a next with two CLIENTS arguments did not).
-    assert {"mapreduce rebuilt", "distribute_aggregate rebuilt"} <= set(extra), sorted(extra)
+    assert {"mapreduce rebuilt", "distribute_aggregate rebuilt"} <= set(extra), info
   # Result sets besides the main one (TFF's MapReduceForm rebuild) must match the reference too.
   for label, got in {"": outputs, **extra}.items():
     report = compare(ref, got)
@@ -371,6 +467,15 @@ def check_against_reference(run_example, name: str, kind: str, runtime: str) -> 
           f" max rel {max(v[1] for v in report.values()):.3g}")
     assert not bad, (f"{name} {kind} on {runtime}{' [' + label + ']' if label else ''} differs "
                      f"from the independent reference (max_abs, max_rel, why): {bad}")
+  if not against_native:
+    return
+  # fb.verify's check of the same run: every output of every round against the export's native
+  # program, within verify's tolerance, and no float off by 1e-5 or more.
+  checks = compare_all(native(), outputs)
+  assert len(checks) == len(ref) and all(c.ok for c in checks), [c for c in checks if not c.ok]
+  assert max(c.max_abs for c in checks) < 1e-5, max(c.max_abs for c in checks)
+  for label, got in extra.items():
+    assert all(c.ok for c in compare_all(native(), got)), label
 
 
 def _programs() -> list[tuple[str, str]]:
@@ -386,12 +491,13 @@ QUICK = [("fedadam", "process"), ("analytics", "computation")]
 
 @pytest.mark.parametrize("name,kind", QUICK, ids=[f"{n}-{k}" for n, k in QUICK])
 def test_quick_on_jax_runtime(run_example, name, kind):
-  check_against_reference(run_example, name, kind, "jax")
+  # The native comparison is the slow suite's (test_every_example_on_runtime, every program).
+  check_against_reference(run_example, name, kind, "jax", against_native=False)
 
 
 def test_a_wrong_reference_is_caught(run_example):
   """The comparison is not vacuous: references that are slightly wrong must fail it."""
-  manifest, args, outputs, _ = run_example("fedadam", "process", "jax")
+  manifest, args, outputs, *_ = run_example("fedadam", "process", "jax")
   # A server learning rate 0.1% off changes the parameters from round 1 on.
   wrong_lr = reference_outputs("fedadam", "process", manifest, args,
                                server_lr=FEDADAM["server_lr"] * 1.001)
@@ -419,7 +525,7 @@ def test_a_wrong_reference_is_caught(run_example):
                         for leaf in ("b1", "b2", "w1", "w2")}
   assert set(mismatches(compare(shifted, later))) == set(later) - below_atol
   # Integer counts off by one and quantile levels moved a little: exact integers, not a tolerance.
-  manifest, args, outputs, _ = run_example("analytics", "computation", "jax")
+  manifest, args, outputs, *_ = run_example("analytics", "computation", "jax")
   moved = reference_outputs("analytics", "computation", manifest, (args[0] + F32(0.01), args[1]))
   assert set(mismatches(compare(moved, outputs))) == {"out_quantiles"}
   off = dict(reference_outputs("analytics", "computation", manifest, args))
@@ -431,9 +537,18 @@ def test_a_wrong_reference_is_caught(run_example):
   assert set(mismatches(compare(off, outputs))) == {"out_histogram"}
 
 
-# -- slow: every program on TFF, IREE and LiteRT ---------------------------------------------------
+# -- slow: every program on TFF, IREE, LiteRT and jax -----------------------------------------------
+def _runtime_cases() -> list:
+  cases = []
+  for runtime in ("tff", "iree", "litert", "jax"):
+    # TFF's and jax's runs are one batch each (one process): its tests stay on one xdist worker.
+    marks = [pytest.mark.xdist_group(f"examples-on-{runtime}")] if runtime in BATCHES else []
+    cases += [pytest.param(name, kind, runtime, marks=marks, id=f"{name}-{kind}-{runtime}")
+              for name, kind in _programs()]
+  return cases
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("runtime", ["tff", "iree", "litert"])
-@pytest.mark.parametrize("name,kind", _programs(), ids=[f"{n}-{k}" for n, k in _programs()])
+@pytest.mark.parametrize("name,kind,runtime", _runtime_cases())
 def test_every_example_on_runtime(run_example, name, kind, runtime):
-  check_against_reference(run_example, name, kind, runtime)
+  check_against_reference(run_example, name, kind, runtime, batch=True)

@@ -12,14 +12,12 @@ import sys
 from pathlib import Path
 
 import federated_language as fl
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from federated_language.proto import computation_pb2 as pb
 
 import faxbridge as fb
-from examples import EXAMPLES
 from faxbridge._src.export import read_manifest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,9 +50,8 @@ def _local_kinds(comp: pb.Computation) -> set[str]:
   return {c.WhichOneof("computation") for c in _walk(comp)} & {"tensorflow", "xla"}
 
 
-def test_export_writes_proto_manifest_and_rendering(tmp_path):
-  comp, args = _program("analytics")
-  out = fb.export(comp, *args, target="tff", out_dir=tmp_path / "analytics")
+def test_export_writes_proto_manifest_and_rendering(example_export):
+  out, _ = example_export("analytics", "computation", "tff")  # shared: read, never written
   files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
   assert files == ["computation.pb", "computation.txt", "manifest.json", "native/computation.jax"]
   manifest = read_manifest(out)
@@ -94,9 +91,9 @@ def test_weighted_mean_sum_and_local_xla(tmp_path):
   assert read_manifest(out)["local"] == "xla"
 
 
-def test_export_is_deterministic(tmp_path):
+def test_export_is_deterministic(example_export, tmp_path):
   process, args = _program("fedavg", process=True)
-  a = fb.export(process, *args, target="tff", out_dir=tmp_path / "a")
+  a, _ = example_export("fedavg", "process", "tff")  # made by conftest, elsewhere
   b = fb.export(process, *args, target="tff", out_dir=tmp_path / "b")
   names = sorted(str(p.relative_to(a)) for p in a.rglob("*") if p.is_file())
   assert names == sorted(str(p.relative_to(b)) for p in b.rglob("*") if p.is_file())
@@ -134,9 +131,8 @@ def test_failed_export_leaves_nothing_behind(tmp_path):
   assert list(tmp_path.iterdir()) == []
 
 
-def test_iterative_process_exports_initialize_and_next(tmp_path):
-  process, args = _program("fedadam", process=True)
-  out = fb.export(process, *args, target="tff", out_dir=tmp_path / "fedadam")
+def test_iterative_process_exports_initialize_and_next(example_export):
+  out, _ = example_export("fedadam", "process", "tff")
   manifest = read_manifest(out)
   assert manifest["kind"] == "iterative_process"
   init = fl.framework.ConcreteComputation.from_proto(
@@ -167,9 +163,9 @@ def test_next_must_return_state_and_metrics(tmp_path):
   assert list(tmp_path.iterdir()) == []
 
 
-def test_tampered_artifact_is_reported_and_nothing_runs(tmp_path, monkeypatch):
-  comp, args = _program("two_stage")
-  out = fb.export(comp, *args, target="tff", out_dir=tmp_path / "t")
+def test_tampered_artifact_is_reported_and_nothing_runs(example_export, tmp_path, monkeypatch):
+  shared, args = example_export("two_stage", "computation", "tff")
+  out = shutil.copytree(shared, tmp_path / "t")  # a copy to tamper with
   blob = bytearray((out / "computation.pb").read_bytes())
   blob[len(blob) // 2] ^= 0xFF
   (out / "computation.pb").write_bytes(bytes(blob))
@@ -180,17 +176,15 @@ def test_tampered_artifact_is_reported_and_nothing_runs(tmp_path, monkeypatch):
   assert "nothing was run" in str(info.value)
 
 
-def test_missing_tff_environment_names_the_command(tmp_path, monkeypatch):
-  comp, args = _program("two_stage")
-  out = fb.export(comp, *args, target="tff", out_dir=tmp_path / "t")
+def test_missing_tff_environment_names_the_command(example_export, tmp_path, monkeypatch):
+  out, args = example_export("two_stage", "computation", "tff")
   monkeypatch.setenv("FAXBRIDGE_TFF_PYTHON", str(tmp_path / "no-such-python"))
   with pytest.raises(fb.VerificationError, match=r"make \.venv-tff/\.ready"):
     fb.verify(out, *args, runtime="tff")
 
 
-def test_verify_checks_input_names_and_dtypes(tmp_path):
-  comp, args = _program("two_stage")
-  out = fb.export(comp, *args, target="tff", out_dir=tmp_path / "t")
+def test_verify_checks_input_names_and_dtypes(example_export):
+  out, args = example_export("two_stage", "computation", "tff")
   with pytest.raises(fb.VerificationError, match="dtype"):
     fb.verify(out, np.float64(2.0), args[1], runtime="tff")
   with pytest.raises(fb.VerificationError, match="lack"):
@@ -198,32 +192,9 @@ def test_verify_checks_input_names_and_dtypes(tmp_path):
 
 
 # -- round trips on TFF 0.87 ------------------------------------------------------------------
-@pytest.mark.slow
-@pytest.mark.parametrize("name", EXAMPLES)
-def test_computation_round_trips_on_tff(tmp_path, name):
-  comp, args = _program(name)
-  out = fb.export(comp, *args, target="tff", out_dir=tmp_path / name)
-  report = fb.verify(out, *args, runtime="tff")
-  assert report.ok, str(report)
-  assert len(report.checks) == len(jax.tree.leaves(comp(*args)))
-  assert report.info["context"] == ("test" if name == "analytics" else "native")
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("name", ["fedavg", "fedadam"])
-def test_iterative_process_round_trips_five_rounds_and_forms(tmp_path, name):
-  process, args = _program(name, process=True)
-  out = fb.export(process, *args, target="tff", out_dir=tmp_path / name)
-  report = fb.verify(out, *args, runtime="tff", rounds=5)
-  assert report.ok, str(report)
-  assert {c.name.split("/")[0] for c in report.checks} == {
-      "initialize", *(f"round{r}" for r in range(1, 6))}
-  assert report.info["mapreduce_form"] == "built"
-  assert report.info["distribute_aggregate_form"] == "built"
-  assert set(report.extra_checks) == {"mapreduce rebuilt", "distribute_aggregate rebuilt"}
-  assert all(c.ok for c in report.extra_checks["mapreduce rebuilt"])
-
-
+# Every example's computation and process on TFF (contexts, deployment forms, every round) is
+# test_examples_reference.py's test_every_example_on_runtime, against an independent reference
+# and the native program.
 @pytest.mark.slow
 def test_cli_export_and_verify(tmp_path):
   env = {**os.environ, "PYTHONPATH": str(ROOT)}

@@ -29,22 +29,22 @@ SCHEMA = json.loads((pathlib.Path(__file__).parent.parent / "docs" / "plan.schem
 VALIDATOR = jsonschema.Draft202012Validator(SCHEMA)
 
 
-# The quick suite runs one single-stage, one two-stage and one iterative program; the rest are slow.
+# One single-stage, one two-stage and one iterative program, run here from their plans with plain jax.
+# Every example's plan runs on the jax, IREE and LiteRT runtimes (each through run_plan) against an
+# independent reference and the native program in test_examples_reference.py; its plan.json is
+# validated below.
 QUICK = {"two_stage-computation", "analytics-computation", "fedsgd-process"}
 
 
 def _programs() -> list:
   params = []
-  for name in EXAMPLES:
+  for case in sorted(QUICK):
+    name, kind = case.split("-")
     module = importlib.import_module(f"examples.{name}")
     args = module.example_inputs()
-    cases = [("computation", module.computation, args)]
-    if hasattr(module, "process"):
-      cases.append(("process", module.process, args[1:]))
-    for kind, program, program_args in cases:
-      case = f"{name}-{kind}"
-      marks = () if case in QUICK else (pytest.mark.slow,)
-      params.append(pytest.param(program, program_args, id=case, marks=marks))
+    program, program_args = (module.process, args[1:]) if kind == "process" else \
+        (module.computation, args)
+    params.append(pytest.param(program, program_args, id=case))
   return params
 
 
@@ -122,6 +122,18 @@ def test_plan_validates_and_runs_like_the_whole_computation(program, args):
   assert len(want) == len(names)
   for name, w in zip(names, want):
     np.testing.assert_allclose(got[name], np.asarray(w), rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+@pytest.mark.slow  # exports every example (shared with test_examples_reference's round trips)
+@pytest.mark.parametrize("name,kind", [(n, k) for n in EXAMPLES for k in ("computation", "process")
+                                       if k == "computation" or
+                                       hasattr(importlib.import_module(f"examples.{n}"), "process")])
+def test_every_examples_exported_plan_validates(example_export, name, kind):
+  out, _ = example_export(name, kind, "stablehlo")
+  plan = json.loads((out / "plan.json").read_text())
+  VALIDATOR.validate(plan)
+  fplan.check_plan(plan)
+  assert plan["kind"] == ("iterative_process" if kind == "process" else "computation")
 
 
 def test_plan_records_stages_broadcasts_and_aggregations():

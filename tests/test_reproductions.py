@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax_batch import run_on_jax
 
 import faxbridge as fb
 from faxbridge._src.verify import run_on_runtime
@@ -174,7 +175,10 @@ CASES = {
     "int8_sum": (int8_sum, (X8,), lambda: X8.sum(dtype=np.int8)),
     "vector_matrix_grad": (vector_matrix_grad, (W, XM), _vector_matrix_want),
 }
-RUNTIMES = [("tff", "tff"), ("stablehlo", "jax"), ("stablehlo", "iree"), ("tflite", "litert")]
+# Runtimes run case by case; TFF and jax run every case in one process each (each start of one
+# costs seconds): their runner and jax_batch.py.
+RUNTIMES = [("stablehlo", "iree"), ("tflite", "litert")]
+BATCHED = [("tff", "tff"), ("stablehlo", "jax")]
 
 
 def _named(export_dir, args) -> dict:
@@ -183,15 +187,9 @@ def _named(export_dir, args) -> dict:
   return block, {s["name"]: np.asarray(v) for s, v in zip(block["inputs"], jax.tree.leaves(args))}
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("target,runtime", RUNTIMES, ids=[r for _, r in RUNTIMES])
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_reproduction_on_runtime(case, target, runtime, tmp_path):
-  comp, args, want = CASES[case]
-  out = fb.export(comp, *args, target=target, out_dir=tmp_path / case)
-  block, named = _named(out, args)
-  got = run_on_runtime(out, runtime, named).outputs
-  want_leaves = jax.tree.leaves(want())
+def _check(case: str, block: dict, got: dict) -> None:
+  """The runtime's outputs, by manifest name, against the case's numpy answer."""
+  want_leaves = jax.tree.leaves(CASES[case][2]())
   assert len(block["outputs"]) == len(want_leaves) == len(got)
   for spec, w in zip(block["outputs"], want_leaves):
     g = got[spec["name"]]
@@ -200,6 +198,57 @@ def test_reproduction_on_runtime(case, target, runtime, tmp_path):
       np.testing.assert_array_equal(g, w, err_msg=spec["name"])
     else:
       np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6, err_msg=spec["name"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target,runtime", RUNTIMES, ids=[r for _, r in RUNTIMES])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_reproduction_on_runtime(case, target, runtime, tmp_path):
+  comp, args, _ = CASES[case]
+  out = fb.export(comp, *args, target=target, out_dir=tmp_path / case)
+  block, named = _named(out, args)
+  _check(case, block, run_on_runtime(out, runtime, named).outputs)
+
+
+def _run_all(runtime: str, jobs: list) -> list:
+  """``jobs``: (export directory, inputs by name); one process runs them all."""
+  if runtime == "jax":
+    return run_on_jax([(out, named, 0) for out, named in jobs])
+  from faxbridge.converters.runtimes.tff import ComputationJob, run_computations
+
+  return [run if isinstance(run, Exception) else run.outputs
+          for run in run_computations([ComputationJob(out, named) for out, named in jobs],
+                                      strict=False)]
+
+
+@pytest.fixture(scope="module")
+def batched(tmp_path_factory) -> dict:
+  """Every case exported for TFF and for jax, and run in one process per runtime: per (case,
+  runtime), (manifest block, outputs) or the error of its export or its run alone."""
+  results = {}
+  for target, runtime in BATCHED:
+    root, jobs = tmp_path_factory.mktemp(runtime), {}
+    for case, (comp, args, _) in sorted(CASES.items()):
+      try:
+        out = fb.export(comp, *args, target=target, out_dir=root / case)
+      except Exception as e:  # reported by that case's test
+        results[case, runtime] = e
+        continue
+      block, named = _named(out, args)
+      jobs[case] = (block, (out, named))
+    runs = _run_all(runtime, [job for _, job in jobs.values()])
+    for (case, (block, _)), run in zip(jobs.items(), runs):
+      results[case, runtime] = run if isinstance(run, Exception) else (block, run)
+  return results
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("runtime", [r for _, r in BATCHED])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_reproduction_in_one_process(case, runtime, batched):
+  if isinstance(batched[case, runtime], Exception):
+    raise batched[case, runtime]
+  _check(case, *batched[case, runtime])
 
 
 def test_a_computation_of_a_gradient_computes_the_gradient():

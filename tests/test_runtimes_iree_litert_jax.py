@@ -1,7 +1,8 @@
-"""Round trips of the stablehlo and tflite exports on IREE, LiteRT and jax.export (fresh process):
-each runtime orchestrates the round from plan.json and its artifacts and must match the native
-jax.export run within verify's tolerance; plus the runtimes' errors and an independent numpy check
-with a client count other than the exported one."""
+"""The IREE, LiteRT and jax.export (fresh process) runtimes: each orchestrates the rounds from
+plan.json and its artifacts; the interop fixtures run on each to the live computation's outputs,
+a plan runs another client count than the exported one (against numpy), and the runtimes' errors.
+Every bundled example's round trip on each runtime, against an independent reference and the
+export's native program, is test_examples_reference.py's."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 
 import faxbridge as fb
-from examples import EXAMPLES, two_stage
+from examples import two_stage
 from faxbridge._src.errors import VerificationError
 from faxbridge._src.export import sha256
 from faxbridge._src.verify import compare
@@ -23,59 +24,6 @@ from faxbridge.converters.runtimes import jax_runner
 from faxbridge.converters.runtimes import litert as litert_rt
 
 TARGET_OF = {"iree": "stablehlo", "jax": "stablehlo", "litert": "tflite"}
-ROUNDS = 3
-
-
-def _cases() -> list:
-  cases = []
-  for name in EXAMPLES:
-    module = importlib.import_module(f"examples.{name}")
-    kinds = ["computation", *(["process"] if hasattr(module, "process") else [])]
-    for kind in kinds:
-      for runtime in ("iree", "litert", "jax"):
-        cases.append(pytest.param(name, kind, runtime, id=f"{name}-{kind}-{runtime}"))
-  return cases
-
-
-@pytest.fixture(scope="module")
-def exports(tmp_path_factory):
-  """Exports made on first use, shared by the runtimes that read the same target."""
-  made = {}
-
-  def get(name: str, kind: str, target: str):
-    key = (name, kind, target)
-    if key not in made:
-      module = importlib.import_module(f"examples.{name}")
-      args = module.example_inputs()
-      program, program_args = (module.process, args[1:]) if kind == "process" else \
-          (module.computation, args)
-      out = tmp_path_factory.mktemp("rt") / f"{name}-{kind}-{target}"
-      made[key] = (fb.export(program, *program_args, target=target, out_dir=out), program_args)
-    return made[key]
-
-  return get
-
-
-@pytest.fixture(autouse=True)
-def _iree_cache(tmp_path_factory, monkeypatch):
-  # One compile cache for the session, away from the user's temp cache.
-  monkeypatch.setenv("FAXBRIDGE_IREE_CACHE", str(tmp_path_factory.getbasetemp() / "iree-cache"))
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("name,kind,runtime", _cases())
-def test_round_trip(exports, name, kind, runtime):
-  out, args = exports(name, kind, TARGET_OF[runtime])
-  report = fb.verify(out, *args, runtime=runtime, rounds=ROUNDS)
-  assert report.ok, str(report)
-  manifest = json.loads((out / "manifest.json").read_text())
-  if kind == "process":
-    per_round = len(manifest["next"]["outputs"])
-    expected = len(manifest["initialize"]["outputs"]) + ROUNDS * per_round
-  else:
-    expected = len(manifest["computation"]["outputs"])
-  assert len(report.checks) == expected  # every output of every round was compared
-  assert report.max_abs < 1e-5
 
 
 def _runtime_module(runtime: str):
@@ -127,9 +75,9 @@ def _numpy_two_stage(scale, values):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("runtime", ["iree", "litert"])
-def test_plan_runs_any_number_of_clients(exports, runtime):
+def test_plan_runs_any_number_of_clients(example_export, runtime):
   """Pieces are per client: the plan runs 3 clients (exported with 8), equal to numpy."""
-  out, _ = exports("two_stage", "computation", TARGET_OF[runtime])
+  out, _ = example_export("two_stage", "computation", TARGET_OF[runtime])
   scale, values = two_stage.example_inputs(clients=3)
   result = _runtime_module(runtime).verify_run(out, {}, {"scale": scale, "values": values}, 0)
   want = _numpy_two_stage(scale, values)

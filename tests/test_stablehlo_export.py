@@ -13,17 +13,15 @@ from jax.extend import core as jcore
 from jax.extend.mlir.dialects import stablehlo as shlo
 
 import faxbridge as fb
-from examples import fedavg, two_stage
+from examples import two_stage
 from faxbridge._src.errors import ExportError
 from faxbridge._src.export import read_manifest
 from faxbridge.converters.stablehlo import export as sx
 
 
-@pytest.fixture(scope="module")
-def two_stage_export(tmp_path_factory):
-  out = tmp_path_factory.mktemp("shlo") / "two_stage"
-  return fb.export(two_stage.computation, *two_stage.example_inputs(), target="stablehlo",
-                   out_dir=out)
+@pytest.fixture
+def two_stage_export(example_export):
+  return example_export("two_stage", "computation", "stablehlo")[0]  # shared: read, never written
 
 
 def test_every_piece_has_its_three_artifacts(two_stage_export):
@@ -69,9 +67,10 @@ def test_artifacts_compute_the_piece(two_stage_export):
   assert shlo.deserialize_portable_artifact_str(portable)  # readable by this StableHLO
 
 
-def test_export_is_deterministic(tmp_path):
+def test_export_is_deterministic(two_stage_export, tmp_path):
+  # One export made by conftest, the other here: neither the caller nor the folder shows.
   args = two_stage.example_inputs()
-  a = fb.export(two_stage.computation, *args, target="stablehlo", out_dir=tmp_path / "a")
+  a = two_stage_export
   b = fb.export(two_stage.computation, *args, target="stablehlo", out_dir=tmp_path / "b")
   files_a = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
   assert files_a == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
@@ -95,10 +94,10 @@ def test_version_option():
       sx.resolve_version(bad)
 
 
-def test_version_option_changes_the_portable_artifact(tmp_path):
+def test_version_option_changes_the_portable_artifact(two_stage_export, tmp_path):
   args = two_stage.example_inputs()
   current = shlo.get_current_version()
-  a = fb.export(two_stage.computation, *args, target="stablehlo", out_dir=tmp_path / "a")
+  a = two_stage_export  # the default version
   b = fb.export(two_stage.computation, *args, target="stablehlo", out_dir=tmp_path / "b",
                 stablehlo_version=current)
   assert read_manifest(b)["stablehlo"]["portable_version"] == current
@@ -116,9 +115,8 @@ def test_unknown_option_is_refused(tmp_path):
 
 
 @pytest.mark.slow
-def test_iterative_process_exports_both_computations(tmp_path):
-  out = fb.export(fedavg.process, *fedavg.example_inputs()[1:], target="stablehlo",
-                  out_dir=tmp_path / "p")
+def test_iterative_process_exports_both_computations(example_export):
+  out, _ = example_export("fedavg", "process", "stablehlo")
   manifest = read_manifest(out)
   assert set(manifest) >= {"initialize", "next", "plan"}
   assert (out / "pieces/initialize/server_result.mlir").is_file()
