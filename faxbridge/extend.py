@@ -76,6 +76,8 @@ from faxbridge._src.registry import (
   importable,
   register_runtime,
   register_target,
+  unregister_runtime,
+  unregister_target,
 )
 from faxbridge._src.serialization import strip_locations
 
@@ -116,6 +118,8 @@ __all__ = [
     "read_manifest",
     "register_runtime",
     "register_target",
+    "unregister_runtime",
+    "unregister_target",
     "run_program",
     "secure_sum_p",
     "strip_locations",

@@ -103,6 +103,13 @@ def counting(tmp_path_factory):
 _STAND_IN: dict = {}  # what the registered stand-in runtime runs, set per test
 
 
+@pytest.fixture(autouse=True)
+def _registry_as_shipped():
+  """Other tests in this process see the registry as shipped ("known: iree, jax, litert, tff")."""
+  yield
+  registry.unregister_runtime("stand-in")
+
+
 def stand_in_run(export_dir, manifest, inputs, rounds):
   return _STAND_IN["run"](export_dir, manifest, inputs, rounds)
 

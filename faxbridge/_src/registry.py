@@ -223,6 +223,10 @@ class _Table:
       raise ValueError(f"{self.what} {entry.name!r} is registered twice, differently ({source})")
     self.entries[entry.name] = entry
 
+  def remove(self, name: str) -> None:
+    self.discover()  # so that an entry point read later cannot bring it back
+    self.entries.pop(name, None)
+
   def discover(self) -> None:
     with self.lock:
       if self.discovered:
@@ -272,6 +276,16 @@ def register_runtime(runtime: Runtime) -> Runtime:
   return runtime
 
 
+def unregister_target(name: str) -> None:
+  """Remove the target ``name`` (registered or from an entry point) for the rest of the process."""
+  _TARGETS.remove(name)
+
+
+def unregister_runtime(name: str) -> None:
+  """Remove the runtime ``name`` (registered or from an entry point) for the rest of the process."""
+  _RUNTIMES.remove(name)
+
+
 def targets() -> Mapping[str, Target]:
   """Every registered target by name, in registration order."""
   return _TARGETS.all()
@@ -317,6 +331,24 @@ def readers(target_name: str) -> list[Runtime]:
   return ordered
 
 
-__all__ = ["RUNTIME_GROUP", "TARGET_GROUP", "Demo", "Option", "Runtime", "RuntimeResult", "Target",
-           "broken", "default_target", "importable", "readers", "register_runtime",
-           "register_target", "runtime", "runtimes", "target", "targets"]
+__all__ = [
+  "RUNTIME_GROUP",
+  "TARGET_GROUP",
+  "Demo",
+  "Option",
+  "Runtime",
+  "RuntimeResult",
+  "Target",
+  "broken",
+  "default_target",
+  "importable",
+  "readers",
+  "register_runtime",
+  "register_target",
+  "runtime",
+  "runtimes",
+  "target",
+  "targets",
+  "unregister_runtime",
+  "unregister_target",
+]
