@@ -204,6 +204,7 @@ def test_check_grads_second_order_both_modes():
     check_grads(every_rule, args, order=2, modes=["fwd", "rev"], atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.slow  # the quick suite compares gradients at fixed shapes (the tests above)
 @settings(max_examples=4)
 @given(st.integers(1, 5), st.integers(1, 3), st.integers(0, 2**16))
 def test_gradients_equal_plain_jax_for_any_shape(n, d, seed):

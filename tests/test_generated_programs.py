@@ -6,7 +6,7 @@ floats within 1e-6 + 1e-5 * |ref| elementwise, integers exactly, dtypes, shapes 
 structure exactly.
 
 * quick suite: native call and ``fb.split(...).run`` for the 16 seeds that cover every generator
-  feature first; StableHLO run on jax.export for 3 of them;
+  feature first; StableHLO run on jax.export for 3 of them (in one fresh process);
 * slow suite: native and split for every other seed, StableHLO on jax.export for every other seed
   (all in one fresh process); TFF, LiteRT and IREE on a sample.
 
@@ -138,40 +138,41 @@ def _round_trip(p: Program, runtime: str, tmp: Path) -> None:
     _check_outputs(p, block, run_on_runtime(out, runtime, inputs).outputs)
 
 
-@pytest.mark.parametrize("seed", QUICK_EXPORT, ids=lambda s: f"seed{s}")
-def test_stablehlo_on_jax(seed, tmp_path):
-  _round_trip(_program(seed), "jax", tmp_path)
-
-
 @pytest.fixture(scope="module")
-def on_jax(tmp_path_factory) -> dict:
-  """The other seeds exported to StableHLO and run on runtime jax's child in ONE fresh Python
-  (jax_batch.py; each start costs a second): per seed, (manifest block, outputs) or the exception
-  of its export or its run."""
-  tmp = tmp_path_factory.mktemp("jax")
-  results: dict = {}
-  jobs = {}
-  for seed in SEEDS:
-    if seed in QUICK_EXPORT:
-      continue
-    try:
-      out, block, inputs = _export(_program(seed), "stablehlo", tmp / f"seed{seed}")
-    except Exception as e:  # reported by that seed's test
-      results[seed] = e
-      continue
-    jobs[seed] = (block, (out, inputs, 0))
-  runs = run_on_jax([job for _, job in jobs.values()])
-  for (seed, (block, _)), run in zip(jobs.items(), runs):
-    results[seed] = run if isinstance(run, Exception) else (block, run)
-  return results
+def on_jax(tmp_path_factory):
+  """``on_jax(seeds)``: those seeds exported to StableHLO and run on runtime jax's child in ONE
+  fresh Python (jax_batch.py; each start costs a second), per seed (manifest block, outputs) or the
+  exception of its export or its run. The quick seeds are one batch, the others another."""
+  made: dict = {}
+
+  def get(seeds: tuple[int, ...]) -> dict:
+    if seeds not in made:
+      tmp = tmp_path_factory.mktemp("jax")
+      results, jobs = {}, {}
+      for seed in seeds:
+        try:
+          out, block, inputs = _export(_program(seed), "stablehlo", tmp / f"seed{seed}")
+        except Exception as e:  # reported by that seed's test
+          results[seed] = e
+          continue
+        jobs[seed] = (block, (out, inputs, 0))
+      runs = run_on_jax([job for _, job in jobs.values()])
+      for (seed, (block, _)), run in zip(jobs.items(), runs):
+        results[seed] = run if isinstance(run, Exception) else (block, run)
+      made[seeds] = results
+    return made[seeds]
+
+  return get
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("seed", [s for s in SEEDS if s not in QUICK_EXPORT], ids=lambda s: f"seed{s}")
-def test_stablehlo_on_jax_in_one_process(seed, on_jax):
+@pytest.mark.parametrize("seed", [pytest.param(s, marks=() if s in QUICK_EXPORT else pytest.mark.slow)
+                                  for s in SEEDS], ids=lambda s: f"seed{s}")
+def test_stablehlo_on_jax(seed, on_jax):
   p = _program(seed)
+  batch = tuple(QUICK_EXPORT) if seed in QUICK_EXPORT else \
+      tuple(s for s in SEEDS if s not in QUICK_EXPORT)
   with _about(p, "stablehlo on jax"):
-    result = on_jax[seed]
+    result = on_jax(batch)[seed]
     if isinstance(result, Exception):
       raise result
     _check_outputs(p, *result)

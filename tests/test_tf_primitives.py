@@ -261,6 +261,7 @@ def test_conv_and_gradients(data):
             (x, k))
 
 
+@pytest.mark.slow  # the quick suite lowers pooling and its gradient in tf_programs' pool_family
 @settings(max_examples=5)
 @given(st.data())
 def test_pooling_and_gradients(data):

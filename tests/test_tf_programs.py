@@ -20,9 +20,15 @@ def run_tf(case: Case) -> dict[str, np.ndarray]:
 
 
 # Whole programs take seconds each to trace and run: they are in the slow suite (which also runs
-# them on TF 2.14 and TFLite); the per-primitive samples stay quick.
+# them on TF 2.14 and TFLite); the per-primitive samples stay quick, the small-integer family for
+# int8 only (each dtype takes a second or two; the others run in the slow suite).
+QUICK_SMALL_INT = "small_int_int8"
+
+
 @pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) for c in CASES]
-                         + SAMPLES + TF_ONLY_SAMPLES, ids=lambda c: c.name)
+                         + [c if not c.name.startswith("small_int_") or c.name == QUICK_SMALL_INT
+                            else pytest.param(c, marks=pytest.mark.slow) for c in SAMPLES]
+                         + TF_ONLY_SAMPLES, ids=lambda c: c.name)
 def test_program_in_tf221_equals_jax(case):
   got = run_tf(case)
   want = flat_outputs(case)
