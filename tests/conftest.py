@@ -1,6 +1,7 @@
 """Shared test settings: the code under test is this checkout's, reproducible hypothesis runs, a
-check that an error names user code, and what the processes of one run share (the bundled
-examples' exports, IREE's compile cache: see run_shared.py)."""
+check that an error names user code, what the processes of one run share (the bundled examples'
+exports, IREE's compile cache: see run_shared.py) and which tests share an xdist worker
+(xdist_groups.py)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from collections.abc import Callable, Iterator
 
 import hypothesis
 import pytest
+import xdist_groups
 from run_shared import example_program, made_once, shared_dir
 
 import faxbridge
@@ -93,47 +95,5 @@ def example_export(run_dir) -> Callable[[str, str, str], tuple[pathlib.Path, tup
   return get
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups (--dist loadgroup)
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-  """Keeps the users of a test module's own module-scoped fixtures on one xdist worker.
-
-  Such a fixture is one costly run shared by many tests (a subprocess driving the CLI, a batch on
-  the TFF runner, a Python with 8 devices); each worker would make its own, so its users go to the
-  worker that makes it. Tests that name their xdist_group keep it.
-  """
-  for item in items:
-    module = item.getparent(pytest.Module)
-    if module is None or item.get_closest_marker("xdist_group"):
-      continue
-    # _fixtureinfo: pytest's record of the fixtures an item uses (read by plugins such as xdist).
-    defs = getattr(item, "_fixtureinfo", None)
-    owned = [name for name, found in (defs.name2fixturedefs.items() if defs else ())
-             if found and found[-1].scope == "module" and found[-1].baseid == module.nodeid]
-    if owned:
-      item.add_marker(pytest.mark.xdist_group(module.nodeid))
-
-
-class _XdistGroupIds:
-  """Makes --dist loadgroup keep each xdist_group on one worker again.
-
-  pytest-xdist 3.8 marks a grouped test by appending ``@group`` to ``item._nodeid``, which pytest
-  9.2 no longer reads (a node's id is ``item._id``, a NodeId): every group was silently spread
-  over all workers. This appends the suffix where pytest reads it, after xdist's own hook; with an
-  xdist whose suffix shows in ``nodeid`` it does nothing.
-  """
-
-  @pytest.hookimpl(trylast=True)
-  def pytest_collection_modifyitems(self, config: pytest.Config, items: list[pytest.Item]) -> None:
-    if not getattr(config.option, "loadgroup", False):  # set on xdist's workers under loadgroup
-      return
-    from _pytest.nodeid import NodeId
-
-    for item in items:
-      names = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default"))
-                      for m in item.iter_markers("xdist_group")})
-      if names and "@" not in item.nodeid:
-        item._id = NodeId.parse(f"{item.nodeid}@{'_'.join(names)}")
-
-
 def pytest_configure(config: pytest.Config) -> None:
-  config.pluginmanager.register(_XdistGroupIds(), "faxbridge-xdist-group-ids")
+  xdist_groups.register(config)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -49,7 +50,10 @@ def made_once(directory: Path, key: str, make: Callable[[Path], Any]) -> Path:
     try:
       make(path)
     except BaseException as e:
-      failed.write_text(f"{type(e).__name__}: {e}")
+      # Written whole, then renamed: a waiter never reads half a message.
+      partial = directory / f"{key}.failed.{os.getpid()}.{threading.get_ident()}"
+      partial.write_text(f"{type(e).__name__}: {e}")
+      os.replace(partial, failed)
       raise
     done.touch()
     return path

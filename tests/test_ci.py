@@ -108,7 +108,7 @@ def test_session_refuses_faxbridge_from_another_tree(tmp_path, own_faxbridge):
   """A copy of this conftest in another tree: there faxbridge (or only faxbridge.converters, as an
   editable install made from this checkout maps it) comes from here, and the session must stop."""
   (tmp_path / "tests").mkdir()
-  for helper in ("conftest.py", "run_shared.py"):  # the conftest and the module it imports
+  for helper in ("conftest.py", "run_shared.py", "xdist_groups.py"):  # conftest, its modules
     shutil.copyfile(REPO / "tests" / helper, tmp_path / "tests" / helper)
   (tmp_path / "tests" / "test_anything.py").write_text("def test_passes():\n  assert True\n")
   (tmp_path / "pytest.ini").write_text("[pytest]\n")
