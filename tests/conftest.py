@@ -5,6 +5,7 @@ exports, IREE's compile cache: see run_shared.py) and which tests share an xdist
 
 from __future__ import annotations
 
+import os
 import pathlib
 from collections.abc import Callable, Iterator
 
@@ -17,6 +18,14 @@ import faxbridge
 import faxbridge.converters
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+
+# XLA:CPU compiles with LLVM's optimizations off (a user's own XLA_FLAGS win). The suite compiles
+# thousands of small programs and runs each a few times, so compiling is most of its CPU: this
+# takes about a seventh off the quick suite. The arithmetic is the same IEEE arithmetic (fast math
+# is off either way) and every comparison keeps its tolerance, or is exact on integers. Set before
+# any test starts a backend (importing jax starts none); the processes tests start inherit it.
+os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0 "
+                      "--xla_llvm_disable_expensive_passes=true")
 
 
 def foreign_imports(repo: pathlib.Path) -> list[str]:

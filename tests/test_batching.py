@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -64,6 +65,7 @@ def test_vmap_with_any_in_axes_equals_plain_jax(in_axes, seed):
   _close(jax.vmap(program, in_axes=in_axes)(*args), jax.vmap(reference, in_axes=in_axes)(*args))
 
 
+@pytest.mark.slow  # the quick suite keeps the nested regression below and any in_axes above
 @settings(max_examples=4)
 @given(AXES, AXES, st.integers(0, 2**16))
 def test_nested_vmap_equals_plain_jax(inner, outer, seed):
