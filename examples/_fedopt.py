@@ -22,7 +22,8 @@ import jax.numpy as jnp
 import optax
 
 import faxbridge as fb
-from examples import _data, _mlp
+
+from . import _data, _mlp
 
 
 def to_plain(tree: Any) -> Any:

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from examples import _data
+from . import _data
 
 FEATURES, CLASSES = _data.FEATURES, _data.CLASSES
 HIDDEN = 32

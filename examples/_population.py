@@ -22,7 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import faxbridge as fb
-from examples import _data, _mlp
+
+from . import _data, _mlp
 
 
 def stack(models: list[dict]) -> dict:

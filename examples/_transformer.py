@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from examples._text import VOCAB
+from ._text import VOCAB
 
 D_MODEL, HEADS, CONTEXT, D_MLP = 32, 2, 32, 64
 

@@ -22,7 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import faxbridge as fb
-from examples import _data
+
+from . import _cli, _data
 
 CLIENTS, VALUES = 8, 32  # clients and ink values per client in example_inputs
 BINS, LO, HI = 20, 0.1, 0.5  # the histogram's bins over [LO, HI): 0.02 wide
@@ -93,4 +94,4 @@ def main(clients: int = 32, log=print) -> dict:
 
 
 if __name__ == "__main__":
-  main()
+  _cli.run(main)

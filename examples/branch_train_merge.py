@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 
 import faxbridge as fb
-from examples import _mlp, _population
+
+from . import _cli, _mlp, _population
 
 CLIENTS, BATCHES, BATCH_SIZE = 8, 2, 8  # the exported program's sizes
 BRANCHES = 2
@@ -68,4 +69,4 @@ def main(rounds: int = 8, clients: int = 16, log=print) -> list[dict]:
 
 
 if __name__ == "__main__":
-  main()
+  _cli.run(main)

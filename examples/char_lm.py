@@ -10,7 +10,8 @@ import jax
 import numpy as np
 
 import faxbridge as fb
-from examples import _text, _transformer
+
+from . import _cli, _text, _transformer
 
 CLIENTS, BATCHES, BATCH_SIZE = 8, 2, 8
 LOCAL_LR = 0.3
@@ -64,4 +65,4 @@ def main(rounds: int = 8, clients: int = 16, batches: int = 8, log=print) -> lis
 
 
 if __name__ == "__main__":
-  main()
+  _cli.run(main)

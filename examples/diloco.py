@@ -14,7 +14,8 @@ import numpy as np
 import optax
 
 import faxbridge as fb
-from examples import _data, _mlp
+
+from . import _cli, _data, _mlp
 
 CLIENTS, BATCHES, BATCH_SIZE = 8, 2, 8  # the exported program's sizes
 INNER_LR, WEIGHT_DECAY = 0.01, 1e-4
@@ -79,4 +80,4 @@ def main(rounds: int = 8, clients: int = 16, log=print) -> list[dict]:
 
 
 if __name__ == "__main__":
-  main()
+  _cli.run(main)

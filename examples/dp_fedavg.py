@@ -22,7 +22,8 @@ import jax
 import numpy as np
 
 import faxbridge as fb
-from examples import _data, _mlp
+
+from . import _cli, _data, _mlp
 
 TOTAL_CLIENTS = 200  # digits' 1,437 training examples over 200 clients (Dirichlet label skew)
 CLIENTS_PER_ROUND = 50
@@ -117,4 +118,4 @@ def example_inputs(clients: int = CLIENTS_PER_ROUND):
 
 
 if __name__ == "__main__":
-  train()
+  _cli.run(train)

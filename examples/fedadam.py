@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import optax
 
-from examples import _fedopt
+from . import _cli, _fedopt
 
 CLIENTS = 8
 LOCAL_LR, SERVER_LR, B1, B2, EPS = 0.05, 0.01, 0.9, 0.99, 1e-3
@@ -31,4 +31,4 @@ def main(rounds: int = 10, clients: int = CLIENTS, log=print) -> list[dict]:
 
 
 if __name__ == "__main__":
-  main()
+  _cli.run(main)

@@ -12,7 +12,8 @@ import jax
 import numpy as np
 
 import faxbridge as fb
-from examples import _data, _mlp
+
+from . import _cli, _data, _mlp
 
 CLIENTS = 8
 LOCAL_LR = 0.1
@@ -61,4 +62,4 @@ def main(rounds: int = 10, clients: int = CLIENTS, log=print) -> list[dict]:
 
 
 if __name__ == "__main__":
-  main()
+  _cli.run(main)

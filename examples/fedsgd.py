@@ -6,7 +6,8 @@ from __future__ import annotations
 import jax
 
 import faxbridge as fb
-from examples import _data, _mlp
+
+from . import _data, _mlp
 
 CLIENTS = 8
 SERVER_LR = 0.5

@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import faxbridge as fb
-from examples import _mlp, _population
+
+from . import _cli, _mlp, _population
 
 CLIENTS, BATCHES, BATCH_SIZE = 8, 2, 8  # the exported program's sizes
 MEMBERS, PULL_EVERY, PULL = 3, 2, 0.5
@@ -73,4 +74,4 @@ def main(rounds: int = 8, clients: int = 18, log=print) -> list[dict]:
 
 
 if __name__ == "__main__":
-  main()
+  _cli.run(main)

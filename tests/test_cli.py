@@ -603,13 +603,18 @@ def test_verify_on_a_terminal_shows_the_rounds_tff_reports_while_it_runs(tmp_pat
 
 @pytest.mark.slow
 def test_demo_exports_the_default_targets_demo_and_proves_it(tmp_path):
-  """`make demo`'s command: the default target's demo (the bundled FedAvg, from data in its registry
-  entry) exported and proven on the demo's runtime, every round compared."""
+  """`make demo`'s command as a user runs it: the installed `faxbridge` script, from a directory
+  outside the repository with nothing on PYTHONPATH, exports the default target's demo (the bundled
+  FedAvg, installed as faxbridge.examples) and proves it on the demo's runtime, every round compared."""
   from faxbridge._src import registry
 
   target = registry.default_target()
   demo = target.demo
-  rc, out, err = _cli(["demo", "-o", tmp_path, "--rounds", "2"], cwd=REPO)
+  script = Path(sys.executable).parent / "faxbridge"
+  env = {k: v for k, v in os.environ.items() if k not in ("JAX_ENABLE_X64", "PYTHONPATH")}
+  proc = subprocess.run([str(script), "demo", "-o", str(tmp_path), "--rounds", "2"], cwd=tmp_path, env=env,
+                        capture_output=True, text=True, timeout=TIMEOUT_S)
+  rc, out, err = proc.returncode, proc.stdout, proc.stderr
   assert rc == 0, (out, err)
   export = tmp_path / f"{demo.program.split(':')[0].rsplit('.', 1)[-1]}_{target.name}"
   manifest = read_manifest(export)

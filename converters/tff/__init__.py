@@ -22,7 +22,7 @@ TARGET = Target(
     examples=("faxbridge export examples.fedavg:process --target=tff -o build/fedavg_tff "
               "--save-inputs --force",
               "faxbridge verify build/fedavg_tff --runtime=tff"),
-    demo=Demo("examples.fedavg:process", runtime="tff", rounds=5),
+    demo=Demo("faxbridge.examples.fedavg:process", runtime="tff", rounds=5),
     default=True)
 
 
