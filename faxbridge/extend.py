@@ -67,6 +67,7 @@ from faxbridge._src.form import (
   run_program,
 )
 from faxbridge._src.locations import describe, enclosing
+from faxbridge._src.native_logs import without_start_up_noise
 from faxbridge._src.registry import (
   Demo,
   Option,
@@ -125,4 +126,5 @@ __all__ = [
   "unregister_runtime",
   "unregister_target",
   "weighted_mean_p",
+  "without_start_up_noise",
 ]

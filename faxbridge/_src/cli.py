@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from faxbridge._src import events, registry
+from faxbridge._src import events, native_logs, registry
 from faxbridge._src.errors import FaxbridgeError
 
 USAGE = """A program is named ``MODULE:ATTR`` (an ``fb.computation`` or ``fb.IterativeProcess``), imported
@@ -195,45 +195,22 @@ class Progress:
 def _native_logs_hidden(hide: bool) -> Iterator[None]:
   """Native libraries (TensorFlow's C++ runtime and converters, absl) write their logs (oneDNN
   notices, "Ignored output_format", "All log messages before absl::InitializeLog()") straight to
-  file descriptor 2, ignoring TF_CPP_MIN_LOG_LEVEL in TF 2.21. While inside, descriptor 2 goes to
-  a scratch file and Python's sys.stderr (progress, errors, tracebacks) to a copy of the real one;
-  a crash shows the captured log after its traceback so nothing is lost. ``--verbose`` leaves
+  file descriptor 2. While a command runs they are caught (``native_logs.captured_stderr``); a crash
+  shows the ones that can explain it after its traceback so nothing is lost. ``--verbose`` leaves
   everything as it is."""
+  native_logs.show_native_logs(not hide)
   if not hide:
     yield
     return
-  sys.stderr.flush()
-  try:
-    saved = os.dup(2)
-  except OSError:  # no descriptor 2 at all (a daemon): nothing to hide it from
-    yield
-    return
-  scratch = tempfile.TemporaryFile()  # noqa: SIM115 (closed in the finally below)
-  os.dup2(scratch.fileno(), 2)
-  python_stderr = sys.stderr
-  swapped = False
-  with contextlib.suppress(AttributeError, OSError, ValueError):
-    # A StringIO (tests, an embedding program) has no descriptor: it is left alone.
-    swapped = python_stderr.fileno() == 2
-  if swapped:
-    sys.stderr = os.fdopen(os.dup(saved), "w", buffering=1, errors="backslashreplace")
-  try:
-    yield
-  except BaseException as e:
-    if not isinstance(e, UsageError | FaxbridgeError | SystemExit | KeyboardInterrupt):
-      scratch.seek(0)
-      captured = scratch.read().decode(errors="replace").strip()
-      if captured:
-        print(f"native log before the error:\n{captured[-4000:]}", file=sys.stderr)
-    raise
-  finally:
-    sys.stderr.flush()
-    os.dup2(saved, 2)
-    os.close(saved)
-    scratch.close()
-    if swapped:
-      sys.stderr.close()
-      sys.stderr = python_stderr
+  with native_logs.captured_stderr() as captured:
+    try:
+      yield
+    except BaseException as e:
+      if not isinstance(e, UsageError | FaxbridgeError | SystemExit | KeyboardInterrupt):
+        explained = native_logs.without_start_up_noise(captured())
+        if explained:
+          print(f"native log before the error:\n{explained[-4000:]}", file=sys.stderr)
+      raise
 
 
 def _quiet_python_logs() -> None:

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from faxbridge._src import native_logs
 from faxbridge._src.errors import ExportError, FaxbridgeError, VerificationError
 
 TARGET_GROUP = "faxbridge.targets"
@@ -47,9 +48,13 @@ class RuntimeResult:
 
 
 def _load(reference: str) -> Callable[..., Any]:
-  """The function named ``"module:function"``, imported now."""
+  """The function named ``"module:function"``, imported now. A plug-in is where TensorFlow and other
+  native libraries are imported (often lazily, on first use): it is imported and runs with their native
+  start-up noise dropped and anything else they print shown (``native_logs.quietly``)."""
   module, _, attr = reference.partition(":")
-  return getattr(importlib.import_module(module), attr)
+  with native_logs.quiet_start_up():
+    imported = importlib.import_module(module)
+  return native_logs.quietly(getattr(imported, attr))
 
 
 # -- declarations ---------------------------------------------------------------------------------

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import signal
 import subprocess
 import time
@@ -23,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from faxbridge.converters.runtimes.progress import ProgressFile, wait
-from faxbridge.extend import VerificationError
+from faxbridge.extend import VerificationError, without_start_up_noise
 
 # The runner package, run by path (its __main__ puts this folder on sys.path, last).
 RUNNER = Path(__file__).resolve().with_name("tff_runner")
@@ -81,33 +80,11 @@ class Completed:
   wall_s: float
 
 
-# What TensorFlow, XLA and absl print on every start in .venv-tff whatever happens next (GPU
-# plug-ins registered twice, no TensorRT, no CUDA driver, CPU instructions, oneDNN's notice): it
-# explains no failure and would bury the lines that do.
-_START_UP_NOISE = re.compile("|".join([
-    r"Unable to register cu(DNN|FFT|BLAS) factory",
-    r"TF-TRT Warning", r"Could not find TensorRT", r"TensorRT",
-    r"oneDNN custom operations are on", r"TF_ENABLE_ONEDNN_OPTS",
-    r"This TensorFlow binary is optimized", r"To enable the following instructions",
-    r"rebuild TensorFlow with the appropriate compiler flags",
-    r"Could not find cuda drivers", r"failed call to cuInit", r"cuda_diagnostics",
-    r"CUDA_ERROR_NO_DEVICE", r"computation placer already registered",
-    r"All log messages before absl::InitializeLog\(\) is called",
-    r"Unable to register cuda", r"cpu_feature_guard",
-]))
-
-
-def explaining(text: str) -> str:
-  """The runner's stderr without TensorFlow's start-up log (``_START_UP_NOISE``): what is left
-  explains a failure (a Python traceback, an error TensorFlow logged while running)."""
-  kept = [line for line in text.splitlines() if not _START_UP_NOISE.search(line)]
-  return "\n".join(kept).strip()
-
-
 def tail(text: str) -> str:
   """The end of the runner's stderr that a failure's message shows: the lines that can explain it
-  (``explaining``), at most the last ``_STDERR_TAIL`` characters."""
-  text = explaining(text)
+  (those of the core's ``without_start_up_noise``, a list that
+  .venv-tff's TensorFlow 2.14 matches as well), at most the last ``_STDERR_TAIL`` characters."""
+  text = without_start_up_noise(text)
   if not text:
     return "(nothing but TensorFlow's start-up log)"
   return text if len(text) <= _STDERR_TAIL else "..." + text[-_STDERR_TAIL:]
