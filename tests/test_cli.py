@@ -5,6 +5,7 @@ JAX_ENABLE_X64=1 and is refused without it."""
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import os
@@ -85,7 +86,6 @@ USAGE_CASES = {
     "float64-without-x64": (["export", "cli_programs:mean64", "--example-inputs", "inputs64",
                              "--target", "stablehlo", "-o", "{tmp}/f64"],
                             "leaf args[0] (arguments) has dtype float64 but jax_enable_x64 is off"),
-    "no-command": ([], "the following arguments are required"),
     "export-dir-missing": (["verify", "{tmp}/nowhere", "--runtime", "jax", "--inputs", "{inputs}"],
                            "no such export directory"),
     "manifest-missing": (["verify", "{tmp}/empty", "--runtime", "jax", "--inputs", "{inputs}"],
@@ -122,6 +122,9 @@ USAGE_CASES = {
                            "give --inputs FILE or --program MODULE:ATTR, not both"),
     "verify-program-missing": (["verify", "{export}", "--runtime", "jax", "--program",
                                 "cli_programs:no_such_attr"], "has no attribute 'no_such_attr'"),
+    # A single computation runs once: --rounds was silently ignored.
+    "verify-rounds-of-a-computation": (["verify", "{export}", "--runtime", "jax", "--rounds", "3"],
+                                       "--rounds applies to an iterative process"),
 }
 
 
@@ -299,6 +302,8 @@ def user_runs(tmp_path_factory) -> tuple[Path, dict[str, tuple[int, str, str]]]:
   export = tmp / "out" / "scaled"
   cases = {
       "help": (TESTS, ["--help"]),
+      "bare": (TESTS, []),  # was an argparse error
+      "verbose-after-the-command": (TESTS, ["targets", "-v"]),  # was rejected
       "version": (TESTS, ["--version"]),
       "targets": (TESTS, ["targets"]),
       "targets-tff-missing": (TESTS, ["targets"], {"FAXBRIDGE_TFF_PYTHON": str(tmp / "no-python")}),
@@ -322,6 +327,28 @@ def test_every_everyday_command_succeeds_quietly_when_stderr_is_not_a_terminal(u
     assert rc == 0, (name, out, err)
     assert err == "", (name, err)  # no progress, no TensorFlow or absl noise
     assert out, name
+
+
+def test_a_bare_faxbridge_prints_the_help(user_runs):
+  rc, out, err = user_runs[1]["bare"]
+  assert (rc, err) == (0, "") and out == user_runs[1]["help"][1]
+
+
+def test_help_is_plain_text_and_every_argument_says_what_it_is(user_runs):
+  """No RST markup, and every option and positional of every command has help (with its default
+  where it has one)."""
+  from faxbridge._src import cli
+
+  out = user_runs[1]["help"][1]
+  assert "``" not in out, out
+  commands = next(a for a in cli.command_parser()._actions
+                  if isinstance(a, argparse._SubParsersAction)).choices
+  assert set(commands) == {"targets", "export", "verify", "inspect", "demo"}
+  for name, parser in commands.items():
+    for action in parser._actions:
+      assert action.help, (name, action.dest)
+      if action.default not in (None, False, argparse.SUPPRESS) and action.dest != "help":
+        assert f"default: {action.default}" in action.help, (name, action.dest, action.help)
 
 
 def test_version_names_faxbridge_and_jax(user_runs):
@@ -635,6 +662,9 @@ def test_tensorflow_and_absl_logs_are_hidden_unless_verbose(tmp_path):
   rc, out, err = _with_terminal_stderr(["-v", *args, tmp_path / "verbose"])
   assert rc == 0, (out, err)
   assert [n for n in noise if n in err], "no native log to hide: the check above proves nothing"
+  rc, out, err = _with_terminal_stderr([*args, tmp_path / "verbose-after", "-v"])  # after the command
+  assert rc == 0, (out, err)
+  assert [n for n in noise if n in err], err
 
 
 # --- the examples of `faxbridge --help` and of the README run as written --------------------------
@@ -674,4 +704,6 @@ def test_every_help_example_runs_as_written(tmp_path):
     if "verify build/fedavg_tff" in line:  # every round of the process, by the user's names
       assert "round5/out[0]['w1']" in out and "[mapreduce rebuilt] all " in out, out
   assert (tmp_path / "build" / "fedavg_tff.inputs.npz").is_file()
-  assert (tmp_path / "fedavg_round.html").is_file()
+  assert (tmp_path / "build" / "fedavg_round.html").is_file()
+  written = {p.name for p in tmp_path.iterdir()}
+  assert written == {"examples", "build"}, written  # nothing outside build/, which .gitignore covers

@@ -70,7 +70,7 @@ def test_quickstart_runs_up_to_the_export(tmp_path, monkeypatch):
 def test_quickstart_runs_whole_with_tff(tmp_path, monkeypatch):
   ran = run_blocks("quickstart.md", tmp_path, monkeypatch, include_slow=True)
   assert ran >= 6
-  assert (tmp_path / "train_round_tff" / "computation.pb").is_file()
+  assert (tmp_path / "build" / "train_round_tff" / "computation.pb").is_file()
 
 
 def test_concepts_run(tmp_path, monkeypatch):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import inspect
 import os
 import sys
 import tempfile
@@ -21,34 +22,37 @@ from typing import Any
 
 import numpy as np
 
-from faxbridge._src import events, native_logs, registry
+from faxbridge._src import events, native_logs, registry, verify
 from faxbridge._src.errors import FaxbridgeError
 
-USAGE = """A program is named ``MODULE:ATTR`` (an ``fb.computation`` or ``fb.IterativeProcess``), imported
-relative to the working directory; its example inputs come from ``MODULE.example_inputs()`` (or
-``--example-inputs NAME``), which returns the computation's positional arguments. For an iterative
-process the arguments of ``next`` after the state are used.
+USAGE = """A program is named MODULE:ATTR (an fb.computation or fb.IterativeProcess), imported
+relative to the working directory; its example inputs come from MODULE.example_inputs() (or
+--example-inputs NAME), which returns the computation's positional arguments. For an iterative
+process the arguments of next after the state are used. The bundled examples are importable as
+examples.NAME from the repository root and as faxbridge.examples.NAME from anywhere.
 
-examples (from the repository root):
+examples (from the repository root, in this order):
 {examples}
 
-``--save-inputs`` with no file writes DIR.inputs.npz beside the export DIR; ``verify DIR`` reads it
-when neither ``--inputs`` nor ``--program`` is given. ``verify`` without ``--runtime`` uses the
-first runtime that reads the export's target.
+--save-inputs with no file writes DIR.inputs.npz beside the export DIR; verify DIR reads it when
+neither --inputs nor --program is given. verify without --runtime uses the first runtime that reads
+the export's target.
 
 Exit codes: 0 success; 1 a verification ran and some output differs (the table says which);
-2 a usage error or an export/inputs that cannot be verified (one line on stderr, nothing compared).
-Progress goes to stderr when it is a terminal; results go to stdout.
+2 a usage error or an export/inputs that cannot be verified (one line on stderr, nothing compared);
+130 interrupted (Ctrl-C). Progress goes to stderr when it is a terminal; results go to stdout.
 """
 
-# The examples that need no particular target; each target adds its own (``Target.examples``).
-GENERAL_EXAMPLES = ("faxbridge targets",
-                    "faxbridge inspect examples.fedavg:computation --html fedavg_round.html")
+# The examples that need no particular target, before and after those each target adds
+# (``Target.examples``); the drawing goes into build/, which the targets' examples create.
+FIRST_EXAMPLES = ("faxbridge targets",)
+LAST_EXAMPLES = ("faxbridge inspect examples.fedavg:computation --html build/fedavg_round.html",)
 
 
 def examples() -> list[str]:
   """The command lines ``--help`` shows, in the order they run."""
-  return [*GENERAL_EXAMPLES, *(e for t in registry.targets().values() for e in t.examples)]
+  return [*FIRST_EXAMPLES, *(e for t in registry.targets().values() for e in t.examples),
+          *LAST_EXAMPLES]
 
 
 class UsageError(Exception):
@@ -60,6 +64,20 @@ class _Parser(argparse.ArgumentParser):
   def error(self, message: str) -> None:  # type: ignore[override]
     # One line (argparse prints its whole usage block first); the usage is one -h away.
     self.exit(2, f"{self.prog}: error: {message} (see {self.prog} -h)\n")
+
+
+_VERBOSE_HELP = "show the native libraries' own logs (TensorFlow's, absl's; hidden by default)"
+
+
+class _CommandParser(_Parser):
+  """A command's parser. -v is taken before or after the command (faxbridge -v export ... or
+  faxbridge export ... -v): each command has it too, with a default that leaves the value parsed
+  before the command alone."""
+
+  def __init__(self, **kwargs: Any) -> None:
+    super().__init__(**kwargs)
+    self.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                      help=_VERBOSE_HELP)
 
 
 def _at_least_one(text: str) -> int:
@@ -282,6 +300,10 @@ def cmd_export(ns: argparse.Namespace) -> int:
   return 0
 
 
+# fb.verify's own default, shown in --help (read off its signature: one owner of the number).
+_VERIFY_ROUNDS: int = inspect.signature(verify.verify).parameters["rounds"].default
+
+
 def cmd_verify(ns: argparse.Namespace) -> int:
   import faxbridge as fb
   from faxbridge._src import render
@@ -290,6 +312,9 @@ def cmd_verify(ns: argparse.Namespace) -> int:
   progress = ns.progress
   export_dir = Path(ns.dir)
   manifest = read_export_manifest(export_dir)  # no dir, no manifest, not JSON: one line, exit 2
+  if ns.rounds is not None and manifest.get("kind") != "iterative_process":
+    raise UsageError(f"--rounds applies to an iterative process; {export_dir} holds a single "
+                     f"computation (kind {manifest.get('kind')!r}), which runs once")
   args: tuple = ()
   inputs = None
   if ns.inputs and ns.program:
@@ -306,7 +331,8 @@ def cmd_verify(ns: argparse.Namespace) -> int:
                      f"inputs), or export with --save-inputs to write {_sidecar(export_dir)}")
   start = time.perf_counter()
   with progress.listening():
-    report = fb.verify(export_dir, *args, runtime=ns.runtime, inputs=inputs, rounds=ns.rounds)
+    report = fb.verify(export_dir, *args, runtime=ns.runtime, inputs=inputs,
+                       rounds=ns.rounds or _VERIFY_ROUNDS)
   seconds = time.perf_counter() - start
   labels = render.output_labels(manifest)
   print(f"{report.export_dir} on {report.runtime}\n")
@@ -447,6 +473,12 @@ def _add_option_flags(parser: argparse.ArgumentParser) -> None:
       continue
 
 
+def _add_example_inputs(parser: argparse.ArgumentParser, when: str = "") -> None:
+  parser.add_argument("--example-inputs", default="example_inputs", metavar="NAME",
+                      help=f"{when}the function of MODULE that returns the program's example "
+                      "inputs (default: example_inputs)")
+
+
 def _version() -> str:
   import platform
 
@@ -458,18 +490,15 @@ def _version() -> str:
           f"{platform.python_version()})")
 
 
-def main(argv: list[str] | None = None) -> int:
-  """Run the command; the exit code is 0 on success, 1 when a verification ran and outputs differ,
-  2 for a usage error or a faxbridge error (one line on stderr; nothing verified)."""
+def command_parser() -> argparse.ArgumentParser:
+  """The ``faxbridge`` command's parser: its commands, and their options from the registry."""
   parser = _Parser(prog="faxbridge", description="\n\n".join([
-      __doc__.split("\n\n")[0],
+      "faxbridge: inspect, export and verify federated computations.",
       USAGE.format(examples="\n".join(f"  {line}" for line in examples()))]),
                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--version", action="version", version=_version())
-  parser.add_argument("-v", "--verbose", action="store_true",
-                      help="show the native libraries' own logs (TensorFlow's, absl's; hidden "
-                      "by default)")
-  sub = parser.add_subparsers(dest="command", required=True)
+  parser.add_argument("-v", "--verbose", action="store_true", help=_VERBOSE_HELP)
+  sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_CommandParser)
 
   p = sub.add_parser("targets", help="list targets, the runtimes that read them, and which are "
                      "installed here")
@@ -482,8 +511,10 @@ def main(argv: list[str] | None = None) -> int:
                  help=f"the target (default: {default.name if default else 'none: name one'}; "
                  "`faxbridge targets` lists them)")
   p.add_argument("-o", "--output", required=True, help="the export directory to create")
-  p.add_argument("--force", action="store_true", help="replace an existing directory")
-  p.add_argument("--example-inputs", default="example_inputs", help="function giving the inputs")
+  p.add_argument("--force", action="store_true",
+                 help="replace OUTPUT if it is a faxbridge export or an empty directory (anything "
+                 "else there is refused, never deleted)")
+  _add_example_inputs(p)
   p.add_argument("--save-inputs", nargs="?", const="", metavar="FILE",
                  help="also write the example inputs, by name, to FILE (.npz; default: "
                  "OUTPUT.inputs.npz beside the export, which verify reads by default)")
@@ -491,20 +522,22 @@ def main(argv: list[str] | None = None) -> int:
   p.set_defaults(fn=cmd_export)
 
   p = sub.add_parser("verify", help="run an export on a runtime and natively, and compare")
-  p.add_argument("dir")
+  p.add_argument("dir", help="an export directory (written by faxbridge export)")
   p.add_argument("--runtime", choices=sorted(registry.runtimes()),
                  help="the runtime (default: the first that reads the export's target)")
-  p.add_argument("--inputs", help=".npz of the inputs by manifest name (default: DIR.inputs.npz "
-                 "written by export --save-inputs)")
-  p.add_argument("--program", help="MODULE:ATTR whose example inputs to verify with")
-  p.add_argument("--example-inputs", default="example_inputs",
-                 help="with --program: the function giving the inputs")
-  p.add_argument("--rounds", type=_at_least_one, default=5, help="rounds of an iterative process")
+  p.add_argument("--inputs", metavar="FILE", help=".npz of the inputs by manifest name "
+                 "(default: DIR.inputs.npz written by export --save-inputs)")
+  p.add_argument("--program", metavar="MODULE:ATTR",
+                 help="verify with this program's example inputs")
+  _add_example_inputs(p, "with --program: ")
+  p.add_argument("--rounds", type=_at_least_one, metavar="N",
+                 help=f"rounds of an iterative process (default: {_VERIFY_ROUNDS}); a single "
+                 "computation runs once")
   p.set_defaults(fn=cmd_verify)
 
   p = sub.add_parser("inspect", help="the program's inputs, outputs and stages with their traffic")
-  p.add_argument("program")
-  p.add_argument("--example-inputs", default="example_inputs")
+  p.add_argument("program", help="MODULE:ATTR of an fb.computation or fb.IterativeProcess")
+  _add_example_inputs(p)
   p.add_argument("--html", metavar="FILE", help="also draw the round into FILE (self-contained "
                  "HTML with an inline SVG)")
   p.add_argument("--jaxpr", action="store_true",
@@ -516,10 +549,22 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("-o", "--output", help="where to write (default: a temporary folder)")
   p.add_argument("--target", choices=sorted(_demos()),
                  help="whose demo (default: the default target's)")
-  p.add_argument("--rounds", type=_at_least_one, help="rounds (default: the demo's)")
+  p.add_argument("--rounds", type=_at_least_one, metavar="N",
+                 help="rounds to verify (default: the demo's: " + ", ".join(
+                     f"{t.demo.rounds} for {name}" for name, t in _demos().items() if t.demo) + ")")
   p.set_defaults(fn=cmd_demo)
 
+  return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+  """Run the command; the exit code is 0 on success, 1 when a verification ran and outputs differ,
+  2 for a usage error or a faxbridge error (one line on stderr; nothing verified)."""
+  parser = command_parser()
   ns = parser.parse_args(argv)
+  if ns.command is None:  # a bare `faxbridge`: what it can do, not an error
+    parser.print_help()
+    return 0
   # Decided before stderr is redirected: progress only for a person watching a terminal.
   ns.progress = Progress(sys.stderr.isatty())
   if not ns.verbose:
