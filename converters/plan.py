@@ -1,7 +1,7 @@
 """The runtime-neutral plan: how one round of a federated program is orchestrated, as JSON.
 
-``plan.json`` (schema: ``docs/plan.schema.json``) describes a program exported to a device target
-(stablehlo, tflite) without any Python: per computation (``computation``, or ``initialize`` and
+``plan.json`` (schema: ``plan.schema.json`` beside this module) describes a program exported to a
+device target (stablehlo, tflite) without any Python: per computation (``computation``, or ``initialize`` and
 ``next`` for an iterative process) its inputs and outputs with placements, its stages (the
 ``server_prepare`` piece, the broadcast names, the ``client_work`` piece run once per client, the
 uploads and how each is aggregated) and the ``server_result`` piece, every tensor's name, per-client
@@ -34,8 +34,10 @@ from faxbridge.extend import (
   SplitProgram,
   VerificationError,
   aggregation_rule,
+  contained_file,
   interpret,
   number_of_clients,
+  read_json,
   run_program,
 )
 
@@ -78,21 +80,36 @@ def write_plan(plan: dict, out: Path) -> None:
 # --------------------------------------------------------------------------------------------------
 # Loading and checking.
 # --------------------------------------------------------------------------------------------------
+SCHEMA = Path(__file__).with_name("plan.schema.json")
+
+
 def load_plan(export_dir: str | os.PathLike) -> dict:
-  """Read and check ``plan.json`` of an export.
+  """Read and check ``plan.json`` of an export, as untrusted input (faxbridge.extend.read_json):
+  valid under ``plan.schema.json``, every piece's file a regular file inside the export.
 
   Raises:
-    VerificationError: missing, of another plan version, or not self-consistent (see check_plan).
+    VerificationError: missing, linked, invalid under the schema (naming the JSON path), of another
+      plan version, a piece file outside the export or missing, or not self-consistent (see
+      check_plan).
   """
-  path = Path(export_dir) / PLAN_FILE
-  if not path.is_file():
-    raise VerificationError(f"{path} is missing: export with --target=stablehlo or --target=tflite")
-  plan = json.loads(path.read_text())
-  if plan.get("plan_version") != PLAN_VERSION:
-    raise VerificationError(f"{path}: plan_version {plan.get('plan_version')!r}, this faxbridge "
-                            f"reads version {PLAN_VERSION}")
+  export_dir = Path(export_dir)
+  if not os.path.lexists(export_dir / PLAN_FILE):
+    raise VerificationError(f"{export_dir / PLAN_FILE} is missing: export with --target=stablehlo "
+                            "or --target=tflite")
+  path = contained_file(export_dir, PLAN_FILE, str(export_dir))
+  plan = read_json(path, SCHEMA, str(path))
+  for name, comp in plan["computations"].items():
+    for piece in pieces({"computations": {name: comp}}):
+      for fmt, rel in piece["files"].items():
+        contained_file(export_dir, rel, f"{path} $.computations.{name} piece {piece['name']} {fmt}")
   check_plan(plan)
   return plan
+
+
+def piece_file(export_dir: str | os.PathLike, piece: dict, fmt: str) -> Path:
+  """The file of ``piece`` in format ``fmt`` (``"jax"``, ``"tflite"``, ...), checked to be a regular
+  file inside the export (every runtime opens piece files through this)."""
+  return contained_file(Path(export_dir), piece["files"][fmt], f"{PLAN_FILE} piece {piece['name']}")
 
 
 def _sig(spec: dict) -> tuple:
@@ -155,7 +172,8 @@ def check_plan(plan: dict, error: type[Exception] = VerificationError) -> None:
   for name, comp in plan["computations"].items():
     _check_computation(name, comp, problems)
   if problems:
-    raise error("plan.json is not self-consistent:\n  " + "\n  ".join(problems))
+    more = f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
+    raise error("plan.json is not self-consistent: " + "; ".join(problems[:5]) + more)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -201,5 +219,5 @@ def pieces(plan: dict) -> list[dict]:
   return [p for p in out if p["files"]]
 
 
-__all__ = ["PLAN_FILE", "PLAN_VERSION", "build_plan", "check_plan", "load_plan", "pieces", "run_plan",
-           "write_plan"]
+__all__ = ["PLAN_FILE", "PLAN_VERSION", "SCHEMA", "build_plan", "check_plan", "load_plan", "piece_file",
+           "pieces", "run_plan", "write_plan"]

@@ -53,7 +53,8 @@ from faxbridge._src.errors import (
   VerificationError,
 )
 from faxbridge._src.events import emit
-from faxbridge._src.export import SplitProgram, read_manifest
+from faxbridge._src.export import SplitProgram
+from faxbridge._src.export_reader import contained_file, read_export_manifest, read_json
 from faxbridge._src.form import (
   Aggregation,
   Backend,
@@ -105,6 +106,7 @@ __all__ = [
   "VerificationError",
   "aggregate",
   "aggregation_rule",
+  "contained_file",
   "define_aggregation",
   "describe",
   "emit",
@@ -116,7 +118,8 @@ __all__ = [
   "mean_p",
   "min_p",
   "number_of_clients",
-  "read_manifest",
+  "read_export_manifest",
+  "read_json",
   "register_runtime",
   "register_target",
   "run_program",

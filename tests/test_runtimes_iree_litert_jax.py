@@ -110,13 +110,17 @@ def test_jax_runtime_reports_a_broken_artifact(tmp_path):
 def test_runtimes_refuse_the_other_targets_exports(tmp_path):
   args = two_stage.example_inputs()
   out = fb.export(two_stage.computation, *args, target="stablehlo", out_dir=tmp_path / "e")
-  with pytest.raises(VerificationError, match="export with --target=tflite"):
+  with pytest.raises(VerificationError, match="runtime 'litert' does not read exports of target "
+                     "'stablehlo'; the runtimes that read it: iree, jax"):
     fb.verify(out, *args, runtime="litert")
+  with pytest.raises(VerificationError, match="export with --target=tflite"):
+    litert_rt.verify_run(out, {}, {}, 0)
   shutil.copytree(out, tmp_path / "f")
   plan = json.loads((tmp_path / "f" / "plan.json").read_text())
   for stage in plan["computations"]["computation"]["stages"]:
     stage["client_work"]["files"] = {"tflite": "x.tflite"}
   (tmp_path / "f" / "plan.json").write_text(json.dumps(plan))
+  (tmp_path / "f" / "x.tflite").write_bytes(b"")  # the plan names only files inside the export
   with pytest.raises(VerificationError, match="export with --target=stablehlo"):
     iree_rt.verify_run(tmp_path / "f", {}, {}, 0)
 
@@ -127,7 +131,7 @@ def test_plan_is_required(tmp_path):
   (out / "plan.json").unlink()
   with pytest.raises(VerificationError, match=r"plan\.json is missing"):
     litert_rt.verify_run(out, {}, {}, 0)
-  with pytest.raises(VerificationError, match=r"plan\.json: missing"):
+  with pytest.raises(VerificationError, match=r"plan\.json is missing from"):
     fb.verify(out, *args, runtime="iree")  # the manifest pins it, so verify refuses first
 
 

@@ -119,6 +119,7 @@ def _runtime_returning(monkeypatch, change):
   own outputs, passed through ``change``; it records every call (so a test sees whether anything
   ran)."""
   registry.register_runtime(Runtime("stand-in", runner=f"{__name__}:stand_in_run",
+                                    reads=("stablehlo", "tff", "tflite"),
                                     summary="the native outputs passed through a test's change"))
   calls = []
 
@@ -242,7 +243,8 @@ def test_manifest_problems_are_one_line_verification_errors(scaled, tmp_path):
     fb.verify(tmp_path / "bad", runtime="jax")
   assert "\n" not in str(err.value)
   (tmp_path / "bad" / "manifest.json").write_text(json.dumps({"files": {}}))
-  with pytest.raises(VerificationError, match="not a faxbridge manifest"):
+  with pytest.raises(VerificationError, match=r"is not a valid manifest: at \$: 'format_version' is "
+                     "a required property"):
     fb.verify(tmp_path / "bad", runtime="jax")
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from faxbridge.converters.plan import load_plan, pieces, run_plan
+from faxbridge.converters.plan import load_plan, piece_file, pieces, run_plan
 from faxbridge.extend import RuntimeResult, VerificationError, importable
 
 FORMAT = "stablehlo_text"
@@ -54,8 +54,11 @@ def compile_stablehlo(text: str, where: str = "module") -> bytes:
   try:
     vmfb = ic.compile_str(text, target_backends=["llvm-cpu"], input_type="stablehlo",
                           extra_args=list(COMPILE_FLAGS))
-  except Exception as e:  # CompilerToolError carries IREE's diagnostics
-    raise VerificationError(f"IREE cannot compile {where}: {e}") from e
+  except Exception as e:  # CompilerToolError carries IREE's diagnostics, then its command line
+    errors = [line.split(" error: ", 1)[-1].strip() for line in str(e).splitlines()
+              if " error: " in line or line.startswith("error:")]
+    reason = "; ".join(errors[:3]) if errors else str(e).strip().splitlines()[0]
+    raise VerificationError(f"IREE cannot compile {where}: {reason}") from e
   tmp = cached.with_suffix(f".{os.getpid()}.tmp")
   tmp.write_bytes(vmfb)
   os.replace(tmp, cached)  # atomic: parallel runs may fill the same entry
@@ -75,7 +78,7 @@ class _Modules:
         raise VerificationError(f"{export_dir}: piece {piece['name']} has no StableHLO "
                                 "(export with --target=stablehlo to run on IREE)")
       rel = piece["files"][FORMAT]
-      vmfb = compile_stablehlo((export_dir / rel).read_text(), rel)
+      vmfb = compile_stablehlo(piece_file(export_dir, piece, FORMAT).read_text(), rel)
       module = ireert.VmModule.copy_buffer(self.config.vm_instance, vmfb)
       context = ireert.SystemContext(vm_modules=[module], config=self.config)
       self.functions[rel] = context.modules[module.name]["main"]

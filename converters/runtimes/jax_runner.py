@@ -53,13 +53,13 @@ def main(argv: list[str]) -> int:
 def _run(export_dir: Path, inputs_path: str, outputs_path: str, rounds: int) -> int:
   import jax
 
-  from faxbridge.converters.plan import load_plan, pieces, run_plan
+  from faxbridge.converters.plan import load_plan, piece_file, pieces, run_plan
 
   plan = load_plan(export_dir)
   loaded = {}
   for piece in pieces(plan):
     rel = piece["files"]["jax"]
-    loaded[rel] = jax.export.deserialize(bytearray((export_dir / rel).read_bytes()))
+    loaded[rel] = jax.export.deserialize(bytearray(piece_file(export_dir, piece, "jax").read_bytes()))
 
   def call(piece: dict, args: list[np.ndarray]) -> list[np.ndarray]:
     return [np.asarray(x) for x in loaded[piece["files"]["jax"]].call(*args)]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from faxbridge.converters.plan import load_plan, pieces, run_plan
+from faxbridge.converters.plan import load_plan, piece_file, pieces, run_plan
 from faxbridge.extend import RuntimeResult, VerificationError, importable
 
 FORMAT = "tflite"
@@ -34,7 +34,7 @@ class _Runners:
         raise VerificationError(f"{export_dir}: piece {piece['name']} has no .tflite model "
                                 "(export with --target=tflite to run on LiteRT)")
       rel = piece["files"][FORMAT]
-      interpreter = Interpreter(model_path=str(export_dir / rel))
+      interpreter = Interpreter(model_path=str(piece_file(export_dir, piece, FORMAT)))
       keys = interpreter.get_signature_list()
       if piece["name"] not in keys:
         raise VerificationError(f"{rel}: no signature {piece['name']!r} (has {sorted(keys)})")

@@ -312,6 +312,7 @@ def cmd_verify(ns: argparse.Namespace) -> int:
   progress = ns.progress
   export_dir = Path(ns.dir)
   manifest = read_export_manifest(export_dir)  # no dir, no manifest, not JSON: one line, exit 2
+  verify.chosen_runtime(manifest, ns.runtime)  # a runtime that cannot read it: refused at once
   if ns.rounds is not None and manifest.get("kind") != "iterative_process":
     raise UsageError(f"--rounds applies to an iterative process; {export_dir} holds a single "
                      f"computation (kind {manifest.get('kind')!r}), which runs once")

@@ -1,8 +1,10 @@
 """``fb.verify``: run an export on its target runtime and natively on the same inputs, and compare.
 
-Before anything runs, every file is checked against the sha256 in the manifest; a tampered export
-is reported and nothing is executed. The native side is the ``jax.export`` artifact stored in the
-export (the computation itself, compiled by XLA), so an export verifies without its Python source.
+Before anything runs, the export is read as untrusted input (``export_reader``): its manifest valid
+under its schema, every file contained in it and pinned by its sha256; a damaged, tampered or
+hostile export is reported and nothing is executed. The native side is the ``jax.export`` artifact
+stored in the export (the computation itself, compiled by XLA), so an export verifies without its
+Python source.
 
 Tolerance (documented contract): float outputs must satisfy ``|runtime - native| <= atol + rtol *
 |native|`` elementwise with ``rtol = 1e-5`` and ``atol = 1e-6`` (float32 rounding differs between
@@ -29,7 +31,7 @@ import numpy as np
 from faxbridge._src import registry
 from faxbridge._src.errors import VerificationError
 from faxbridge._src.events import emit
-from faxbridge._src.export import read_manifest, sha256
+from faxbridge._src.export_reader import check_files, contained_file, read_export_manifest
 from faxbridge._src.form import run_program
 from faxbridge._src.registry import RuntimeResult
 
@@ -86,28 +88,6 @@ class VerificationReport:
     for key, value in sorted(self.info.items()):
       lines.append(f"  {key}: {value}")
     return "\n".join(lines)
-
-
-def check_files(export_dir: Path, manifest: dict) -> None:
-  """Every file listed has its sha256; anything unlisted or missing is refused."""
-  emit("verify.files", f"checking {len(manifest.get('files', {}))} files against the manifest's "
-       "sha256", export_dir=str(export_dir))
-  problems = []
-  for rel, digest in sorted(manifest.get("files", {}).items()):
-    path = export_dir / rel
-    if not path.is_file():
-      problems.append(f"{rel}: missing")
-    elif sha256(path) != digest:
-      problems.append(f"{rel}: sha256 mismatch (manifest {digest[:12]}..., file "
-                      f"{sha256(path)[:12]}...)")
-  listed = set(manifest.get("files", {})) | {"manifest.json"}
-  for path in sorted(export_dir.rglob("*")):
-    rel = str(path.relative_to(export_dir))
-    if path.is_file() and rel not in listed:
-      problems.append(f"{rel}: not in the manifest")
-  if problems:
-    raise VerificationError(
-        f"{export_dir} does not match its manifest, so nothing was run:\n  " + "\n  ".join(problems))
 
 
 def compare(name: str, native: Any, other: Any, rtol: float = RTOL,
@@ -233,27 +213,13 @@ def _check_native_shapes(export_dir: Path, manifest: dict, named: dict[str, np.n
           "runs the runtime alone for other client counts)")
 
 
-def read_export_manifest(export_dir: Path) -> dict:
-  """``manifest.json`` of an export directory, or a one-line VerificationError saying what is
-  wrong with it (no directory, no manifest, not JSON, not a faxbridge manifest)."""
-  if not export_dir.is_dir():
-    raise VerificationError(f"{export_dir}: no such export directory")
-  path = export_dir / "manifest.json"
-  if not path.is_file():
-    raise VerificationError(f"{export_dir} has no manifest.json: not a faxbridge export")
-  try:
-    manifest = read_manifest(export_dir)
-  except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
-    raise VerificationError(f"{path} is not JSON: {e}") from None
-  if not isinstance(manifest, dict) or manifest.get("kind") not in ("computation",
-                                                                     "iterative_process"):
-    raise VerificationError(f"{path} is not a faxbridge manifest (no kind 'computation' or "
-                            "'iterative_process')")
-  return manifest
-
-
 def _load_native(export_dir: Path, manifest: dict, name: str):
-  return jax.export.deserialize(bytearray((export_dir / manifest["native"][name]).read_bytes()))
+  path = contained_file(export_dir, manifest["native"][name], f"manifest.json $.native.{name}")
+  try:
+    return jax.export.deserialize(bytearray(path.read_bytes()))
+  except Exception as e:  # a pinned file of another kind (its sha256 matched: written so)
+    raise VerificationError(f"{path} is not a jax.export serialization ({type(e).__name__}); the "
+                            "export's native program cannot be run") from None
 
 
 def native_outputs(export_dir: Path, manifest: dict, inputs: dict[str, np.ndarray],
@@ -280,15 +246,21 @@ def chosen_runtime(manifest: dict, name: str | None) -> registry.Runtime:
   """The runtime called ``name``; None: the first runtime that reads the export's target.
 
   Raises:
-    VerificationError: an unknown runtime (listing the known ones), or none reads the target.
+    VerificationError: an unknown runtime (listing the known ones), one that does not read the
+      export's target (naming those that do), or none reads the target.
   """
-  if name is not None:
-    return registry.runtime(name)
   target = manifest.get("target")
   readers = registry.readers(target) if target else []
+  if name is not None:
+    chosen = registry.runtime(name)
+    if chosen not in readers:
+      can = (f"the runtimes that read it: {', '.join(r.name for r in readers)}" if readers
+             else "no registered runtime reads it")
+      raise VerificationError(f"runtime {name!r} does not read exports of target {target!r}; {can}")
+    return chosen
   if not readers:
-    raise VerificationError(f"no registered runtime reads exports of target {target!r}: pass "
-                            f"runtime=NAME (known: {', '.join(registry.runtimes()) or 'none'})")
+    raise VerificationError(f"no registered runtime reads exports of target {target!r} (known "
+                            f"runtimes: {', '.join(registry.runtimes()) or 'none'})")
   return readers[0]
 
 

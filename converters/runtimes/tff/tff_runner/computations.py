@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import stat
 import time
 import traceback
 from pathlib import Path
@@ -21,6 +22,26 @@ from . import forms
 from .contexts import SECURE_MARKER, Contexts, default_clients, scan_proto
 from .protocol import PROGRESS, ProtocolError, error_text, load_npz, save_npz
 from .values import build_argument, element, extract_outputs
+
+# Far above any real export's computation or manifest: a hostile one cannot make the runner read
+# without bound (the core checks the same limits before it starts the runner).
+_MAX_FILE_BYTES = 4 << 30
+
+
+def _export_file(export_dir: Path, name: str) -> Path:
+  """``export_dir / name``, refused unless it is a regular file there: never a symbolic link (which
+  could name a file outside the export) or anything else. The runner opens only fixed names (no
+  path from the export's JSON), and checks each itself: it trusts no other process's checks."""
+  path = export_dir / name
+  try:
+    info = path.lstat()
+  except FileNotFoundError:
+    raise ProtocolError(f"{export_dir} has no {name}") from None
+  if stat.S_ISLNK(info.st_mode) or not stat.S_ISREG(info.st_mode):
+    raise ProtocolError(f"{path} is not a regular file (an export holds regular files only)")
+  if info.st_size > _MAX_FILE_BYTES:
+    raise ProtocolError(f"{path} is {info.st_size} bytes, over {_MAX_FILE_BYTES}")
+  return path
 
 
 def _load_computation(path: Path) -> tuple[Any, Any]:
@@ -53,7 +74,9 @@ class Program:
 
   def __init__(self, export_dir: Path) -> None:
     self.dir = export_dir
-    self.manifest = json.loads((export_dir / "manifest.json").read_text())
+    self.manifest = json.loads(_export_file(export_dir, "manifest.json").read_text())
+    if not isinstance(self.manifest, dict):
+      raise ProtocolError(f"{export_dir}/manifest.json is not a JSON object")
     if (export_dir / "computation.pb").exists():
       self.kind = "computation"
       roles = {"computation": "computation.pb"}
@@ -71,7 +94,7 @@ class Program:
     self.uses_clients: dict[str, bool] = {}
     intrinsics: set[str] = set()
     for role, file in roles.items():
-      comp, proto = _load_computation(export_dir / file)
+      comp, proto = _load_computation(_export_file(export_dir, file))
       _check_signature(comp, self.blocks[role], role)
       placements: set[str] = set()
       scan_proto(proto, intrinsics, placements)
