@@ -413,7 +413,7 @@ def test_inspect_names_leaves_as_the_user_does_and_gives_each_stages_traffic(use
   assert [t["download"] for t in traffic] == [16, 8] and [t["upload"] for t in traffic] == [12, 8]
   for i, t in enumerate(traffic):
     assert f"stage {i}: each client downloads {t['download']} B and uploads {t['upload']} B" in out
-  assert "weighted_mean(upload0, weight data[1])" in out  # the weight by the user's name
+  assert "weighted_mean(fb.map(…), weight data[1])" in out  # the weight by the user's name
   assert "broadcast  params['w'] f32[2] (8 B)" in out
 
 
@@ -438,8 +438,8 @@ def test_inspect_html_is_a_well_formed_self_contained_drawing_of_the_round(user_
   # The two round trips with their traffic per client and the user's names (the layout itself is
   # tested in a browser: tests/test_drawing.py).
   for want in ("stage 0", "stage 1", "16 B per client", "12 B per client", "8 B per client",
-               "3 in this trace", "weight: data[1]", "sum: upload2", "['spread']",
-               "stage 1 broadcast aggregate0, out['mean']"):
+               "3 in this trace", "weight: data[1]", "sum: fb.map(…)", "['spread']",
+               "stage 1 broadcast mean, out['mean']", "mean ← aggregate of stage 0"):
     assert want in text, (want, text)
   # Nothing to fetch: no scripts, no links or sources (the namespaces are names, not fetched).
   assert not [e for e in root.iter() if e.tag.endswith(("script", "link", "img"))]

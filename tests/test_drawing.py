@@ -331,13 +331,16 @@ def test_the_fedavg_drawing_shows_the_process_as_written(fedavg_page):
   rows = rows[1:]  # the header
   model = _mlp.init_params()  # fedavg: weighted_mean of each model leaf's delta, mean of the loss
   assert sorted(r[0] for r in rows) == ["mean"] + ["weighted_mean"] * len(model)
-  for kind, _, weight, params, _, used_by in rows:
+  for kind, value, weight, params, result, used_by, leaves in rows:
     assert params == "-"
-    if kind == "weighted_mean":
-      assert weight.endswith("= data['num_examples']")  # the weight the program uploads
+    if kind == "weighted_mean":  # fb.weighted_mean(deltas, weights), as examples/fedavg.py has it
+      key = used_by.removeprefix("out[0]")
       assert used_by in {f"out[0][{k!r}]" for k in model}
+      assert (value, result.split()[0]) == (f"deltas{key}", f"mean_delta{key}")
+      assert weight == "weights = data['num_examples']"  # the weight the program uploads
+      assert leaves.startswith("upload")
     else:
-      assert (weight, used_by) == ("-", "out[1]")
+      assert (value, weight, used_by) == ("losses", "-", "out[1]")
   model_bytes = sum(np.asarray(v).nbytes for v in model.values())
   down = _text(_by_class(sections["next"], "wire-bytes")[0])
   assert down == f"{model_bytes / 1024:.1f} KiB per client"

@@ -181,12 +181,21 @@ def aggregate(prim, x: PyTree, weight: jax.Array | None = None, **params) -> PyT
     raise TypeError(f"fb.{op}{_here()} takes the params {sorted(rule.params)}; missing "
                     f"{sorted(missing)}, unknown {sorted(unknown)}")
   params = {k: _json_scalar(op, k, v) for k, v in params.items()}
-  leaves, tree = jax.tree.flatten(x)
+  with_paths, tree = jax.tree_util.tree_flatten_with_path(x)
+  leaves = [v for _, v in with_paths]
+  # Each equation is bound in a named scope ``KIND`` + the leaf's path in ``x`` (``mean['w1']``),
+  # which is how the split names the leaf for people (faxbridge._src.user_names); interpreters
+  # ignore name scopes, and the params and the jaxpr stay as they are.
+  scopes = [f"{op}{jax.tree_util.keystr(path)}" for path, _ in with_paths]
   n = clients_of(op, leaves)
   if not rule.weighted:
     if weight is not None:
       raise TypeError(f"fb.{op}{_here()} takes no weight")
-    return jax.tree.unflatten(tree, [prim.bind(jnp.asarray(v), **params) for v in leaves])
+    out = []
+    for v, scope in zip(leaves, scopes):
+      with jax.named_scope(scope):
+        out.append(prim.bind(jnp.asarray(v), **params))
+    return jax.tree.unflatten(tree, out)
   if weight is None:
     raise TypeError(f"fb.{op}{_here()} needs a weight: one scalar per client")
   weight = jnp.asarray(weight)
@@ -196,11 +205,12 @@ def aggregate(prim, x: PyTree, weight: jax.Array | None = None, **params) -> PyT
         f"not {weight.shape}."
     )
   out = []
-  for v in leaves:
+  for v, scope in zip(leaves, scopes):
     v, w = jnp.asarray(v), weight
     if w.dtype != v.dtype:  # the cast is per-client work
       (w,) = P.bind_map(lambda wi, dt=v.dtype: [wi.astype(dt)], weight)
-    out.append(prim.bind(v, w, **params))
+    with jax.named_scope(scope):
+      out.append(prim.bind(v, w, **params))
   return jax.tree.unflatten(tree, out)
 
 

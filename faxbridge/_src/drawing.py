@@ -24,7 +24,14 @@ from typing import Any
 
 from faxbridge._src.form import Aggregation, FederatedForm, Piece, Stage, TensorSpec
 from faxbridge._src.placements import CLIENTS
-from faxbridge._src.render import leaf_labels, shape_text, size_text, user_steps
+from faxbridge._src.render import (
+  aggregate_uses,
+  piece_sources,
+  server_labels,
+  shape_text,
+  size_text,
+  user_steps,
+)
 
 _FIGURE_ROWS = 8  # rows a leaf list in the figure shows before it collapses its groups
 _TABLE_ROWS = 24  # the same for the lists under the figure
@@ -45,25 +52,6 @@ def _plural(n: int, word: str) -> str:
 
 
 # --- what the pieces compute from what ---------------------------------------------------------
-def _sources(piece: Piece) -> dict[str, tuple[frozenset[str], bool]]:
-  """Per output of ``piece``: the inputs it is computed from, and whether it *is* one of them
-  (passed on unchanged). Empty for a piece read back from JSON (no jaxpr)."""
-  if piece.jaxpr is None:
-    return {}
-  from jax.extend import core as jcore
-
-  jaxpr = piece.jaxpr.jaxpr
-  deps: dict = {v: frozenset([s.name]) for v, s in zip(jaxpr.invars, piece.inputs)}
-  for eqn in jaxpr.eqns:  # an equation's outputs depend on all its inputs (conservative)
-    used = frozenset().union(*(deps.get(a, frozenset()) for a in eqn.invars
-                               if not isinstance(a, jcore.Literal)))
-    deps.update((v, used) for v in eqn.outvars)
-  invars = set(jaxpr.invars)
-  return {s.name: (frozenset(), False) if isinstance(v, jcore.Literal)
-          else (deps.get(v, frozenset()), v in invars)
-          for v, s in zip(jaxpr.outvars, piece.outputs)}
-
-
 def _operations(piece: Piece) -> int | None:
   """The JAX operations a piece runs, nested ones included (None without a jaxpr)."""
   if piece.jaxpr is None:
@@ -95,35 +83,17 @@ class _Flow:
     return self.labels.get(name, name)
 
 
-def _flow(form: FederatedForm, labels: Mapping[str, str]) -> _Flow:
-  # The server pieces after the first aggregation: which server values each output is computed
-  # from; followed transitively, the outputs and broadcasts an aggregate ends up in.
-  reach: dict[str, set[str]] = {}
-  for piece in [s.server_prepare for s in form.stages[1:]] + [form.server_result]:
-    for out, (ins, _) in _sources(piece).items():
-      for i in ins:
-        reach.setdefault(i, set()).add(out)
-  out_names = {b.name for b in form.outputs}
+def _flow(form: FederatedForm) -> _Flow:
+  """Where each aggregate goes (:func:`faxbridge._src.render.aggregate_uses`), the user's names of
+  server values (:func:`faxbridge._src.render.server_labels`), and uploads that are client inputs
+  passed on unchanged."""
+  labels = server_labels(form)
   broadcasts = {n: s.index for s in form.stages for n in s.broadcasts}
-
-  def closure(name: str) -> list[str]:
-    seen, todo = set(), [name]
-    while todo:
-      for nxt in reach.get(todo.pop(), ()):
-        if nxt not in seen:
-          seen.add(nxt)
-          todo.append(nxt)
-    return sorted(seen, key=lambda n: (n not in broadcasts, labels.get(n, n)))
-
-  used_by = {}
-  for stage in form.stages:
-    later = {n for s in form.stages[stage.index + 1:] for n in s.broadcasts}
-    for agg in stage.aggregations:
-      used_by[agg.result.name] = [n for n in closure(agg.result.name)
-                                  if n in out_names or n in later]
+  used_by = {name: sorted(used, key=lambda n: (n not in broadcasts, labels.get(n, n)))
+             for name, used in aggregate_uses(form).items()}
   alias = {}
   for stage in form.stages:
-    for out, (ins, unchanged) in _sources(stage.client_work).items():
+    for out, (ins, unchanged) in piece_sources(stage.client_work).items():
       if unchanged and out in stage.uploads and next(iter(ins)) in labels:
         alias[out] = labels[next(iter(ins))]
   return _Flow(used_by, alias, labels, broadcasts)
@@ -225,6 +195,7 @@ def _named_leaves(specs: Iterable[TensorSpec], form: FederatedForm) -> list[_Lea
   """Values crossing a piece boundary: inputs and outputs by the user's steps, others by name."""
   inputs = {b.name: b for b in form.inputs}
   outputs = {b.name: b for b in form.outputs}
+  labels = server_labels(form)  # an aggregate as the user named it (mean_delta['w1'])
   out = []
   for s in specs:
     if s.name in inputs:
@@ -232,35 +203,73 @@ def _named_leaves(specs: Iterable[TensorSpec], form: FederatedForm) -> list[_Lea
     elif s.name in outputs:
       steps = tuple(user_steps(outputs[s.name], form.arg_names, output=True))
     else:
-      steps = (s.name,)
+      steps = (labels.get(s.name, s.name),)
     out.append(_Leaf(steps, s))
   return out
 
 
+def _broadcast_leaves(stage: Stage, form: FederatedForm, flow: _Flow) -> list[_Leaf]:
+  """A stage's broadcasts: inputs by the user's steps; an earlier stage's aggregate (or a value
+  computed from aggregates) by the user's name with the link to where it was aggregated
+  (``mean ← aggregate of stage 0``)."""
+  prep = {s.name: s for s in stage.server_prepare.outputs}
+  specs = [prep[n] for n in stage.broadcasts]
+  stage_of = {a.result.name: s.index for s in form.stages for a in s.aggregations}
+  fed_by: dict[str, list[str]] = {}
+  for name, used in flow.used_by.items():
+    for n in used:
+      fed_by.setdefault(n, []).append(name)
+  out = []
+  for leaf in _named_leaves(specs, form):
+    name = leaf.spec.name
+    if name in stage_of:
+      steps: tuple[str, ...] = (f"{flow.labels.get(name, name)} ← aggregate of stage {stage_of[name]}",)
+    elif name in fed_by:
+      froms = ", ".join(flow.labels.get(n, n) for n in fed_by[name])
+      stages = sorted({stage_of[n] for n in fed_by[name]})
+      steps = (f"{flow.labels.get(name, name)} ← from {froms} (stage "
+               f"{', '.join(map(str, stages))})",)
+    else:
+      steps = leaf.steps
+    out.append(dataclasses.replace(leaf, steps=steps))
+  return out
+
+
 def _upload_leaves(stage: Stage, flow: _Flow) -> list[_Leaf]:
-  """A stage's uploads grouped by what aggregates them (``weighted_mean``, its ``weight``)."""
+  """A stage's uploads grouped by what aggregates them (``weighted_mean``, its ``weight``), each
+  named as the user wrote it where the aggregation says (``deltas['w1']``, ``weights``: see
+  :attr:`faxbridge._src.form.Aggregation.names`), else as the client input it is (``data['n']``),
+  else by its internal name."""
   # An upload is computed by the client work, or is one of its inputs (a client's data) as is.
   specs = {s.name: s for s in stage.client_work.inputs + stage.client_work.outputs}
-  role: dict[str, str] = {}
+  role: dict[str, tuple[str, str]] = {}
   for agg in stage.aggregations:
-    role.setdefault(agg.value, agg.label)
+    role.setdefault(agg.value, (agg.label, agg.names.get("value", "")))
     if agg.weight:
-      role.setdefault(agg.weight, "weight")
-  # An upload that is a client input is named as the user wrote it (data['n']).
-  return [_Leaf((f"{role.get(name, 'upload')}: ", flow.alias.get(name, flow.labels.get(name, name))),
-                specs[name]) for name in stage.uploads]
+      role.setdefault(agg.weight, ("weight", agg.names.get("weight", "")))
+  out = []
+  for name in stage.uploads:
+    kind, user = role.get(name, ("upload", ""))
+    # A client input uploaded as is is that input (data[1]); a map output that passes one on
+    # unchanged is the user's name and that input (weights = data['num_examples']).
+    alias = flow.alias.get(name)
+    shown = flow.labels.get(name) or (f"{user} = {alias}" if user and alias and user != alias
+                                      else user or alias or name)
+    out.append(_Leaf((f"{kind}: ", shown), specs[name]))
+  return out
 
 
 def _result_leaf(form: FederatedForm, agg: Aggregation, flow: _Flow) -> _Leaf:
   """An aggregate named by what it becomes: the one output or later broadcast computed from it
-  (``out[0]['w1']``), else its own name (it feeds several)."""
+  (``out[0]['w1']``, ``stage 1 broadcast mean``), else as the user named it (``mean_delta['w1']``),
+  else its own name (it feeds several)."""
   used = flow.used_by.get(agg.result.name, [])
   outputs = {b.name: b for b in form.outputs}
   if len(used) == 1 and used[0] in outputs:
     return _Leaf(tuple(user_steps(outputs[used[0]], form.arg_names, True)), agg.result)
   if len(used) == 1:
     return _Leaf((flow.describe(used[0]),), agg.result)
-  return _Leaf((agg.result.name,), agg.result)
+  return _Leaf((agg.user_result,), agg.result)
 
 
 # --- DP ---------------------------------------------------------------------------------------------
@@ -365,7 +374,7 @@ def _figure(form: FederatedForm, flow: _Flow, mechanisms: list[dict]) -> str:
     parts.append(_cell(2, c, body, "card server flows"))
 
     bcast = {s.name: s for s in prep.outputs}
-    down = _named_leaves([bcast[n] for n in stage.broadcasts], form)
+    down = _broadcast_leaves(stage, form, flow)
     empty = " empty" if not stage.broadcasts else ""
     parts.append(_cell(3, c, f'<span class="wire down{empty}"></span><div class="wire-label">'
                        f'<div class="wire-h">broadcast</div><div class="wire-bytes">'
@@ -449,28 +458,38 @@ def _server_only(name: str, form: FederatedForm, forms: Mapping[str, FederatedFo
 
 # --- the tables under the figure --------------------------------------------------------------------
 def _aggregations_table(form: FederatedForm, flow: _Flow) -> str:
-  labels, rows = flow.labels, []
+  """Every aggregation as a row: the value and weight as the user wrote them (the upload that is a
+  client input as that input), the result as the user named it, what it is used by, and the
+  internal names (those of plan.json and the exports) last."""
+  rows = []
   many = len(form.stages) > 1
   for stage in form.stages:
     for agg in stage.aggregations:
-      value = labels.get(agg.value, agg.value)
-      value += f" = {flow.alias[agg.value]}" if agg.value in flow.alias else ""
-      weight = (labels.get(agg.weight, agg.weight)
-                + (f" = {flow.alias[agg.weight]}" if agg.weight in flow.alias else "")
-                if agg.weight else "-")
+      def shown(user: str, leaf: str) -> str:  # an upload that is a client input, as that input
+        if leaf in flow.labels:
+          return flow.labels[leaf]
+        alias = flow.alias.get(leaf)
+        return f"{user} = {alias}" if alias and alias != user else user
+
+      value = shown(agg.user_value, agg.value)
+      weight = shown(agg.user_weight or agg.weight, agg.weight) if agg.weight else "-"
       params = ", ".join(f"{k}={v}" for k, v in agg.params.items()) or "-"
-      result = f"{agg.result.name} {shape_text(agg.result)}"
+      result = f"{agg.user_result} {shape_text(agg.result)}"
       used = [flow.describe(n) for n in flow.used_by.get(agg.result.name, [])]
       used_text = ", ".join(used[:3]) + (f" and {len(used) - 3} more" if len(used) > 3 else "")
+      leaves = ", ".join([agg.value, *([agg.weight] if agg.weight else [])])
       cells = ([str(stage.index)] if many else []) + [
-          agg.kind, value, weight, params, result, used_text or "-"]
-      # Names and shapes stay whole; the weight and what the result feeds wrap.
-      wraps = {len(cells) - 4, len(cells) - 1}
+          agg.kind, value, weight, params, result, used_text or "-",
+          f"{leaves} → {agg.result.name}"]
+      # Shapes stay whole; the names, what the result feeds and the internal names wrap.
+      first = int(many) + 1
+      wraps = {first, first + 1, first + 3, first + 4, first + 5}
       rows.append("<tr>" + "".join(
           (f'<td class="wraps"><code>{_name(c)}</code></td>' if i in wraps
-           else f"<td><code>{_e(c)}</code></td>") if i >= int(many) + 1
+           else f"<td><code>{_e(c)}</code></td>") if i >= first
           else f"<td>{_e(c)}</td>" for i, c in enumerate(cells)) + "</tr>")
-  head = (["stage"] if many else []) + ["kind", "value", "weight", "params", "result", "used by"]
+  head = (["stage"] if many else []) + ["kind", "value", "weight", "params", "result", "used by",
+                                        "leaves in exports"]
   table = (f'<table class="aggs"><thead><tr>{"".join(f"<th>{_e(h)}</th>" for h in head)}</tr>'
            f'</thead><tbody>{"".join(rows)}</tbody></table>')
   n = len(rows)
@@ -531,7 +550,7 @@ def _facts(form: FederatedForm) -> str:
 def _section(name: str, form: FederatedForm, forms: Mapping[str, FederatedForm]) -> str:
   from faxbridge._src.dp import form_mechanisms
 
-  flow = _flow(form, leaf_labels(form))
+  flow = _flow(form)
   mechanisms = form_mechanisms(form)
   if form.stages:
     body = (_figure(form, flow, mechanisms)

@@ -150,6 +150,13 @@ class Aggregation:
   ``params`` are the aggregation primitive's parameters its rule declares (``bitwidth`` of a
   ``secure_sum``), JSON scalars sorted by name; ``source_info`` is the equation's (the user's
   ``file:line`` for errors), kept out of comparisons and JSON.
+
+  ``names`` are the user's names of the value, the weight and the result (``value``, ``weight``,
+  ``result``: ``deltas['w1']``, ``weights``, ``mean_delta['w1']``), as far as the source says
+  (:mod:`faxbridge._src.user_names`; the split makes the value's unique within its stage).
+  Everything that shows an aggregation to people (``inspect``, the drawing) reads them here,
+  through :attr:`user_value`, :attr:`user_weight` and :attr:`user_result`, which fall back on the
+  internal names; ``plan.json`` carries them as ``names``. Nothing runs differently with them.
   """
 
   kind: str
@@ -158,15 +165,32 @@ class Aggregation:
   weight: str | None = None
   params: Mapping[str, Any] = dataclasses.field(default_factory=dict, hash=False)  # a dict: unhashable
   source_info: Any = dataclasses.field(default=None, compare=False, repr=False)
+  names: Mapping[str, str] = dataclasses.field(default_factory=dict, hash=False)
 
   def __post_init__(self):
     object.__setattr__(self, "params", dict(sorted(self.params.items())))
+    object.__setattr__(self, "names", {k: self.names[k] for k in _NAME_KEYS if self.names.get(k)})
 
   @property
   def label(self) -> str:
     """The kind with its params, as the jaxpr shows them: ``secure_sum[bitwidth=16]``."""
     params = " ".join(f"{k}={v}" for k, v in self.params.items())
     return f"{self.kind}[{params}]" if params else self.kind
+
+  @property
+  def user_value(self) -> str:
+    """The aggregated value as the user wrote it (``deltas['w1']``), else its upload's name."""
+    return self.names.get("value", self.value)
+
+  @property
+  def user_weight(self) -> str | None:
+    """The weight as the user wrote it (``weights``), else its upload's name; None: unweighted."""
+    return None if self.weight is None else self.names.get("weight", self.weight)
+
+  @property
+  def user_result(self) -> str:
+    """The result as the user named it (``mean_delta['w1']``), else the aggregate's name."""
+    return self.names.get("result", self.result.name)
 
   @property
   def rule(self) -> AggregationRule:
@@ -179,12 +203,17 @@ class Aggregation:
       out["weight"] = self.weight
     if self.params:
       out["params"] = dict(self.params)
+    if self.names:
+      out["names"] = dict(self.names)
     return out
 
   @classmethod
   def from_json(cls, d: Mapping) -> Aggregation:
     return cls(d["kind"], d["value"], TensorSpec.from_json(d["result"]), d.get("weight"),
-               d.get("params", {}))
+               d.get("params", {}), names=d.get("names", {}))
+
+
+_NAME_KEYS = ("value", "weight", "result")  # Aggregation.names, in this order
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,12 +20,13 @@ from jax._src.pjit import reshard_p
 from jax._src.random import prng, random_clone_p
 
 __all__ = [
-    "PYTHON_CALLBACKS",
-    "is_user_filename",
-    "prng",
-    "random_clone_p",
-    "reshard_p",
-    "user_frames",
+  "PYTHON_CALLBACKS",
+  "innermost_scope",
+  "is_user_filename",
+  "prng",
+  "random_clone_p",
+  "reshard_p",
+  "user_frames",
 ]
 
 
@@ -45,6 +46,18 @@ def user_frames(traceback) -> Iterator:
   ``source_info.traceback``, innermost first. Private for the same reason as
   :func:`is_user_filename`: the public module gives only the innermost one, as a string."""
   return _source_info_util.user_frames(traceback)
+
+
+def innermost_scope(source_info) -> str | None:
+  """The name of the innermost ``jax.named_scope`` an equation was bound in, when nothing (no
+  transformation) was applied inside that scope; else None.
+
+  Private because: ``jax.extend.source_info_util`` exposes ``NameStack`` but not its elements
+  (``Scope``, ``Transform``), and its string form joins names with ``/``, which a name may hold.
+  """
+  stack = source_info.name_stack.stack if source_info is not None else ()
+  last = stack[-1] if stack else None
+  return last.name if isinstance(last, _source_info_util.Scope) else None
 
 
 # The primitives of Python callbacks (``jax.pure_callback``, ``jax.experimental.io_callback``,

@@ -19,14 +19,19 @@ def _is_internal(file_name: str) -> bool:
   return file_name.startswith(_INTERNAL_DIRS) or is_user_filename(file_name) is False
 
 
-def user_location(source_info) -> str | None:
-  """``file:line (function)`` of the innermost user frame of ``source_info``, or None."""
+def user_frame(source_info):
+  """The innermost user frame of ``source_info`` (``file_name``, ``function_name``, ``start_line``,
+  ``start_column``, ``end_line``, ``end_column``: the span of the call being made), or None."""
   if source_info is None or source_info.traceback is None:
     return None
-  for frame in user_frames(source_info.traceback):
-    if not _is_internal(frame.file_name):
-      return f"{frame.file_name}:{frame.start_line} ({frame.function_name})"
-  return None
+  return next((f for f in user_frames(source_info.traceback) if not _is_internal(f.file_name)),
+              None)
+
+
+def user_location(source_info) -> str | None:
+  """``file:line (function)`` of the innermost user frame of ``source_info``, or None."""
+  frame = user_frame(source_info)
+  return None if frame is None else f"{frame.file_name}:{frame.start_line} ({frame.function_name})"
 
 
 def describe(source_info, fallback=None) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from faxbridge._src.form import Binding, FederatedForm, Stage, TensorSpec
+from faxbridge._src.form import Aggregation, Binding, FederatedForm, Piece, Stage, TensorSpec
 
 
 # --- names and sizes ----------------------------------------------------------------------------
@@ -144,15 +144,83 @@ def verdict(report, seconds: float, labels: dict[str, str] | None = None) -> str
 
 
 # --- inspect --------------------------------------------------------------------------------------
+def piece_sources(piece: Piece) -> dict[str, tuple[frozenset[str], bool]]:
+  """Per output of ``piece``: the inputs it is computed from, and whether it *is* one of them
+  (passed on unchanged). Empty for a piece read back from JSON (no jaxpr)."""
+  if piece.jaxpr is None:
+    return {}
+  from jax.extend import core as jcore
+
+  jaxpr = piece.jaxpr.jaxpr
+  deps: dict = {v: frozenset([s.name]) for v, s in zip(jaxpr.invars, piece.inputs)}
+  for eqn in jaxpr.eqns:  # an equation's outputs depend on all its inputs (conservative)
+    used = frozenset().union(*(deps.get(a, frozenset()) for a in eqn.invars
+                               if not isinstance(a, jcore.Literal)))
+    deps.update((v, used) for v in eqn.outvars)
+  invars = set(jaxpr.invars)
+  return {s.name: (frozenset(), False) if isinstance(v, jcore.Literal)
+          else (deps.get(v, frozenset()), v in invars)
+          for v, s in zip(jaxpr.outvars, piece.outputs)}
+
+
+def aggregate_uses(form: FederatedForm) -> dict[str, list[str]]:
+  """Per aggregate (internal name): the outputs and later stages' broadcasts computed from it,
+  broadcasts first (internal names). This is the link from one stage's aggregate to the next
+  stage's broadcast; empty lists for a form read back from JSON (its pieces have no jaxpr)."""
+  reach: dict[str, set[str]] = {}
+  for piece in [s.server_prepare for s in form.stages[1:]] + [form.server_result]:
+    for out, (ins, _) in piece_sources(piece).items():
+      for i in ins:
+        reach.setdefault(i, set()).add(out)
+  out_names = {b.name for b in form.outputs}
+  broadcasts = {n for s in form.stages for n in s.broadcasts}
+
+  def closure(name: str) -> set[str]:
+    seen, todo = {name}, [name]  # an aggregate broadcast as it is reaches itself
+    while todo:
+      for nxt in reach.get(todo.pop(), ()):
+        if nxt not in seen:
+          seen.add(nxt)
+          todo.append(nxt)
+    return seen
+
+  uses = {}
+  for stage in form.stages:
+    later = {n for s in form.stages[stage.index + 1:] for n in s.broadcasts}
+    for agg in stage.aggregations:
+      found = [n for n in closure(agg.result.name) if n in out_names or n in later]
+      uses[agg.result.name] = sorted(found, key=lambda n: (n not in broadcasts, n))
+  return uses
+
+
+def server_labels(form: FederatedForm) -> dict[str, str]:
+  """:func:`leaf_labels` and each aggregate as the user named it (``mean_delta['w1']``): every
+  server value people may meet in ``inspect`` or the drawing, by internal name."""
+  labels = leaf_labels(form)
+  for stage in form.stages:
+    for agg in stage.aggregations:
+      labels.setdefault(agg.result.name, agg.user_result)
+  return labels
+
+
 def _bindings(form: FederatedForm, bindings: Sequence[Binding], output: bool) -> list[tuple]:
   return [(user_name(b, form.arg_names, output), b.placement.value, shape_text(b.spec),
            size_text(b.spec.nbytes), b.name) for b in bindings]
 
 
-def _aggregation_text(agg, labels: dict[str, str]) -> str:
-  weight = f", weight {labels.get(agg.weight, agg.weight)}" if agg.weight else ""
-  return (f"{agg.label}({labels.get(agg.value, agg.value)}{weight}) -> {agg.result.name} "
-          f"{shape_text(agg.result)}")
+def _aggregation_text(agg: Aggregation, labels: dict[str, str], becomes: Sequence[str],
+                      size: int) -> str:
+  """``weighted_mean(deltas['w1'], weight weights) -> mean_delta['w1'] f32[64,32] (8.0 KiB up)``,
+  then the internal names (plan.json's) in brackets; a result the user did not name is shown with
+  the one output it becomes (``-> aggregate4 = out[1]``)."""
+  # An upload that is a client input as is shows as that input (data['n']).
+  weight = f", weight {labels.get(agg.weight, agg.user_weight)}" if agg.weight else ""
+  result = agg.user_result
+  if "result" not in agg.names and len(becomes) == 1:
+    result = f"{result} = {becomes[0]}"
+  leaves = ", ".join([agg.value, *([agg.weight] if agg.weight else [])])
+  return (f"{agg.label}({labels.get(agg.value, agg.user_value)}{weight}) -> {result} "
+          f"{shape_text(agg.result)} ({size_text(size)} up) [{leaves} -> {agg.result.name}]")
 
 
 def _broadcast_specs(stage: Stage) -> list[TensorSpec]:
@@ -175,6 +243,13 @@ def form_text(form: FederatedForm, title: str) -> str:
   """Inputs and outputs by the user's names, and each stage with what a client downloads and
   uploads."""
   labels = leaf_labels(form)
+  uses = aggregate_uses(form)
+  shown = server_labels(form)
+  made_by = {a.result.name: (stage.index, a) for stage in form.stages for a in stage.aggregations}
+  fed_by: dict[str, list[str]] = {}  # broadcast -> the earlier aggregates it is computed from
+  for name, used in uses.items():
+    for n in used:
+      fed_by.setdefault(n, []).append(name)
   where = (f"{len(form.stages)} stage(s), traced for {form.clients} clients" if form.stages
            else "runs on the server only (no round trip to clients)")
   lines = [f"{title}: {where}", "",
@@ -184,12 +259,25 @@ def form_text(form: FederatedForm, title: str) -> str:
     lines += ["", f"stage {stage.index}: each client downloads {size_text(traffic['download'])} "
               f"and uploads {size_text(traffic['upload'])}"]
     for spec in _broadcast_specs(stage):
-      lines.append(f"  broadcast  {labels.get(spec.name, spec.name)} {shape_text(spec)} "
-                   f"({size_text(spec.nbytes)})")
+      link = ""
+      if spec.name in made_by:  # an aggregate of an earlier stage, broadcast as it is
+        k, agg = made_by[spec.name]
+        link = f" <- the aggregate {agg.label}({agg.user_value}) of stage {k}"
+      elif spec.name in fed_by:
+        froms = ", ".join(f"{shown[n]} (stage {made_by[n][0]})" for n in fed_by[spec.name])
+        link = f" <- computed from the aggregate(s) {froms}"
+      lines.append(f"  broadcast  {shown.get(spec.name, spec.name)} {shape_text(spec)} "
+                   f"({size_text(spec.nbytes)}){link}")
     uploads = _upload_specs(stage)
+    broadcast_in = {n: s.index for s in form.stages for n in s.broadcasts}
     for agg in stage.aggregations:
       size = uploads[agg.value].nbytes if agg.value in uploads else 0
-      lines.append(f"  aggregate  {_aggregation_text(agg, labels)} ({size_text(size)} up)")
+      used = uses[agg.result.name]
+      outputs = [shown.get(n, n) for n in used if n not in broadcast_in]
+      lines.append(f"  aggregate  {_aggregation_text(agg, labels, outputs, size)}")
+      for n in (n for n in used if n in broadcast_in):  # the link to a later stage
+        what = "as it is" if n == agg.result.name else f"in {shown.get(n, n)}"
+        lines.append(f"             -> broadcast {what} in stage {broadcast_in[n]}")
   return "\n".join(lines + dp_lines(form))
 
 
@@ -226,5 +314,6 @@ def jaxpr_legend(traced, form: FederatedForm) -> str:
                               for letter, b in zip(input_names(traced), form.inputs))
 
 
-__all__ = ["dp_lines", "files_summary", "form_text", "jaxpr_legend", "leaf_labels", "shape_text",
-           "size_text", "table", "user_name", "user_steps", "verdict", "verify_table"]
+__all__ = ["aggregate_uses", "dp_lines", "files_summary", "form_text", "jaxpr_legend", "leaf_labels",
+           "piece_sources", "server_labels", "shape_text", "size_text", "table", "user_name",
+           "user_steps", "verdict", "verify_table"]

@@ -9,6 +9,7 @@ read from :data:`faxbridge._src.aggregations.AGGREGATIONS`: its kind and the par
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -35,6 +36,7 @@ from faxbridge._src.jax_internals import PYTHON_CALLBACKS
 from faxbridge._src.locations import describe, enclosing
 from faxbridge._src.placements import CLIENTS, SERVER, Placement
 from faxbridge._src.primitives import broadcast_p, map_p
+from faxbridge._src.user_names import aggregation_names
 
 
 def split(comp: Computation | TracedComputation, *example_args) -> FederatedForm:
@@ -90,6 +92,16 @@ def _inline_federated_calls(closed: jcore.ClosedJaxpr) -> jcore.ClosedJaxpr:
     return closed
   return jax.make_jaxpr(lambda *a: interpret(closed.jaxpr, closed.consts, None, *a))(
       *closed.in_avals)
+
+
+def _unique(name: str, taken: set[str]) -> str:
+  """``name``, or ``name #2``, ``name #3``... when taken (``fb.mean(x)`` twice in one stage)."""
+  candidate, i = name, 1
+  while candidate in taken:
+    i += 1
+    candidate = f"{name} #{i}"
+  taken.add(candidate)
+  return candidate
 
 
 def _tensor_spec(name: str, shape, dtype) -> TensorSpec:
@@ -279,11 +291,15 @@ class _Splitter:
       in_client_env |= {v for v, _ in work_out}
 
       aggs = []
+      shown: set[str] = set()  # the stage's aggregations as people read them: each name once
       for e in agg_eqns:
         result = e.outvars[0]
         value = self.resolve(e.invars[0])
         weight = self.resolve(e.invars[1]) if len(e.invars) > 1 else None
         rule = AGGREGATIONS[e.primitive]
+        names = dataclasses.asdict(aggregation_names(e, rule.kind))
+        shown_value = _unique(names["value"] or self.var_names[value], shown)
+        names["value"] = shown_value if shown_value != self.var_names[value] else None
         aggs.append(Aggregation(
             kind=rule.kind,
             value=self.var_names[value],
@@ -291,6 +307,7 @@ class _Splitter:
             params={k: e.params[k] for k in rule.params},
             result=_spec(self.name(result, hint("aggregate")), result.aval, SERVER),
             source_info=e.source_info,
+            names={k: v for k, v in names.items() if v},
         ))
       server_state = [*sources, *kept, *(e.outvars[0] for e in agg_eqns)]
       built_stages.append(Stage(
