@@ -266,7 +266,7 @@ def test_the_untampered_export_verifies_from_the_cli(scaled):
   export, inputs = scaled
   rc, out, err = _cli(["verify", export, "--runtime", "jax", "--inputs", inputs])
   assert rc == 0, (out, err)
-  assert out.splitlines()[-1].startswith("OK: 1 output on jax, equal to native")
+  assert out.splitlines()[-1].startswith("OK: 1 output on jax equals native")
 
 
 # --- float64 with jax_enable_x64 ---------------------------------------------------------------
@@ -448,8 +448,8 @@ def test_verify_without_inputs_uses_the_saved_or_the_programs_example_inputs(use
   # A row per output, by the user's name (the manifest's are out_mean, out_spread), each passing.
   rows = [line.split() for line in out.splitlines() if line.startswith(("out ", "out["))]
   assert [r[0] for r in rows] == outputs and all(r[-1] == "pass" for r in rows), out
-  assert out.splitlines()[-1].startswith(f"OK: {len(outputs)} output{'s' * (len(outputs) > 1)} on "
-                                         "jax, ")
+  assert out.splitlines()[-1].startswith(f"OK: all {len(outputs)} outputs on jax equal native"
+                                         if len(outputs) > 1 else "OK: 1 output on jax equals native")
 
 
 # --- progress on a terminal ---------------------------------------------------------------------

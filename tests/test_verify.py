@@ -163,7 +163,7 @@ def test_verify_passes_the_native_outputs_themselves(scaled, monkeypatch):
   calls = _runtime_returning(monkeypatch, lambda outs: outs)
   report = fb.verify(out, *args, runtime="stand-in")
   assert report.ok and len(calls) == 1, str(report)
-  assert str(report).splitlines()[-1].startswith("OK: 1 output on stand-in, equal to native")
+  assert str(report).splitlines()[-1].startswith("OK: 1 output on stand-in equals native")
 
 
 def test_report_names_an_output_off_by_more_than_the_tolerance(scaled, monkeypatch):
@@ -229,7 +229,7 @@ def test_every_row_shows_its_margin_and_the_tolerance_used(centred, monkeypatch)
     assert f"within {bound} * |native|" in text, text
   assert str(strict).splitlines()[-1] == ("MISMATCH: 1 of 2 outputs on stand-in differs from "
                                           "native: out['mean']")
-  assert str(loose).splitlines()[-1].startswith("OK: 2 outputs on stand-in, all equal to native; "
+  assert str(loose).splitlines()[-1].startswith("OK: all 2 outputs on stand-in equal native; "
                                                 "largest err / bound ")
 
 

@@ -201,8 +201,10 @@ def verdict(report, seconds: float | None = None) -> str:
   if not bad:
     worst = max(checks, key=lambda c: c.max_ratio, default=None)
     margin = f"; largest err / bound {_number(worst.max_ratio, 2)}, at {where(worst)}" if worst else ""
-    every = "" if len(checks) == 1 else "all "
-    return f"OK: {counted}, {every}equal to native{margin}{took}"
+    if len(runs) > 1:
+      return f"OK: {counted}, all equal to native{margin}{took}"
+    every, equal = ("", "equals") if len(checks) == 1 else ("all ", "equal")
+    return f"OK: {every}{counted} {equal} native{margin}{took}"
   shown = ", ".join(where(c) for c in bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
   differ = "differs" if len(bad) == 1 else "differ"
   return f"MISMATCH: {len(bad)} of {counted} {differ} from native: {shown}{took}"
