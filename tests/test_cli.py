@@ -257,10 +257,10 @@ def test_verify_exits_1_with_a_mismatch_report_when_the_runtime_computes_somethi
   assert _swap_pieces(tampered, other)
   rc, out, err = _cli(["verify", tampered, "--runtime", "jax", "--inputs", inputs])
   assert rc == 1, (out, err)
-  assert out.splitlines()[-1].startswith("MISMATCH: 1 of 1 output(s) on jax differ: out")
+  assert out.splitlines()[-1].startswith("MISMATCH: 1 of 1 output on jax differs from native: out")
   assert [line.split()[0] for line in out.splitlines()
           if line.endswith("FAIL (exceeds tolerance)")] == ["out"]
-  assert "jax_process: fresh subprocess" in out  # the runtime ran: its values are what differ
+  assert "  process  a fresh Python process" in out  # the runtime ran: its values are what differ
   assert err == ""
 
 
@@ -269,7 +269,7 @@ def test_the_untampered_export_verifies_from_the_cli(scaled):
   export, inputs = scaled
   rc, out, err = _cli(["verify", export, "--runtime", "jax", "--inputs", inputs])
   assert rc == 0, (out, err)
-  assert out.splitlines()[-1].startswith("OK: 1 output(s) on jax equal native")
+  assert out.splitlines()[-1].startswith("OK: 1 output on jax equals native")
 
 
 # --- float64 with jax_enable_x64 ---------------------------------------------------------------
@@ -286,7 +286,7 @@ def test_float64_export_verifies_with_x64_and_is_refused_without(tmp_path):
   without = _start(["verify", out, "--runtime", "jax", "--inputs", inputs])
   rc, stdout, err = _cli(["verify", out, "--runtime", "jax", "--inputs", inputs], x64=True)
   assert rc == 0, (stdout, err)
-  assert stdout.splitlines()[-1].startswith("OK: 1 output(s) on jax")
+  assert stdout.splitlines()[-1].startswith("OK: 1 output on jax")
   rc, stdout, err = _finish(without)
   assert rc == 2 and "Traceback" not in err
   assert "64-bit input(s) ['values'] but jax_enable_x64 is off" in err
@@ -475,7 +475,8 @@ def test_verify_without_inputs_uses_the_saved_or_the_programs_example_inputs(use
   # A row per output, by the user's name (the manifest's are out_mean, out_spread), each passing.
   rows = [line.split() for line in out.splitlines() if line.startswith(("out ", "out["))]
   assert [r[0] for r in rows] == outputs and all(r[-1] == "pass" for r in rows), out
-  assert out.splitlines()[-1].startswith(f"OK: {len(outputs)} output(s) on jax equal native")
+  assert out.splitlines()[-1].startswith(f"OK: all {len(outputs)} outputs on jax equal native"
+                                         if len(outputs) > 1 else "OK: 1 output on jax equals native")
 
 
 # --- progress on a terminal ---------------------------------------------------------------------
@@ -615,10 +616,10 @@ def test_verify_on_a_terminal_shows_the_rounds_tff_reports_while_it_runs(tmp_pat
   # The runner's rounds, then (a single-stage round) the MapReduceForm and DistributeAggregateForm
   # rebuilds' rounds, all before the native side starts.
   assert tff == ["tff: initialize", "tff: round 1 of 2", "tff: round 2 of 2"], steps
-  for form in ("mapreduce", "distribute_aggregate"):
-    assert [s for s in steps if s.startswith(f"tff ({form} rebuilt): ")] == [
-        f"tff ({form} rebuilt): initialize", f"tff ({form} rebuilt): round 1 of 2",
-        f"tff ({form} rebuilt): round 2 of 2"], steps
+  for form in ("MapReduceForm", "DistributeAggregateForm"):
+    run = f"tff (next rebuilt from {form})"
+    assert [s for s in steps if s.startswith(f"{run}: ")] == [
+        f"{run}: initialize", f"{run}: round 1 of 2", f"{run}: round 2 of 2"], steps
   assert steps.index("tff: round 2 of 2") < steps.index("running natively (XLA)")
   # Each round was printed when TFF started it (the file is read while the runner runs), not all
   # at the end: the rounds' times differ.
@@ -702,7 +703,7 @@ def test_every_help_example_runs_as_written(tmp_path):
     if argv[1] == "verify":
       assert out.splitlines()[-1].startswith("OK: "), (line, out)
     if "verify build/fedavg_tff" in line:  # every round of the process, by the user's names
-      assert "round5/out[0]['w1']" in out and "[mapreduce rebuilt] all " in out, out
+      assert "round5/out[0]['w1']" in out and "[next rebuilt from MapReduceForm] all " in out, out
   assert (tmp_path / "build" / "fedavg_tff.inputs.npz").is_file()
   assert (tmp_path / "build" / "fedavg_round.html").is_file()
   written = {p.name for p in tmp_path.iterdir()}

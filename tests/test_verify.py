@@ -46,6 +46,23 @@ def test_compare_fails_on_dtype_mismatch_even_when_values_are_equal(native, othe
   assert check.problem == f"dtype {np.asarray(other).dtype}, native {np.asarray(native).dtype}"
 
 
+def test_the_margin_against_the_bound_is_what_decides_pass_and_fail():
+  """A relative error above rtol passes where atol covers it: the margin (|err| over atol + rtol *
+  |native|, computed here by hand) says so, and is above 1 exactly for the outputs that fail."""
+  native = np.array([0.01, 1.0, -4.0], np.float32)
+  close = native + np.array([5e-7, 0, 0], np.float32)  # rel 5e-5 > rtol, within 1e-6 + 1e-7
+  far = native + np.array([0, 0, -8e-5], np.float32)    # beyond 1e-6 + 4e-5
+  for other, passes in [(close, True), (far, False)]:
+    check = fv.compare("y", native, other)
+    diff = np.abs(other.astype(np.float64) - native.astype(np.float64))
+    want = float(np.max(diff / (1e-6 + 1e-5 * np.abs(native.astype(np.float64)))))
+    assert check.ok is passes and check.max_ratio == pytest.approx(want, rel=1e-9)
+    assert (check.max_ratio <= 1) is passes
+  assert fv.compare("y", native, close).max_rel > fv.RTOL  # the row that used to read as a contradiction
+  assert fv.compare("n", np.int32(3), np.int32(3)).max_ratio == 0  # integers: no slack at all
+  assert fv.compare("n", np.int32(3), np.int32(4)).max_ratio == float("inf")
+
+
 def test_compare_fails_on_shape_mismatch():
   check = fv.compare("y", np.zeros((2, 3), np.float32), np.zeros((3, 2), np.float32))
   assert not check.ok and check.problem == "shape (3, 2), native (2, 3)"
@@ -89,6 +106,15 @@ def scaled(tmp_path_factory):
   args = progs.example_inputs()
   out = fb.export(progs.scaled_mean, *args, target="stablehlo",
                   out_dir=tmp_path_factory.mktemp("verify") / "scaled")
+  return out, args
+
+
+@pytest.fixture(scope="module")
+def centred(tmp_path_factory):
+  """centred (outputs a dict: out['mean'], out['spread']) exported to stablehlo, and its inputs."""
+  args = progs.centred_inputs()
+  out = fb.export(progs.centred, *args, target="stablehlo",
+                  out_dir=tmp_path_factory.mktemp("verify") / "centred")
   return out, args
 
 
@@ -138,7 +164,7 @@ def test_verify_passes_the_native_outputs_themselves(scaled, monkeypatch):
   calls = _runtime_returning(monkeypatch, lambda outs: outs)
   report = fb.verify(out, *args, runtime="stand-in")
   assert report.ok and len(calls) == 1, str(report)
-  assert "OK" in str(report).splitlines()[0]
+  assert str(report).splitlines()[-1].startswith("OK: 1 output on stand-in equals native")
 
 
 def test_report_names_an_output_off_by_more_than_the_tolerance(scaled, monkeypatch):
@@ -147,8 +173,8 @@ def test_report_names_an_output_off_by_more_than_the_tolerance(scaled, monkeypat
   report = fb.verify(out, *args, runtime="stand-in")
   assert not report.ok
   text = str(report)
-  assert "MISMATCH" in text.splitlines()[0]
-  assert "out" in text and "<-- exceeds tolerance" in text
+  assert text.splitlines()[-1] == "MISMATCH: 1 of 1 output on stand-in differs from native: out"
+  assert "FAIL (exceeds tolerance)" in text
   with pytest.raises(VerificationError, match="verification failed"):
     report.raise_if_failed()
 
@@ -159,7 +185,7 @@ def test_report_fails_a_missing_output_as_missing(scaled, monkeypatch):
   report = fb.verify(out, *args, runtime="stand-in")
   assert not report.ok
   assert [c.problem.split(":")[0] for c in report.checks] == ["missing"]
-  assert "MISMATCH" in str(report) and "<-- missing" in str(report)
+  assert "MISMATCH" in str(report) and "FAIL (missing: " in str(report)
 
 
 def test_report_fails_a_float_where_the_export_gives_an_int(counting, monkeypatch):
@@ -167,7 +193,59 @@ def test_report_fails_a_float_where_the_export_gives_an_int(counting, monkeypatc
   _runtime_returning(monkeypatch, lambda outs: {k: v.astype(np.float32) for k, v in outs.items()})
   report = fb.verify(out, *args, runtime="stand-in")
   assert not report.ok
-  assert "<-- dtype float32, native int32" in str(report)
+  assert "FAIL (dtype float32, native int32)" in str(report)
+
+
+def _rows(text: str) -> dict[str, list[str]]:
+  """The table of a printed report: each row's cells by output (columns two or more spaces apart)."""
+  import re
+
+  lines = text.splitlines()
+  start = next(i for i, line in enumerate(lines) if line.startswith("output "))
+  rows = {}
+  for line in lines[start + 2:]:
+    if not line:
+      return rows
+    cells = re.split(r"  +", line)
+    rows[cells[0]] = cells[1:]
+  return rows
+
+
+def test_every_row_shows_its_margin_and_the_tolerance_used(centred, monkeypatch):
+  """Outputs by the user's names; a row passes exactly when its err / bound is at most 1; the
+  tolerance printed is the one verify was given; the verdict counts what it compared."""
+  out, args = centred
+  # mean off by 3e-5 * (1 + |mean|): beyond 1e-6 + 1e-5 * |mean|, within 1e-4 + 1e-4 * |mean|.
+  _runtime_returning(monkeypatch, lambda outs: {
+      k: v + np.float32(3e-5) * (1 + np.abs(v)) if k == "out_mean" else v for k, v in outs.items()})
+  strict = fb.verify(out, *args, runtime="stand-in")
+  loose = fb.verify(out, *args, runtime="stand-in", rtol=1e-4, atol=1e-4)
+  for report, mean_ok, bound in [(strict, False, "1e-06 + 1e-05"), (loose, True, "0.0001 + 0.0001")]:
+    text = str(report)
+    rows = _rows(text)
+    assert sorted(rows) == ["out['mean']", "out['spread']"], text  # not out_mean, out_spread
+    for _, _, ratio, result in rows.values():
+      assert (float(ratio) <= 1) is result.startswith("pass"), text
+    assert rows["out['mean']"][3].startswith("pass" if mean_ok else "FAIL"), text
+    assert f"within {bound} * |native|" in text, text
+  assert str(strict).splitlines()[-1] == ("MISMATCH: 1 of 2 outputs on stand-in differs from "
+                                          "native: out['mean']")
+  assert str(loose).splitlines()[-1].startswith("OK: all 2 outputs on stand-in equal native; "
+                                                "largest err / bound ")
+
+
+def test_print_report_is_what_the_command_line_prints(scaled, tmp_path, monkeypatch, capsys):
+  """One renderer: ``faxbridge verify``'s stdout is ``print(report)`` with the time added."""
+  from faxbridge._src import cli
+
+  out, args = scaled
+  inputs = tmp_path / "inputs.npz"
+  np.savez(inputs, scale=args[0], values=args[1])
+  report = fb.verify(out, *args, runtime="iree")
+  assert cli.main(["verify", str(out), "--runtime", "iree", "--inputs", str(inputs)]) == 0
+  printed = capsys.readouterr().out.rstrip("\n")
+  text, last = printed.rsplit("; ", 1)
+  assert text == str(report) and last.endswith(" s in all"), printed
 
 
 def test_python_scalars_are_typed_as_the_export_typed_them(scaled, tmp_path, monkeypatch):

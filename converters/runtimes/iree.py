@@ -101,5 +101,6 @@ def verify_run(export_dir: Path, manifest: dict, inputs: dict[str, np.ndarray],
                             "pip install iree-base-compiler==3.13.0 iree-base-runtime==3.13.0") from e
   modules = _Modules(export_dir, plan)
   outputs = run_plan(plan, modules, inputs, rounds, who="iree")
-  return RuntimeResult(outputs=outputs, info={"iree_pieces": len(modules.functions),
-                                              "iree_flags": " ".join(COMPILE_FLAGS)})
+  return RuntimeResult(outputs=outputs, info={
+      "IREE modules": f"{len(modules.functions)}, one per piece of plan.json, compiled with "
+                      f"{' '.join(COMPILE_FLAGS)}"})

@@ -64,7 +64,9 @@ def verify_run(export_dir: Path, manifest: dict, inputs: dict[str, np.ndarray],
     if code != 0:
       raise VerificationError(f"runtime 'jax' failed (exit {code}):\n{stderr[-4000:]}")
     outputs = jax_runner.load(out_path)
-  return RuntimeResult(outputs=outputs, info={"jax_process": "fresh subprocess"})
+  return RuntimeResult(outputs=outputs, info={
+      "process": "a fresh Python process, which deserialized the pieces' jax.export files (nothing "
+                 "of this process's traces or compiled code)"})
 
 
 def _x64_env() -> dict[str, str]:

@@ -56,4 +56,5 @@ def verify_run(export_dir: Path, manifest: dict, inputs: dict[str, np.ndarray],
     raise VerificationError("runtime 'litert' needs ai-edge-litert: pip install ai-edge-litert") from e
   runners = _Runners(export_dir, plan)
   return RuntimeResult(outputs=run_plan(plan, runners, inputs, rounds, who="litert"),
-                       info={"litert_pieces": len(runners.runners)})
+                       info={"LiteRT interpreters": f"{len(runners.runners)}, one per piece of "
+                                                    "plan.json"})

@@ -185,15 +185,20 @@ class Progress:
   unless stderr is a terminal (pipes, CI logs and tests see only the results on stdout).
 
   The command's own steps are calls; the library's are its events (``faxbridge._src.events``),
-  received while :meth:`listening`. Nothing of the library is replaced to report them."""
+  received while :meth:`listening`. Nothing of the library is replaced to report them. Its clock,
+  started once with the command, is also the one the command's summary reads (:meth:`elapsed`), so
+  the last step's time and the summary's never disagree."""
 
   def __init__(self, enabled: bool):
     self.enabled, self.start = enabled, time.perf_counter()
 
+  def elapsed(self, at: float | None = None) -> float:
+    """Seconds from the command's start to ``at`` (a ``time.perf_counter()`` value) or now."""
+    return (time.perf_counter() if at is None else at) - self.start
+
   def __call__(self, message: str, at: float | None = None) -> None:
     if self.enabled:
-      seconds = (time.perf_counter() if at is None else at) - self.start
-      print(f"[{seconds:6.1f} s] {message}", file=sys.stderr, flush=True)
+      print(f"[{self.elapsed(at):6.1f} s] {message}", file=sys.stderr, flush=True)
 
   def event(self, event: events.Event) -> None:
     self(event.message, event.time)
@@ -286,12 +291,10 @@ def cmd_export(ns: argparse.Namespace) -> int:
   progress = ns.progress
   progress(f"importing {ns.program}")
   program, args = _load(ns.program, ns.example_inputs)
-  start = time.perf_counter()
   with progress.listening():
     out = fb.export(program, *args, target=target.name, out_dir=ns.output, force=ns.force,
                     **options)
-  seconds = time.perf_counter() - start
-  print(f"exported {ns.program} to {out} ({target.name}) in {seconds:.1f} s\n")
+  print(f"exported {ns.program} to {out} ({target.name}) in {progress.elapsed():.1f} s\n")
   print(render.files_summary(out))
   if ns.save_inputs is not None:
     path = Path(ns.save_inputs) if ns.save_inputs else _sidecar(out)
@@ -330,15 +333,10 @@ def cmd_verify(ns: argparse.Namespace) -> int:
   else:
     raise UsageError(f"no inputs: pass --inputs FILE.npz or --program MODULE:ATTR (its example "
                      f"inputs), or export with --save-inputs to write {_sidecar(export_dir)}")
-  start = time.perf_counter()
   with progress.listening():
     report = fb.verify(export_dir, *args, runtime=ns.runtime, inputs=inputs,
                        rounds=ns.rounds or _VERIFY_ROUNDS)
-  seconds = time.perf_counter() - start
-  labels = render.output_labels(manifest)
-  print(f"{report.export_dir} on {report.runtime}\n")
-  print(render.verify_table(report, labels))
-  print(f"\n{render.verdict(report, seconds, labels)}")
+  print(render.verification_text(report, progress.elapsed()))
   return 0 if report.ok else 1
 
 
@@ -416,7 +414,6 @@ def cmd_demo(ns: argparse.Namespace) -> int:
   target): exported, then proven on the demo's runtime."""
   import faxbridge as fb
   from faxbridge._src import render
-  from faxbridge._src.export import read_manifest
 
   demos = _demos()
   if not demos:
@@ -433,18 +430,14 @@ def cmd_demo(ns: argparse.Namespace) -> int:
   program, args = _load(demo.program, demo.example_inputs)
   module = demo.program.partition(":")[0].rsplit(".", 1)[-1]
   out = Path(ns.output or tempfile.mkdtemp(prefix="faxbridge-demo-")) / f"{module}_{target.name}"
-  start = time.perf_counter()
   with progress.listening():
     fb.export(program, *args, target=target.name, out_dir=out, force=True)
-  print(f"exported {demo.program} to {out} in {time.perf_counter() - start:.1f} s\n")
+  print(f"exported {demo.program} to {out} in {progress.elapsed():.1f} s\n")
   print(render.files_summary(out))
   print(f"\nrunning {rounds} rounds on {runtime.name} ({runtime.summary}) and natively...")
-  start = time.perf_counter()
   with progress.listening():
     report = fb.verify(out, *args, runtime=runtime.name, rounds=rounds)
-  labels = render.output_labels(read_manifest(out))
-  print(render.verify_table(report, labels))
-  print(f"\n{render.verdict(report, time.perf_counter() - start, labels)}")
+  print(render.verification_text(report, progress.elapsed()))
   return 0 if report.ok else 1
 
 

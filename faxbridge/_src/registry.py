@@ -38,9 +38,10 @@ RUNTIME_GROUP = "faxbridge.runtimes"
 
 @dataclasses.dataclass
 class RuntimeResult:
-  """What a runtime returns: outputs by name (``round{r}/NAME`` for iterative processes), and
-  named extra result sets to compare the same way (e.g. the program rebuilt from another form of
-  it by the runtime)."""
+  """What a runtime returns: outputs by name (``round{r}/NAME`` for iterative processes), named
+  extra result sets to compare the same way (further runs, e.g. the program rebuilt from another
+  form of it by the runtime; the name is the report's label of the run), and ``info``: notes for
+  the report's reader, each value under a label a person reads (``"execution context"``)."""
 
   outputs: dict[str, np.ndarray]
   extra_outputs: dict[str, dict[str, np.ndarray]] = dataclasses.field(default_factory=dict)

@@ -2,12 +2,14 @@
 outputs, and the stages of a federated form as text. The round drawn as a page is
 :mod:`faxbridge._src.drawing`, which names leaves with the functions here.
 
-Only the CLI (and the drawing) import this module; nothing here changes what is exported or how it
+The CLI, the drawing and a verification report's ``str`` (so ``print(report)`` and ``faxbridge
+verify`` print the same text) import this module; nothing here changes what is exported or how it
 is compared.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -104,43 +106,108 @@ def _label(key: str, labels: dict[str, str]) -> str:
   return f"{prefix}/{labels.get(name, name)}" if prefix else labels.get(name, name)
 
 
-def verify_table(report, labels: dict[str, str] | None = None) -> str:
-  """Per output (and per extra result set, e.g. TFF's MapReduceForm rebuild): max abs and max rel
-  error and pass/FAIL with the reason; then the runtime's notes. ``labels`` (see
-  :func:`output_labels`) shows outputs by the user's names."""
-  from faxbridge._src.verify import ATOL, RTOL
+def _count(n: int, what: str) -> str:
+  return f"{n} {what}{'' if n == 1 else 's'}"
 
-  labels = labels or {}
 
-  def row(name, c):
-    name = _label(name, labels) if not name.startswith("[") else name
-    return (name, f"{c.max_abs:.3g}", f"{c.max_rel:.3g}",
+def _number(x: float, digits: int = 3) -> str:
+  return "inf" if x == float("inf") else f"{x:.{digits}g}"
+
+
+def _outputs_text(report) -> str:
+  """What one run's outputs are: ``14 outputs: initialize's 4, then next's 5 in each of 2
+  rounds``, or ``2 outputs``."""
+  total = _count(len(report.checks), "output")
+  if not report.rounds:
+    return total
+  first = sum(c.name.startswith("initialize/") for c in report.checks)
+  per_round = (len(report.checks) - first) // report.rounds
+  return (f"{total}: initialize's {first}, then next's {per_round} in each of "
+          f"{_count(report.rounds, 'round')}")
+
+
+def _runs(report) -> list[str]:
+  """The runs compared with native: the runtime's own, then each further one it made."""
+  return [report.runtime, *report.extra_checks]
+
+
+def verification_text(report, seconds: float | None = None) -> str:
+  """A :class:`~faxbridge._src.verify.VerificationReport` for a person: what ran and what it was
+  compared with; a row per output (per further run, e.g. TFF's round rebuilt from its
+  MapReduceForm, one row when all of its outputs pass) with its largest absolute and relative
+  error and ``err / bound``, its margin against the tolerance, so ``pass`` and ``FAIL`` can be
+  read off the row; what the tolerance is; the runtime's notes by label; and a verdict saying what
+  was counted. ``seconds`` (the command line's clock) ends the verdict. ``print(report)`` and
+  ``faxbridge verify`` both print this."""
+  labels = report.labels
+
+  def row(name: str, c) -> tuple[str, ...]:
+    return (name, _number(c.max_abs), _number(c.max_rel), _number(c.max_ratio, 2),
             "pass" if c.ok else f"FAIL ({c.problem or 'exceeds tolerance'})")
 
-  rows = [row(c.name, c) for c in report.checks]
-  for label, checks in report.extra_checks.items():
-    if all(c.ok for c in checks):
-      # A rebuilt form (TFF's MapReduceForm) repeats every output: one line when all agree.
-      rows.append((f"[{label}] all {len(checks)} outputs",
-                   f"{max((c.max_abs for c in checks), default=0.0):.3g}",
-                   f"{max((c.max_rel for c in checks), default=0.0):.3g}", "pass"))
+  rows = [row(_label(c.name, labels), c) for c in report.checks]
+  for run, checks in report.extra_checks.items():
+    if checks and all(c.ok for c in checks):
+      # A further run repeats every output: one line when all pass.
+      worst = max(checks, key=lambda c: c.max_ratio)
+      rows.append(row(f"[{run}] all {_count(len(checks), 'output')}", _worst_of(checks, worst)))
     else:
-      rows += [row(f"[{label}] {_label(c.name, labels)}", c) for c in checks]
-  lines = [table(["output", "max abs err", "max rel err", "result"], rows, right=[1, 2]),
-           f"tolerance: |runtime - native| <= {ATOL:g} + {RTOL:g} * |native|; integers and "
-           "booleans equal"]
-  lines += [f"{key}: {value}" for key, value in sorted(report.info.items())]
-  return "\n".join(lines)
+      rows += [row(f"[{run}] {_label(c.name, labels)}", c) for c in checks]
+  bound = f"{report.atol:g} + {report.rtol:g} * |native|"
+  lines = [f"{report.export_dir} on {report.runtime} against the export's native program (native/), "
+           f"{_outputs_text(report)}", "",
+           table(["output", "max abs err", "max rel err", "err / bound", "result"], rows,
+                 right=[1, 2, 3]), "",
+           f"pass: every element within {bound} (floats) or equal (integers, booleans), with "
+           "native's dtype and shape",
+           f"err / bound: an output's largest |runtime - native| / ({bound}); at most 1 passes"]
+  if report.extra_checks:
+    lines.append(f"[run]: a further run {report.runtime} made, each output compared with native "
+                 "as above (one row when all pass)")
+  if report.info:
+    lines += ["", f"about the run on {report.runtime}:"]
+    width = max(len(str(k)) for k in report.info)
+    lines += [f"  {k!s:{width}s}  {v}" for k, v in report.info.items()]
+  return "\n".join([*lines, "", verdict(report, seconds)])
 
 
-def verdict(report, seconds: float, labels: dict[str, str] | None = None) -> str:
-  checks = [*report.checks, *(c for cs in report.extra_checks.values() for c in cs)]
-  bad = [_label(c.name, labels or {}) for c in checks if not c.ok]
+def _worst_of(checks, worst):
+  """One row standing for ``checks``: each column's largest value."""
+  return dataclasses.replace(worst, max_abs=max(c.max_abs for c in checks),
+                             max_rel=max(c.max_rel for c in checks))
+
+
+def verdict(report, seconds: float | None = None) -> str:
+  """One line: OK or MISMATCH, counting the comparisons (outputs x runs), the worst margin and
+  where, and the time when ``seconds`` is given."""
+  labels = report.labels
+  runs = _runs(report)
+  per_run = _count(len(report.checks), "output")
+  checks = report.all_checks()
+  if len(runs) == 1:
+    counted = f"{per_run} on {report.runtime}"
+  else:
+    counted = (f"{len(report.checks)} outputs x {len(runs)} runs ({'; '.join(runs)}) = "
+               f"{len(checks)} comparisons")
+  took = f"; {seconds:.1f} s in all" if seconds is not None else ""
+
+  def where(c) -> str:
+    for run, extra in report.extra_checks.items():
+      if any(e is c for e in extra):
+        return f"{_label(c.name, labels)} of [{run}]"
+    return _label(c.name, labels)
+
+  bad = [c for c in checks if not c.ok]
   if not bad:
-    return (f"OK: {len(checks)} output(s) on {report.runtime} equal native (max abs err "
-            f"{report.max_abs:.3g}, max rel err {report.max_rel:.3g}) in {seconds:.1f} s")
-  shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
-  return f"MISMATCH: {len(bad)} of {len(checks)} output(s) on {report.runtime} differ: {shown}"
+    worst = max(checks, key=lambda c: c.max_ratio, default=None)
+    margin = f"; largest err / bound {_number(worst.max_ratio, 2)}, at {where(worst)}" if worst else ""
+    if len(runs) > 1:
+      return f"OK: {counted}, all equal to native{margin}{took}"
+    every, equal = ("", "equals") if len(checks) == 1 else ("all ", "equal")
+    return f"OK: {every}{counted} {equal} native{margin}{took}"
+  shown = ", ".join(where(c) for c in bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+  differ = "differs" if len(bad) == 1 else "differ"
+  return f"MISMATCH: {len(bad)} of {counted} {differ} from native: {shown}{took}"
 
 
 # --- inspect --------------------------------------------------------------------------------------
@@ -316,4 +383,4 @@ def jaxpr_legend(traced, form: FederatedForm) -> str:
 
 __all__ = ["aggregate_uses", "dp_lines", "files_summary", "form_text", "jaxpr_legend", "leaf_labels",
            "piece_sources", "server_labels", "shape_text", "size_text", "table", "user_name",
-           "user_steps", "verdict", "verify_table"]
+           "user_steps", "verdict", "verification_text"]

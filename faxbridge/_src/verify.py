@@ -8,7 +8,10 @@ Python source.
 
 Tolerance (documented contract): float outputs must satisfy ``|runtime - native| <= atol + rtol *
 |native|`` elementwise with ``rtol = 1e-5`` and ``atol = 1e-6`` (float32 rounding differs between
-XLA, TensorFlow and TFLite kernels; ``atol`` covers values that cancel to about zero). Integer and
+XLA, TensorFlow and TFLite kernels; ``atol`` covers values that cancel to about zero). Each output's
+``max_ratio`` is its margin against that bound (the largest ``|runtime - native| / (atol + rtol *
+|native|)``; at most 1 passes), so a relative error above ``rtol`` that ``atol`` covers reads as the
+pass it is. Integer and
 boolean outputs must be equal. An output must also have the native dtype and shape (a float ``3.0``
 is not an integer ``3``), and every native output must come back from the runtime: anything else
 fails that output with the reason in the report.
@@ -28,7 +31,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from faxbridge._src import registry
+from faxbridge._src import registry, render
 from faxbridge._src.errors import VerificationError
 from faxbridge._src.events import emit
 from faxbridge._src.export_reader import check_files, contained_file, read_export_manifest
@@ -40,22 +43,39 @@ RTOL, ATOL = 1e-5, 1e-6
 
 @dataclasses.dataclass(frozen=True)
 class OutputCheck:
+  """One output compared: the largest absolute and relative difference from native, and
+  ``max_ratio``, the largest ``|runtime - native| / (atol + rtol * |native|)`` over its elements
+  (its margin against the tolerance: a float output passes when it is at most 1; integers and
+  booleans have no slack, so it is 0 when they are equal and infinite when not)."""
+
   name: str
   max_abs: float
   max_rel: float
+  max_ratio: float
   ok: bool
   problem: str = ""  # why it failed other than by tolerance: dtype, shape, missing, unexpected
 
 
 @dataclasses.dataclass
 class VerificationReport:
-  """Per output, the largest absolute and relative difference between runtime and native."""
+  """Every output of one run on a runtime compared with native, and of each further run the
+  runtime made (``extra_checks``, e.g. TFF's round rebuilt from its MapReduceForm).
+
+  ``info`` is what the runtime tells the reader, by label (``{"execution context": "..."}``);
+  ``labels`` names outputs as the user indexes them (``out_0_w1`` -> ``out[0]['w1']``); ``rounds``
+  is 0 for a computation. Printed, it is the report the command line prints (one renderer:
+  :func:`faxbridge._src.render.verification_text`).
+  """
 
   export_dir: str
   runtime: str
   checks: list[OutputCheck]
   extra_checks: dict[str, list[OutputCheck]]
   info: dict[str, Any]
+  rounds: int = 0
+  rtol: float = RTOL
+  atol: float = ATOL
+  labels: dict[str, str] = dataclasses.field(default_factory=dict)
 
   @property
   def ok(self) -> bool:
@@ -70,24 +90,22 @@ class VerificationReport:
   def max_rel(self) -> float:
     return max((c.max_rel for c in self.checks), default=0.0)
 
+  @property
+  def max_ratio(self) -> float:
+    """The smallest margin of any comparison against the tolerance (at most 1: all pass)."""
+    return max((c.max_ratio for c in self.all_checks()), default=0.0)
+
+  def all_checks(self) -> list[OutputCheck]:
+    """Every comparison: the runtime's outputs, then each further run's."""
+    return [*self.checks, *(c for checks in self.extra_checks.values() for c in checks)]
+
   def raise_if_failed(self) -> VerificationReport:
     if not self.ok:
       raise VerificationError(f"verification failed:\n{self}")
     return self
 
   def __str__(self) -> str:
-    lines = [f"{self.export_dir} on {self.runtime}: {'OK' if self.ok else 'MISMATCH'} "
-             f"(rtol={RTOL}, atol={ATOL})",
-             f"  {'output':40s} {'max abs err':>12s} {'max rel err':>12s}"]
-    for label, checks in [("", self.checks), *self.extra_checks.items()]:
-      if label:
-        lines.append(f"  [{label}]")
-      for c in checks:
-        mark = "" if c.ok else f"  <-- {c.problem or 'exceeds tolerance'}"
-        lines.append(f"  {c.name:40s} {c.max_abs:12.3g} {c.max_rel:12.3g}{mark}")
-    for key, value in sorted(self.info.items()):
-      lines.append(f"  {key}: {value}")
-    return "\n".join(lines)
+    return render.verification_text(self)
 
 
 def compare(name: str, native: Any, other: Any, rtol: float = RTOL,
@@ -100,18 +118,18 @@ def compare(name: str, native: Any, other: Any, rtol: float = RTOL,
   program computed them.
   """
   a, b = np.asarray(native), np.asarray(other)
+  inf = float("inf")
   if a.dtype != b.dtype:
-    return OutputCheck(name, float("inf"), float("inf"), False,
-                       f"dtype {b.dtype}, native {a.dtype}")
+    return OutputCheck(name, inf, inf, inf, False, f"dtype {b.dtype}, native {a.dtype}")
   if a.shape != b.shape:
-    return OutputCheck(name, float("inf"), float("inf"), False,
-                       f"shape {b.shape}, native {a.shape}")
+    return OutputCheck(name, inf, inf, inf, False, f"shape {b.shape}, native {a.shape}")
   if a.dtype.kind not in "fc":
     # Exact: differences are reported in float64 only to size them (uint64 cannot go via int64).
     diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
     max_abs = float(diff.max(initial=0))
     scale = max(float(np.abs(a.astype(np.float64)).max(initial=1)), 1.0)
-    return OutputCheck(name, max_abs, max_abs / scale, bool(np.array_equal(a, b)))
+    equal = bool(np.array_equal(a, b))
+    return OutputCheck(name, max_abs, max_abs / scale, 0.0 if equal else inf, equal)
   wide = np.complex128 if a.dtype.kind == "c" else np.float64
   a64, b64 = a.astype(wide), b.astype(wide)
   same = (a64 == b64) | (np.isnan(a64) & np.isnan(b64))
@@ -119,21 +137,25 @@ def compare(name: str, native: Any, other: Any, rtol: float = RTOL,
     diff = np.where(same, 0.0, np.abs(a64 - b64))
   diff = np.where(np.isnan(diff), np.inf, diff)  # NaN against a number: as far off as it gets
   # An infinite native value allows no slack (else atol + rtol * inf would accept anything).
-  ok = bool(np.all(diff <= atol + rtol * np.where(np.isfinite(a64), np.abs(a64), 0.0)))
+  bound = atol + rtol * np.where(np.isfinite(a64), np.abs(a64), 0.0)
+  ok = bool(np.all(diff <= bound))
   with np.errstate(invalid="ignore", divide="ignore"):
     rel = diff / np.maximum(np.abs(a64), np.finfo(np.float32).tiny)
-  return OutputCheck(name, float(diff.max(initial=0)), float(np.nanmax(rel, initial=0)), ok)
+    # 0 / 0 (an exact match with no slack: atol = rtol = 0) is no miss; x / 0 for x > 0 is inf.
+    ratio = np.where(diff == 0, 0.0, diff / bound)
+  return OutputCheck(name, float(diff.max(initial=0)), float(np.nanmax(rel, initial=0)),
+                     float(ratio.max(initial=0)), ok)
 
 
 def compare_all(expected: Mapping[str, np.ndarray], got: Mapping[str, np.ndarray],
                 rtol: float = RTOL, atol: float = ATOL) -> list[OutputCheck]:
   """Every native output against the runtime's; one it did not return fails as missing, and one
   the native program has no such output fails as unexpected (a runtime keyed them differently)."""
+  inf = float("inf")
   checks = [compare(k, v, got[k], rtol, atol) if k in got else
-            OutputCheck(k, float("inf"), float("inf"), False, "missing: the runtime returned no "
-                        "such output")
+            OutputCheck(k, inf, inf, inf, False, "missing: the runtime returned no such output")
             for k, v in expected.items()]
-  checks += [OutputCheck(k, float("inf"), float("inf"), False, "unexpected: not a native output")
+  checks += [OutputCheck(k, inf, inf, inf, False, "unexpected: not a native output")
              for k in got if k not in expected]
   return checks
 
@@ -311,8 +333,9 @@ def verify(
   process runs ``rounds`` rounds on both sides and every round's outputs are compared.
 
   Returns:
-    A report: ``ok``, per output ``checks`` (name, max absolute and relative error, ok), and a
-    table when printed.
+    A report: ``ok``, per output ``checks`` (name, max absolute and relative error, ``max_ratio``:
+    the margin against the tolerance, ok), the runtime's further runs (``extra_checks``) and notes
+    (``info``); printed, the report ``faxbridge verify`` prints.
 
   Example:
     >>> total = fb.computation(fb.sum, in_placements=(fb.CLIENTS,))
@@ -348,4 +371,5 @@ def verify(
   checks = compare_all(expected, result.outputs, rtol, atol)
   extra = {label: compare_all(expected, outs, rtol, atol)
            for label, outs in result.extra_outputs.items()}
-  return VerificationReport(str(export_dir), chosen.name, checks, extra, result.info)
+  return VerificationReport(str(export_dir), chosen.name, checks, extra, result.info, rounds=rounds,
+                            rtol=rtol, atol=atol, labels=render.output_labels(manifest))

@@ -26,6 +26,15 @@ from faxbridge.extend import VerificationError, emit
 
 from .launch import DEFAULT_TIMEOUT_S, Completed, invoke, job_error, load_npz, save_npz
 
+# The runner's name of each deployment form (``--forms``), as TFF names it.
+FORMS = {"mapreduce": "MapReduceForm", "distribute_aggregate": "DistributeAggregateForm"}
+
+
+def rebuilt_run(form: str) -> str:
+  """The label of the run of ``next`` rebuilt from a deployment form, the same in progress and in
+  the report: ``next rebuilt from MapReduceForm``."""
+  return f"next rebuilt from {FORMS.get(form, form)}"
+
 
 def _progress(jobs: int):
   """What each line of the runner's ``--progress`` file becomes here: an event (see
@@ -41,7 +50,7 @@ def _progress(jobs: int):
       emit("tff.forms", f"{who}: building MapReduceForm and DistributeAggregateForm", who=who)
     elif event == "round":
       if line.get("form"):
-        who = f"{who} ({line['form']} rebuilt)"
+        who = f"{who} ({rebuilt_run(line['form'])})"
       computation, r, rounds = line.get("computation"), line.get("round"), line.get("rounds")
       emit("round", f"{who}: round {r} of {rounds}" if computation == "next" else
            f"{who}: {computation}", who=who, computation=computation, round=r, rounds=rounds)

@@ -2,7 +2,7 @@
 
 Single-stage computations (and ``next`` of an iterative process) also go through TFF's deployment
 forms: the runner builds MapReduceForm and DistributeAggregateForm and runs the computation rebuilt
-from MapReduceForm, whose outputs must equal native too.
+from each, whose outputs must equal native too (each is a further run in the report).
 """
 
 from __future__ import annotations
@@ -13,7 +13,21 @@ import numpy as np
 
 from faxbridge.extend import RuntimeResult
 
-from .client import run_computation
+from .client import FORMS, TffRun, rebuilt_run, run_computation
+
+# What each execution context is (the runner reports "native" or "test", protocol "Execution context").
+CONTEXTS = {"native": "TFF's native C++ context (tff.backends.native)",
+            "test": "TFF's test C++ context (tff.backends.test: the program has secure sums, which "
+                    "it computes in the clear; the native context rejects them)"}
+
+
+def _time_text(run: TffRun) -> str:
+  """Where the runner's seconds went, each part named."""
+  t = run.timings
+  parts = [f"{t['runner_import_s']:.1f} s importing TFF", f"{t.get('execute_s', 0.0):.1f} s running"]
+  if "forms_s" in t:
+    parts.append(f"{t['forms_s']:.1f} s building the deployment forms and running their rebuilds")
+  return f"{t.get('wall_s', 0.0):.1f} s, in .venv-tff: {', '.join(parts)}"
 
 
 def verify_run(export_dir: Path, manifest: dict, inputs: dict[str, np.ndarray],
@@ -24,16 +38,22 @@ def verify_run(export_dir: Path, manifest: dict, inputs: dict[str, np.ndarray],
   # (<state@SERVER, data@CLIENTS> -> <state@SERVER, metrics@SERVER>).
   forms = iterative and block.get("stages") == 1
   run = run_computation(export_dir, inputs, rounds=rounds if iterative else None, forms=forms)
-  info = {"context": run.context, "tff_wall_s": round(run.timings.get("wall_s", 0.0), 2)}
+  info: dict[str, str] = {"execution context": CONTEXTS.get(run.context, run.context)}
   extra = {}
   for name, status in run.forms.items():
-    info[f"{name}_form"] = "built" if status.built else f"failed: {status.error}"
-    if status.built and status.ran:
-      extra[f"{name} rebuilt"] = status.outputs
-    elif status.built:
-      info[f"{name}_form"] = f"built, rebuilt computation failed: {status.run_error}"
+    form = FORMS.get(name, name)
+    run_label = rebuilt_run(name)
+    if not status.built:
+      info[form] = f"not built: {status.error}"
+    elif not status.ran:
+      info[form] = f"built; next rebuilt from it failed to run: {status.run_error}"
+    else:
+      info[form] = f"built; next rebuilt from it ran on TFF's test context: rows [{run_label}]"
+      extra[run_label] = status.outputs
   if not forms:
-    info["forms"] = ("not applicable: the deployment forms describe the next of a single-stage "
-                     f"iterative process (this is a {manifest['kind']} of {block.get('stages')} "
-                     "stages)")
+    info["deployment forms"] = (
+        "not built: MapReduceForm and DistributeAggregateForm describe the next of a single-stage "
+        f"iterative process (this is a {manifest['kind'].replace('_', ' ')} of "
+        f"{block.get('stages')} stage(s))")
+  info["TFF runner time"] = _time_text(run)
   return RuntimeResult(outputs=run.outputs, extra_outputs=extra, info=info)
