@@ -2,8 +2,8 @@
 outputs, and the stages of a federated form as text. The round drawn as a page is
 :mod:`faxbridge._src.drawing`, which names leaves with the functions here.
 
-Only the CLI (and the drawing) import this module; nothing here changes what is exported or how it
-is compared.
+Only the CLI, the drawing and (through ``faxbridge.extend.user_name``) targets' error messages import
+this module; nothing here changes what is exported or how it is compared.
 """
 
 from __future__ import annotations
