@@ -67,7 +67,8 @@ def _values_without_kernels(split) -> list[str]:
   one, with the user's file:line (a cast to float64 in a float32 program)."""
   from jax.extend import core as jcore
 
-  leaves, inside = [], {}
+  leaves: list[str] = []
+  inside: dict[tuple[Any, str], str] = {}  # keyed by (Primitive, dtype): one line per primitive
   for comp_name, form in split.forms.items():
     where = split.name if comp_name == "computation" else f"{split.name}.{comp_name}"
     for kind, bindings in (("input", form.inputs), ("output", form.outputs)):
