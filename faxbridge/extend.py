@@ -20,7 +20,8 @@ The pieces a target reads:
   own tables are keyed by;
 * the errors to raise (:class:`ExportError` while exporting, :class:`VerificationError` while
   running an export) and :func:`describe`, which turns an equation's ``source_info`` into the user's
-  ``file:line``;
+  ``file:line``, and :func:`user_name`, which names a computation's input or output leaf as the user
+  indexes it (``params['w1']``);
 * :mod:`jax_internals`: the few private JAX objects a lowering needs (primitives JAX gives no public
   handle on), each with its reason, so that no package reaches into ``jax._src`` itself.
 
@@ -81,6 +82,7 @@ from faxbridge._src.registry import (
   unregister_runtime,
   unregister_target,
 )
+from faxbridge._src.render import user_name
 from faxbridge._src.serialization import strip_locations
 
 __all__ = [
@@ -128,6 +130,7 @@ __all__ = [
   "sum_p",
   "unregister_runtime",
   "unregister_target",
+  "user_name",
   "weighted_mean_p",
   "without_start_up_noise",
 ]

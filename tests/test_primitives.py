@@ -178,7 +178,7 @@ def test_aggregations_refuse_the_wrong_kind_of_value():
   with pytest.raises(TypeError, match="adds numbers, got bool"):
     _run(fb.sum, (fb.CLIENTS,), ints > 0)
   for bad in (0, 63, 8.0):
-    with pytest.raises(ValueError, match="bitwidth"):
+    with pytest.raises(fb.TraceError, match=r"bitwidth must be a Python int in \[1, 62\]"):
       _run(lambda x, b=bad: fb.secure_sum(x, bitwidth=b), (fb.CLIENTS,), ints)
   with pytest.raises(fb.PlacementError, match=r"one scalar per client, shape \(3,\)"):
     _run(fb.weighted_mean, (fb.CLIENTS, fb.CLIENTS), ints.astype(np.float32), np.ones((3, 2)))

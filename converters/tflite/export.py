@@ -31,7 +31,11 @@ import numpy as np
 
 from faxbridge.converters import plan as fplan
 from faxbridge.converters.tflite import LOWERINGS
-from faxbridge.extend import ExportError, FaxbridgeError, describe, emit
+from faxbridge.extend import ExportError, FaxbridgeError, describe, emit, user_name
+
+# Dtypes TFLite's builtin kernels (TFLITE_BUILTINS) do not compute: the converter would fail on the
+# first op holding one, with a dump of TF ops ('tf.Mul' op is neither a custom op nor a flex op).
+NO_BUILTIN_DTYPES = ("float64",)
 
 
 def _unsupported_primitives(closed) -> list[str]:
@@ -54,6 +58,57 @@ def _unsupported_primitives(closed) -> list[str]:
 
   walk(closed.jaxpr)
   return list(found.values())
+
+
+def _values_without_kernels(split) -> list[str]:
+  """The values of ``split`` whose dtype TFLite's builtins lack (:data:`NO_BUILTIN_DTYPES`), named
+  as the user knows them: each computation's input and output leaves by pytree path
+  (``step's input params['w1']``); when no leaf is one, the equations inside the pieces that make
+  one, with the user's file:line (a cast to float64 in a float32 program)."""
+  from jax.extend import core as jcore
+
+  leaves: list[str] = []
+  inside: dict[tuple[Any, str], str] = {}  # keyed by (Primitive, dtype): one line per primitive
+  for comp_name, form in split.forms.items():
+    where = split.name if comp_name == "computation" else f"{split.name}.{comp_name}"
+    for kind, bindings in (("input", form.inputs), ("output", form.outputs)):
+      for b in bindings:
+        if b.spec.dtype in NO_BUILTIN_DTYPES:
+          shape = ",".join(map(str, b.spec.shape))
+          leaves.append(f"{where}'s {kind} {user_name(b, form.arg_names, kind == 'output')} "
+                        f"({b.spec.dtype}[{shape}], {b.placement.value})")
+
+    def walk(jaxpr):
+      for eqn in jaxpr.eqns:
+        for v in eqn.outvars:
+          dtype = str(getattr(v.aval, "dtype", ""))
+          if dtype in NO_BUILTIN_DTYPES:
+            inside.setdefault((eqn.primitive, dtype),
+                              f"a {dtype} value made by '{eqn.primitive.name}'"
+                              f"{describe(eqn.source_info)}")
+        for sub in jcore.jaxprs_in_params(eqn.params):
+          walk(sub)
+
+    for piece in form.pieces():
+      if piece.jaxpr is not None:
+        walk(piece.jaxpr.jaxpr)
+  return leaves or list(inside.values())
+
+
+def check_dtypes(split) -> None:
+  """Refuse, before anything is converted, a program holding a value TFLite's builtins cannot
+  compute (float64): one ExportError naming the first such value (its pytree path, or the user's
+  line that makes it), listing all, and saying what to do instead."""
+  found = _values_without_kernels(split)
+  if not found:
+    return
+  more = f" (and {len(found) - 1} more, listed below)" if len(found) > 1 else ""
+  raise ExportError(
+      f"the tflite target cannot export {found[0]}{more}: TFLite's builtin kernels "
+      f"(TFLITE_BUILTINS) have no {'/'.join(NO_BUILTIN_DTYPES)} kernels. Cast to float32 (the "
+      "example inputs with x.astype(np.float32), values inside the computation with "
+      ".astype(jnp.float32)), or export to target stablehlo or tff, which run float64:\n  "
+      + "\n  ".join(found))
 
 
 def _tf_function(piece, lowering: str, scoped=None):
@@ -211,6 +266,7 @@ def export_tflite(split, out: Path, lowering: str = "tf", **options: Any) -> dic
     raise ExportError(f"the tflite target takes only lowering, not {sorted(options)}")
   if lowering not in LOWERINGS:
     raise ExportError(f"--lowering must be one of {LOWERINGS}, got {lowering!r}")
+  check_dtypes(split)  # before TensorFlow is imported: the converter's own error names only TF ops
   ops: dict[str, list[str]] = {}
   if "tensorflow" not in sys.modules:
     # Its import takes seconds: a step of its own, not billed to the first piece's conversion.

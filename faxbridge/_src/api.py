@@ -21,7 +21,7 @@ from jax.extend import source_info_util
 
 from faxbridge._src import aggregations as A
 from faxbridge._src import primitives as P
-from faxbridge._src.errors import PlacementError
+from faxbridge._src.errors import PlacementError, TraceError
 from faxbridge._src.locations import describe
 
 PyTree = Any
@@ -288,9 +288,20 @@ def secure_sum(x: PyTree, bitwidth: int) -> PyTree:
     ...   return fb.secure_sum(x, bitwidth=8)
     >>> votes(np.array([[1, 0], [1, 1], [0, 1]], np.int32)).tolist()
     [2, 2]
+
+  Raises:
+    TraceError: ``bitwidth`` is not an int in ``[1, 62]`` (names the user's file:line).
+    TypeError: ``x`` is not integer.
   """
-  if not isinstance(bitwidth, int) or not 1 <= bitwidth <= 62:
-    raise ValueError(f"fb.secure_sum: bitwidth must be an int in [1, 62], got {bitwidth!r}")
+  if isinstance(bitwidth, np.integer):
+    bitwidth = int(bitwidth)
+  if isinstance(bitwidth, bool) or not isinstance(bitwidth, int) or not 1 <= bitwidth <= 62:
+    got = f"{bitwidth!r} ({type(bitwidth).__name__})" if not isinstance(bitwidth, int) else \
+        repr(bitwidth)
+    raise TraceError(
+        f"fb.secure_sum{_here()}: bitwidth must be a Python int in [1, 62] (the values summed lie "
+        f"in [0, 2**bitwidth)), got {got}."
+    )
   for v in jax.tree.leaves(x):
     if not jnp.issubdtype(jnp.result_type(v), jnp.integer):
       raise TypeError(

@@ -24,6 +24,7 @@ import numpy as np
 
 from faxbridge._src import events, native_logs, registry, verify
 from faxbridge._src.errors import FaxbridgeError
+from faxbridge._src.locations import definition
 
 USAGE = """A program is named MODULE:ATTR (an fb.computation or fb.IterativeProcess), imported
 relative to the working directory; its example inputs come from MODULE.example_inputs() (or
@@ -124,9 +125,38 @@ def _load(spec: str, inputs_fn: str) -> tuple[Any, tuple]:
     raise UsageError(f"{module_name}.{inputs_fn}() returned a {type(args).__name__}; it must "
                      "return the positional arguments as a tuple")
   args = tuple(args)
+  _check_fits(program, args, f"{module_name}.{inputs_fn}()", definition(make_inputs))
   if isinstance(program, IterativeProcess):
     args = args[1:]
   return program, args
+
+
+def _check_fits(program: Any, args: tuple, origin: str, defined: str) -> None:
+  """A PlacementError naming ``origin`` (``module.example_inputs()``, defined at ``defined``),
+  what it returned and what the computation takes, when ``args`` are not the program's inputs
+  (their number, the clients axis): raised while tracing, it would name this command's line."""
+  import jax
+
+  from faxbridge._src.computation import arg_names, check_inputs
+  from faxbridge._src.errors import PlacementError
+  from faxbridge._src.iterative import IterativeProcess
+
+  comp = program.next if isinstance(program, IterativeProcess) else program
+  full = (program.state_spec(), *args[1:]) if isinstance(program, IterativeProcess) else args
+  try:
+    check_inputs(comp, full)
+  except PlacementError as e:
+    leaf = lambda x: (f"{getattr(x, 'dtype', type(x).__name__)}"
+                      f"[{','.join(map(str, np.shape(x)))}]")
+    returned = ", ".join(str(jax.tree.map(leaf, a)) for a in args)
+    takes = ", ".join(f"{name}: {place.value}" for name, place in
+                      zip(arg_names(comp.fn, len(comp.in_placements)), comp.in_placements))
+    state = " (its first, the state, is replaced by the process's)" \
+        if isinstance(program, IterativeProcess) else ""
+    raise PlacementError(
+        f"the example inputs {origin} returned{f' (defined at {defined})' if defined else ''} "
+        f"do not fit {comp.__name__}: {e}. It returned ({returned}){state}; {comp.__name__} "
+        f"takes ({takes})") from None
 
 
 def _read_npz(path: str) -> dict[str, np.ndarray]:
@@ -306,6 +336,23 @@ def cmd_export(ns: argparse.Namespace) -> int:
 # fb.verify's own default, shown in --help (read off its signature: one owner of the number).
 _VERIFY_ROUNDS: int = inspect.signature(verify.verify).parameters["rounds"].default
 
+_WIDE_DTYPES = ("float64", "complex128", "int64", "uint64")
+
+
+def _x64_for(manifest: dict) -> None:
+  """Turn on JAX's 64-bit mode when the export's inputs or outputs are 64-bit, as its manifest
+  records them (the ``computation``, ``initialize`` and ``next`` blocks): the export decides, so
+  ``faxbridge verify`` needs no JAX_ENABLE_X64 from the user. The mode is process-wide and read when
+  arrays are made, so this runs before any input is read. A 32-bit export leaves the mode as the
+  environment set it (its pieces may still hold 64-bit values inside)."""
+  import jax
+
+  leaves = [leaf for name in ("computation", "initialize", "next")
+            if isinstance(block := manifest.get(name), dict)
+            for leaf in (*block.get("inputs", ()), *block.get("outputs", ()))]
+  if any(isinstance(leaf, dict) and leaf.get("dtype") in _WIDE_DTYPES for leaf in leaves):
+    jax.config.update("jax_enable_x64", True)
+
 
 def cmd_verify(ns: argparse.Namespace) -> int:
   import faxbridge as fb
@@ -319,6 +366,7 @@ def cmd_verify(ns: argparse.Namespace) -> int:
   if ns.rounds is not None and manifest.get("kind") != "iterative_process":
     raise UsageError(f"--rounds applies to an iterative process; {export_dir} holds a single "
                      f"computation (kind {manifest.get('kind')!r}), which runs once")
+  _x64_for(manifest)  # before the inputs (and the program's example inputs) become arrays
   args: tuple = ()
   inputs = None
   if ns.inputs and ns.program:

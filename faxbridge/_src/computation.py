@@ -75,6 +75,33 @@ def arg_names(fn: Callable, count: int) -> list[str]:
   return positional[:count] if len(positional) >= count else [f"arg{i}" for i in range(count)]
 
 
+# JAX's errors for a traced value used where Python needs a concrete one. While the computation is
+# traced its arguments (and every value of an fb.map'd function) are abstract: the whole program
+# is traced once, so nothing can be read back into Python or numpy.
+_CONCRETE_VALUE_ERRORS = (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError,
+                          jax.errors.TracerIntegerConversionError)
+_STATIC_INSTEAD = ("The computation is traced once into one static program, so its values are abstract: "
+                   "{fix}, or make a value that must be concrete a static Python constant the "
+                   "function closes over (e.g. functools.partial(fn, lr=0.1)) instead of an "
+                   "argument.")
+
+
+def _concrete_value_message(e: Exception) -> str:
+  """What the user did (by JAX's error class), the user's file:line and what to write instead."""
+  at = traceback_location(e)
+  if isinstance(e, jax.errors.TracerBoolConversionError):
+    return (f"Python control flow depends on a traced value{at}. A federated computation must be "
+            "one static program: use jnp.where, lax.cond or lax.fori_loop instead of if/while on "
+            "array values, or pass the value as a static Python number.")
+  if isinstance(e, jax.errors.TracerArrayConversionError):
+    return (f"a traced value is converted to a numpy array (np.asarray, np.array or a numpy "
+            f"function){at}. " + _STATIC_INSTEAD.format(
+                fix="compute with jax.numpy instead (jnp.asarray(x), jnp.sum(x))"))
+  return (f"a traced value is converted to a Python number (float(x), int(x), x.item(), a shape "
+          f"or an index){at}. " + _STATIC_INSTEAD.format(
+              fix="keep it a JAX array (x.astype(jnp.float32), jnp operations)"))
+
+
 def _flat_placements(in_placements: Sequence[Placement], args: Sequence) -> list[Placement]:
   out = []
   for place, arg in zip(in_placements, args):
@@ -131,10 +158,14 @@ class Computation:
     functools.update_wrapper(self, fn, updated=())
 
   # -- tracing -------------------------------------------------------------------------------
-  def _check_args(self, args: Sequence) -> int | None:
+  def _check_args(self, args: Sequence, where: str | None = None) -> int | None:
+    """The number of clients of ``args``, or a PlacementError saying why they are not this
+    computation's inputs, located at ``where`` (default: the user's line that called or traced it;
+    see :func:`check_inputs`)."""
+    where = _caller() if where is None else where
     if len(args) != len(self.in_placements):
       raise PlacementError(
-          f"{self.__name__}{_caller()} takes {len(self.in_placements)} positional arguments (one "
+          f"{self.__name__}{where} takes {len(self.in_placements)} positional arguments (one "
           f"per entry of in_placements), got {len(args)}"
       )
     n = self.clients
@@ -145,14 +176,14 @@ class Computation:
         shape = _shape_of(leaf)
         if not shape or (n is not None and shape[0] != n):
           raise PlacementError(
-              f"argument {i}{jax.tree_util.keystr(path)} of {self.__name__}{_caller()} is "
+              f"argument {i}{jax.tree_util.keystr(path)} of {self.__name__}{where} is "
               "CLIENTS-placed, so "
               f"its leading axis is the clients axis{'' if n is None else f' (size {n})'}; got "
               f"shape {shape}"
           )
         n = shape[0]
     if n == 0:
-      raise PlacementError(f"{self.__name__}{_caller()}: the CLIENTS-placed inputs hold no client")
+      raise PlacementError(f"{self.__name__}{where}: the CLIENTS-placed inputs hold no client")
     return n
 
   def _wrapped(self, clients: int | None, mesh) -> Callable:
@@ -178,13 +209,8 @@ class Computation:
     clients = self._check_args(args)
     try:
       closed, out_shape = jax.make_jaxpr(self._wrapped(clients, mesh), return_shape=True)(*args)
-    except jax.errors.ConcretizationTypeError as e:
-      raise TraceError(
-          f"{self.__name__}: Python control flow depends on a traced value{traceback_location(e)}. "
-          "A federated computation must be one static program: use jnp.where, lax.cond or "
-          "lax.fori_loop instead of if/while on array values, or pass the value as a static "
-          "Python number."
-      ) from e
+    except _CONCRETE_VALUE_ERRORS as e:
+      raise TraceError(f"{self.__name__}: {_concrete_value_message(e)}") from e
     in_places = _flat_placements(self.in_placements, args)
     out_places, env = placements.infer(closed.jaxpr, in_places)
     return TracedComputation(
@@ -256,6 +282,17 @@ class Computation:
       if shardings is not None:
         args = jax.tree.map(_put, args, shardings[0])
       return jitted(*args)
+
+
+def check_inputs(comp: Computation, args: Sequence, where: str = "") -> None:
+  """The check a call of ``comp`` with ``args`` makes first (their number, the clients axis of the
+  CLIENTS-placed ones), located at ``where`` instead of the calling line: the command line calls
+  with what a module's ``example_inputs()`` returned, and its own line is no use to the user.
+
+  Raises:
+    PlacementError: ``args`` are not ``comp``'s inputs.
+  """
+  comp._check_args(args, where)
 
 
 def _clients_devices(mesh) -> int:

@@ -33,6 +33,10 @@ class PlacementError(FaxbridgeError, TypeError):
 class TraceError(FaxbridgeError, TypeError):
   """A computation cannot be traced into one static federated program (also a TypeError).
 
+  For example Python control flow on a traced value, a traced value made a numpy array or a Python
+  number (``np.asarray(x)``, ``float(x)``), or a static argument of a federated operation that it
+  cannot take (``fb.secure_sum(x, bitwidth=0)``).
+
   Example::
 
     TraceError: clipped_mean: Python control flow depends on a traced value at trace_if.py:9

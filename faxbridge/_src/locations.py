@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import traceback
 
@@ -58,3 +59,9 @@ def traceback_location(exc: BaseException) -> str:
         and "importlib" not in frame.filename and not frame.filename.startswith("<"):
       return f" at {frame.filename}:{frame.lineno} ({frame.name})"
   return ""
+
+
+def definition(fn) -> str:
+  """``file:line`` where the function ``fn`` is defined (its ``def``), or the empty string."""
+  code = getattr(inspect.unwrap(fn), "__code__", None)
+  return f"{code.co_filename}:{code.co_firstlineno}" if code is not None else ""

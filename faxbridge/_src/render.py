@@ -2,9 +2,9 @@
 outputs, and the stages of a federated form as text. The round drawn as a page is
 :mod:`faxbridge._src.drawing`, which names leaves with the functions here.
 
-The CLI, the drawing and a verification report's ``str`` (so ``print(report)`` and ``faxbridge
-verify`` print the same text) import this module; nothing here changes what is exported or how it
-is compared.
+The CLI, the drawing, a verification report's ``str`` (so ``print(report)`` and ``faxbridge verify``
+print the same text) and (through ``faxbridge.extend.user_name``) targets' error messages import
+this module; nothing here changes what is exported or how it is compared.
 """
 
 from __future__ import annotations
