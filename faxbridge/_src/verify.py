@@ -26,7 +26,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from faxbridge._src import registry
+from faxbridge._src import registry, signing
 from faxbridge._src.errors import VerificationError
 from faxbridge._src.events import emit
 from faxbridge._src.export import read_manifest, sha256
@@ -100,7 +100,7 @@ def check_files(export_dir: Path, manifest: dict) -> None:
     elif sha256(path) != digest:
       problems.append(f"{rel}: sha256 mismatch (manifest {digest[:12]}..., file "
                       f"{sha256(path)[:12]}...)")
-  listed = set(manifest.get("files", {})) | {"manifest.json"}
+  listed = set(manifest.get("files", {})) | {"manifest.json", signing.SIGNATURE_FILE}
   for path in sorted(export_dir.rglob("*")):
     rel = str(path.relative_to(export_dir))
     if path.is_file() and rel not in listed:
@@ -301,13 +301,17 @@ def _run(runtime: registry.Runtime, export_dir: Path, manifest: dict, named: dic
 
 
 def run_on_runtime(export_dir: str | os.PathLike, runtime: str | None,
-                   inputs: Mapping[str, np.ndarray], rounds: int = 1) -> RuntimeResult:
+                   inputs: Mapping[str, np.ndarray], rounds: int = 1,
+                   trust: str | os.PathLike | None = None) -> RuntimeResult:
   """Run an export on ``runtime`` alone (no native side, no comparison): its outputs by name.
 
   ``inputs`` are leaves by manifest name; outputs are keyed as :func:`verify` keys them (``NAME``,
-  or ``initialize/NAME`` and ``round{r}/NAME``). The export's files are checked first.
+  or ``initialize/NAME`` and ``round{r}/NAME``). The export's signature (with ``trust``, as
+  :func:`verify` checks it) and files are checked first.
   """
   export_dir = Path(export_dir).resolve()
+  if trust is not None:
+    signing.check_signature(export_dir, trust)
   manifest = read_export_manifest(export_dir)
   check_files(export_dir, manifest)
   block, _ = signature_blocks(manifest)
@@ -324,6 +328,7 @@ def verify(
     rounds: int = 5,
     rtol: float = RTOL,
     atol: float = ATOL,
+    trust: str | os.PathLike | None = None,
 ) -> VerificationReport:
   """Run ``export_dir`` on ``runtime`` and natively with the same inputs; compare every output.
 
@@ -338,6 +343,11 @@ def verify(
   arguments of ``next`` after the state) or leaves by manifest name (``inputs=``). An iterative
   process runs ``rounds`` rounds on both sides and every round's outputs are compared.
 
+  ``trust``: an Ed25519 public key file (``fb.keygen`` writes a pair). The export must then carry
+  that key's signature of its manifest (``fb.export(..., sign_with=PRIVATE_KEY)``), checked
+  before anything else of the export is read; None: a signature, if any, is not checked
+  (docs/security.md says what each guarantees).
+
   Returns:
     A report: ``ok``, per output ``checks`` (name, max absolute and relative error, ok), and a
     table when printed.
@@ -351,12 +361,16 @@ def verify(
     (True, [('out', 0.0)])
 
   Raises:
-    VerificationError: no export or manifest there, the export does not match its manifest
+    VerificationError: no export or manifest there, with ``trust`` the export is unsigned or not
+      signed by that key (nothing else is read), the export does not match its manifest
       (nothing runs), inputs do not fit (names, dtypes, shapes, numbers of clients: nothing runs),
       or the runtime is missing (the message names the command that sets it up). A mismatch of
       outputs is not raised: it is the report's ``ok`` (``raise_if_failed`` raises it).
   """
   export_dir = Path(export_dir).resolve()
+  trusted = None if trust is None else signing.load_public_key(trust)
+  if trusted is not None:
+    signing.check_signature(export_dir, trusted)
   manifest = read_export_manifest(export_dir)
   check_files(export_dir, manifest)
   block, _ = signature_blocks(manifest)
@@ -376,4 +390,6 @@ def verify(
   checks = compare_all(expected, result.outputs, rtol, atol)
   extra = {label: compare_all(expected, outs, rtol, atol)
            for label, outs in result.extra_outputs.items()}
-  return VerificationReport(str(export_dir), chosen.name, checks, extra, result.info)
+  info = result.info if trusted is None else {
+      **result.info, "signature": f"verified, Ed25519 key {signing.fingerprint(trusted)}"}
+  return VerificationReport(str(export_dir), chosen.name, checks, extra, info)
