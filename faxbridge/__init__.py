@@ -27,6 +27,7 @@ from faxbridge._src.export import export
 from faxbridge._src.form import FederatedForm
 from faxbridge._src.iterative import IterativeProcess
 from faxbridge._src.placements import CLIENTS, SERVER, Placement
+from faxbridge._src.signing import keygen
 from faxbridge._src.split import split
 from faxbridge._src.verify import verify
 
@@ -57,6 +58,7 @@ __all__ = [
     "execution_strategy",
     "export",
     "from_drjax",
+    "keygen",
     "map",
     "max",
     "mean",

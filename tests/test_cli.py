@@ -343,7 +343,7 @@ def test_help_is_plain_text_and_every_argument_says_what_it_is(user_runs):
   assert "``" not in out, out
   commands = next(a for a in cli.command_parser()._actions
                   if isinstance(a, argparse._SubParsersAction)).choices
-  assert set(commands) == {"targets", "export", "verify", "inspect", "demo"}
+  assert set(commands) == {"targets", "export", "verify", "inspect", "demo", "keygen"}
   for name, parser in commands.items():
     for action in parser._actions:
       assert action.help, (name, action.dest)

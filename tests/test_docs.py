@@ -202,7 +202,7 @@ def test_relative_links_resolve():
 
 # -- docstrings -----------------------------------------------------------------------------------
 DOCTEST_MODULES = ["faxbridge._src.api", "faxbridge._src.computation", "faxbridge._src.iterative",
-                   "faxbridge._src.export", "faxbridge._src.verify"]
+                   "faxbridge._src.export", "faxbridge._src.verify", "faxbridge._src.signing"]
 
 
 @pytest.mark.parametrize("module", DOCTEST_MODULES)
@@ -223,7 +223,7 @@ def test_docstring_examples_run(module, tmp_path, monkeypatch):
 
 def test_public_api_docstrings_have_an_example():
   documented = ["broadcast", "map", "sum", "mean", "weighted_mean", "secure_sum", "max", "min",
-                "computation", "Computation", "IterativeProcess", "export", "verify"]
+                "computation", "Computation", "IterativeProcess", "export", "verify", "keygen"]
   lacking = [name for name in documented if ">>> " not in (getattr(fb, name).__doc__ or "")]
   errors = [name for name in fb.__all__ if name.endswith("Error")]
   lacking += [name for name in errors if name != "FaxbridgeError"

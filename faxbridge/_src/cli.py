@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from faxbridge._src import events, native_logs, registry, verify
+from faxbridge._src import events, native_logs, registry, signing, verify
 from faxbridge._src.errors import FaxbridgeError
 from faxbridge._src.locations import definition
 
@@ -304,7 +304,9 @@ def cmd_export(ns: argparse.Namespace) -> int:
   from faxbridge._src.export import check_out_dir
 
   # Before the program is imported and traced: the cheap mistakes first (fb.export asks again).
-  check_out_dir(ns.output, ns.force)
+  out_dir = check_out_dir(ns.output, ns.force)
+  if ns.sign:
+    signing.load_private_key(ns.sign, out_dir)
   if ns.save_inputs:
     _check_writable_file(ns.save_inputs, "--save-inputs")
   target = registry.target(ns.target) if ns.target else registry.default_target()
@@ -323,7 +325,7 @@ def cmd_export(ns: argparse.Namespace) -> int:
   program, args = _load(ns.program, ns.example_inputs)
   with progress.listening():
     out = fb.export(program, *args, target=target.name, out_dir=ns.output, force=ns.force,
-                    **options)
+                    sign_with=ns.sign, **options)
   print(f"exported {ns.program} to {out} ({target.name}) in {progress.elapsed():.1f} s\n")
   print(render.files_summary(out))
   if ns.save_inputs is not None:
@@ -361,6 +363,8 @@ def cmd_verify(ns: argparse.Namespace) -> int:
 
   progress = ns.progress
   export_dir = Path(ns.dir)
+  if ns.trust:  # before the manifest is parsed: an export not signed by the key is not read
+    signing.check_signature(export_dir, ns.trust)
   manifest = read_export_manifest(export_dir)  # no dir, no manifest, not JSON: one line, exit 2
   verify.chosen_runtime(manifest, ns.runtime)  # a runtime that cannot read it: refused at once
   if ns.rounds is not None and manifest.get("kind") != "iterative_process":
@@ -383,9 +387,19 @@ def cmd_verify(ns: argparse.Namespace) -> int:
                      f"inputs), or export with --save-inputs to write {_sidecar(export_dir)}")
   with progress.listening():
     report = fb.verify(export_dir, *args, runtime=ns.runtime, inputs=inputs,
-                       rounds=ns.rounds or _VERIFY_ROUNDS)
+                       rounds=ns.rounds or _VERIFY_ROUNDS, trust=ns.trust)
   print(render.verification_text(report, progress.elapsed()))
   return 0 if report.ok else 1
+
+
+def cmd_keygen(ns: argparse.Namespace) -> int:
+  keys = signing.keygen(ns.prefix)
+  print(f"private key: {keys.private_key} (mode 0600; sign with it: faxbridge export ... --sign "
+        f"{keys.private_key}; it never enters an export)")
+  print(f"public key:  {keys.public_key} (give it to whoever verifies: faxbridge verify DIR "
+        f"--trust {keys.public_key})")
+  print(f"fingerprint: {keys.fingerprint}")
+  return 0
 
 
 def _forms(program: Any, args: tuple) -> dict:
@@ -560,6 +574,9 @@ def command_parser() -> argparse.ArgumentParser:
   p.add_argument("--save-inputs", nargs="?", const="", metavar="FILE",
                  help="also write the example inputs, by name, to FILE (.npz; default: "
                  "OUTPUT.inputs.npz beside the export, which verify reads by default)")
+  p.add_argument("--sign", metavar="KEYFILE",
+                 help="sign the export with this Ed25519 private key (faxbridge keygen makes one; "
+                 "kept outside OUTPUT): writes manifest.json.sig (default: unsigned)")
   _add_option_flags(p)
   p.set_defaults(fn=cmd_export)
 
@@ -575,7 +592,15 @@ def command_parser() -> argparse.ArgumentParser:
   p.add_argument("--rounds", type=_at_least_one, metavar="N",
                  help=f"rounds of an iterative process (default: {_VERIFY_ROUNDS}); a single "
                  "computation runs once")
+  p.add_argument("--trust", metavar="PUBKEYFILE",
+                 help="require the export to be signed by this Ed25519 public key, checked before "
+                 "anything else of it is read (default: a signature is not checked)")
   p.set_defaults(fn=cmd_verify)
+
+  p = sub.add_parser("keygen", help="make an Ed25519 key pair to sign exports: PREFIX.key "
+                     "(private, mode 0600) and PREFIX.pub (public); never overwrites either")
+  p.add_argument("prefix", help="where to write: PREFIX.key and PREFIX.pub")
+  p.set_defaults(fn=cmd_keygen)
 
   p = sub.add_parser("inspect", help="the program's inputs, outputs and stages with their traffic")
   p.add_argument("program", help="MODULE:ATTR of an fb.computation or fb.IterativeProcess")

@@ -24,7 +24,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from faxbridge._src import execution, registry
+from faxbridge._src import execution, registry, signing
 from faxbridge._src.computation import Computation
 from faxbridge._src.errors import ExportError
 from faxbridge._src.events import emit
@@ -143,6 +143,7 @@ def export(
     target: str | None = None,
     out_dir: str | os.PathLike,
     force: bool = False,
+    sign_with: str | os.PathLike | None = None,
     **options: Any,
 ) -> Path:
   """Export ``program`` for the signature of ``example_args`` into ``out_dir``.
@@ -169,6 +170,9 @@ def export(
     out_dir: the directory to create.
     force: replace an existing ``out_dir`` that is an earlier export or an empty directory
       (anything else is refused: see :func:`check_out_dir`).
+    sign_with: an Ed25519 private key file (``fb.keygen`` writes one) outside ``out_dir``: the
+      export gets ``manifest.json.sig``, its signature of the manifest, which pins every other
+      file; ``fb.verify(..., trust=PUBLIC_KEY)`` checks it (docs/security.md). None: unsigned.
     **options: the options the target declares (``local=`` for tff, ``stablehlo_version=`` for
       stablehlo, ``lowering=`` for tflite; docs/targets.md); anything else is refused.
 
@@ -184,11 +188,12 @@ def export(
 
   Raises:
     ExportError: ``out_dir`` cannot be written or replaced (see :func:`check_out_dir`), an unknown
-      target or option, the target cannot express the program (names the
-      cause and the user's file:line), or an example argument is 64-bit while ``jax_enable_x64``
-      is off.
+      target or option, ``sign_with`` is not an Ed25519 private key or is inside ``out_dir``, the
+      target cannot express the program (names the cause and the user's file:line), or an example
+      argument is 64-bit while ``jax_enable_x64`` is off.
   """
   out = check_out_dir(out_dir, force)
+  signing_key = None if sign_with is None else signing.load_private_key(sign_with, out)
   entry = _chosen_target(target)
   options = entry.check_options(options)
   emit("export.load", f"loading the {entry.name} exporter", target=entry.name)
@@ -227,6 +232,8 @@ def export(
         str(p.relative_to(tmp)): sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()
     }
     write_json(tmp / "manifest.json", manifest)
+    if signing_key is not None:  # signed here, inside the temporary folder: never half signed
+      signing.sign_export(tmp, signing_key)
     _umask_modes(tmp)
     check_out_dir(out, force)  # again: whatever appeared at out_dir meanwhile is not replaced blindly
     with _interrupts_deferred():  # never half swapped: either the old export or the new one

@@ -36,8 +36,9 @@ from faxbridge._src.errors import VerificationError
 from faxbridge._src.events import emit
 
 MANIFEST = "manifest.json"
+SIGNATURE_FILE = MANIFEST + ".sig"  # a detached signature of the manifest's bytes (signing.py)
 # Files beside the manifest that it cannot pin (it is what they are about): its signature.
-UNPINNED = frozenset({MANIFEST, MANIFEST + ".sig"})
+UNPINNED = frozenset({MANIFEST, SIGNATURE_FILE})
 # Limits no real export comes near (the largest bundled one is a few MB); they bound what a reader
 # allocates or hashes on behalf of an export it has not trusted yet.
 MAX_JSON_BYTES = 64 << 20

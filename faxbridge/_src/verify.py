@@ -31,7 +31,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from faxbridge._src import registry, render
+from faxbridge._src import registry, render, signing
 from faxbridge._src.errors import VerificationError
 from faxbridge._src.events import emit
 from faxbridge._src.export_reader import check_files, contained_file, read_export_manifest
@@ -295,13 +295,17 @@ def _run(runtime: registry.Runtime, export_dir: Path, manifest: dict, named: dic
 
 
 def run_on_runtime(export_dir: str | os.PathLike, runtime: str | None,
-                   inputs: Mapping[str, np.ndarray], rounds: int = 1) -> RuntimeResult:
+                   inputs: Mapping[str, np.ndarray], rounds: int = 1,
+                   trust: str | os.PathLike | None = None) -> RuntimeResult:
   """Run an export on ``runtime`` alone (no native side, no comparison): its outputs by name.
 
   ``inputs`` are leaves by manifest name; outputs are keyed as :func:`verify` keys them (``NAME``,
-  or ``initialize/NAME`` and ``round{r}/NAME``). The export's files are checked first.
+  or ``initialize/NAME`` and ``round{r}/NAME``). The export's signature (with ``trust``, as
+  :func:`verify` checks it) and files are checked first.
   """
   export_dir = Path(export_dir).resolve()
+  if trust is not None:
+    signing.check_signature(export_dir, trust)
   manifest = read_export_manifest(export_dir)
   check_files(export_dir, manifest)
   block, _ = signature_blocks(manifest)
@@ -318,6 +322,7 @@ def verify(
     rounds: int = 5,
     rtol: float = RTOL,
     atol: float = ATOL,
+    trust: str | os.PathLike | None = None,
 ) -> VerificationReport:
   """Run ``export_dir`` on ``runtime`` and natively with the same inputs; compare every output.
 
@@ -331,6 +336,11 @@ def verify(
   Inputs are the computation's arguments as a pytree (``*args``; for an iterative process the
   arguments of ``next`` after the state) or leaves by manifest name (``inputs=``). An iterative
   process runs ``rounds`` rounds on both sides and every round's outputs are compared.
+
+  ``trust``: an Ed25519 public key file (``fb.keygen`` writes a pair). The export must then carry
+  that key's signature of its manifest (``fb.export(..., sign_with=PRIVATE_KEY)``), checked
+  before anything else of the export is read; None: a signature, if any, is not checked
+  (docs/security.md says what each guarantees).
 
   Returns:
     A report: ``ok``, per output ``checks`` (name, max absolute and relative error, ``max_ratio``:
@@ -346,12 +356,16 @@ def verify(
     (True, [('out', 0.0)])
 
   Raises:
-    VerificationError: no export or manifest there, the export does not match its manifest
+    VerificationError: no export or manifest there, with ``trust`` the export is unsigned or not
+      signed by that key (nothing else is read), the export does not match its manifest
       (nothing runs), inputs do not fit (names, dtypes, shapes, numbers of clients: nothing runs),
       or the runtime is missing (the message names the command that sets it up). A mismatch of
       outputs is not raised: it is the report's ``ok`` (``raise_if_failed`` raises it).
   """
   export_dir = Path(export_dir).resolve()
+  trusted = None if trust is None else signing.load_public_key(trust)
+  if trusted is not None:
+    signing.check_signature(export_dir, trusted)
   manifest = read_export_manifest(export_dir)
   check_files(export_dir, manifest)
   block, _ = signature_blocks(manifest)
@@ -371,5 +385,7 @@ def verify(
   checks = compare_all(expected, result.outputs, rtol, atol)
   extra = {label: compare_all(expected, outs, rtol, atol)
            for label, outs in result.extra_outputs.items()}
-  return VerificationReport(str(export_dir), chosen.name, checks, extra, result.info, rounds=rounds,
+  info = result.info if trusted is None else {
+      **result.info, "signature": f"verified, Ed25519 key {signing.fingerprint(trusted)}"}
+  return VerificationReport(str(export_dir), chosen.name, checks, extra, info, rounds=rounds,
                             rtol=rtol, atol=atol, labels=render.output_labels(manifest))
