@@ -170,7 +170,7 @@ def test_verify_of_a_float64_export_runs_in_64_bit_without_being_told(tmp_path):
                            *how], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=TIMEOUT_S)
     assert proc.returncode == 0, (how, proc.stdout, proc.stderr)
-    assert proc.stdout.splitlines()[-1].startswith("OK: 1 output(s) on jax equal native"), proc.stdout
+    assert proc.stdout.splitlines()[-1].startswith("OK: 1 output on jax equals native"), proc.stdout
   # An independent answer: the same round in float64 numpy agrees with what the runtime computed.
   w, x = args[0]["w1"], args[1]
   expected = np.mean([np.tanh(xi @ w).sum() for xi in x])
