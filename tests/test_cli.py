@@ -402,6 +402,8 @@ def test_targets_lists_every_target_with_its_runtimes_and_whether_they_are_insta
 def test_inspect_names_leaves_as_the_user_does_and_gives_each_stages_traffic(user_runs):
   _, runs = user_runs
   out = runs["inspect"][1]
+  assert out.startswith("cli_programs:centred: 2 stages, traced for 3 clients\n")  # not "2 stage(s)"
+  assert "(s)" not in out
   rows = {line.split()[0]: line.split() for line in out.splitlines()
           if line[:1] in ("p", "d", "o") and "[" in line.split()[0]}
   assert rows["params['w']"][1:3] == ["SERVER", "f32[2]"]

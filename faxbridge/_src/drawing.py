@@ -26,6 +26,7 @@ from faxbridge._src.form import Aggregation, FederatedForm, Piece, Stage, Tensor
 from faxbridge._src.placements import CLIENTS
 from faxbridge._src.render import (
   aggregate_uses,
+  count_text,
   piece_sources,
   server_labels,
   shape_text,
@@ -45,10 +46,6 @@ def _name(text: object) -> str:
   """A name as escaped text that may wrap after ``_`` and before ``[`` (``stage0_server_<wbr/>
   prepare``) rather than anywhere, when its column is narrow."""
   return re.sub(r"_|(?=\[)", lambda m: m.group(0) + "<wbr/>", _e(text))
-
-
-def _plural(n: int, word: str) -> str:
-  return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
 # --- what the pieces compute from what ---------------------------------------------------------
@@ -335,7 +332,7 @@ def _piece_head(kicker: str, piece: Piece) -> str:
   elif ops == 0:
     what = "passes its inputs on (no computation)" if piece.inputs else "returns constants"
   else:
-    what = _plural(ops, "JAX operation")
+    what = count_text(ops, "JAX operation")
   return (f'<div class="kicker">{_e(kicker)}</div><div class="title"><code>{_name(piece.name)}</code>'
           f'</div>' + (f'<div class="what">{_e(what)}</div>' if what else ""))
 
@@ -408,7 +405,7 @@ def _figure(form: FederatedForm, flow: _Flow, mechanisms: list[dict]) -> str:
       kinds[agg.label] = kinds.get(agg.label, 0) + 1
     results = [_result_leaf(form, a, flow) for a in stage.aggregations]
     body = ('<div class="kicker">server · aggregate</div><div class="title">'
-            + _e(_plural(len(stage.aggregations), "aggregation")) + "</div>"
+            + _e(count_text(len(stage.aggregations), "aggregation")) + "</div>"
             + '<div class="kinds">' + "".join(
                 f'<span class="kind"><code>{_e(k)}</code> &#215; {n}</span>' for k, n in kinds.items())
             + "</div>" + _io("gives the server values for", _leaf_list(results, 3)))
@@ -526,7 +523,7 @@ def _facts(form: FederatedForm) -> str:
   facts = []
   if form.stages:
     trips = "one round trip" if len(form.stages) == 1 else f"{len(form.stages)} round trips"
-    facts.append(f"{_plural(len(form.stages), 'stage')}: {trips} to the clients")
+    facts.append(f"{count_text(len(form.stages), 'stage')}: {trips} to the clients")
     if form.clients:
       facts.append(f"traced for {form.clients} clients")
     down = sum(t["download"] for t in form.bytes_per_client())
@@ -537,12 +534,12 @@ def _facts(form: FederatedForm) -> str:
   server_in = [b for b in form.inputs if b.placement is not CLIENTS]
   client_in = [b for b in form.inputs if b.placement is CLIENTS]
   if server_in:
-    facts.append(f"server inputs {_plural(len(server_in), 'leaf').replace('leafs', 'leaves')} "
+    facts.append(f"server inputs {count_text(len(server_in), 'leaf').replace('leafs', 'leaves')} "
                  f"({total(server_in)})")
   if client_in:
-    facts.append(f"client inputs {_plural(len(client_in), 'leaf').replace('leafs', 'leaves')} "
+    facts.append(f"client inputs {count_text(len(client_in), 'leaf').replace('leafs', 'leaves')} "
                  f"({total(client_in)} per client)")
-  facts.append(f"outputs {_plural(len(form.outputs), 'leaf').replace('leafs', 'leaves')} "
+  facts.append(f"outputs {count_text(len(form.outputs), 'leaf').replace('leafs', 'leaves')} "
                f"({total(form.outputs)})")
   return '<ul class="facts">' + "".join(f"<li>{_e(f)}</li>" for f in facts) + "</ul>"
 

@@ -106,7 +106,8 @@ def _label(key: str, labels: dict[str, str]) -> str:
   return f"{prefix}/{labels.get(name, name)}" if prefix else labels.get(name, name)
 
 
-def _count(n: int, what: str) -> str:
+def count_text(n: int, what: str) -> str:
+  """``"1 stage"``, ``"3 stages"``: a count with its noun (no ``"stage(s)"``)."""
   return f"{n} {what}{'' if n == 1 else 's'}"
 
 
@@ -117,13 +118,13 @@ def _number(x: float, digits: int = 3) -> str:
 def _outputs_text(report) -> str:
   """What one run's outputs are: ``14 outputs: initialize's 4, then next's 5 in each of 2
   rounds``, or ``2 outputs``."""
-  total = _count(len(report.checks), "output")
+  total = count_text(len(report.checks), "output")
   if not report.rounds:
     return total
   first = sum(c.name.startswith("initialize/") for c in report.checks)
   per_round = (len(report.checks) - first) // report.rounds
   return (f"{total}: initialize's {first}, then next's {per_round} in each of "
-          f"{_count(report.rounds, 'round')}")
+          f"{count_text(report.rounds, 'round')}")
 
 
 def _runs(report) -> list[str]:
@@ -150,7 +151,7 @@ def verification_text(report, seconds: float | None = None) -> str:
     if checks and all(c.ok for c in checks):
       # A further run repeats every output: one line when all pass.
       worst = max(checks, key=lambda c: c.max_ratio)
-      rows.append(row(f"[{run}] all {_count(len(checks), 'output')}", _worst_of(checks, worst)))
+      rows.append(row(f"[{run}] all {count_text(len(checks), 'output')}", _worst_of(checks, worst)))
     else:
       rows += [row(f"[{run}] {_label(c.name, labels)}", c) for c in checks]
   bound = f"{report.atol:g} + {report.rtol:g} * |native|"
@@ -182,7 +183,7 @@ def verdict(report, seconds: float | None = None) -> str:
   where, and the time when ``seconds`` is given."""
   labels = report.labels
   runs = _runs(report)
-  per_run = _count(len(report.checks), "output")
+  per_run = count_text(len(report.checks), "output")
   checks = report.all_checks()
   if len(runs) == 1:
     counted = f"{per_run} on {report.runtime}"
@@ -317,7 +318,7 @@ def form_text(form: FederatedForm, title: str) -> str:
   for name, used in uses.items():
     for n in used:
       fed_by.setdefault(n, []).append(name)
-  where = (f"{len(form.stages)} stage(s), traced for {form.clients} clients" if form.stages
+  where = (f"{count_text(len(form.stages), 'stage')}, traced for {form.clients} clients" if form.stages
            else "runs on the server only (no round trip to clients)")
   lines = [f"{title}: {where}", "",
            "inputs (CLIENTS shapes are per client)", _leaves_table(form, form.inputs, False), "",
@@ -381,6 +382,6 @@ def jaxpr_legend(traced, form: FederatedForm) -> str:
                               for letter, b in zip(input_names(traced), form.inputs))
 
 
-__all__ = ["aggregate_uses", "dp_lines", "files_summary", "form_text", "jaxpr_legend", "leaf_labels",
-           "piece_sources", "server_labels", "shape_text", "size_text", "table", "user_name",
-           "user_steps", "verdict", "verification_text"]
+__all__ = ["aggregate_uses", "count_text", "dp_lines", "files_summary", "form_text", "jaxpr_legend",
+           "leaf_labels", "piece_sources", "server_labels", "shape_text", "size_text", "table",
+           "user_name", "user_steps", "verdict", "verification_text"]

@@ -54,6 +54,6 @@ def verify_run(export_dir: Path, manifest: dict, inputs: dict[str, np.ndarray],
     info["deployment forms"] = (
         "not built: MapReduceForm and DistributeAggregateForm describe the next of a single-stage "
         f"iterative process (this is a {manifest['kind'].replace('_', ' ')} of "
-        f"{block.get('stages')} stage(s))")
+        f"{block.get('stages')} stage{'' if block.get('stages') == 1 else 's'})")
   info["TFF runner time"] = _time_text(run)
   return RuntimeResult(outputs=run.outputs, extra_outputs=extra, info=info)
