@@ -362,8 +362,9 @@ def test_the_runner_reports_each_round_while_it_runs(computation_batch, runner_e
   job = f"tff job {names.index('iterative')}"
   steps = ["initialize", *(f"round {r} of {ROUNDS}" for r in range(1, ROUNDS + 1))]
   assert by_who[job] == [f"{job}: {s}" for s in steps]
-  for form in ("mapreduce", "distribute_aggregate"):
-    assert by_who[f"{job} ({form} rebuilt)"] == [f"{job} ({form} rebuilt): {s}" for s in steps]
+  for form in ("MapReduceForm", "DistributeAggregateForm"):
+    who = f"{job} (next rebuilt from {form})"
+    assert by_who[who] == [f"{who}: {s}" for s in steps]
   plain = f"tff job {names.index('plain')}"
   assert by_who[plain] == [f"{plain}: computation"]
   times = [e.time for e in runner_events]
