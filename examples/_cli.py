@@ -23,16 +23,10 @@ def run(entry: Callable[..., Any], argv: list[str] | None = None) -> Any:
                                    formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
   for name, param in inspect.signature(entry).parameters.items():
     if isinstance(param.default, int) and not isinstance(param.default, bool):
-      parser.add_argument(f"--{name.replace('_', '-')}", type=_positive, default=param.default,
+      parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=param.default,
                           metavar="N", help=f"{name.replace('_', ' ')} (default: {param.default})")
-  return entry(**vars(parser.parse_args(argv)))
-
-
-def _positive(text: str) -> int:
-  try:
-    value = int(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-  if value < 1:
-    raise argparse.ArgumentTypeError(f"expected at least 1, got {value}")
-  return value
+  args = vars(parser.parse_args(argv))
+  for name, value in args.items():
+    if value < 1:  # every count an example takes (rounds, clients, batches) is at least one
+      parser.error(f"argument --{name.replace('_', '-')}: expected at least 1, got {value}")
+  return entry(**args)

@@ -100,22 +100,21 @@ def test_compare_all_fails_missing_and_unexpected_outputs():
 # --- verify end to end with a stand-in runtime: the report and the refusals ----------------------
 
 
+def _stablehlo_export(tmp_path_factory, program, args: tuple, name: str):
+  return fb.export(program, *args, target="stablehlo",
+                   out_dir=tmp_path_factory.mktemp("verify") / name), args
+
+
 @pytest.fixture(scope="module")
 def scaled(tmp_path_factory):
   """scaled_mean exported to stablehlo: its directory and example inputs."""
-  args = progs.example_inputs()
-  out = fb.export(progs.scaled_mean, *args, target="stablehlo",
-                  out_dir=tmp_path_factory.mktemp("verify") / "scaled")
-  return out, args
+  return _stablehlo_export(tmp_path_factory, progs.scaled_mean, progs.example_inputs(), "scaled")
 
 
 @pytest.fixture(scope="module")
 def centred(tmp_path_factory):
   """centred (outputs a dict: out['mean'], out['spread']) exported to stablehlo, and its inputs."""
-  args = progs.centred_inputs()
-  out = fb.export(progs.centred, *args, target="stablehlo",
-                  out_dir=tmp_path_factory.mktemp("verify") / "centred")
-  return out, args
+  return _stablehlo_export(tmp_path_factory, progs.centred, progs.centred_inputs(), "centred")
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -28,6 +27,7 @@ from faxbridge._src import execution, registry, signing
 from faxbridge._src.computation import Computation
 from faxbridge._src.errors import ExportError
 from faxbridge._src.events import emit
+from faxbridge._src.export_reader import sha256
 from faxbridge._src.form import FederatedForm, state_links
 from faxbridge._src.iterative import IterativeProcess
 from faxbridge._src.serialization import export as export_without_locations
@@ -104,14 +104,6 @@ def versions(target: registry.Target | None = None) -> dict[str, str]:
 
   return {"faxbridge": faxbridge.__version__, "jax": jax.__version__,
           **(target.version_info() if target is not None else {})}
-
-
-def sha256(path: Path) -> str:
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      digest.update(block)
-  return digest.hexdigest()
 
 
 def write_json(path: Path, obj: Any) -> None:

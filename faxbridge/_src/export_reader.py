@@ -184,7 +184,8 @@ def read_export_manifest(export_dir: Path) -> dict:
   return manifest
 
 
-def _sha256(path: Path) -> str:
+def sha256(path: Path) -> str:
+  """The hex sha256 of a file's bytes, read in blocks (what the manifest pins each file by)."""
   digest = hashlib.sha256()
   with open(path, "rb") as f:
     for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -234,7 +235,7 @@ def check_files(export_dir: Path, manifest: dict) -> None:
     total += path.stat().st_size
     if total > MAX_TOTAL_BYTES:
       raise VerificationError(f"{export_dir} holds more than {MAX_TOTAL_BYTES} bytes: not an export")
-    actual = _sha256(path)
+    actual = sha256(path)
     if actual != digest:
       problems.append(f"{rel}: sha256 mismatch (manifest {digest[:12]}..., file {actual[:12]}...)")
   if problems:
