@@ -687,8 +687,9 @@ _AGGREGATE = {
 }
 
 
-def build(recipe: Recipe) -> fb.Computation:
-  """The recipe as a faxbridge computation (public API only)."""
+def _walk(recipe: Recipe, broadcast: Callable, map_clients: Callable, aggregate: Callable) -> Callable:
+  """The recipe's statements run in order over an environment of leaves; how a broadcast, a map
+  over clients and an aggregation compute is given (faxbridge's operations, or plain JAX's)."""
 
   def program(*args):
     env: dict = {}
@@ -698,7 +699,7 @@ def build(recipe: Recipe) -> fb.Computation:
       if isinstance(st, Op):
         _local([st], env)
       elif isinstance(st, Broadcast):
-        _bind(env, st.out, fb.broadcast(_read(env, st.value)))
+        _bind(env, st.out, broadcast(_read(env, st.value)))
       elif isinstance(st, Map):
         def per_client(*trees, st=st):
           lenv: dict = {}
@@ -707,16 +708,22 @@ def build(recipe: Recipe) -> fb.Computation:
           _local(st.ops, lenv)
           return _read(lenv, st.out)
 
-        _bind(env, st.out, fb.map(per_client, *(_read(env, t) for t in st.args)))
+        _bind(env, st.out, map_clients(per_client, *(_read(env, t) for t in st.args)))
       elif isinstance(st, Agg):
-        x = _read(env, st.value)
-        if st.kind == "weighted_mean":
-          out = fb.weighted_mean(x, env[st.weight])
-        else:
-          out = _AGGREGATE[st.kind](x, st)
-        _bind(env, st.out, out)
+        weight = env[st.weight] if st.weight else None
+        _bind(env, st.out, aggregate(st, _read(env, st.value), weight))
     return _read(env, recipe.result)
 
+  return program
+
+
+def _fb_aggregate(st: Agg, x: PyTree, weight: Any) -> PyTree:
+  return fb.weighted_mean(x, weight) if st.kind == "weighted_mean" else _AGGREGATE[st.kind](x, st)
+
+
+def build(recipe: Recipe) -> fb.Computation:
+  """The recipe as a faxbridge computation (public API only)."""
+  program = _walk(recipe, fb.broadcast, fb.map, _fb_aggregate)
   program.__name__ = program.__qualname__ = f"program{recipe.seed}"
   places = tuple(fb.SERVER if p == SERVER else fb.CLIENTS for p in recipe.placements)
   return fb.computation(program, clients=recipe.clients if recipe.pass_clients else None,
@@ -870,32 +877,13 @@ def plain_jax(recipe: Recipe) -> Callable:
   """The recipe as a plain JAX function of the computation's arguments."""
   n = recipe.clients
 
-  def program(*args):
-    env: dict = {}
-    for tree, arg in zip(recipe.args, args):
-      _bind(env, tree, arg)
-    for st in recipe.body:
-      if isinstance(st, Op):
-        _local([st], env)
-      elif isinstance(st, Broadcast):
-        for src, dst in zip(names(st.value), names(st.out)):
-          env[dst] = jnp.broadcast_to(env[src], (n, *jnp.shape(env[src])))
-      elif isinstance(st, Map):
-        def per_client(*trees, st=st):
-          lenv: dict = {}
-          for tree, value in zip(st.args, trees):
-            _bind(lenv, tree, value)
-          _local(st.ops, lenv)
-          return _read(lenv, st.out)
+  def broadcast(tree: PyTree) -> PyTree:
+    return jax.tree.map(lambda v: jnp.broadcast_to(v, (n, *jnp.shape(v))), tree)
 
-        _bind(env, st.out, jax.vmap(per_client)(*(_read(env, t) for t in st.args)))
-      elif isinstance(st, Agg):
-        w = env[st.weight] if st.weight else None
-        for src, dst in zip(names(st.value), names(st.out)):
-          env[dst] = _JNP_AGGREGATE[st.kind](env[src], w)
-    return _read(env, recipe.result)
+  def aggregate(st: Agg, x: PyTree, weight: Any) -> PyTree:
+    return jax.tree.map(lambda v: _JNP_AGGREGATE[st.kind](v, weight), x)
 
-  return program
+  return _walk(recipe, broadcast, lambda f, *trees: jax.vmap(f)(*trees), aggregate)
 
 
 # ------------------------------------------------------------------------------------------------
