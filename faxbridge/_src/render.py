@@ -123,8 +123,8 @@ def _outputs_text(report) -> str:
     return total
   first = sum(c.name.startswith("initialize/") for c in report.checks)
   per_round = (len(report.checks) - first) // report.rounds
-  return (f"{total}: initialize's {first}, then next's {per_round} in each of "
-          f"{count_text(report.rounds, 'round')}")
+  rounds = "in 1 round" if report.rounds == 1 else f"in each of {report.rounds} rounds"
+  return f"{total}: initialize's {first}, then next's {per_round} {rounds}"
 
 
 def _runs(report) -> list[str]:
