@@ -156,6 +156,17 @@ def test_each_hostile_edit_is_one_line_and_exit_2_on_the_command_line(export, tm
     assert "Traceback" not in done.stderr and re.search(message, done.stderr), (row, done.stderr)
 
 
+def test_the_manifest_checked_is_the_one_parsed(export, copy):
+  """With bytes given (those a signature was checked on), the manifest is parsed from them, not read
+  again: a manifest swapped on disk after the check changes nothing."""
+  from faxbridge._src.export_reader import read_export_manifest
+
+  signed = (export / "manifest.json").read_bytes()
+  _edit_json(copy / "manifest.json", lambda m: {**m, "name": "swapped"})
+  assert read_export_manifest(copy)["name"] == "swapped"
+  assert read_export_manifest(copy, signed) == json.loads(signed)
+
+
 # --- the fuzz ---------------------------------------------------------------------------------------
 class _Opened:
   """Every file opened by this process whose real path lies under a watched folder (an audit hook:

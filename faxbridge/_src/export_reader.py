@@ -101,18 +101,19 @@ def _validator(schema_path: Path) -> Any:
   return jsonschema.Draft202012Validator(schema)
 
 
-def read_json(path: Path, schema: Path, name: str) -> Any:
-  """The JSON document at ``path`` (a checked, contained file), valid under ``schema``.
+def read_json(path: Path, schema: Path, name: str, data: bytes | None = None) -> Any:
+  """The JSON document at ``path`` (a checked, contained file), or in ``data`` (its bytes as read
+  before, e.g. those a signature was checked on), valid under ``schema``.
 
   Raises:
     VerificationError: larger than ``MAX_JSON_BYTES``, not UTF-8 JSON (nesting too deep
       included), or invalid: naming ``name``, the JSON path and what was expected there.
   """
-  size = path.stat().st_size
+  size = path.stat().st_size if data is None else len(data)
   if size > MAX_JSON_BYTES:
     raise VerificationError(f"{name} is {size} bytes, over the limit of {MAX_JSON_BYTES}")
   try:
-    document = json.loads(path.read_bytes())
+    document = json.loads(path.read_bytes() if data is None else data)
   except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
     raise VerificationError(f"{name} is not JSON: {e}") from None
   except RecursionError:
@@ -159,10 +160,12 @@ def check_limits(block: dict, where: str) -> None:
                                 f"the limit of {MAX_ELEMENTS} for one value of an export")
 
 
-def read_export_manifest(export_dir: Path) -> dict:
+def read_export_manifest(export_dir: Path, data: bytes | None = None) -> dict:
   """``manifest.json`` of an export directory, checked: a one-line VerificationError says what is
   wrong (no directory, no manifest, not JSON, not valid under the manifest schema, a named file
-  that is not listed, a value over the limits). Files other than the manifest are not opened."""
+  that is not listed, a value over the limits). Files other than the manifest are not opened.
+  ``data``: the manifest's bytes as already read (the ones a signature was checked on), parsed
+  instead of reading the file again, so nothing can change it in between."""
   if not export_dir.is_dir():
     raise VerificationError(f"{export_dir}: no such export directory")
   try:
@@ -171,7 +174,7 @@ def read_export_manifest(export_dir: Path) -> dict:
     if not os.path.lexists(export_dir / MANIFEST):
       raise VerificationError(f"{export_dir} has no manifest.json: not a faxbridge export") from None
     raise
-  manifest = read_json(path, _SCHEMAS / "manifest.schema.json", str(path))
+  manifest = read_json(path, _SCHEMAS / "manifest.schema.json", str(path), data)
   listed = manifest["files"]
   named = [(f"$.native.{k}", v) for k, v in manifest["native"].items()]
   named += [("$.plan", manifest["plan"])] if "plan" in manifest else []

@@ -304,9 +304,8 @@ def run_on_runtime(export_dir: str | os.PathLike, runtime: str | None,
   :func:`verify` checks it) and files are checked first.
   """
   export_dir = Path(export_dir).resolve()
-  if trust is not None:
-    signing.check_signature(export_dir, trust)
-  manifest = read_export_manifest(export_dir)
+  signed = None if trust is None else signing.check_signature(export_dir, trust)
+  manifest = read_export_manifest(export_dir, signed)
   check_files(export_dir, manifest)
   block, _ = signature_blocks(manifest)
   named = _named_inputs(block, (), dict(inputs))
@@ -364,9 +363,9 @@ def verify(
   """
   export_dir = Path(export_dir).resolve()
   trusted = None if trust is None else signing.load_public_key(trust)
-  if trusted is not None:
-    signing.check_signature(export_dir, trusted)
-  manifest = read_export_manifest(export_dir)
+  # With trust, the manifest parsed is the bytes the signature was checked on (no second read).
+  signed = None if trusted is None else signing.check_signature(export_dir, trusted)
+  manifest = read_export_manifest(export_dir, signed)
   check_files(export_dir, manifest)
   block, _ = signature_blocks(manifest)
   named = _named_inputs(block, args, inputs)
