@@ -36,7 +36,21 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 CORE = sys.executable
-TFF_PY = ROOT / ".venv-tff" / "bin" / "python"
+
+
+def _tff_python() -> Path:
+  """The TFF environment the runtime uses ($FAXBRIDGE_TFF_PYTHON or <repo>/.venv-tff: the runtime's
+  own lookup), or a path that does not exist when there is none (its rows are then skipped)."""
+  from faxbridge.converters.runtimes.tff.launch import tff_python
+  from faxbridge.extend import VerificationError
+
+  try:
+    return tff_python()
+  except VerificationError:
+    return Path("/nonexistent")
+
+
+TFF_PY = _tff_python()
 
 FULL_SIZES = [8, 32, 128, 512, 2048, 8192]
 QUICK_SIZES = [2, 4]
