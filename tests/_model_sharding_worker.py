@@ -169,7 +169,7 @@ def mesh_of(shape: dict) -> jax.sharding.Mesh:
   return jax.make_mesh(tuple(shape.values()), tuple(shape), axis_types=auto)
 
 
-def case(loss, params, data, param_specs, shape: dict, data_spec=P("clients"), direct=False) -> dict:
+def case(loss, params, data, param_specs, shape: dict, data_spec=None, direct=False) -> dict:
   """One mesh: faxbridge (both strategies) and drjax against the one-device answer.
 
   The rounds run as compiled for ``memory_analysis`` (under an outer ``jax.jit``); with ``direct``,
@@ -177,7 +177,7 @@ def case(loss, params, data, param_specs, shape: dict, data_spec=P("clients"), d
   """
   mesh = mesh_of(shape)
   w = jax.device_put(params, jax.tree.map(lambda s: NS(mesh, s), param_specs))
-  x = jax.device_put(data, NS(mesh, data_spec))
+  x = jax.device_put(data, NS(mesh, P("clients") if data_spec is None else data_spec))
   want, want_grad = plain_round(loss)(params, data), plain_grad(loss)(params, data)
   out: dict = {"mesh": shape, "model": shape.get("model", 1), "shard_bytes": shard_bytes(w, x),
                "param_specs": specs(w)}

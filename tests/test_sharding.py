@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import textwrap
 
+import eight_devices
 import jax
 import numpy as np
 import pytest
-
-import eight_devices
 
 SCRIPT = textwrap.dedent(
     """

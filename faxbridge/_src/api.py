@@ -107,7 +107,7 @@ def _constrain_to_clients(leaves: list) -> list:
   replicate a model-sharded value on every device.
   """
   ctx = _CONTEXT.get()
-  if clients_axis() is None or ctx is None:
+  if ctx is None or ctx.mesh is None or clients_axis() is None:
     return leaves
   U = jax.sharding.PartitionSpec.UNCONSTRAINED
   return [jax.lax.with_sharding_constraint(

@@ -19,7 +19,7 @@ from faxbridge._src.api import federated_context, in_federated_trace
 from faxbridge._src.errors import PlacementError, TraceError
 from faxbridge._src.execution import Strategy
 from faxbridge._src.locations import describe, traceback_location
-from faxbridge._src.placements import CLIENTS, SERVER, Placement
+from faxbridge._src.placements import CLIENTS, Placement
 
 PyTree = Any
 
@@ -276,9 +276,7 @@ class Computation:
       return self._executable(args, None)[1](*args)
     with _as_ambient(mesh):
       traced, jitted, sharded, _ = self._executable(args, mesh)
-      if sharded:
-        args = _placed(traced, mesh, args)
-      return jitted(*args)
+      return jitted(*_placed(traced, mesh, args)) if sharded else jitted(*args)
 
 
 def check_inputs(comp: Computation, args: Sequence, where: str = "") -> None:
@@ -385,7 +383,7 @@ def _on_mesh(x, mesh, clients: bool) -> jax.sharding.NamedSharding:
   return jax.sharding.NamedSharding(mesh, P("clients") if clients else P())
 
 
-def _placed(traced: TracedComputation, mesh, args: Sequence) -> list:
+def _placed(traced: TracedComputation, mesh, args: Sequence) -> tuple:
   """``args`` on ``mesh`` (:func:`_on_mesh`): CLIENTS leaves split over its ``clients`` axis, every
   other sharding the user's. Outputs are left to the compiler: the constraints inside the program
   pin only the clients axis of CLIENTS values, so a SERVER result keeps the model sharding that
