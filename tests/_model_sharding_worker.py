@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -205,12 +206,32 @@ def unsharded(loss, params, data) -> dict:
           for name, strategy in STRATEGIES.items()}
 
 
+def constraint_inside_client_work() -> dict:
+  """A sharding constraint written for one client (the hidden layer over ``model``): under the vmap
+  strategy the lowered program constrains the clients' stacked values with the clients axis in
+  front, ``[{"clients"}, {}, {"model"}]`` (``fb.map`` is SPMD over ``clients``); the value is
+  unchanged."""
+  rng = np.random.default_rng(2)
+  params, data = mlp_params(rng), rng.normal(size=(CLIENTS, 32, 512)).astype(np.float32)
+  mesh = mesh_of({"clients": 2, "model": 4})
+
+  def loss(p, x):
+    h = jax.lax.with_sharding_constraint(jax.nn.relu(x @ p["w1"]), NS(mesh, P(None, "model")))
+    return jnp.mean((h @ p["w2"] - x) ** 2)
+
+  rnd = faxbridge_round(loss, mesh, "vmap")
+  text = jax.jit(rnd).lower(params, data).as_text()
+  return {"constraints": sorted(set(re.findall(r"sharding_constraint %\w+ <@mesh, (\[.*?\])> : "
+                                               r"tensor<8x32x512xf32>", text))),
+          "value_diff": max_diff(rnd(params, data), plain_round(loss)(params, data))}
+
+
 def mlp_cases() -> dict:
   """Issue 20's table: an MLP (w1 by columns, w2 by rows) on a 2 x 4 mesh, and a data axis."""
   rng = np.random.default_rng(0)
   params, data = mlp_params(rng), rng.normal(size=(CLIENTS, 32, 512)).astype(np.float32)
   param_specs = {"w1": P(None, "model"), "w2": P("model", None)}
-  return {"unsharded": unsharded(mlp_loss, params, data),
+  return {"unsharded": unsharded(mlp_loss, params, data), "inside": constraint_inside_client_work(),
           "cases": [case(mlp_loss, params, data, param_specs, {"clients": 2, "model": 4}, direct=True),
                     case(mlp_loss, params, data, param_specs, {"clients": 2, "data": 2, "model": 2},
                          P("clients", "data"))]}

@@ -79,6 +79,15 @@ def test_a_data_axis_splits_each_clients_examples(mlp):
   _check_memory(case, mlp["unsharded"], kinds=("outputs", "temporaries"))
 
 
+def test_a_constraint_inside_client_work_gets_the_clients_axis_in_front(mlp):
+  inside = mlp["inside"]
+  # The user's P(None, 'model') on one client's hidden layer [32, 512] constrains the 8 clients'
+  # [8, 32, 512] as P('clients', None, 'model'), not P(None, None, 'model') (every client everywhere).
+  assert '[{"clients"}, {}, {"model"}]' in inside["constraints"]
+  assert '[{}, {}, {"model"}]' not in inside["constraints"]
+  assert inside["value_diff"] <= 1e-6
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1500)
 @pytest.mark.parametrize("index", range(4), ids=["2x4", "4x2", "1x8", "2x2x2-data"])

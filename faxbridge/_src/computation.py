@@ -373,12 +373,8 @@ def _on_mesh(x, mesh, clients: bool) -> jax.sharding.NamedSharding:
   if (isinstance(given, jax.sharding.NamedSharding) and given.mesh.axis_names == mesh.axis_names
       and given.mesh.devices.shape == mesh.devices.shape
       and (given.mesh.devices == mesh.devices).all()):
-    spec = tuple(given.spec)
-    first = spec[0] if spec else None
-    first = first if isinstance(first, tuple) else (first,)
-    if clients and "clients" in first:
-      return jax.sharding.NamedSharding(mesh, given.spec)
-    if not clients and not any("clients" in (e if isinstance(e, tuple) else (e,)) for e in spec):
+    on_clients = "clients" in execution.spec_axes(given.spec, slice(0, 1))
+    if on_clients if clients else "clients" not in execution.spec_axes(given.spec):
       return jax.sharding.NamedSharding(mesh, given.spec)
   return jax.sharding.NamedSharding(mesh, P("clients") if clients else P())
 

@@ -319,9 +319,10 @@ def _params_on(params: dict, mesh) -> dict:
   return params if all(moved[k] is v for k, v in params.items()) else moved
 
 
-def _mentions(sharding, axis: str) -> bool:
-  spec = getattr(sharding, "spec", ())
-  return any(axis in (e if isinstance(e, tuple) else (e,)) for e in spec)
+def spec_axes(spec, dims: slice = slice(None)) -> set[str]:
+  """The mesh axes a PartitionSpec splits its ``dims`` over (an entry may name several)."""
+  return {a for e in tuple(spec)[dims] for a in (e if isinstance(e, tuple) else (e,))
+          if isinstance(a, str)}
 
 
 # -- the streaming interpreter ---------------------------------------------------------------------
@@ -452,7 +453,7 @@ class _Interpreter:
       elif (body := placements.call_body(eqn)) is not None and placements.has_federated(body[0]):
         outs = self.run(body[0], [read(v) for v in eqn.invars], body[1])
       elif (self.axis_name is not None and prim in placements.PLACEMENT_PRESERVING
-            and _mentions(eqn.params.get("sharding"), self.axis_name)):
+            and self.axis_name in spec_axes(getattr(eqn.params.get("sharding"), "spec", ()))):
         # A layout over the clients axis: inside shard_map that axis is the device's own clients.
         outs = [read(v) for v in eqn.invars][: len(eqn.outvars)]
       else:
