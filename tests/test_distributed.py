@@ -1,6 +1,6 @@
 """Multi-host execution through jax.distributed: two local CPU processes (2 devices each, a loopback
-coordinator) run one FedAvg round over a mesh spanning all 4 devices; the result equals the
-single-process run."""
+coordinator) run one FedAvg round over a mesh spanning all 4 devices, as clients and as (clients,
+model) with model-sharded weights; the results equal the single-process run."""
 
 from __future__ import annotations
 
@@ -63,7 +63,13 @@ def test_fedavg_round_across_two_processes_equals_the_single_process_run(tmp_pat
     assert bool(got["_replicated"]), i  # SERVER outputs are replicated over both processes
     # The default strategy on CPU: each device streams its clients inside shard_map.
     assert str(got["_strategy"]) == "('stream', 8)", i
-    assert set(got) - {"_global_devices", "_local_devices", "_replicated", "_strategy"} == set(want)
+    model = {k for k in got if k.startswith("_model")}
+    assert set(got) - {"_global_devices", "_local_devices", "_replicated", "_strategy"} - model == set(want)
+    # On a (clients, model) mesh across the processes: equal, and the weights stay model-sharded.
+    for name in ("w1", "b1", "w2", "b2"):
+      np.testing.assert_allclose(got[f"_model[{name!r}]"], want[f"[0][{name!r}]"], rtol=1e-5, atol=1e-6)
+    assert str(got["_model_spec['w1']"]) == "(None, 'model')", i
+    assert str(got["_model_spec['w2']"]).startswith("('model',"), i
     for key, value in want.items():
       np.testing.assert_allclose(got[key], value, rtol=1e-5, atol=1e-6, err_msg=f"{i}{key}")
   # The round changed the model: the comparison is not between two copies of the input.

@@ -1,23 +1,18 @@
 """Native sharded execution on 8 CPU devices: CLIENTS values split along the mesh's ``clients``
 axis, SERVER values replicated, results equal to the unsharded run.
 
-The device count is fixed when jax starts (``--xla_force_host_platform_device_count``), so the
-sharded runs happen in a fresh Python; it writes what it saw to a JSON file checked here.
+The sharded runs happen in a fresh Python with 8 devices (``tests/eight_devices.py``); it writes
+what it saw to a JSON file checked here.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
+import eight_devices
 import jax
 import numpy as np
 import pytest
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SCRIPT = textwrap.dedent(
     """
@@ -93,13 +88,7 @@ SCRIPT = textwrap.dedent(
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
-  out = tmp_path_factory.mktemp("sharding") / "report.json"
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-         "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}
-  proc = subprocess.run([sys.executable, "-c", SCRIPT, str(out)], env=env, cwd=ROOT,
-                        capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  return json.loads(out.read_text())
+  return eight_devices.report(tmp_path_factory.mktemp("sharding") / "report.json", "-c", SCRIPT)
 
 
 def _reference():

@@ -91,14 +91,28 @@ def clients_of(op: str, leaves) -> int:
   return n
 
 
-def _constrain_to_clients(leaves: list) -> list:
-  """Shard CLIENTS values along the mesh's ``clients`` axis, when the computation has one."""
+def clients_axis() -> str | None:
+  """The mesh axis CLIENTS values are split over (``"clients"``, when the mesh being traced for has
+  one), else None: what ``fb.map`` runs with as its SPMD axis (``jax.vmap``'s ``spmd_axis_name``)."""
   ctx = _CONTEXT.get()
   mesh = ctx.mesh if ctx else None
-  if mesh is None or "clients" not in mesh.axis_names:
+  return "clients" if mesh is not None and "clients" in mesh.axis_names else None
+
+
+def _constrain_to_clients(leaves: list) -> list:
+  """Pin CLIENTS values' leading axis to the mesh's ``clients`` axis, when it has one.
+
+  Only the clients axis is pinned: every other dimension is ``PartitionSpec.UNCONSTRAINED``, so a
+  value keeps the model (or data) sharding it has or the compiler gives it; ``None`` there would
+  replicate a model-sharded value on every device.
+  """
+  ctx = _CONTEXT.get()
+  if ctx is None or ctx.mesh is None or clients_axis() is None:
     return leaves
-  spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("clients"))
-  return [jax.lax.with_sharding_constraint(x, spec) for x in leaves]
+  U = jax.sharding.PartitionSpec.UNCONSTRAINED
+  return [jax.lax.with_sharding_constraint(
+      x, jax.sharding.NamedSharding(ctx.mesh, jax.sharding.PartitionSpec(
+          "clients", *(U,) * (jnp.ndim(x) - 1)))) for x in leaves]
 
 
 def broadcast(x: PyTree) -> PyTree:
@@ -151,7 +165,8 @@ def map(fn: Callable, *args: PyTree) -> PyTree:
 
   avals = [jax.ShapeDtypeStruct(jnp.shape(v)[1:], jnp.result_type(v)) for v in leaves]
   closed = P.trace_per_client(flat_fn, avals)
-  out = P.map_p.bind(*[jnp.asarray(v) for v in leaves], jaxpr=closed, clients=n)
+  ins = _constrain_to_clients([jnp.asarray(v) for v in leaves])
+  out = P.map_p.bind(*ins, jaxpr=closed, clients=n, axis_name=clients_axis())
   return jax.tree.unflatten(out_tree_box[-1], _constrain_to_clients(list(out)))
 
 
@@ -208,7 +223,7 @@ def aggregate(prim, x: PyTree, weight: jax.Array | None = None, **params) -> PyT
   for v, scope in zip(leaves, scopes):
     v, w = jnp.asarray(v), weight
     if w.dtype != v.dtype:  # the cast is per-client work
-      (w,) = P.bind_map(lambda wi, dt=v.dtype: [wi.astype(dt)], weight)
+      (w,) = P.bind_map(lambda wi, dt=v.dtype: [wi.astype(dt)], weight, axis_name=clients_axis())
     with jax.named_scope(scope):
       out.append(prim.bind(v, w, **params))
   return jax.tree.unflatten(tree, out)

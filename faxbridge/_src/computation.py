@@ -19,7 +19,7 @@ from faxbridge._src.api import federated_context, in_federated_trace
 from faxbridge._src.errors import PlacementError, TraceError
 from faxbridge._src.execution import Strategy
 from faxbridge._src.locations import describe, traceback_location
-from faxbridge._src.placements import CLIENTS, SERVER, Placement
+from faxbridge._src.placements import CLIENTS, Placement
 
 PyTree = Any
 
@@ -254,13 +254,10 @@ class Computation:
         run = self._wrapped(traced.clients, mesh)
       else:
         run = _streamed(traced, int(resolved[1]), mesh)
-      shardings = _shardings(traced, mesh)
-      if shardings is None:
-        jitted = jax.jit(run)
-      else:
-        in_shard, out_shard = shardings
-        jitted = jax.jit(run, in_shardings=in_shard, out_shardings=out_shard)
-      entry = self._signatures[key] = (traced, jitted, shardings, resolved)
+      sharded = mesh is not None and "clients" in mesh.axis_names
+      if sharded:
+        _check_even(traced, mesh)
+      entry = self._signatures[key] = (traced, jax.jit(run), sharded, resolved)
     return entry
 
   def strategy_for(self, *args: PyTree) -> str | tuple[str, int]:
@@ -278,10 +275,8 @@ class Computation:
     if mesh is None:  # the common case, kept short: it runs on every call
       return self._executable(args, None)[1](*args)
     with _as_ambient(mesh):
-      _, jitted, shardings, _ = self._executable(args, mesh)
-      if shardings is not None:
-        args = jax.tree.map(_put, args, shardings[0])
-      return jitted(*args)
+      traced, jitted, sharded, _ = self._executable(args, mesh)
+      return jitted(*_placed(traced, mesh, args)) if sharded else jitted(*args)
 
 
 def check_inputs(comp: Computation, args: Sequence, where: str = "") -> None:
@@ -355,24 +350,43 @@ def _put(x, sharding):
   return jax.device_put(x, sharding)
 
 
-def _shardings(traced: TracedComputation, mesh):
-  """In/out shardings: CLIENTS leaves split over the mesh's ``clients`` axis, SERVER replicated."""
-  if mesh is None or "clients" not in mesh.axis_names:
-    return None
+def _check_even(traced: TracedComputation, mesh) -> None:
   size = mesh.shape["clients"]
   if traced.clients is not None and traced.clients % size:
     raise ValueError(
         f"{traced.name}: {traced.clients} clients cannot be split evenly over the mesh's "
         f"'clients' axis of size {size}"
     )
+
+
+def _on_mesh(x, mesh, clients: bool) -> jax.sharding.NamedSharding:
+  """Where an input leaf goes on ``mesh``: the sharding its user gave it, else the default.
+
+  A SERVER leaf keeps the ``NamedSharding`` it has on ``mesh``'s devices (a model-sharded weight stays
+  model-sharded; on the computation's own Auto copy of the mesh), else it is replicated; it is never
+  split over the ``clients`` axis. A CLIENTS leaf keeps its sharding when its leading axis is split
+  over ``clients`` (the other axes, say the examples over a ``data`` axis, as given), else it is
+  split over ``clients`` only.
+  """
   P = jax.sharding.PartitionSpec
-  by_place = {
-      CLIENTS: jax.sharding.NamedSharding(mesh, P("clients")),
-      SERVER: jax.sharding.NamedSharding(mesh, P()),
-  }
-  ins = jax.tree.unflatten(traced.in_tree, [by_place[p] for p in traced.in_placements])
-  outs = jax.tree.unflatten(traced.out_tree, [by_place[p] for p in traced.out_placements])
-  return ins, outs
+  given = getattr(x, "sharding", None) if isinstance(x, jax.Array) else None
+  if (isinstance(given, jax.sharding.NamedSharding) and given.mesh.axis_names == mesh.axis_names
+      and given.mesh.devices.shape == mesh.devices.shape
+      and (given.mesh.devices == mesh.devices).all()):
+    on_clients = "clients" in execution.spec_axes(given.spec, slice(0, 1))
+    if on_clients if clients else "clients" not in execution.spec_axes(given.spec):
+      return jax.sharding.NamedSharding(mesh, given.spec)
+  return jax.sharding.NamedSharding(mesh, P("clients") if clients else P())
+
+
+def _placed(traced: TracedComputation, mesh, args: Sequence) -> tuple:
+  """``args`` on ``mesh`` (:func:`_on_mesh`): CLIENTS leaves split over its ``clients`` axis, every
+  other sharding the user's. Outputs are left to the compiler: the constraints inside the program
+  pin only the clients axis of CLIENTS values, so a SERVER result keeps the model sharding that
+  propagates to it."""
+  leaves = jax.tree.leaves(tuple(args))
+  placed = [_put(x, _on_mesh(x, mesh, p is CLIENTS)) for x, p in zip(leaves, traced.in_placements)]
+  return jax.tree.unflatten(traced.in_tree, placed)
 
 
 def computation(

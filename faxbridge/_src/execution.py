@@ -290,6 +290,41 @@ def _sharded(args, jaxpr, block, mesh: StreamMesh):
                        axis_names={"clients"}, check_vma=False)(*args)
 
 
+def _on_context_mesh(value, mesh):
+  """``value`` (an equation's param) with every ``NamedSharding`` over the traced mesh moved onto
+  ``mesh``, the abstract mesh in force inside ``shard_map`` (the same axes, ``clients`` Manual).
+
+  Tracing under an Auto mesh records it in params (``dot_general``'s ``out_sharding``, a
+  ``broadcast_in_dim``'s ``sharding``, a user's sharding constraint over ``model``), and JAX refuses
+  a sharding whose mesh differs from the context's. Moved, a model sharding stays what it was: the
+  ``model`` axis is Auto in both meshes. Nested jaxprs (``jit``, ``scan``, ``custom_jvp``) too.
+  """
+  if isinstance(value, jax.sharding.NamedSharding):
+    if value.mesh.axis_names != mesh.axis_names or value.mesh.abstract_mesh == mesh:
+      return value
+    return jax.sharding.NamedSharding(mesh, value.spec, memory_kind=value.memory_kind)
+  if isinstance(value, jcore.Jaxpr):
+    eqns = [e if (p := _params_on(e.params, mesh)) is e.params else e.replace(params=p)
+            for e in value.eqns]
+    return value if all(a is b for a, b in zip(eqns, value.eqns)) else value.replace(eqns=eqns)
+  if type(value) in (tuple, list):  # not a NamedTuple of params (GatherDimensionNumbers)
+    moved = [_on_context_mesh(v, mesh) for v in value]
+    return value if all(a is b for a, b in zip(moved, value)) else type(value)(moved)
+  return value
+
+
+def _params_on(params: dict, mesh) -> dict:
+  """``params`` itself when nothing in it names another mesh (most equations), else a moved copy."""
+  moved = {k: _on_context_mesh(v, mesh) for k, v in params.items()}
+  return params if all(moved[k] is v for k, v in params.items()) else moved
+
+
+def spec_axes(spec, dims: slice = slice(None)) -> set[str]:
+  """The mesh axes a PartitionSpec splits its ``dims`` over (an entry may name several)."""
+  return {a for e in tuple(spec)[dims] for a in (e if isinstance(e, tuple) else (e,))
+          if isinstance(a, str)}
+
+
 # -- the streaming interpreter ---------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class _Broadcast:
@@ -417,15 +452,22 @@ class _Interpreter:
         outs = [self._aggregate(rule, eqn, [read(v) for v in eqn.invars])]
       elif (body := placements.call_body(eqn)) is not None and placements.has_federated(body[0]):
         outs = self.run(body[0], [read(v) for v in eqn.invars], body[1])
-      elif self.axis_name is not None and prim in placements.PLACEMENT_PRESERVING:
-        outs = [read(v) for v in eqn.invars][: len(eqn.outvars)]  # layouts are shard_map's now
+      elif (self.axis_name is not None and prim in placements.PLACEMENT_PRESERVING
+            and self.axis_name in spec_axes(getattr(eqn.params.get("sharding"), "spec", ()))):
+        # A layout over the clients axis: inside shard_map that axis is the device's own clients.
+        outs = [read(v) for v in eqn.invars][: len(eqn.outvars)]
       else:
         invals = self._harmonize(eqn, [read(v) for v in eqn.invars])
         # As jax.core.eval_jaxpr binds an equation; inside shard_map, not in the equation's mesh
-        # context (the traced, Auto one): the clients axis is Manual there.
-        ctx = eqn.ctx.manager if self.axis_name is None else contextlib.nullcontext()
+        # context (the traced, Auto one) but in shard_map's, with the params moved onto it.
+        params = eqn.params
+        if self.axis_name is None:
+          ctx = eqn.ctx.manager
+        else:
+          ctx = contextlib.nullcontext()
+          params = _params_on(params, jax.sharding.get_abstract_mesh())
         with source_info_util.user_context(eqn.source_info.traceback), ctx:
-          outs = prim.bind(*invals, **prim.get_bind_params(eqn.params))
+          outs = prim.bind(*invals, **prim.get_bind_params(params))
         outs = outs if prim.multiple_results else [outs]
       env.update(zip(eqn.outvars, outs))
     return [read(v) for v in jaxpr.outvars]

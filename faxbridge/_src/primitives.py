@@ -124,20 +124,27 @@ def trace_per_client(fn: Callable, avals: Sequence, what: str = "fb.map") -> jco
   return closed
 
 
-def bind_map(fn: Callable, *args) -> list:
-  """Apply ``fn`` per client to flat CLIENTS arrays ``args`` (all with leading axis n)."""
+def bind_map(fn: Callable, *args, axis_name: str | None = None) -> list:
+  """Apply ``fn`` per client to flat CLIENTS arrays ``args`` (all with leading axis n).
+
+  ``axis_name``: the mesh axis the clients are split over (``"clients"``), or None; see ``map_p``.
+  """
   clients = jnp.shape(args[0])[0]
   closed = trace_per_client(fn, call_rules.call_avals(args, mapped_axes=1))
-  return map_p.bind(*args, jaxpr=closed, clients=clients)
+  return map_p.bind(*args, jaxpr=closed, clients=clients, axis_name=axis_name)
 
 
-def _map_impl(*args, jaxpr, clients):
+# ``axis_name`` is the mesh axis of the clients (or None): the vmap over clients is SPMD over it
+# (``spmd_axis_name``), so a sharding constraint or a ``shard_map`` inside client work, written for
+# one client, gets the clients axis in front of its own (``P('model')`` becomes ``P('clients',
+# 'model')``) instead of replicating the clients' values. The derived maps of AD and batching keep it.
+def _map_impl(*args, jaxpr, clients, axis_name):
   del clients
-  return jax.vmap(jcore.jaxpr_as_fun(jaxpr))(*args)
+  return jax.vmap(jcore.jaxpr_as_fun(jaxpr), spmd_axis_name=axis_name)(*args)
 
 
-def _map_abstract_eval(*args, jaxpr, clients):
-  del args
+def _map_abstract_eval(*args, jaxpr, clients, axis_name):
+  del args, axis_name
   return [_shaped((clients, *a.shape), a.dtype, a.weak_type) for a in jaxpr.out_avals]
 
 
