@@ -339,7 +339,7 @@ def test_a_target_from_an_entry_point_through_fresh_interpreters(tmp_path):
 
 
 # --- the core names no target --------------------------------------------------------------------
-BUILT_IN = re.compile(r"\b(tff|stablehlo|tflite|iree|litert)\b", re.IGNORECASE)
+BUILT_IN = re.compile(r"\b(tff|stablehlo|tflite|iree|litert|flower)\b", re.IGNORECASE)
 
 
 def test_the_cli_and_the_registry_name_no_target_or_runtime():
