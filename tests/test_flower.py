@@ -159,41 +159,93 @@ def test_a_node_refuses_data_of_another_shape(small_app, tmp_path):
 class InProcessSession(server.Session):
   """The ServerApp's session with each node's work done by that node's own code (NodeRun) in this
   process instead of through a SuperLink: the interpreter, the backend and both sides' checks are
-  the deployed ones, only the transport is left out."""
+  the deployed ones, only the transport is left out. What a node keeps between stages is held per
+  node and invocation, as the ClientApp holds it in its Flower context."""
 
   def __init__(self, app, config, nodes):
     super().__init__(None, app, config)
     self.node_runs = nodes
     self.nodes = [server.Node(i, run.label) for i, run in enumerate(nodes)]
+    self.kept: dict[tuple[int, str], dict] = {}
+    self.asked: list[str] = []  # the piece of each work message ("": values held only)
 
   def work(self, invocation, computation, piece, nodes, broadcast, returns, keep, specs):
+    self.asked.append(piece)
     task = {"computation": computation, "piece": piece, "invocation": invocation,
             "returns": json.dumps(returns), "keep": json.dumps(keep)}
-    return [self.node_runs[n.node_id].work(task, broadcast, {})[0] for n in nodes]
+    out = []
+    for n in nodes:
+      kept = self.kept.setdefault((n.node_id, invocation), {})
+      uploads, keep_values, _ = self.node_runs[n.node_id].work(task, broadcast, dict(kept))
+      kept.update(keep_values)
+      for name, value in uploads.items():  # the server's checks of what a node returns
+        assert value.shape == tuple(specs[name].shape) and value.dtype == specs[name].dtype
+      out.append(uploads)
+    return out
 
 
-def test_the_server_aggregates_the_uploads_as_numpy_does(small_app, tmp_path):
-  scale, x, w = _every_kind_inputs()
-  runs = [_node(small_app, tmp_path / f"n{k}", {"x": x[k], "w": w[k]}) for k in range(len(x))]
+def _run_in_process(app_dir, tmp_path, data_per_node, server_inputs):
+  runs = [_node(app_dir, tmp_path / f"n{k}", data) for k, data in enumerate(data_per_node)]
   for run in runs:
     run.install(_programs(run.app))
-  app = protocol.read_app(small_app, pieces_present=True)
-  config = server.RunConfig(small_app, tmp_path / "out", None, 1, 0, 1, 1.0, 1.0, 0)
+  app = protocol.read_app(app_dir, pieces_present=True)
+  config = server.RunConfig(app_dir, tmp_path / "out", None, 1, 0, 1, 1.0, 1.0, 0)
   session = InProcessSession(app, config, runs)
   form = FederatedForm.from_json(app.plan["computations"]["computation"], "computation")
   nodes = session.sample(0)
-  assert [n.label for n in nodes] == ["n0", "n1", "n2", "n3"]
+  assert [n.label for n in nodes] == [f"n{k}" for k in range(len(runs))]
 
   def invoke(name, named):
     backend = server.FlowerBackend(session, form, name, nodes)
     return interpret(form, backend, backend.inputs(form, named))
 
-  got = run_program("computation", invoke, {"scale": scale}, 0)
+  return run_program("computation", invoke, server_inputs, 0), session
+
+
+def test_the_server_aggregates_the_uploads_as_numpy_does(small_app, tmp_path):
+  scale, x, w = _every_kind_inputs()
+  got, _ = _run_in_process(small_app, tmp_path, [{"x": x[k], "w": w[k]} for k in range(len(x))],
+                           {"scale": scale})
   y = scale * x
   want = [y.sum(0), y.mean(0), (w[:, None] * y).sum(0) / w.sum(), y.max(0), y.min(0)]
   assert len(got) == len(want)
   for value, expected in zip(got.values(), want):
     np.testing.assert_allclose(value, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_values_kept_on_nodes_between_stages_and_held_values_asked_for(tmp_path):
+  """Two stages whose second client piece reads what the first kept on the node (never sent to
+  the server), and an aggregation of a node's raw input in a stage without client work."""
+
+  @fb.computation(in_placements=(fb.CLIENTS, fb.CLIENTS))
+  def two_stages(x, c):
+    local = fb.map(lambda xi: xi * 2.0, x)  # kept on the node for stage 1
+    mean = fb.mean(fb.map(lambda li: li + 1.0, local))
+    centred = fb.map(lambda m, li: (li - m) ** 2, fb.broadcast(mean), local)
+    return mean, fb.mean(centred), fb.sum(c)
+
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(3, 4)).astype(np.float32)
+  c = rng.integers(0, 9, size=(3, 2)).astype(np.int32)
+  app_dir = fb.export(two_stages, x, c, target="flower", out_dir=tmp_path / "app",
+                      client_runtime="iree")
+  got, session = _run_in_process(app_dir, tmp_path, [{"x": x[k], "c": c[k]} for k in range(3)], {})
+  local = 2 * x
+  mean = (local + 1).mean(0)
+  want = [mean, ((local - mean) ** 2).mean(0), c.sum(0)]
+  for value, expected in zip(got.values(), want):
+    np.testing.assert_allclose(value, expected, rtol=1e-6, atol=1e-6)
+  assert list(got.values())[2].dtype == np.int32
+  assert session.asked == ["stage0_client_work", "stage1_client_work"]  # c came with stage 0
+
+
+def test_a_stage_without_client_work_asks_the_nodes_for_what_it_aggregates(tmp_path):
+  total = fb.computation(fb.sum, in_placements=(fb.CLIENTS,))
+  c = np.arange(12, dtype=np.int32).reshape(4, 3)
+  app_dir = fb.export(total, c, target="flower", out_dir=tmp_path / "app", client_runtime="iree")
+  got, session = _run_in_process(app_dir, tmp_path, [{"x": c[k]} for k in range(4)], {})
+  np.testing.assert_array_equal(next(iter(got.values())), c.sum(0))
+  assert session.asked == [""]  # one message: send what you hold
 
 
 def test_sampling_is_seeded_and_recorded_in_order(small_app, tmp_path):

@@ -116,9 +116,8 @@ class NodeRun:
       with os.fdopen(fd, "wb") as f:
         f.write(data)
       os.replace(tmp, path)
-    for name, comp in self.app.plan["computations"].items():
-      if any(stage["client_work"]["files"] for stage in comp["stages"]):
-        self.data(name)
+    for name in self.app.plan["computations"]:
+      self.data(name)  # every computation that reads CLIENTS inputs finds them, of their shapes
 
   def load(self, piece: dict) -> Callable[[list[np.ndarray]], list[np.ndarray]]:
     """The stored client piece, its bytes checked against the manifest's sha256 once more."""
