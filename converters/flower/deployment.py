@@ -25,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -104,7 +104,7 @@ class LocalDeployment:
     node_configs: one ``--node-config`` mapping per SuperNode.
   """
 
-  def __init__(self, root: Path, node_configs: list[Mapping[str, str]]):
+  def __init__(self, root: Path, node_configs: Sequence[Mapping[str, str]]):
     self.root, self.node_configs = root, node_configs
     self.processes: dict[str, subprocess.Popen] = {}
     self.port = 0
@@ -252,14 +252,16 @@ def deploy(export_dir: Path, manifest: dict, inputs: Mapping[str, np.ndarray], r
     for k in range(n):
       folder = root / f"node-{k}"
       folder.mkdir()
-      np.savez(folder / "data.npz", **{name: np.asarray(inputs[name])[k] for name in clients})
+      data: dict[str, Any] = {name: np.asarray(inputs[name])[k] for name in clients}
+      np.savez(folder / "data.npz", **data)
       configs.append({"data": str(folder / "data.npz"), "label": f"client-{k:04d}",
                       "store": str(folder / "programs")})
     run_config: dict[str, Any] = {"export": str(server_export or export_dir), "out": str(out),
                                   "rounds": max(rounds, 1), "clients-per-round": n, "min-nodes": n,
                                   "seed": seed}
     if server:
-      np.savez(root / "server_inputs.npz", **{name: np.asarray(inputs[name]) for name in server})
+      values: dict[str, Any] = {name: np.asarray(inputs[name]) for name in server}
+      np.savez(root / "server_inputs.npz", **values)
       run_config["server-inputs"] = str(root / "server_inputs.npz")
     start = time.monotonic()
     with LocalDeployment(root, configs) as deployment:

@@ -294,7 +294,7 @@ class FlowerBackend(PerClientBackend):
             for b in form.inputs}
 
 
-def _write_npz(path: Path, values: dict[str, np.ndarray]) -> None:
+def _write_npz(path: Path, values: dict[str, Any]) -> None:
   tmp = path.with_name(path.name + ".tmp.npz")
   np.savez(tmp, **values)
   os.replace(tmp, path)
