@@ -233,11 +233,14 @@ def _blocks(manifest: dict) -> dict:
 
 
 def deploy(export_dir: Path, manifest: dict, inputs: Mapping[str, np.ndarray], rounds: int,
-           server_export: Path | None = None, seed: int = 0) -> RuntimeResult:
+           server_export: Path | None = None, seed: int = 0, keep: Path | None = None
+           ) -> RuntimeResult:
   """Run ``export_dir`` on a local deployment: one SuperNode per client of ``inputs``.
 
   ``server_export``: the export the ServerApp reads (default: ``export_dir``, whose app the nodes
   get); a test gives another to prove that nodes refuse a program their app does not pin.
+  ``keep``: a folder to copy the ServerApp's record and every process's log into (they are
+  otherwise removed with the deployment's temporary folder), to study a run.
 
   Raises:
     VerificationError: a process does not start, a node refuses, the run fails (its reason).
@@ -271,6 +274,9 @@ def deploy(export_dir: Path, manifest: dict, inputs: Mapping[str, np.ndarray], r
       except VerificationError as e:
         raise VerificationError(_failure(out, str(e))) from None
       result = _read_json(out / "result.json")
+      if keep is not None:
+        shutil.copytree(root / "logs", keep / "logs", dirs_exist_ok=True)
+        shutil.copy(out / "record.json", keep / "record.json")
       if result.get("status") != "ok":
         raise VerificationError(_failure(out, deployment.log_tail("flwr-run")))
       timings = dict(deployment.timings)
@@ -307,16 +313,20 @@ def _info(record: dict, timings: dict, total: float, n: int) -> dict[str, Any]:
   info = {"Flower deployment": f"1 SuperLink and {n} SuperNodes, each its own process, 127.0.0.1",
           "wall time": f"{total:.1f} s in all: SuperLink up in {link_up:.1f} s, client program "
                        f"installed on the nodes in {install:.1f} s"}
-  steps = [step["nodes"] for inv in rounds for step in inv.get("node_timings", [])]
+  steps = [step for inv in rounds for step in inv.get("node_timings", [])]
   if rounds and steps:
-    mean = lambda key: float(np.mean([max(t[key] for t in nodes) for nodes in steps]))
+    slowest = lambda key: float(np.mean([max(t[key] for t in st["nodes"]) for st in steps]))
     per_round = [inv["seconds"] for inv in rounds]
+    exchange = float(np.mean([st["exchange_seconds"] for st in steps]))
+    process = slowest("process_seconds")
+    server = float(np.mean(per_round)) - exchange * len(steps) / len(rounds)
     info["wall time per round"] = (
-        f"{np.mean(per_round):.2f} s (min {min(per_round):.2f}, max {max(per_round):.2f}); per "
-        f"client step, the slowest node's ClientApp process {mean('process_seconds'):.2f} s from its "
-        f"start to its reply, of it program load {mean('load_seconds'):.3f} s and compute "
-        f"{mean('compute_seconds'):.3f} s; the rest is Flower's message passing (a SuperNode polls "
-        "every 3 s)")
+        f"{np.mean(per_round):.2f} s (min {min(per_round):.2f}, max {max(per_round):.2f}): the "
+        f"server's pieces and bookkeeping {server:.2f} s; per client step, {exchange:.2f} s from "
+        f"sending the work to the last reply, of it the slowest node's ClientApp process "
+        f"{process:.2f} s from its start to its reply (program load {slowest('load_seconds'):.3f} "
+        f"s, compute {slowest('compute_seconds'):.3f} s), the other {exchange - process:.2f} s "
+        "Flower's message passing (a SuperNode polls every 3 s)")
   return info
 
 

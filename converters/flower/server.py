@@ -214,7 +214,9 @@ class Session:
     values = protocol.array_record(broadcast)
     messages = [self.message(RecordDict({protocol.TASK: task, protocol.BROADCAST: values}),
                              n.node_id, protocol.WORK, invocation) for n in nodes]
+    sent_at = time.monotonic()
     replies = self.exchange(messages, f"{invocation}, {piece or 'sending held values'}")
+    exchange = time.monotonic() - sent_at
     out, timings = [], []
     for n in nodes:
       reply = replies[n.node_id]
@@ -230,7 +232,8 @@ class Session:
                                   f"{spec.dtype}{list(spec.shape)}")
       out.append(got)
       timings.append(dict(reply.content.config_records[protocol.NODE]))
-    self.current.setdefault("node_timings", []).append({"piece": piece, "nodes": timings})
+    self.current.setdefault("node_timings", []).append(
+        {"piece": piece, "exchange_seconds": exchange, "nodes": timings})
     return out
 
 
