@@ -104,6 +104,13 @@ def test_the_flower_bundle_holds_the_json_and_modules_but_no_piece(small_app, tm
   assert not [n for n in names if n.endswith((".mlir", ".jax", ".mlirbc", ".tflite"))], names
 
 
+def test_the_registry_entry_and_the_protocol_name_the_same_client_runtimes():
+  import faxbridge.converters.flower as flower
+
+  assert tuple(protocol.CLIENT_RUNTIMES) == flower.CLIENT_RUNTIMES
+  assert flower.TARGET.options[0].choices == flower.CLIENT_RUNTIMES
+
+
 def test_import_faxbridge_does_not_import_flwr():
   code = ("import sys, faxbridge, faxbridge.converters.flower\n"
           "from faxbridge._src import registry\n"

@@ -329,6 +329,17 @@ def run(grid: Any, run_config: dict[str, Any]) -> None:
     index = next(calls)
     invocation = name if name != "next" else f"round{index}"  # initialize was call 0
     form = forms[name]
+    for b in form.inputs:  # the SERVER inputs (the state, server-inputs) as the plan declares them
+      if b.placement is CLIENTS:
+        continue
+      if b.name not in named:
+        raise VerificationError(f"{invocation}: the SERVER input {b.name!r} is missing: give it in "
+                                "the .npz of the run config's server-inputs")
+      value = np.asarray(named[b.name])
+      if value.shape != tuple(b.spec.shape) or value.dtype != np.dtype(b.spec.dtype):
+        raise VerificationError(f"{invocation}: the SERVER input {b.name!r} is "
+                                f"{value.dtype}{list(value.shape)}, the plan takes "
+                                f"{b.spec.dtype}{list(b.spec.shape)}")
     nodes = session.sample(index) if form.stages else []
     session.current = {"invocation": invocation, "nodes": [n.node_id for n in nodes],
                        "labels": [n.label for n in nodes]}
