@@ -39,6 +39,21 @@ def every_kind(scale, x, w):
   return fb.sum(y), fb.mean(y), fb.weighted_mean(y, w), fb.max(y), fb.min(y)
 
 
+@fb.computation(in_placements=(fb.CLIENTS, fb.CLIENTS))
+def two_stages(x, c):
+  """A second stage reading what the first computed on the node (kept there, never uploaded)."""
+  local = fb.map(lambda xi: xi * 2.0, x)
+  mean = fb.mean(fb.map(lambda li: li + 1.0, local))
+  centred = fb.map(lambda m, li: (li - m) ** 2, fb.broadcast(mean), local)
+  return mean, fb.mean(centred), fb.sum(c)
+
+
+def _two_stages_inputs(clients=3):
+  rng = np.random.default_rng(1)
+  return (rng.normal(size=(clients, 4)).astype(np.float32),
+          rng.integers(0, 9, size=(clients, 2)).astype(np.int32))
+
+
 def _every_kind_inputs(clients=4):
   rng = np.random.default_rng(0)
   return (np.float32(1.5), rng.normal(size=(clients, 3)).astype(np.float32),
@@ -224,16 +239,7 @@ def test_values_kept_on_nodes_between_stages_and_held_values_asked_for(tmp_path)
   """Two stages whose second client piece reads what the first kept on the node (never sent to
   the server), and an aggregation of a node's raw input in a stage without client work."""
 
-  @fb.computation(in_placements=(fb.CLIENTS, fb.CLIENTS))
-  def two_stages(x, c):
-    local = fb.map(lambda xi: xi * 2.0, x)  # kept on the node for stage 1
-    mean = fb.mean(fb.map(lambda li: li + 1.0, local))
-    centred = fb.map(lambda m, li: (li - m) ** 2, fb.broadcast(mean), local)
-    return mean, fb.mean(centred), fb.sum(c)
-
-  rng = np.random.default_rng(1)
-  x = rng.normal(size=(3, 4)).astype(np.float32)
-  c = rng.integers(0, 9, size=(3, 2)).astype(np.int32)
+  x, c = _two_stages_inputs()
   app_dir = fb.export(two_stages, x, c, target="flower", out_dir=tmp_path / "app",
                       client_runtime="iree")
   got, session = _run_in_process(app_dir, tmp_path, [{"x": x[k], "c": c[k]} for k in range(3)], {})
@@ -307,6 +313,16 @@ def test_fedavg_on_four_supernodes_equals_native(client_runtime, fedavg_inputs, 
   assert _flower_processes() <= before
   # flwr run read the export and wrote nothing into it: it still matches its manifest.
   check_files(out, read_export_manifest(out))
+
+
+@pytest.mark.slow
+def test_values_kept_between_stages_in_the_nodes_flower_context(tmp_path):
+  """On real nodes, what stage 0 keeps lives in each node's Flower context (a new ClientApp
+  process per message) until stage 1 reads it; the run equals native."""
+  x, c = _two_stages_inputs()
+  out = fb.export(two_stages, x, c, target="flower", out_dir=tmp_path / "app", client_runtime="iree")
+  report = fb.verify(out, x, c, runtime="flower")
+  assert report.ok and "3 SuperNodes" in report.info["Flower deployment"], str(report)
 
 
 @pytest.mark.slow
