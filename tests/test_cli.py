@@ -382,7 +382,7 @@ def test_targets_lists_every_target_with_its_runtimes_and_whether_they_are_insta
       assert f"  option  {option.flag}" in out
   expected = {(t, r.name) for t in registry.targets() for r in registry.readers(t)}
   assert expected >= {("tff", "tff"), ("stablehlo", "iree"), ("stablehlo", "jax"),
-                      ("tflite", "litert")}
+                      ("tflite", "litert"), ("flower", "flower")}
   lines = _runtime_lines(out)
   assert set(lines) == expected
   # Installed as this machine has them, checked here independently of the CLI.
@@ -390,6 +390,7 @@ def test_targets_lists_every_target_with_its_runtimes_and_whether_they_are_insta
   here = {"jax": True,
           "iree": all(importlib.util.find_spec(m) for m in ("iree.compiler", "iree.runtime")),
           "litert": importlib.util.find_spec("ai_edge_litert") is not None,
+          "flower": importlib.util.find_spec("flwr") is not None,
           "tff": bool(os.environ.get("FAXBRIDGE_TFF_PYTHON")) or (
               (venv_tff / "bin" / "python").is_file() and (venv_tff / ".ready").is_file())}
   for (_, runtime), line in lines.items():

@@ -34,6 +34,7 @@ PACKAGES = {
     r"IREE": ("iree-base-compiler", "iree-base-runtime"),
     r"LiteRT|ai-edge-litert": ("ai-edge-litert",),
     r"drjax": ("drjax",),
+    r"Flower|flwr": ("flwr",),
     r"dp-accounting(?: library)?": ("dp-accounting",),
     r"Python|python": ("python",),
     r"faxbridge": ("faxbridge",),

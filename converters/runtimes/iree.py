@@ -10,10 +10,12 @@ the export, whose files the manifest pins): ``$FAXBRIDGE_IREE_CACHE`` or
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -65,28 +67,59 @@ def compile_stablehlo(text: str, where: str = "module") -> bytes:
   return vmfb
 
 
+PieceFunction = Callable[[list[np.ndarray]], list[np.ndarray]]
+
+
+@functools.cache
+def _config():
+  """The one ``local-task`` configuration (its VM instance and task pool) all pieces share."""
+  import iree.runtime as ireert
+
+  return ireert.Config("local-task")
+
+
+def load_piece(text: bytes, piece: dict, where: str) -> PieceFunction:
+  """One piece's StableHLO text (its bytes, already read and checked by the caller), compiled
+  (or found in the cache) and loaded on ``local-task``: a function of its arguments in the plan's
+  input order, returning its outputs in the plan's order.
+
+  Raises:
+    VerificationError: not UTF-8 text, or IREE cannot compile it.
+  """
+  import iree.runtime as ireert
+
+  try:
+    source = text.decode()
+  except UnicodeDecodeError:
+    raise VerificationError(f"{where}: not StableHLO text (not UTF-8)") from None
+  config = _config()
+  module = ireert.VmModule.copy_buffer(config.vm_instance, compile_stablehlo(source, where))
+  context = ireert.SystemContext(vm_modules=[module], config=config)
+  function = context.modules[module.name]["main"]
+
+  def call(args: list[np.ndarray]) -> list[np.ndarray]:
+    result = function(*args)
+    result = result if isinstance(result, tuple | list) else [result]
+    return [np.asarray(r.to_host() if hasattr(r, "to_host") else r) for r in result]
+
+  call.context = context  # type: ignore[attr-defined]  # the module lives as long as its function
+  return call
+
+
 class _Modules:
   """Loaded IREE modules of an export, one system context per piece."""
 
   def __init__(self, export_dir: Path, plan: dict):
-    import iree.runtime as ireert
-
-    self.config = ireert.Config("local-task")
     self.functions = {}
     for piece in pieces(plan):
       if FORMAT not in piece["files"]:
         raise VerificationError(f"{export_dir}: piece {piece['name']} has no StableHLO "
                                 "(export with --target=stablehlo to run on IREE)")
       rel = piece["files"][FORMAT]
-      vmfb = compile_stablehlo(piece_file(export_dir, piece, FORMAT).read_text(), rel)
-      module = ireert.VmModule.copy_buffer(self.config.vm_instance, vmfb)
-      context = ireert.SystemContext(vm_modules=[module], config=self.config)
-      self.functions[rel] = context.modules[module.name]["main"]
+      self.functions[rel] = load_piece(piece_file(export_dir, piece, FORMAT).read_bytes(), piece, rel)
 
   def __call__(self, piece: dict, args: list[np.ndarray]) -> list[np.ndarray]:
-    result = self.functions[piece["files"][FORMAT]](*args)
-    result = result if isinstance(result, tuple | list) else [result]
-    return [np.asarray(r.to_host() if hasattr(r, "to_host") else r) for r in result]
+    return self.functions[piece["files"][FORMAT]](args)
 
 
 def verify_run(export_dir: Path, manifest: dict, inputs: dict[str, np.ndarray],

@@ -7,6 +7,7 @@ outputs carry the plan's tensor names; ``faxbridge.converters.plan.run_plan`` or
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -22,28 +23,49 @@ def available() -> tuple[bool, str]:
   return importable("ai_edge_litert")
 
 
+PieceFunction = Callable[[list[np.ndarray]], list[np.ndarray]]
+
+
+def load_piece(model: bytes, piece: dict, where: str) -> PieceFunction:
+  """One piece's ``.tflite`` model (its bytes, already read and checked by the caller) as a
+  function of its arguments in the plan's input order, returning its outputs in the plan's order.
+
+  The caller holds the bytes (not a path) so that what was checked is what runs: a Flower node
+  checks the sha256 of a model it received before loading it.
+
+  Raises:
+    VerificationError: the model has no signature named after the piece.
+  """
+  from ai_edge_litert.interpreter import Interpreter
+
+  interpreter = Interpreter(model_content=model)
+  keys = interpreter.get_signature_list()
+  if piece["name"] not in keys:
+    raise VerificationError(f"{where}: no signature {piece['name']!r} (has {sorted(keys)})")
+  runner = interpreter.get_signature_runner(piece["name"])
+
+  def call(args: list[np.ndarray]) -> list[np.ndarray]:
+    out = runner(**{s["name"]: a for s, a in zip(piece["inputs"], args)})
+    return [np.asarray(out[s["name"]]) for s in piece["outputs"]]
+
+  call.interpreter = interpreter  # type: ignore[attr-defined]  # keeps the model's buffer alive
+  return call
+
+
 class _Runners:
   """One interpreter and signature runner per piece."""
 
   def __init__(self, export_dir: Path, plan: dict):
-    from ai_edge_litert.interpreter import Interpreter
-
     self.runners = {}
     for piece in pieces(plan):
       if FORMAT not in piece["files"]:
         raise VerificationError(f"{export_dir}: piece {piece['name']} has no .tflite model "
                                 "(export with --target=tflite to run on LiteRT)")
       rel = piece["files"][FORMAT]
-      interpreter = Interpreter(model_path=str(piece_file(export_dir, piece, FORMAT)))
-      keys = interpreter.get_signature_list()
-      if piece["name"] not in keys:
-        raise VerificationError(f"{rel}: no signature {piece['name']!r} (has {sorted(keys)})")
-      self.runners[rel] = interpreter.get_signature_runner(piece["name"])
+      self.runners[rel] = load_piece(piece_file(export_dir, piece, FORMAT).read_bytes(), piece, rel)
 
   def __call__(self, piece: dict, args: list[np.ndarray]) -> list[np.ndarray]:
-    runner = self.runners[piece["files"][FORMAT]]
-    out = runner(**{s["name"]: a for s, a in zip(piece["inputs"], args)})
-    return [np.asarray(out[s["name"]]) for s in piece["outputs"]]
+    return self.runners[piece["files"][FORMAT]](args)
 
 
 def verify_run(export_dir: Path, manifest: dict, inputs: dict[str, np.ndarray],

@@ -1,0 +1,342 @@
+"""``fb.verify(DIR, ..., runtime="flower")``: a real local Flower deployment of a flower export.
+
+One SuperLink and one SuperNode per client, each its own OS process (its own process group), on
+free ports of 127.0.0.1, insecure (no TLS yet: loopback only), with Flower's telemetry and update
+checks off and ``FLWR_HOME`` in a temporary folder. Node ``k`` gets client ``k``'s slice of the
+CLIENTS inputs as its own ``data.npz`` (node config ``data=...``, ``label=client-000k``); the
+SERVER inputs go to the ServerApp as an ``.npz`` named in the run config. ``flwr run DIR local``
+runs the rounds; the outputs come back from the ServerApp's output folder.
+
+Every process started here is stopped when the run ends, fails or is interrupted (Ctrl-C): each
+process group is terminated, then killed; and since Flower's ``flower-superexec`` and app processes
+may outlive their parent, every process that carries this deployment's marker in its environment
+(``FAXBRIDGE_FLOWER_DEPLOYMENT=<its folder>``) is killed by pid. :func:`leftovers` finds them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from faxbridge.extend import RuntimeResult, VerificationError, emit, importable
+
+MARKER = "FAXBRIDGE_FLOWER_DEPLOYMENT"
+START_TIMEOUT_S = 60.0
+RUN_TIMEOUT_S = 900.0
+EXECUTABLES = ("flower-superlink", "flower-supernode", "flwr")
+
+
+def _bin(name: str) -> str:
+  """A Flower executable: beside this Python's (a venv's bin, which may not be on PATH), else PATH."""
+  here = Path(sys.executable).parent / name
+  return str(here) if here.exists() else (shutil.which(name) or name)
+
+
+def available() -> tuple[bool, str]:
+  """The registry's probe: flwr importable here and its executables beside this Python."""
+  ok, where = importable("flwr")
+  if not ok:
+    return ok, where
+  missing = [n for n in EXECUTABLES if not Path(_bin(n)).exists()]
+  if missing:
+    return False, f"flwr's executables {missing} are not beside {sys.executable} nor on PATH"
+  import importlib.metadata
+
+  return True, f"flwr {importlib.metadata.version('flwr')}, processes on 127.0.0.1"
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return int(s.getsockname()[1])
+
+
+def _marked(pid: int, marker: bytes) -> bool:
+  try:
+    with open(f"/proc/{pid}/environ", "rb") as f:
+      return marker in f.read().split(b"\0")
+  except OSError:  # gone, or not ours to read
+    return False
+
+
+def leftovers(root: Path) -> list[int]:
+  """The pids of live processes of the deployment in ``root`` (by its marker in their
+  environment); zombies are not counted."""
+  marker = f"{MARKER}={root}".encode()
+  found = []
+  for entry in os.listdir("/proc"):
+    if entry.isdigit() and int(entry) != os.getpid() and _marked(int(entry), marker):
+      try:
+        with open(f"/proc/{entry}/stat") as f:
+          state = f.read().rsplit(")", 1)[1].split()[0]
+      except OSError:
+        continue
+      if state != "Z":
+        found.append(int(entry))
+  return found
+
+
+def _toml(path: Path, values: Mapping[str, Any]) -> Path:
+  """``values`` (strings, numbers) as a flat TOML file (a JSON string is a TOML basic string)."""
+  path.write_text("".join(f"{key} = {json.dumps(value)}\n" for key, value in values.items()))
+  return path
+
+
+class LocalDeployment:
+  """A SuperLink and SuperNodes on 127.0.0.1, started on ``__enter__`` and all stopped on
+  ``__exit__``, whatever happened in between.
+
+  Args:
+    root: a folder of its own (FLWR_HOME, logs, the nodes' folders go inside).
+    node_configs: one ``--node-config`` mapping per SuperNode.
+  """
+
+  def __init__(self, root: Path, node_configs: Sequence[Mapping[str, str]]):
+    self.root, self.node_configs = root, node_configs
+    self.processes: dict[str, subprocess.Popen] = {}
+    self.port = 0
+    self.timings: dict[str, float] = {}
+    self.env = {**os.environ, MARKER: str(root), "FLWR_HOME": str(root / "flwr-home"),
+                "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+                # the SuperNode starts flower-superexec by name: this Python's bin comes first
+                "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+
+  def _start(self, name: str, cmd: list[str]) -> subprocess.Popen:
+    log = open(self.root / "logs" / f"{name}.log", "wb")  # noqa: SIM115  # closed in stop()
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                            env=self.env, cwd=self.root, start_new_session=True)
+    proc.log = log  # type: ignore[attr-defined]
+    self.processes[name] = proc
+    return proc
+
+  def log_tail(self, name: str, lines: int = 15) -> str:
+    try:
+      text = (self.root / "logs" / f"{name}.log").read_text(errors="replace")
+    except OSError:
+      return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+  def __enter__(self) -> LocalDeployment:
+    try:
+      self.start()
+    except BaseException:
+      self.stop()
+      raise
+    return self
+
+  def __exit__(self, *exc: Any) -> None:
+    self.stop()
+
+  def start(self) -> None:
+    (self.root / "logs").mkdir(parents=True, exist_ok=True)
+    (self.root / "flwr-home").mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    self.port = free_port()
+    emit("flower.start", f"starting a SuperLink on 127.0.0.1:{self.port}")
+    link = self._start("superlink", [_bin("flower-superlink"), "--insecure",
+                                     "--disable-runtime-dependency-installation",
+                                     "--host", "127.0.0.1", "--port", str(self.port)])
+    self._wait_port(self.port, link, "superlink")
+    self.timings["superlink_start_s"] = time.monotonic() - t0
+    (self.root / "flwr-home" / "config.toml").write_text(
+        f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "127.0.0.1:{self.port}"\n'
+        "insecure = true\n")
+    t1 = time.monotonic()
+    emit("flower.start", f"starting {len(self.node_configs)} SuperNodes")
+    for k, config in enumerate(self.node_configs):
+      # A TOML file, not "k=v ..." pairs: Flower splits those on spaces, and paths may hold some.
+      toml = _toml(self.root / "logs" / f"supernode-{k}.toml", config)
+      self._start(f"supernode-{k}", [_bin("flower-supernode"), "--insecure", "--superlink",
+                                     f"127.0.0.1:{self.port}", "--port", str(free_port()),
+                                     "--node-config", str(toml)])
+    self.timings["supernodes_start_s"] = time.monotonic() - t1
+
+  def _wait_port(self, port: int, proc: subprocess.Popen, name: str) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+      if proc.poll() is not None:
+        raise VerificationError(f"the {name} exited with status {proc.returncode} at start:\n"
+                                f"{self.log_tail(name)}")
+      with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+        return
+      time.sleep(0.1)
+    raise VerificationError(f"the {name} did not listen on 127.0.0.1:{port} within "
+                            f"{START_TIMEOUT_S:g} s:\n{self.log_tail(name)}")
+
+  def run_app(self, app_dir: Path, run_config: Mapping[str, Any], timeout: float = RUN_TIMEOUT_S
+              ) -> str:
+    """``flwr run APP_DIR local --stream`` with ``run_config``; its output. Raises
+    VerificationError when it fails or runs past ``timeout``."""
+    config = _toml(self.root / "logs" / "run_config.toml", run_config)
+    cmd = [_bin("flwr"), "run", str(app_dir), "local", "--stream", "--run-config", str(config)]
+    proc = self._start("flwr-run", cmd)
+    try:
+      proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+      raise VerificationError(f"flwr run did not finish within {timeout:g} s:\n"
+                              f"{self.log_tail('flwr-run')}") from None
+    if proc.returncode != 0:
+      raise VerificationError(f"flwr run exited with status {proc.returncode}:\n"
+                              f"{self.log_tail('flwr-run')}")
+    return (self.root / "logs" / "flwr-run.log").read_text(errors="replace")
+
+  def stop(self) -> None:
+    """Terminate every process group started here, kill what remains, then kill by pid every
+    process carrying this deployment's marker (Flower's superexec and app processes included)."""
+    for proc in self.processes.values():
+      with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + 5
+    for proc in self.processes.values():
+      with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+    for proc in self.processes.values():
+      with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+      with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=5)
+      proc.log.close()  # type: ignore[attr-defined]
+    for _ in range(50):
+      pids = leftovers(self.root)
+      if not pids:
+        break
+      for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+          os.kill(pid, signal.SIGKILL)
+      time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def _folder() -> Iterator[Path]:
+  root = Path(tempfile.mkdtemp(prefix="faxbridge-flower-"))
+  try:
+    yield root
+  finally:
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def _blocks(manifest: dict) -> dict:
+  return manifest["next"] if manifest["kind"] == "iterative_process" else manifest["computation"]
+
+
+def deploy(export_dir: Path, manifest: dict, inputs: Mapping[str, np.ndarray], rounds: int,
+           server_export: Path | None = None, seed: int = 0, keep: Path | None = None
+           ) -> RuntimeResult:
+  """Run ``export_dir`` on a local deployment: one SuperNode per client of ``inputs``.
+
+  ``server_export``: the export the ServerApp reads (default: ``export_dir``, whose app the nodes
+  get); a test gives another to prove that nodes refuse a program their app does not pin.
+  ``keep``: a folder to copy the ServerApp's record and every process's log into (they are
+  otherwise removed with the deployment's temporary folder), to study a run.
+
+  Raises:
+    VerificationError: a process does not start, a node refuses, the run fails (its reason).
+  """
+  block = _blocks(manifest)
+  clients = [s["name"] for s in block["inputs"] if s["placement"] == "CLIENTS"]
+  server = [s["name"] for s in block["inputs"] if s["placement"] != "CLIENTS"]
+  n = int(np.shape(inputs[clients[0]])[0]) if clients else int(block["clients"] or 1)
+  with _folder() as root:
+    out = root / "out"
+    configs = []
+    for k in range(n):
+      folder = root / f"node-{k}"
+      folder.mkdir()
+      data: dict[str, Any] = {name: np.asarray(inputs[name])[k] for name in clients}
+      np.savez(folder / "data.npz", **data)
+      configs.append({"data": str(folder / "data.npz"), "label": f"client-{k:04d}",
+                      "store": str(folder / "programs")})
+    run_config: dict[str, Any] = {"export": str(server_export or export_dir), "out": str(out),
+                                  "rounds": max(rounds, 1), "clients-per-round": n, "min-nodes": n,
+                                  "seed": seed}
+    if server:
+      values: dict[str, Any] = {name: np.asarray(inputs[name]) for name in server}
+      np.savez(root / "server_inputs.npz", **values)
+      run_config["server-inputs"] = str(root / "server_inputs.npz")
+    start = time.monotonic()
+    with LocalDeployment(root, configs) as deployment:
+      emit("flower.run", f"flwr run: {rounds} round(s) on {n} SuperNodes")
+      try:
+        deployment.run_app(export_dir, run_config)
+      except VerificationError as e:
+        raise VerificationError(_failure(out, str(e))) from None
+      result = _read_json(out / "result.json")
+      if keep is not None:
+        shutil.copytree(root / "logs", keep / "logs", dirs_exist_ok=True)
+        shutil.copy(out / "record.json", keep / "record.json")
+      if result.get("status") != "ok":
+        raise VerificationError(_failure(out, deployment.log_tail("flwr-run")))
+      timings = dict(deployment.timings)
+    record = _read_json(out / "record.json")
+    outputs: dict[str, np.ndarray] = {}
+    for inv in record["invocations"]:
+      name = inv["invocation"]
+      prefix = "" if name == "computation" else f"{name}/"
+      with np.load(out / f"{name}.npz", allow_pickle=False) as f:
+        outputs.update({prefix + k: f[k] for k in f.files})
+    total = time.monotonic() - start
+  return RuntimeResult(outputs=outputs, info=_info(record, timings, total, n))
+
+
+def _read_json(path: Path) -> dict:
+  try:
+    return json.loads(path.read_text())
+  except (OSError, ValueError):
+    return {}
+
+
+def _failure(out: Path, detail: str) -> str:
+  result = _read_json(out / "result.json")
+  if result.get("error"):
+    return f"the Flower run failed: {result['error']}"
+  return f"the Flower run failed without a result from the ServerApp:\n{detail}"
+
+
+def _info(record: dict, timings: dict, total: float, n: int) -> dict[str, Any]:
+  """The report's notes: where the time went (docs/flower.md reads them)."""
+  rounds = [inv for inv in record["invocations"] if inv["invocation"].startswith("round")]
+  link_up = timings.get("superlink_start_s", 0.0)
+  install = record.get("install", {}).get("seconds", 0.0)
+  info = {"Flower deployment": f"1 SuperLink and {n} SuperNodes, each its own process, 127.0.0.1",
+          "wall time": f"{total:.1f} s in all: SuperLink up in {link_up:.1f} s, client program "
+                       f"installed on the nodes in {install:.1f} s"}
+  steps = [step for inv in rounds for step in inv.get("node_timings", [])]
+  if rounds and steps:
+    slowest = lambda key: float(np.mean([max(t[key] for t in st["nodes"]) for st in steps]))
+    per_round = [inv["seconds"] for inv in rounds]
+    exchange = float(np.mean([st["exchange_seconds"] for st in steps]))
+    process = slowest("process_seconds")
+    server = float(np.mean(per_round)) - exchange * len(steps) / len(rounds)
+    info["wall time per round"] = (
+        f"{np.mean(per_round):.2f} s (min {min(per_round):.2f}, max {max(per_round):.2f}): the "
+        f"server's pieces and bookkeeping {server:.2f} s; per client step, {exchange:.2f} s from "
+        f"sending the work to the last reply, of it the slowest node's ClientApp process "
+        f"{process:.2f} s from its start to its reply (program load {slowest('load_seconds'):.3f} "
+        f"s, compute {slowest('compute_seconds'):.3f} s), the other {exchange - process:.2f} s "
+        "Flower's message passing (a SuperNode polls every 3 s)")
+  return info
+
+
+def verify_run(export_dir: Path, manifest: dict, inputs: dict[str, np.ndarray],
+               rounds: int) -> RuntimeResult:
+  """The runtime's runner: the export on a local deployment, outputs keyed as ``fb.verify`` keys them."""
+  ok, why = available()
+  if not ok:
+    raise VerificationError(f"runtime 'flower' needs flwr: {why} (pip install flwr==1.42.*)")
+  return deploy(export_dir, manifest, inputs, rounds)
+
+
+__all__ = ["LocalDeployment", "available", "deploy", "free_port", "leftovers", "verify_run"]

@@ -1,0 +1,233 @@
+"""The ClientApp of a faxbridge Flower App: what a node does with the messages of the ServerApp.
+
+A node trusts its own copy of the app (the Flower App bundle ``flwr run`` sent it, holding
+``manifest.json`` and ``plan.json``) and its node config, nothing the ServerApp sends:
+
+* **install**: each client piece it receives must have the sha256 its ``manifest.json`` pins for
+  that path (else it refuses, naming the piece and both digests, and stores nothing); it stores the
+  bytes under their sha256 (``STORE/<sha256>.tflite`` or ``.mlir``), never under a name it was sent,
+  and checks its local data against ``plan.json`` before any round;
+* **work**: it re-reads the stored piece, checks its sha256 again (what was checked is what runs),
+  runs it on its own data (node config ``data=PATH.npz``, one array per CLIENTS input of the plan,
+  one client's shape), the broadcast values (names, shapes and dtypes checked against the plan) and
+  what it kept from an earlier stage of the same invocation, and replies with the uploads asked for.
+
+Node config keys: ``data`` (the .npz of this node's data), ``label`` (how the ServerApp orders and
+names the node; optional), ``store`` (where programs are kept; default
+``$XDG_CACHE_HOME/faxbridge/flower-programs``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from faxbridge.converters.flower import protocol
+from faxbridge.extend import FaxbridgeError, VerificationError
+
+
+def default_store() -> Path:
+  cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+  return Path(cache) / "faxbridge" / "flower-programs"
+
+
+class NodeRun:
+  """A node's view of one message: its app bundle, its node config."""
+
+  def __init__(self, app_dir: Path, node_config: dict[str, Any]):
+    self.app = protocol.read_app(app_dir, pieces_present=False)
+    self.label = str(node_config.get("label", ""))
+    self.store = Path(str(node_config.get("store") or default_store()))
+    self.data_path = str(node_config["data"]) if node_config.get("data") else None
+
+  def _refuse(self, why: str) -> VerificationError:
+    return VerificationError(f"node {self.label or '(no label)'}: {why}")
+
+  # -- data ---------------------------------------------------------------------------------------
+  def data(self, computation: str) -> dict[str, np.ndarray]:
+    """This node's CLIENTS inputs of ``computation``, checked against the plan (one client's
+    shape and the dtype: clients have equal shapes for now, docs/flower.md)."""
+    specs = [b for b in self.app.plan["computations"][computation]["inputs"]
+             if b["placement"] == "CLIENTS"]
+    if not specs:
+      return {}
+    if self.data_path is None:
+      raise self._refuse(f"{computation} reads CLIENTS inputs {[s['name'] for s in specs]}, and the "
+                         "node config names no data: start the SuperNode with --node-config "
+                         "\"data='PATH.npz'\"")
+    try:
+      with np.load(self.data_path, allow_pickle=False) as f:
+        found = {k: f[k] for k in f.files}
+    except (OSError, ValueError) as e:
+      raise self._refuse(f"cannot read its data {self.data_path}: {e}") from None
+    out = {}
+    for s in specs:
+      if s["name"] not in found:
+        raise self._refuse(f"its data {self.data_path} has no array {s['name']!r} (has "
+                           f"{sorted(found)}; the plan's CLIENTS inputs are "
+                           f"{[t['name'] for t in specs]})")
+      value = found[s["name"]]
+      if value.shape != tuple(s["shape"]) or value.dtype != np.dtype(s["dtype"]):
+        raise self._refuse(f"its data {s['name']!r} is {value.dtype}{list(value.shape)}; the plan "
+                           f"takes one client's {s['dtype']}{s['shape']} (clients have equal "
+                           "shapes for now)")
+      out[s["name"]] = value
+    return out
+
+  # -- programs -----------------------------------------------------------------------------------
+  def _stored(self, digest: str) -> Path:
+    return self.store / f"{digest}{self.app.runtime.suffix}"
+
+  def install(self, programs: dict[str, np.ndarray]) -> None:
+    """Check every client piece against the manifest, then store it under its sha256; then check
+    the data of every computation with client work.
+
+    Raises:
+      VerificationError: a piece missing, unexpected, or with another sha256 (nothing is stored),
+        or the data does not fit.
+    """
+    expected = self.app.client_pieces
+    unknown = sorted(set(programs) - set(expected))
+    missing = sorted(set(expected) - set(programs))
+    if unknown or missing:
+      raise self._refuse(f"the client program it was sent lacks {missing} and has unexpected "
+                         f"{unknown}; its manifest.json lists {sorted(expected)}")
+    blobs = {}
+    for rel, array in programs.items():
+      data = np.asarray(array, np.uint8).tobytes()
+      digest = protocol.sha256(data)
+      if digest != expected[rel]:
+        raise self._refuse(f"refusing the client program it was sent: {rel} has sha256 {digest}, "
+                           f"its manifest.json pins {expected[rel]}; nothing was stored or run")
+      blobs[digest] = data
+    self.store.mkdir(parents=True, exist_ok=True)
+    for digest, data in blobs.items():
+      path = self._stored(digest)
+      if path.is_file() and protocol.sha256(path.read_bytes()) == digest:
+        continue
+      fd, tmp = tempfile.mkstemp(dir=self.store, prefix=".incoming-")
+      with os.fdopen(fd, "wb") as f:
+        f.write(data)
+      os.replace(tmp, path)
+    for name in self.app.plan["computations"]:
+      self.data(name)  # every computation that reads CLIENTS inputs finds them, of their shapes
+
+  def load(self, piece: dict) -> Callable[[list[np.ndarray]], list[np.ndarray]]:
+    """The stored client piece, its bytes checked against the manifest's sha256 once more."""
+    rel = piece["files"][self.app.runtime.format]
+    digest = self.app.client_pieces[rel]
+    path = self._stored(digest)
+    try:
+      data = path.read_bytes()
+    except OSError:
+      raise self._refuse(f"{rel} (sha256 {digest[:12]}...) is not installed in {self.store}") from None
+    if protocol.sha256(data) != digest:
+      raise self._refuse(f"the stored {path} no longer has sha256 {digest}; refusing to run it")
+    return self.app.runtime.load()(data, piece, rel)
+
+  # -- work ---------------------------------------------------------------------------------------
+  def work(self, task: dict, broadcast: dict[str, np.ndarray], kept: dict[str, np.ndarray]
+           ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, float]]:
+    """(uploads, values to keep, timings) of one client piece (``task["piece"]``; "" runs none
+    and only sends values the node holds: its data, what it kept)."""
+    computation, name = str(task["computation"]), str(task["piece"])
+    if computation not in self.app.plan["computations"]:
+      raise self._refuse(f"plan.json has no computation {computation!r}")
+    returns, keep = json.loads(str(task["returns"])), json.loads(str(task["keep"]))
+    start = time.perf_counter()
+    env = {**self.data(computation), **kept}
+    loaded = ready = done = time.perf_counter()
+    if name:
+      piece = self.app.piece(computation, name)
+      stage = next((s for s in self.app.plan["computations"][computation]["stages"]
+                    if s["client_work"]["name"] == name), None)
+      if stage is None:
+        raise self._refuse(f"{name} is not a client piece of {computation}")
+      if sorted(broadcast) != sorted(stage["broadcasts"]):
+        raise self._refuse(f"{name}: sent broadcasts {sorted(broadcast)}, the plan broadcasts "
+                           f"{sorted(stage['broadcasts'])}")
+      env.update(broadcast)
+      loaded = time.perf_counter()
+      call = self.load(piece)
+      args = []
+      for s in piece["inputs"]:
+        if s["name"] not in env:
+          raise self._refuse(f"{name} reads {s['name']!r}, which it neither holds nor was sent")
+        value = np.asarray(env[s["name"]])
+        if value.shape != tuple(s["shape"]) or value.dtype != np.dtype(s["dtype"]):
+          raise self._refuse(f"{name}: {s['name']!r} is {value.dtype}{list(value.shape)}, the plan "
+                             f"says {s['dtype']}{s['shape']}")
+        args.append(value)
+      ready = time.perf_counter()
+      env.update(zip((s["name"] for s in piece["outputs"]), call(args)))
+      done = time.perf_counter()
+    missing = [n for n in [*returns, *keep] if n not in env]
+    if missing:
+      raise self._refuse(f"asked for {missing}, which it neither holds nor computes")
+    timings = {"data_seconds": loaded - start, "load_seconds": ready - loaded,
+               "compute_seconds": done - ready, "process_seconds": _process_age()}
+    return {n: env[n] for n in returns}, {n: env[n] for n in keep}, timings
+
+
+def _process_age() -> float:
+  """Seconds since this process started (Flower starts one ClientApp process per message): its
+  start and imports are part of a round's time. 0 where /proc does not tell."""
+  try:
+    return max(0.0, time.time() - os.stat(f"/proc/{os.getpid()}").st_ctime)
+  except OSError:
+    return 0.0
+
+
+def client_app(app_dir: Path) -> Any:
+  """The ``ClientApp`` of a faxbridge Flower App rooted at ``app_dir`` (its ``client_app.py`` is
+  this call). A refusal (a ``FaxbridgeError``) is replied as the record ``faxbridge.error``."""
+  from flwr.app import ConfigRecord, Message, RecordDict
+  from flwr.clientapp import ClientApp
+
+  app = ClientApp()
+
+  def reply(msg: Any, content: dict[str, Any]) -> Any:
+    return Message(RecordDict(content), reply_to=msg)
+
+  def refused(msg: Any, e: FaxbridgeError) -> Any:
+    return reply(msg, {protocol.ERROR: ConfigRecord({"reason": str(e)})})
+
+  @app.query("faxbridge_install")
+  def install(msg: Any, context: Any) -> Any:
+    try:
+      node = NodeRun(app_dir, dict(context.node_config))
+      node.install(protocol.arrays(msg.content.array_records[protocol.PROGRAMS]))
+    except FaxbridgeError as e:
+      return refused(msg, e)
+    return reply(msg, {protocol.NODE: ConfigRecord({"label": node.label})})
+
+  @app.train("faxbridge_work")
+  def work(msg: Any, context: Any) -> Any:
+    task = dict(msg.content.config_records[protocol.TASK])
+    try:
+      node = NodeRun(app_dir, dict(context.node_config))
+      state = context.state
+      same = (protocol.KEPT_FOR in state.config_records
+              and state.config_records[protocol.KEPT_FOR]["invocation"] == task["invocation"])
+      kept = protocol.arrays(state.array_records[protocol.KEPT]) if same else {}
+      uploads, keep, timings = node.work(
+          task, protocol.arrays(msg.content.array_records[protocol.BROADCAST]), kept)
+    except FaxbridgeError as e:
+      return refused(msg, e)
+    if keep:  # for a later stage of this invocation only; what it replaces was of this one too
+      state.array_records[protocol.KEPT] = protocol.array_record({**kept, **keep})
+      state.config_records[protocol.KEPT_FOR] = ConfigRecord({"invocation": task["invocation"]})
+    return reply(msg, {protocol.UPLOADS: protocol.array_record(uploads),
+                       protocol.NODE: ConfigRecord({"label": node.label, **timings})})
+
+  return app
+
+
+__all__ = ["NodeRun", "client_app", "default_store"]
