@@ -83,9 +83,12 @@ def write_plan(plan: dict, out: Path) -> None:
 SCHEMA = Path(__file__).with_name("plan.schema.json")
 
 
-def load_plan(export_dir: str | os.PathLike) -> dict:
+def load_plan(export_dir: str | os.PathLike, data: bytes | None = None,
+              pieces_present: bool = True) -> dict:
   """Read and check ``plan.json`` of an export, as untrusted input (faxbridge.extend.read_json):
   valid under ``plan.schema.json``, every piece's file a regular file inside the export.
+  ``data``: the plan's bytes as already read (and hashed), parsed instead of a second read;
+  ``pieces_present=False``: a folder that holds the plan but not its pieces (a Flower node's app).
 
   Raises:
     VerificationError: missing, linked, invalid under the schema (naming the JSON path), of another
@@ -97,8 +100,8 @@ def load_plan(export_dir: str | os.PathLike) -> dict:
     raise VerificationError(f"{export_dir / PLAN_FILE} is missing: export with --target=stablehlo "
                             "or --target=tflite")
   path = contained_file(export_dir, PLAN_FILE, str(export_dir))
-  plan = read_json(path, SCHEMA, str(path))
-  for name, comp in plan["computations"].items():
+  plan = read_json(path, SCHEMA, str(path), data)
+  for name, comp in plan["computations"].items() if pieces_present else ():
     for piece in pieces({"computations": {name: comp}}):
       for fmt, rel in piece["files"].items():
         contained_file(export_dir, rel, f"{path} $.computations.{name} piece {piece['name']} {fmt}")

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from faxbridge.converters import plan as fplan
-from faxbridge.extend import VerificationError, contained_file, read_export_manifest, read_json
+from faxbridge.extend import VerificationError, contained_file, read_export_manifest
 
 INSTALL = "query.faxbridge_install"
 WORK = "train.faxbridge_work"
@@ -139,11 +139,7 @@ def read_app(root: Path, pieces_present: bool) -> App:
   data = path.read_bytes()
   if sha256(data) != manifest["files"].get(plan_rel):
     raise VerificationError(f"{path}: sha256 differs from the one manifest.json pins")
-  if pieces_present:
-    plan = fplan.load_plan(root)
-  else:
-    plan = read_json(path, fplan.SCHEMA, str(path))
-    fplan.check_plan(plan)
+  plan = fplan.load_plan(root, data, pieces_present)
   client: dict[str, str] = {}
   for comp_name, comp in plan["computations"].items():
     for stage in comp["stages"]:

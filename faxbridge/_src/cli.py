@@ -338,9 +338,6 @@ def cmd_export(ns: argparse.Namespace) -> int:
 # fb.verify's own default, shown in --help (read off its signature: one owner of the number).
 _VERIFY_ROUNDS: int = inspect.signature(verify.verify).parameters["rounds"].default
 
-_WIDE_DTYPES = ("float64", "complex128", "int64", "uint64")
-
-
 def _x64_for(manifest: dict) -> None:
   """Turn on JAX's 64-bit mode when the export's inputs or outputs are 64-bit, as its manifest
   records them (the ``computation``, ``initialize`` and ``next`` blocks): the export decides, so
@@ -349,10 +346,10 @@ def _x64_for(manifest: dict) -> None:
   environment set it (its pieces may still hold 64-bit values inside)."""
   import jax
 
-  leaves = [leaf for name in ("computation", "initialize", "next")
-            if isinstance(block := manifest.get(name), dict)
-            for leaf in (*block.get("inputs", ()), *block.get("outputs", ()))]
-  if any(isinstance(leaf, dict) and leaf.get("dtype") in _WIDE_DTYPES for leaf in leaves):
+  # The manifest was checked against its schema: each block present has its inputs and outputs.
+  leaves = [leaf for name in ("computation", "initialize", "next") if name in manifest
+            for leaf in (*manifest[name]["inputs"], *manifest[name]["outputs"])]
+  if any(leaf["dtype"] in verify.WIDE_DTYPES for leaf in leaves):
     jax.config.update("jax_enable_x64", True)
 
 

@@ -39,6 +39,8 @@ from faxbridge._src.form import run_program
 from faxbridge._src.registry import RuntimeResult
 
 RTOL, ATOL = 1e-5, 1e-6
+# The dtypes JAX makes only with jax_enable_x64 on (32-bit otherwise).
+WIDE_DTYPES = ("float64", "complex128", "int64", "uint64")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -370,7 +372,7 @@ def verify(
   block, _ = signature_blocks(manifest)
   named = _named_inputs(block, args, inputs)
   _check_native_shapes(export_dir, manifest, named)
-  wide = [n for n, v in named.items() if v.dtype.name in ("float64", "complex128", "int64", "uint64")]
+  wide = [n for n, v in named.items() if v.dtype.name in WIDE_DTYPES]
   if wide and not jax.config.jax_enable_x64:
     # The native program (here) and runtime 'jax' would fail deep inside jax.export on these.
     raise VerificationError(f"the export takes 64-bit input(s) {wide} but jax_enable_x64 is off "
