@@ -26,7 +26,7 @@ import report  # noqa: E402
 
 # The rest: slow (compiles). The plain-JAX baselines (jit+vmap and the others) are the slow suite's:
 # the quick suite keeps faxbridge's own rounds.
-QUICK_IMPLS = {"faxbridge auto", "faxbridge"}
+QUICK_IMPLS = {"faxbridge"}  # "faxbridge auto" compiles the streamed round too: ~10 s
 
 
 @pytest.mark.parametrize("name", [
@@ -55,6 +55,7 @@ def test_export_cost_does_not_embed_the_parameters():
   assert row["bytes_written"] < row["param_bytes"] / 4  # 400 kB of parameters, none written
 
 
+@pytest.mark.slow  # draws the plots: importing matplotlib and rendering take ~8 s
 def test_report_verdicts_and_files(tmp_path):
   def row(s, peak=300.0):
     return {"median_s": s, "min_s": s, "max_s": s, "runs": 1, "peak_mb": peak, "delta_mb": 1.0}

@@ -102,6 +102,7 @@ def test_ci_run_clears_what_could_narrow_the_suite(tmp_path):
   assert proc.returncode == 2  # make's failure is CI's failure
 
 
+@pytest.mark.slow  # a pytest in a fresh Python, twice: ~10 s each
 @pytest.mark.parametrize("own_faxbridge", [False, True],
                          ids=["faxbridge-elsewhere", "converters-elsewhere"])
 def test_session_refuses_faxbridge_from_another_tree(tmp_path, own_faxbridge):

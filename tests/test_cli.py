@@ -321,6 +321,7 @@ def user_runs(tmp_path_factory) -> tuple[Path, dict[str, tuple[int, str, str]]]:
   return tmp, drive(cases, tmp / "results.json")
 
 
+@pytest.mark.slow  # user_runs: every everyday command in a fresh Python, ~18 s
 def test_every_everyday_command_succeeds_quietly_when_stderr_is_not_a_terminal(user_runs):
   _, runs = user_runs
   for name, (rc, out, err) in runs.items():
@@ -329,11 +330,13 @@ def test_every_everyday_command_succeeds_quietly_when_stderr_is_not_a_terminal(u
     assert out, name
 
 
+@pytest.mark.slow  # user_runs: every everyday command in a fresh Python, ~18 s
 def test_a_bare_faxbridge_prints_the_help(user_runs):
   rc, out, err = user_runs[1]["bare"]
   assert (rc, err) == (0, "") and out == user_runs[1]["help"][1]
 
 
+@pytest.mark.slow  # user_runs: every everyday command in a fresh Python, ~18 s
 def test_help_is_plain_text_and_every_argument_says_what_it_is(user_runs):
   """No RST markup, and every option and positional of every command has help (with its default
   where it has one)."""
@@ -351,6 +354,7 @@ def test_help_is_plain_text_and_every_argument_says_what_it_is(user_runs):
         assert f"default: {action.default}" in action.help, (name, action.dest, action.help)
 
 
+@pytest.mark.slow  # user_runs: every everyday command in a fresh Python, ~18 s
 def test_version_names_faxbridge_and_jax(user_runs):
   import jax
 

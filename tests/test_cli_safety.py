@@ -84,6 +84,7 @@ def test_export_force_from_python_refuses_what_is_not_an_export(victims, victim,
   assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "a temporary folder is left"
 
 
+@pytest.mark.slow  # the CLI in a fresh Python, ~6 s
 def test_export_force_from_the_cli_refuses_what_is_not_an_export(victims, tmp_path):
   cases = {name: (TESTS, ["export", "cli_programs:scaled_mean", "--target", "stablehlo", "--force",
                           "-o", path]) for name, path in victims.items()}
@@ -110,6 +111,7 @@ def test_export_force_replaces_an_earlier_export_or_an_empty_directory(tmp_path)
 # --- item 4: file-system mistakes are one line, exit 2, before any work --------------------------------
 
 
+@pytest.mark.slow  # the CLI in a fresh Python, ~6 s
 def test_file_system_mistakes_are_one_line_and_exit_2_before_any_work(tmp_path):
   (tmp_path / "a_file").write_text("x\n")
   (tmp_path / "a_dir").mkdir()

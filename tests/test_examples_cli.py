@@ -29,6 +29,7 @@ def test_help_describes_the_example_and_its_flags():
   assert "rounds (default: 10)" in done.stdout and "clients (default: 8)" in done.stdout
 
 
+@pytest.mark.slow  # a fresh Python importing JAX per case: ~4 s each
 @pytest.mark.parametrize("argv", [["--round", "2"], ["--rounds", "0"], ["--rounds", "two"], ["extra"]])
 def test_a_wrong_flag_is_a_usage_error(argv):
   done = _example("examples.fedavg", *argv)

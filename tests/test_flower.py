@@ -126,6 +126,7 @@ def test_the_registry_entry_and_the_protocol_name_the_same_client_runtimes():
   assert flower.TARGET.options[0].choices == flower.CLIENT_RUNTIMES
 
 
+@pytest.mark.slow  # a fresh Python importing faxbridge, ~5 s
 def test_import_faxbridge_does_not_import_flwr():
   code = ("import sys, faxbridge, faxbridge.converters.flower\n"
           "from faxbridge._src import registry\n"

@@ -3,8 +3,9 @@ a round keeps the weights' model sharding, equals plain JAX on one device (value
 and takes per device at most the unsharded memory over the model axis, and no more than drjax.
 
 The programs run on 8 host devices in a fresh Python (``tests/_model_sharding_worker.py`` through
-``tests/eight_devices.py``): an MLP (issue 20's table, quick) and a 4-layer transformer with
-Megatron-style weight sharding (slow: about 40 compilations).
+``tests/eight_devices.py``): an MLP (issue 20's table) and a 4-layer transformer with
+Megatron-style weight sharding (about 40 compilations). All slow: even the MLP's fresh 8-device
+process takes about 20 s on 2 cores, a third of the quick suite's minute.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ WORKER = "tests/_model_sharding_worker.py"
 STRATEGIES = ("vmap", "stream")
 MEMORY = ("arguments", "outputs", "temporaries")
 SLACK = 1.1
+
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +91,6 @@ def test_a_constraint_inside_client_work_gets_the_clients_axis_in_front(mlp):
   assert inside["value_diff"] <= 1e-6
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(1500)
 @pytest.mark.parametrize("index", range(4), ids=["2x4", "4x2", "1x8", "2x2x2-data"])
 def test_megatron_transformer(transformer, index):
@@ -101,7 +103,6 @@ def test_megatron_transformer(transformer, index):
                 unbounded={("stream", "temporaries")} if data_axis else ())
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(1500)
 @pytest.mark.xfail(strict=True, reason="known gap: with each client's 2 examples split over `data`, "
                    "the streamed round's temporaries are about 2.1x the one-device figure over the "

@@ -383,6 +383,7 @@ def _assert_one_line_exit_2(rc: int, out: str, err: str, expected: str) -> None:
   assert out == ""
 
 
+@pytest.mark.slow  # cli_runs: the CLI in a fresh Python, ~7 s
 def test_cli_keygen_prints_the_fingerprint_and_never_overwrites(cli_runs, tmp_path):
   rc, out, err = cli_runs["keygen"]
   assert rc == 0, err
@@ -395,6 +396,7 @@ def test_cli_keygen_prints_the_fingerprint_and_never_overwrites(cli_runs, tmp_pa
   _assert_one_line_exit_2(*cli_runs["keygen-again"], "taken.pub exists; refusing to overwrite")
 
 
+@pytest.mark.slow  # cli_runs: the CLI in a fresh Python, ~7 s
 def test_cli_export_sign_and_verify_trust(cli_runs):
   rc, out, err = cli_runs["export-signed"]
   assert rc == 0, err
@@ -405,11 +407,13 @@ def test_cli_export_sign_and_verify_trust(cli_runs):
   assert out.splitlines()[-1].startswith("OK: 1 output on jax equals native")
 
 
+@pytest.mark.slow  # cli_runs: the CLI in a fresh Python, ~7 s
 def test_cli_export_refuses_a_key_inside_the_output(cli_runs, exports):
   _assert_one_line_exit_2(*cli_runs["export-key-inside"], "is inside the export directory")
   assert (exports["plain"] / "plan.json").exists()
 
 
+@pytest.mark.slow  # cli_runs: the CLI in a fresh Python, ~7 s
 @pytest.mark.parametrize("case", sorted(REFUSALS))
 def test_cli_trust_refusal_is_one_line_exit_2(cli_runs, case):
   _assert_one_line_exit_2(*cli_runs[f"refuse-{case}"], REFUSALS[case])
