@@ -1,8 +1,10 @@
 """One FedAvg round (``benchmarks/_fedavg_model.py``) executed natively by several JAX programs.
 
-Implementations (``IMPLS``): faxbridge with each execution strategy, hand-written ``jax.jit`` +
-``vmap``, ``jax.jit`` + ``lax.map`` and drjax. Each is built for one number of clients and called
-as ``fn(params, data) -> new params``. Two modes, each run in its own process by ``run.py``:
+Implementations (``impls``): faxbridge with each execution strategy, hand-written ``jax.jit`` +
+``vmap``, ``jax.jit`` + ``lax.map``, the hand-written streaming round (``scan of vmap blocks``: a
+jitted ``lax.scan`` over blocks of 8 clients, ``vmap`` inside) and drjax. Each is built for one
+number of clients and called as ``fn(params, data) -> new params``. Two modes, each run in its
+own process by ``run.py``:
 
 * ``time``: every implementation compiled once, then timed round-robin (interleaved), so noise on
   the shared machine hits all alike; a per-run time budget caps the repeats at large sizes.
@@ -73,6 +75,34 @@ def jit_lax_map() -> Callable:
   return jax.jit(lambda p, d: _mean_update(p, jax.lax.map(lambda c: model.client_update(p, c), d)))
 
 
+STREAM_BLOCK = 8  # clients per block of the hand-written streaming round
+
+
+def scan_blocks(clients: int, block: int = STREAM_BLOCK) -> Callable:
+  """The best hand-written streaming round: a jitted ``lax.scan`` over blocks of ``block`` clients
+  with ``vmap`` inside, summing the deltas as it goes (memory of one block), then one more
+  ``vmap`` over the last ``clients % block`` clients."""
+  full, rest = divmod(clients, block)
+
+  def block_sum(p, d):
+    return jax.tree.map(lambda x: jnp.sum(x, axis=0), jax.vmap(model.client_update, (None, 0))(p, d))
+
+  def round_(p, d):
+    total = jax.tree.map(jnp.zeros_like, p)
+    if full:
+      blocks = jax.tree.map(lambda x: x[: full * block].reshape(full, block, *x.shape[1:]), d)
+
+      def step(acc, db):
+        return jax.tree.map(jnp.add, acc, block_sum(p, db)), None
+
+      total, _ = jax.lax.scan(step, total, blocks)
+    if rest:
+      total = jax.tree.map(jnp.add, total, block_sum(p, jax.tree.map(lambda x: x[full * block:], d)))
+    return jax.tree.map(lambda w, t: w + t / clients, p, total)
+
+  return jax.jit(round_)
+
+
 def drjax_round(clients: int) -> Callable:
   import logging
 
@@ -96,6 +126,7 @@ def impls(clients: int) -> dict[str, Callable[[], Callable]]:
     table[_strategy_label(s)] = lambda s=s: faxbridge_round(s)
   table["jit+vmap"] = jit_vmap
   table["jit+lax.map"] = jit_lax_map
+  table["scan of vmap blocks"] = lambda: scan_blocks(clients)
   table["drjax"] = lambda: drjax_round(clients)
   return table
 

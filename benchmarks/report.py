@@ -12,6 +12,7 @@ HERE = Path(__file__).resolve().parent
 BASE = "jit+vmap"
 AUTO = ("faxbridge auto", "faxbridge")  # the first present is the row the targets use
 TFF_HAND, TFF_EXPORT = "TFF hand-written", "TFF running faxbridge's export"
+HAND_STREAM = "scan of vmap blocks"  # the best hand-written streaming round (fedavg_round.scan_blocks)
 
 
 def _auto(rows: dict) -> str | None:
@@ -77,6 +78,10 @@ def targets(fedavg: dict) -> list[str]:
     check(f"auto cost per client flat (max/min) over {sorted(per_client)} clients", spread, 1.2)
   else:
     check("auto cost per client flat 128..8,192 clients", None, 1.2)
+  for size, limit in (("8", 1.03), ("32", 1.03), ("128", 1.03), ("2048", 1.0)):
+    rows = fedavg.get(size, {})
+    check(f"auto at {int(size):,} clients <= {limit:.2f}x the hand-written streaming round",
+          _ratio(rows, _auto(rows), HAND_STREAM), limit)
   check("exported round on TFF <= 1.10x hand-written TFF at 128 clients",
         _ratio(r128, TFF_EXPORT, TFF_HAND), 1.10)
   return out
