@@ -336,8 +336,13 @@ def test_resuming_refuses_a_folder_of_another_export_or_with_nothing_done(step_a
 
 
 # -- real deployments: a SuperNode killed mid-round -----------------------------------------------
-def _deployment_processes() -> dict[int, tuple[str, str]]:
-  """Live processes of any faxbridge Flower deployment: pid -> (its deployment folder, command)."""
+TAG = "FAXBRIDGE_TEST_FAULTS"  # in the environment of this module's deployments, and only theirs
+
+
+def _deployment_processes(tag: str) -> dict[int, tuple[str, str]]:
+  """Live processes of the faxbridge Flower deployments started with ``TAG=tag`` in their
+  environment (other deployments on the machine are not this test's): pid -> (the deployment's
+  folder, command line)."""
   found = {}
   for entry in os.listdir("/proc"):
     if not entry.isdigit():
@@ -349,26 +354,35 @@ def _deployment_processes() -> dict[int, tuple[str, str]]:
     except OSError:
       continue
     marker = [e for e in env if e.startswith(f"{deployment.MARKER}=".encode())]
-    if marker and state != "Z":
+    if marker and f"{TAG}={tag}".encode() in env and state != "Z":
       found[int(entry)] = (marker[0].split(b"=", 1)[1].decode(), cmd)
   return found
 
 
-def _kill_node_after(out: Path, label_index: int, after: str, log: list) -> threading.Thread:
+@pytest.fixture
+def tag(monkeypatch, tmp_path) -> str:
+  """A tag of this test's deployments (fb.verify's here, the CLI's in a child)."""
+  value = str(tmp_path)
+  monkeypatch.setenv(TAG, value)
+  return value
+
+
+def _kill_node_after(tag: str, out: Path, label_index: int, after: str, log: list
+                     ) -> threading.Thread:
   """A thread that waits for ``out/AFTER.npz`` (an invocation completed), finds the deployment
-  whose run config writes to ``out`` and SIGKILLs the process group of its SuperNode
-  ``label_index`` (the SuperNode, its SuperExec and any ClientApp process it started)."""
+  (tagged ``tag``) whose run config writes to ``out`` and SIGKILLs the process group of its
+  SuperNode ``label_index`` (the SuperNode, its SuperExec and any ClientApp process it started)."""
 
   def kill():
     deadline = time.monotonic() + 600
     while not (out / f"{after}.npz").exists() and time.monotonic() < deadline:
       time.sleep(0.1)
-    for pid, (root, cmd) in _deployment_processes().items():
+    for pid, (root, cmd) in _deployment_processes(tag).items():
       config = Path(root) / "logs" / "run_config.toml"
       if (f"supernode-{label_index}.toml" in cmd and "flower-supernode" in cmd and config.is_file()
               and f'out = "{out}"' in config.read_text()):
         group = os.getpgid(pid)
-        members = [p for p in _deployment_processes() if _pgid(p) == group]
+        members = [p for p in _deployment_processes(tag) if _pgid(p) == group]
         os.killpg(group, signal.SIGKILL)
         log.append((time.monotonic(), members))
         return
@@ -448,20 +462,21 @@ def _per_round_lines(progress: list[str], rounds: range) -> None:
 
 
 @pytest.mark.slow
-def test_a_killed_supernode_fails_the_round_and_the_run_resumes_equal_to_native(fedavg_app, tmp_path):
+def test_a_killed_supernode_fails_the_round_and_the_run_resumes_equal_to_native(fedavg_app, tmp_path,
+                                                                                 tag):
   """The command line, a SuperNode SIGKILLed once round 1 is done: exit 1 and one line naming
   round 2, the node and the timeout, after progress lines of round 1; round 1's outputs on disk;
   then fb.verify resumes from them and rounds 2 and 3 (all nodes back) equal native."""
   app, inputs_npz, inputs = fedavg_app
-  before = set(_deployment_processes())
   out = tmp_path / "out"
   killed: list = []
-  killer = _kill_node_after(out, 1, "round1", killed)
+  killer = _kill_node_after(tag, out, 1, "round1", killed)
   rc, stdout, stderr = _cli_on_a_terminal(["verify", app, "--runtime=flower", "--rounds", "3",
                                            "--inputs", inputs_npz, "--round-timeout", "120",
                                            "--out-dir", out])
   killer.join(timeout=5)
   assert killed, f"no SuperNode was killed:\n{stderr[-3000:]}"
+  assert len(killed[0][1]) >= 2, killed  # found by the tag: the SuperNode and its SuperExec at least
   assert rc == 1, (rc, stdout, stderr[-3000:])
   errors = [line for line in stderr.splitlines() if line.startswith("faxbridge verify:")]
   assert len(errors) == 1, stderr[-3000:]
@@ -473,7 +488,7 @@ def test_a_killed_supernode_fails_the_round_and_the_run_resumes_equal_to_native(
   record = json.loads((out / "record.json").read_text())
   assert [inv["invocation"] for inv in record["invocations"]] == ["initialize", "round1"]
   assert not (out / "round2.npz").exists()
-  assert set(_deployment_processes()) <= before
+  assert not _deployment_processes(tag)  # every process of the deployments is gone
   # resume: rounds 2 and 3 on a fresh deployment, from round 1's state on disk
   resumed = tmp_path / "resumed"
   report = fb.verify(app, *inputs, runtime="flower", rounds=3, resume_from=str(out),
@@ -486,26 +501,26 @@ def test_a_killed_supernode_fails_the_round_and_the_run_resumes_equal_to_native(
   assert record["resumed_from"]["round"] == 1
   assert [inv["aggregated_labels"] for inv in record["invocations"][2:]] == \
       [[f"client-{k:04d}" for k in range(4)]] * 2
-  assert set(_deployment_processes()) <= before
+  assert not _deployment_processes(tag)  # every process of the deployments is gone
 
 
 @pytest.mark.slow
 def test_a_killed_supernode_with_min_clients_completes_the_rounds_over_the_others(fedavg_app,
-                                                                                  tmp_path):
+                                                                                  tmp_path, tag):
   """The command line with --min-clients 3, a SuperNode SIGKILLed once round 1 is done: rounds 2
   and 3 complete over the other three, progress lines show every round as it ends, the record
   names the clients aggregated, and verify passes against native run on exactly their data; the
   outputs also equal FedAvg's Python program run on those clients' data."""
   app, inputs_npz, inputs = fedavg_app
-  before = set(_deployment_processes())
   out = tmp_path / "out"
   killed: list = []
-  killer = _kill_node_after(out, 1, "round1", killed)
+  killer = _kill_node_after(tag, out, 1, "round1", killed)
   rc, stdout, stderr = _cli_on_a_terminal(["verify", app, "--runtime=flower", "--rounds", "3",
                                            "--inputs", inputs_npz, "--round-timeout", "120",
                                            "--min-clients", "3", "--out-dir", out])
   killer.join(timeout=5)
   assert killed, f"no SuperNode was killed:\n{stderr[-3000:]}"
+  assert len(killed[0][1]) >= 2, killed  # found by the tag: the SuperNode and its SuperExec at least
   assert rc == 0, (rc, stdout, stderr[-3000:])
   assert "OK: all 19 outputs on flower equal native" in stdout, stdout
   assert "round2 run on clients [0, 2, 3] only" in stdout and "round3 run on clients [0, 2, 3]" \
@@ -528,4 +543,4 @@ def test_a_killed_supernode_with_min_clients_completes_the_rounds_over_the_other
       for name, want in zip(names, jax.tree.leaves(result)):
         np.testing.assert_allclose(f[name], want, rtol=1e-5, atol=1e-6)
     state = result[0]
-  assert set(_deployment_processes()) <= before
+  assert not _deployment_processes(tag)  # every process of the deployments is gone
