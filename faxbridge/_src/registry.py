@@ -96,7 +96,8 @@ class Option:
   def flag(self) -> str:
     return "--" + self.name.replace("_", "-")
 
-  def check(self, value: Any, target: str, error: type[FaxbridgeError] = ExportError,
+  # Callable, not type[...]: in this class body `type` is the field above.
+  def check(self, value: Any, target: str, error: Callable[[str], FaxbridgeError] = ExportError,
             owner: str = "target") -> None:
     """Raises ``error`` naming the option and its owner (``owner`` ``target``) when ``value`` does
     not fit."""
