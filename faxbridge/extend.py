@@ -9,6 +9,8 @@ The pieces a target reads:
 
 * :class:`SplitProgram`: the program split once: its :class:`FederatedForm` per computation
   (``computation``, or ``initialize`` and ``next``), the native reference and the state links;
+  :func:`native_any_clients` writes the native reference for any number of clients too, for a
+  target whose runtime may complete a round over some of the clients (``RuntimeResult.clients``);
 * the form's data model (:class:`Stage`, :class:`Piece`, :class:`TensorSpec`,
   :class:`Aggregation`) and its one interpreter (:func:`interpret` with a :class:`Backend`,
   :func:`run_program` for the rounds of an iterative process);
@@ -19,7 +21,8 @@ The pieces a target reads:
   (``sum_p``, ``mean_p``, ``weighted_mean_p``, ``secure_sum_p``, ``max_p``, ``min_p``) a target's
   own tables are keyed by;
 * the errors to raise (:class:`ExportError` while exporting, :class:`VerificationError` while
-  running an export) and :func:`describe`, which turns an equation's ``source_info`` into the user's
+  running an export, :class:`RoundFailedError` when a round failed on the runtime after it
+  started: a node dropped out) and :func:`describe`, which turns an equation's ``source_info`` into the user's
   ``file:line``, and :func:`user_name`, which names a computation's input or output leaf as the user
   indexes it (``params['w1']``);
 * :mod:`jax_internals`: the few private JAX objects a lowering needs (primitives JAX gives no public
@@ -50,11 +53,12 @@ from faxbridge._src.api import aggregate
 from faxbridge._src.errors import (
   ExportError,
   FaxbridgeError,
+  RoundFailedError,
   UnsupportedPrimitiveError,
   VerificationError,
 )
 from faxbridge._src.events import emit
-from faxbridge._src.export import SplitProgram
+from faxbridge._src.export import SplitProgram, native_any_clients
 from faxbridge._src.export_reader import contained_file, read_export_manifest, read_json
 from faxbridge._src.form import (
   Aggregation,
@@ -97,6 +101,7 @@ __all__ = [
   "Option",
   "PerClientBackend",
   "Piece",
+  "RoundFailedError",
   "Runtime",
   "RuntimeResult",
   "SplitProgram",
@@ -119,6 +124,7 @@ __all__ = [
   "max_p",
   "mean_p",
   "min_p",
+  "native_any_clients",
   "number_of_clients",
   "read_export_manifest",
   "read_json",

@@ -40,6 +40,15 @@ RUNTIME = Runtime(
     summary="a local Flower deployment: one SuperLink and one SuperNode per client, each its own "
             "process, on 127.0.0.1",
     install="pip install flwr==1.42.*",
-    available="faxbridge.converters.flower.deployment:available")
+    available="faxbridge.converters.flower.deployment:available",
+    options=(Option("min_clients", int, 0,
+                    "complete a round over the nodes that replied if at least this many did; "
+                    "verify then checks it against native on exactly their data (0: every node "
+                    "must reply, a drop fails the run)"),
+             Option("round_timeout", float, 600.0, "seconds a node has to reply to one message"),
+             Option("out_dir", str, "", "where the ServerApp writes each round's outputs and "
+                    "record.json, kept (default: a temporary folder, kept only when a round fails)"),
+             Option("resume_from", str, "", "the out folder of an earlier run of this export (a "
+                    "failed run's error names it): its rounds are read back, the later ones run")))
 
 __all__ = ["CLIENT_RUNTIMES", "RUNTIME", "TARGET"]

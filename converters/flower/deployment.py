@@ -31,7 +31,9 @@ from typing import Any
 
 import numpy as np
 
-from faxbridge.extend import RuntimeResult, VerificationError, emit, importable
+from faxbridge.converters.flower.server import PROGRESS
+from faxbridge.converters.runtimes.progress import ProgressFile, wait
+from faxbridge.extend import RoundFailedError, RuntimeResult, VerificationError, emit, importable
 
 MARKER = "FAXBRIDGE_FLOWER_DEPLOYMENT"
 START_TIMEOUT_S = 60.0
@@ -176,15 +178,19 @@ class LocalDeployment:
     raise VerificationError(f"the {name} did not listen on 127.0.0.1:{port} within "
                             f"{START_TIMEOUT_S:g} s:\n{self.log_tail(name)}")
 
-  def run_app(self, app_dir: Path, run_config: Mapping[str, Any], timeout: float = RUN_TIMEOUT_S
-              ) -> str:
-    """``flwr run APP_DIR local --stream`` with ``run_config``; its output. Raises
+  def run_app(self, app_dir: Path, run_config: Mapping[str, Any], timeout: float = RUN_TIMEOUT_S,
+              progress: Path | None = None) -> str:
+    """``flwr run APP_DIR local --stream`` with ``run_config``; its output. While it runs, each
+    line the ServerApp appends to ``progress`` (its events) is emitted here. Raises
     VerificationError when it fails or runs past ``timeout``."""
     config = _toml(self.root / "logs" / "run_config.toml", run_config)
     cmd = [_bin("flwr"), "run", str(app_dir), "local", "--stream", "--run-config", str(config)]
     proc = self._start("flwr-run", cmd)
+    lines = ProgressFile(progress if progress is not None else self.root / "logs" / "no-progress")
     try:
-      proc.wait(timeout=timeout)
+      wait(proc, timeout, lines, lambda line: emit(str(line.get("name", "flower")),
+                                                    str(line.get("message", "")),
+                                                    **dict(line.get("fields") or {})))
     except subprocess.TimeoutExpired:
       raise VerificationError(f"flwr run did not finish within {timeout:g} s:\n"
                               f"{self.log_tail('flwr-run')}") from None
@@ -233,16 +239,27 @@ def _blocks(manifest: dict) -> dict:
 
 
 def deploy(export_dir: Path, manifest: dict, inputs: Mapping[str, np.ndarray], rounds: int,
-           server_export: Path | None = None, seed: int = 0, keep: Path | None = None
-           ) -> RuntimeResult:
+           server_export: Path | None = None, seed: int = 0, keep: Path | None = None,
+           min_clients: int = 0, round_timeout: float = 600.0, out_dir: Path | None = None,
+           resume_from: Path | None = None) -> RuntimeResult:
   """Run ``export_dir`` on a local deployment: one SuperNode per client of ``inputs``.
 
   ``server_export``: the export the ServerApp reads (default: ``export_dir``, whose app the nodes
   get); a test gives another to prove that nodes refuse a program their app does not pin.
   ``keep``: a folder to copy the ServerApp's record and every process's log into (they are
   otherwise removed with the deployment's temporary folder), to study a run.
+  ``min_clients``, ``round_timeout``: the run config's ``min-clients`` and ``round-timeout``.
+  ``out_dir``: where the ServerApp writes each invocation's outputs and ``record.json`` (kept);
+  None: a temporary folder, removed after a run that completes and kept after one whose round
+  failed (the error names it). ``resume_from``: the out folder of an earlier run of this export:
+  its rounds are read back, the later ones run now (run config ``resume-from``).
+
+  Client ``k`` of ``inputs`` is the node labelled ``client-000k``; the result's ``clients`` names,
+  for each invocation completed over fewer than all of them, the ones aggregated.
 
   Raises:
+    RoundFailedError: a node dropped out of a round (``min_clients`` not met), naming the round,
+      the node, the timeout and the folder holding the completed rounds' outputs.
     VerificationError: a process does not start, a node refuses, the run fails (its reason).
   """
   block = _blocks(manifest)
@@ -250,7 +267,10 @@ def deploy(export_dir: Path, manifest: dict, inputs: Mapping[str, np.ndarray], r
   server = [s["name"] for s in block["inputs"] if s["placement"] != "CLIENTS"]
   n = int(np.shape(inputs[clients[0]])[0]) if clients else int(block["clients"] or 1)
   with _folder() as root:
-    out = root / "out"
+    out = (root / "out") if out_dir is None else Path(out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in (PROGRESS, "result.json"):  # an earlier run's, in a folder given again
+      (out / stale).unlink(missing_ok=True)
     configs = []
     for k in range(n):
       folder = root / f"node-{k}"
@@ -261,7 +281,10 @@ def deploy(export_dir: Path, manifest: dict, inputs: Mapping[str, np.ndarray], r
                       "store": str(folder / "programs")})
     run_config: dict[str, Any] = {"export": str(server_export or export_dir), "out": str(out),
                                   "rounds": max(rounds, 1), "clients-per-round": n, "min-nodes": n,
-                                  "seed": seed}
+                                  "seed": seed, "min-clients": min_clients,
+                                  "round-timeout": float(round_timeout)}
+    if resume_from is not None:
+      run_config["resume-from"] = str(Path(resume_from).resolve())
     if server:
       values: dict[str, Any] = {name: np.asarray(inputs[name]) for name in server}
       np.savez(root / "server_inputs.npz", **values)
@@ -270,25 +293,35 @@ def deploy(export_dir: Path, manifest: dict, inputs: Mapping[str, np.ndarray], r
     with LocalDeployment(root, configs) as deployment:
       emit("flower.run", f"flwr run: {rounds} round(s) on {n} SuperNodes")
       try:
-        deployment.run_app(export_dir, run_config)
-      except VerificationError as e:
-        raise VerificationError(_failure(out, str(e))) from None
-      result = _read_json(out / "result.json")
-      if keep is not None:
-        shutil.copytree(root / "logs", keep / "logs", dirs_exist_ok=True)
-        shutil.copy(out / "record.json", keep / "record.json")
-      if result.get("status") != "ok":
-        raise VerificationError(_failure(out, deployment.log_tail("flwr-run")))
+        try:
+          deployment.run_app(export_dir, run_config, progress=out / PROGRESS)
+        except VerificationError as e:
+          raise _failure(out, str(e)) from None
+        result = _read_json(out / "result.json")
+        if result.get("status") != "ok":
+          raise _failure(out, deployment.log_tail("flwr-run"))
+      except RoundFailedError as e:
+        raise RoundFailedError(_kept(e, out, root, export_dir)) from None
+      finally:
+        if keep is not None:
+          shutil.copytree(root / "logs", keep / "logs", dirs_exist_ok=True)
+          if (out / "record.json").is_file():
+            shutil.copy(out / "record.json", keep / "record.json")
       timings = dict(deployment.timings)
     record = _read_json(out / "record.json")
     outputs: dict[str, np.ndarray] = {}
+    aggregated: dict[str, list[int]] = {}
+    index = {c["label"]: k for k, c in enumerate(configs)}
     for inv in record["invocations"]:
       name = inv["invocation"]
       prefix = "" if name == "computation" else f"{name}/"
       with np.load(out / f"{name}.npz", allow_pickle=False) as f:
         outputs.update({prefix + k: f[k] for k in f.files})
+      labels = inv.get("aggregated_labels", inv.get("labels", []))
+      if inv.get("nodes") and len(labels) < n:
+        aggregated[name] = sorted(index[label] for label in labels)
     total = time.monotonic() - start
-  return RuntimeResult(outputs=outputs, info=_info(record, timings, total, n))
+  return RuntimeResult(outputs=outputs, info=_info(record, timings, total, n), clients=aggregated)
 
 
 def _read_json(path: Path) -> dict:
@@ -298,11 +331,33 @@ def _read_json(path: Path) -> dict:
     return {}
 
 
-def _failure(out: Path, detail: str) -> str:
+def _failure(out: Path, detail: str) -> VerificationError:
+  """The error of a failed run: the ServerApp's own (a RoundFailedError when a round failed), or
+  flwr's output when the ServerApp left none."""
   result = _read_json(out / "result.json")
   if result.get("error"):
-    return f"the Flower run failed: {result['error']}"
-  return f"the Flower run failed without a result from the ServerApp:\n{detail}"
+    kind = RoundFailedError if result.get("round_failed") else VerificationError
+    return kind(f"the Flower run failed: {result['error']}")
+  return VerificationError(f"the Flower run failed without a result from the ServerApp:\n{detail}")
+
+
+def _kept(error: RoundFailedError, out: Path, root: Path, export_dir: Path) -> str:
+  """The message of a failed round, the completed rounds' outputs kept: a temporary ``out`` is
+  moved out of the deployment's folder (which is removed) to a folder of its own, named in the
+  message (the ServerApp's message names ``out``), with the calls of verify that resume from it."""
+  message = str(error)
+  if not (out / "record.json").is_file():  # nothing completed: nothing to keep
+    return message
+  if out.is_relative_to(root):
+    kept = Path(tempfile.mkdtemp(prefix="faxbridge-flower-out-"))
+    for path in out.iterdir():
+      if path.name != PROGRESS:
+        shutil.move(path, kept / path.name)
+    message = message.replace(str(out), str(kept))
+    out = kept
+  return (f"{message} (with verify: fb.verify('{export_dir}', ..., runtime='flower', "
+          f"resume_from='{out}'), or faxbridge verify {export_dir} --runtime=flower --resume-from "
+          f"{out})")
 
 
 def _info(record: dict, timings: dict, total: float, n: int) -> dict[str, Any]:
@@ -313,6 +368,15 @@ def _info(record: dict, timings: dict, total: float, n: int) -> dict[str, Any]:
   info = {"Flower deployment": f"1 SuperLink and {n} SuperNodes, each its own process, 127.0.0.1",
           "wall time": f"{total:.1f} s in all: SuperLink up in {link_up:.1f} s, client program "
                        f"installed on the nodes in {install:.1f} s"}
+  if record.get("resumed_from"):
+    done = record["resumed_from"]["round"]
+    earlier = "initialize" if done == 0 else f"initialize and rounds 1 to {done}"
+    info["resumed"] = (f"{earlier} read back from {record['resumed_from']['folder']} (an earlier "
+                       "run); the later rounds ran now")
+  dropped = [f"{inv['invocation']}: {', '.join(d['label'] for d in inv['dropped'])}"
+             for inv in record["invocations"] if inv.get("dropped")]
+  if dropped:
+    info["dropped out"] = "; ".join(dropped) + " (the rounds completed over the others: min_clients)"
   steps = [step for inv in rounds for step in inv.get("node_timings", [])]
   if rounds and steps:
     slowest = lambda key: float(np.mean([max(t[key] for t in st["nodes"]) for st in steps]))
@@ -330,13 +394,23 @@ def _info(record: dict, timings: dict, total: float, n: int) -> dict[str, Any]:
   return info
 
 
-def verify_run(export_dir: Path, manifest: dict, inputs: dict[str, np.ndarray],
-               rounds: int) -> RuntimeResult:
-  """The runtime's runner: the export on a local deployment, outputs keyed as ``fb.verify`` keys them."""
+def verify_run(export_dir: Path, manifest: dict, inputs: dict[str, np.ndarray], rounds: int,
+               min_clients: int = 0, round_timeout: float = 600.0, out_dir: str = "",
+               resume_from: str = "") -> RuntimeResult:
+  """The runtime's runner: the export on a local deployment, outputs keyed as ``fb.verify`` keys
+  them; its options are :data:`faxbridge.converters.flower.RUNTIME`'s (see :func:`deploy`)."""
   ok, why = available()
   if not ok:
     raise VerificationError(f"runtime 'flower' needs flwr: {why} (pip install flwr==1.42.*)")
-  return deploy(export_dir, manifest, inputs, rounds)
+  if min_clients < 0 or round_timeout <= 0:
+    raise VerificationError(f"runtime 'flower': min_clients must be >= 0 and round_timeout > 0, "
+                            f"got {min_clients} and {round_timeout:g}")
+  if resume_from and not (Path(resume_from) / "record.json").is_file():
+    raise VerificationError(f"resume_from={resume_from}: no record.json there; give the out folder "
+                            "of an earlier run of this export (a failed run's error names it)")
+  return deploy(export_dir, manifest, inputs, rounds, min_clients=min_clients,
+                round_timeout=round_timeout, out_dir=Path(out_dir) if out_dir else None,
+                resume_from=Path(resume_from) if resume_from else None)
 
 
 __all__ = ["LocalDeployment", "available", "deploy", "free_port", "leftovers", "verify_run"]

@@ -22,7 +22,7 @@ from typing import Any
 
 from faxbridge.converters.flower import CLIENT_RUNTIMES
 from faxbridge.converters.flower.protocol import CLIENT_RUNTIMES as RUNTIMES
-from faxbridge.extend import ExportError, SplitProgram, emit
+from faxbridge.extend import ExportError, SplitProgram, emit, native_any_clients
 
 PACKAGE = "faxbridge_app"
 SERVER_MODULE = f"{PACKAGE}/server_app.py"
@@ -40,6 +40,10 @@ RUN_CONFIG = {
     "wait-nodes-seconds": (120.0, "how long to wait for min-nodes nodes"),
     "round-timeout": (600.0, "seconds a node has to reply to one message"),
     "seed": (0, "seed of the client sampling"),
+    "min-clients": (0, "complete a round over the sampled nodes that replied if at least this many "
+                       "did; 0: every sampled node must reply"),
+    "resume-from": ("", "the out folder of an earlier run of this export: resume after its last "
+                        "completed round"),
 }
 
 
@@ -114,6 +118,9 @@ def export_flower(split: SplitProgram, out: Path, client_runtime: str = CLIENT_R
     raise ExportError(f"--client-runtime must be one of {sorted(RUNTIMES)}, got {client_runtime!r}")
   runtime = RUNTIMES[client_runtime]
   part = runtime.export()(split, out)
+  # A round may complete over the nodes that replied (min-clients): verify then runs the native
+  # program on exactly their data, which needs it for any number of clients.
+  any_clients, not_any = native_any_clients(split, out)
   emit("flower.app", "writing the Flower App (pyproject.toml, ServerApp, ClientApp)")
   from faxbridge.converters.flower.protocol import versions
 
@@ -126,6 +133,8 @@ def export_flower(split: SplitProgram, out: Path, client_runtime: str = CLIENT_R
   (out / PACKAGE / "__init__.py").write_text('"""A faxbridge export as a Flower App."""\n')
   (out / SERVER_MODULE).write_text(SERVER_APP)
   (out / CLIENT_MODULE).write_text(CLIENT_APP)
-  return {**part, "flower": {"client_runtime": client_runtime, "format": runtime.format,
-                             "app": "pyproject.toml", "serverapp": SERVER_MODULE,
-                             "clientapp": CLIENT_MODULE}}
+  flower = {"client_runtime": client_runtime, "format": runtime.format, "app": "pyproject.toml",
+            "serverapp": SERVER_MODULE, "clientapp": CLIENT_MODULE}
+  if not_any:  # why verify cannot check a round completed over fewer clients
+    flower["no_native_any_clients"] = not_any
+  return {**part, **any_clients, "flower": flower}

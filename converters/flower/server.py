@@ -12,9 +12,18 @@ every other runtime.
 Per invocation (``initialize``, ``round{r}``, or ``computation``) the ServerApp samples nodes
 (seeded by the run config's ``seed`` and the invocation's index, recorded), and writes
 ``OUT/NAME.npz`` (its outputs) and ``OUT/record.json`` (sampled nodes, timings) as soon as it ends;
-``OUT/result.json`` says how the run ended. A node's refusal, a missing reply within
-``round-timeout``, or an upload of the wrong shape ends the run with one error naming the
-invocation and the node.
+``OUT/result.json`` says how the run ended. A node's refusal or an upload of the wrong shape ends
+the run with one error naming the invocation and the node.
+
+Faults (docs/flower.md, "Faults"): a node *drops out* of an invocation when Flower reports it gone
+(its SuperNode missed its heartbeats, its ClientApp process died) or it has not replied within
+``round-timeout``. By default that ends the run with one :class:`RoundFailedError` naming the
+invocation, the node and the timeout, and saying where the last completed invocation's outputs
+are (``OUT``) and how to resume (run config ``resume-from``). With ``min-clients=k`` the invocation
+completes over the sampled nodes that replied, if at least ``k`` did (a drop at a later stage of a
+multi-stage invocation restarts it over the remaining nodes, so that every aggregation of it is
+over the same clients), and the record names the nodes aggregated. Every event of the ServerApp
+(each invocation's start and end, a drop) is appended to ``OUT/progress.jsonl`` as it happens.
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import time
 import traceback
 from collections.abc import Sequence
@@ -30,20 +40,32 @@ from typing import Any
 
 import numpy as np
 
-from faxbridge import CLIENTS
+from faxbridge import CLIENTS, events
 from faxbridge.converters.flower import protocol
 from faxbridge.extend import (
   FaxbridgeError,
   FederatedForm,
   PerClientBackend,
   Piece,
+  RoundFailedError,
   VerificationError,
   contained_file,
+  emit,
   interpret,
   run_program,
 )
 
 POLL_S = 0.1  # how often replies are pulled (Flower's own send_and_receive sleeps 3 s)
+
+
+def gone_codes() -> frozenset[int]:
+  """Flower's error codes of a reply that says its node is gone, not that it failed: the SuperLink
+  missed the SuperNode's heartbeats (``NODE_UNAVAILABLE``, after 2 x 30 s), the node's ClientApp
+  process died (killed, out of memory: ``CLIENT_APP_CRASHED``), the message or its reply expired."""
+  from flwr.common.constant import ErrorCode
+
+  return frozenset({ErrorCode.NODE_UNAVAILABLE, ErrorCode.CLIENT_APP_CRASHED,
+                    ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE})
 
 
 class OnNode:
@@ -77,6 +99,8 @@ class RunConfig:
   wait_nodes_seconds: float
   round_timeout: float
   seed: int
+  min_clients: int = 0  # 0: every sampled node must reply (a drop fails the run)
+  resume_from: Path | None = None  # the OUT of an earlier run of this export, to resume after
 
   @classmethod
   def read(cls, run_config: dict[str, Any]) -> RunConfig:
@@ -89,11 +113,31 @@ class RunConfig:
                  Path(str(run_config["server-inputs"])) if run_config.get("server-inputs") else None,
                  int(run_config.get("rounds", 3)), int(run_config.get("clients-per-round", 0)),
                  int(run_config.get("min-nodes", 1)), float(run_config.get("wait-nodes-seconds", 120)),
-                 float(run_config.get("round-timeout", 600)), int(run_config.get("seed", 0)))
-    if min(config.rounds, config.clients_per_round, config.min_nodes) < 0:
-      raise VerificationError(f"run config: rounds, clients-per-round and min-nodes must be >= 0: "
-                              f"{run_config}")
+                 float(run_config.get("round-timeout", 600)), int(run_config.get("seed", 0)),
+                 int(run_config.get("min-clients", 0)),
+                 Path(str(run_config["resume-from"])) if run_config.get("resume-from") else None)
+    if min(config.rounds, config.clients_per_round, config.min_nodes, config.min_clients) < 0:
+      raise VerificationError(f"run config: rounds, clients-per-round, min-nodes and min-clients "
+                              f"must be >= 0: {run_config}")
     return config
+
+
+class NodesDropped(Exception):
+  """Some nodes dropped out of one exchange (``dropped``: node id -> why); ``uploads``: what the
+  others returned, by node id. Raised to the backend only when ``min-clients`` allows drops."""
+
+  def __init__(self, dropped: dict[int, str], uploads: dict[int, dict]):
+    super().__init__(dropped)
+    self.dropped, self.uploads = dropped, uploads
+
+
+class Restart(Exception):
+  """An invocation whose earlier stage aggregated uploads of nodes that dropped out later: run it
+  again from its start over ``nodes``, so that all its aggregations are over the same clients."""
+
+  def __init__(self, nodes: list[Node]):
+    super().__init__(nodes)
+    self.nodes = nodes
 
 
 @dataclasses.dataclass
@@ -124,37 +168,49 @@ class Session:
           self.server_pieces[comp_name, piece["name"]] = load(data, piece, rel)
 
   # -- Flower I/O -------------------------------------------------------------------------------
-  def exchange(self, messages: list[Any], what: str) -> dict[int, Any]:
-    """Send ``messages`` and wait for one reply to each: replies by source node id.
+  def exchange(self, messages: list[Any], what: str) -> tuple[dict[int, Any], dict[int, str]]:
+    """Send ``messages`` and wait for one reply to each: (replies by source node id, the nodes
+    that dropped out: why). A node drops out when Flower reports it gone (an error reply of
+    :data:`GONE`: its SuperNode missed its heartbeats, its ClientApp process died) or it has not
+    replied within ``round-timeout``.
 
     Raises:
-      VerificationError: a node did not reply within ``round-timeout`` (naming it), a reply is an
-        error (Flower's, or the node's own refusal: its reason).
+      VerificationError: a reply is another error (Flower's, or the node's own refusal: its
+        reason), naming the node.
     """
     ids = [i for i in self.grid.push_messages(messages) if i]
     if len(ids) != len(messages):
       raise VerificationError(f"{what}: the SuperLink accepted {len(ids)} of {len(messages)} messages")
     waiting = {i: m.metadata.dst_node_id for i, m in zip(ids, messages)}
     replies: dict[int, Any] = {}
-    deadline = time.monotonic() + self.config.round_timeout
+    dropped: dict[int, str] = {}
+    timeout = self.config.round_timeout
+    deadline = time.monotonic() + timeout
     while waiting:
       for reply in self.grid.pull_messages(list(waiting)):
         node = waiting.pop(reply.metadata.reply_to_message_id, None)
         if node is None:
           continue
-        if reply.has_error():
+        if reply.has_error() and reply.error.code in gone_codes():
+          dropped[node] = (f"Flower reports it gone before the round timeout of {timeout:g} s "
+                           f"({reply.error.reason})")
+        elif reply.has_error():
           raise VerificationError(f"{what}: node {self.label(node)} failed: {reply.error.reason}")
-        if protocol.ERROR in reply.content.config_records:
+        elif protocol.ERROR in reply.content.config_records:
           reason = reply.content.config_records[protocol.ERROR]["reason"]
           raise VerificationError(f"{what}: node {self.label(node)} refused: {reason}")
-        replies[node] = reply
+        else:
+          replies[node] = reply
       if waiting and time.monotonic() > deadline:
-        missing = ", ".join(self.label(n) for n in waiting.values())
-        raise VerificationError(f"{what}: no reply from node(s) {missing} within the round timeout "
-                                f"of {self.config.round_timeout:g} s")
+        dropped.update({n: f"no reply within the round timeout of {timeout:g} s"
+                        for n in waiting.values()})
+        break
       if waiting:
         time.sleep(POLL_S)
-    return replies
+    return replies, dropped
+
+  def dropped_text(self, dropped: dict[int, str]) -> str:
+    return "; ".join(f"node {self.label(n)} dropped out: {why}" for n, why in dropped.items())
 
   def label(self, node_id: int) -> str:
     for node in self.nodes:
@@ -183,7 +239,9 @@ class Session:
                                          protocol.PROGRAMS: programs}), i, protocol.INSTALL, "install")
                 for i in ids]
     start = time.monotonic()
-    replies = self.exchange(messages, "installing the client program")
+    replies, dropped = self.exchange(messages, "installing the client program")
+    if dropped:
+      raise VerificationError(f"installing the client program: {self.dropped_text(dropped)}")
     self.nodes = sorted((Node(i, str(r.content.config_records[protocol.NODE]["label"]))
                          for i, r in replies.items()), key=lambda n: (n.label, n.node_id))
     self.record["install"] = {"seconds": time.monotonic() - start,
@@ -200,6 +258,37 @@ class Session:
     rng = np.random.default_rng([self.config.seed, index])
     return [self.nodes[i] for i in sorted(rng.choice(len(self.nodes), size=k, replace=False))]
 
+  def invoke(self, form: FederatedForm, invocation: str, index: int,
+             named: dict[str, Any]) -> dict[str, Any]:
+    """Run ``form`` as invocation ``index`` over the nodes sampled for it (restarting it over
+    the remaining ones when :class:`Restart` says so), write its outputs and the record to OUT,
+    report it (an event), and return the outputs by name."""
+    nodes = self.sample(index) if form.stages else []
+    self.current = {"invocation": invocation, "nodes": [n.node_id for n in nodes],
+                    "labels": [n.label for n in nodes]}
+    start = time.monotonic()
+    while True:
+      backend = FlowerBackend(self, form, invocation, nodes)
+      try:
+        outputs = interpret(form, backend, backend.inputs(form, named))
+        break
+      except Restart as again:
+        nodes = again.nodes
+        self.current["restarts"] = self.current.get("restarts", 0) + 1
+      except ValueError as e:  # a server piece's output does not fit the plan
+        raise VerificationError(f"{invocation}: {e}") from None
+    self.current["seconds"] = time.monotonic() - start
+    self.current["aggregated"] = [n.node_id for n in backend.nodes]
+    self.current["aggregated_labels"] = [n.label for n in backend.nodes]
+    _write_npz(self.config.out / f"{invocation}.npz", outputs)
+    self.record["invocations"].append(self.current)
+    _write_json(self.config.out / "record.json", self.record)
+    sampled = len(self.current["nodes"])
+    over = f" over {len(backend.nodes)} of {sampled} nodes" if form.stages else ""
+    emit("flower.done", f"flower: {invocation} done in {self.current['seconds']:.1f} s{over}",
+         invocation=invocation, seconds=self.current["seconds"])
+    return outputs
+
   def work(self, invocation: str, computation: str, piece: str, nodes: Sequence[Node],
            broadcast: dict[str, np.ndarray], returns: list[str], keep: list[str],
            specs: dict[str, Any]) -> list[dict]:
@@ -215,10 +304,14 @@ class Session:
     messages = [self.message(RecordDict({protocol.TASK: task, protocol.BROADCAST: values}),
                              n.node_id, protocol.WORK, invocation) for n in nodes]
     sent_at = time.monotonic()
-    replies = self.exchange(messages, f"{invocation}, {piece or 'sending held values'}")
+    replies, dropped = self.exchange(messages, f"{invocation}, {piece or 'sending held values'}")
     exchange = time.monotonic() - sent_at
-    out, timings = [], []
+    if dropped and not self.config.min_clients:
+      raise RoundFailedError(f"{invocation}: {self.dropped_text(dropped)}")
+    out, timings = {}, []
     for n in nodes:
+      if n.node_id in dropped:
+        continue
       reply = replies[n.node_id]
       got = protocol.arrays(reply.content.array_records[protocol.UPLOADS])
       if sorted(got) != sorted(returns):
@@ -230,11 +323,27 @@ class Session:
           raise VerificationError(f"{invocation}: node {self.label(n.node_id)} returned {name} as "
                                   f"{value.dtype}{list(value.shape)}, the plan says "
                                   f"{spec.dtype}{list(spec.shape)}")
-      out.append(got)
+      out[n.node_id] = got
       timings.append(dict(reply.content.config_records[protocol.NODE]))
     self.current.setdefault("node_timings", []).append(
         {"piece": piece, "exchange_seconds": exchange, "nodes": timings})
-    return out
+    if dropped:
+      raise NodesDropped(dropped, out)
+    return [out[n.node_id] for n in nodes]
+
+  def drop(self, invocation: str, dropped: dict[int, str], remaining: int) -> None:
+    """Record nodes that dropped out of ``invocation`` and go on over the ``remaining`` ones, or
+    raise RoundFailedError when fewer than ``min-clients`` remain."""
+    self.current.setdefault("dropped", []).extend(
+        {"node": n, "label": self.label(n), "why": why} for n, why in dropped.items())
+    sampled = len(self.current.get("nodes", ()))
+    if remaining < self.config.min_clients:
+      raise RoundFailedError(f"{invocation}: {remaining} of the {sampled} sampled nodes remain, "
+                             f"fewer than min-clients={self.config.min_clients}: "
+                             f"{self.dropped_text(dropped)}")
+    emit("flower.drop", f"flower: {invocation}: {self.dropped_text(dropped)}; going on over "
+         f"{remaining} of {sampled} nodes (min-clients {self.config.min_clients})",
+         invocation=invocation, remaining=remaining)
 
 
 class FlowerBackend(PerClientBackend):
@@ -250,6 +359,7 @@ class FlowerBackend(PerClientBackend):
   def __init__(self, session: Session, form: FederatedForm, invocation: str, nodes: list[Node]):
     super().__init__(len(nodes), self._server_call)
     self.session, self.form, self.invocation, self.nodes = session, form, invocation, nodes
+    self.exchanged = False  # whether nodes' uploads were received in this invocation already
     self.needed = {n for st in form.stages for a in st.aggregations for n in (a.value, a.weight) if n}
     self.needed |= {b.name for b in form.outputs if b.placement is CLIENTS}
     self.specs = {b.name: b.spec for b in form.inputs}
@@ -265,6 +375,24 @@ class FlowerBackend(PerClientBackend):
       later |= {s.name for s in stage.client_work.inputs}
     return later
 
+  def _work(self, piece: str, sent: dict[str, np.ndarray], returns: list[str], keep: list[str]
+            ) -> list[dict]:
+    """The uploads of the invocation's nodes for one client step. Nodes that drop out (allowed by
+    ``min-clients``) leave the invocation: at its first exchange it simply goes on without them;
+    later, uploads of theirs were aggregated already, so the invocation restarts (:class:`Restart`)."""
+    try:
+      uploads = self.session.work(self.invocation, self.form.name, piece, self.nodes, sent,
+                                  returns, keep, self.specs)
+    except NodesDropped as e:
+      remaining = [n for n in self.nodes if n.node_id not in e.dropped]
+      self.session.drop(self.invocation, e.dropped, len(remaining))
+      if self.exchanged:
+        raise Restart(remaining) from None
+      self.nodes, self.n = remaining, len(remaining)
+      uploads = [e.uploads[n.node_id] for n in remaining]
+    self.exchanged = True
+    return uploads
+
   def broadcast(self, values):
     return {k: Sent(np.asarray(v)) for k, v in values.items()}
 
@@ -277,8 +405,7 @@ class FlowerBackend(PerClientBackend):
     returns = [n for n in names if n in self.needed]
     returns += [n for n in dict.fromkeys(aggregated) if n not in names]
     keep = [n for n in names if n in self._read_later(index)]
-    uploads = self.session.work(self.invocation, self.form.name, piece.name, self.nodes, sent,
-                                returns, keep, self.specs)
+    uploads = self._work(piece.name, sent, returns, keep)
     out: dict[str, Any] = {n: ON_NODE for n in names}
     out.update({n: [u[n] for u in uploads] for n in returns})
     return out
@@ -287,8 +414,7 @@ class FlowerBackend(PerClientBackend):
     held = [n for n in dict.fromkeys(x for a in aggregations for x in (a.value, a.weight) if x)
             if uploads[n] is ON_NODE]
     if held:  # a stage without client work aggregating what the nodes hold: ask for it
-      got = self.session.work(self.invocation, self.form.name, "", self.nodes, {}, held, [],
-                              self.specs)
+      got = self._work("", {}, held, [])
       uploads = {**uploads, **{n: [u[n] for u in got] for n in held}}
     return super().aggregate(aggregations, uploads)
 
@@ -309,21 +435,123 @@ def _write_json(path: Path, obj: Any) -> None:
   os.replace(tmp, path)
 
 
+PROGRESS = "progress.jsonl"  # in OUT: the ServerApp's events, one JSON object a line
+
+
+@dataclasses.dataclass(frozen=True)
+class Resume:
+  """Where a resumed run starts: after round ``done`` (0: after initialize) of an earlier run whose
+  OUT is ``folder``, with that invocation's ``outputs`` (the state) and the earlier ``record``."""
+
+  folder: Path
+  done: int
+  outputs: dict[str, np.ndarray]
+  record: dict[str, Any]
+
+
+def _completed(folder: Path, record: dict[str, Any]) -> list[str]:
+  """The invocations of ``record`` whose outputs are in ``folder``: initialize, round1, round2, ...
+  up to the first missing one."""
+  written = {inv.get("invocation") for inv in record.get("invocations", [])
+             if isinstance(inv, dict) and (folder / f"{inv.get('invocation')}.npz").is_file()}
+  done = []
+  for name in ("initialize", *(f"round{r}" for r in range(1, len(written) + 1))):
+    if name not in written:
+      break
+    done.append(name)
+  return done
+
+
+def read_resume(config: RunConfig, kind: str, manifest_sha256: str) -> Resume:
+  """The point the run config's ``resume-from`` folder lets this run resume from.
+
+  Raises:
+    VerificationError: not an iterative process; no record there, one of another export, no
+      completed invocation, or as many rounds as asked for or more.
+  """
+  folder = config.resume_from
+  assert folder is not None
+  if kind != "iterative_process":
+    raise VerificationError(f"resume-from={folder}: this export is a single computation; only the "
+                            "rounds of an iterative process can be resumed")
+  try:
+    record = json.loads((folder / "record.json").read_text())
+  except (OSError, ValueError) as e:
+    raise VerificationError(f"resume-from={folder}: no record.json of an earlier run there ({e})") \
+        from None
+  if record.get("export_manifest_sha256") != manifest_sha256:
+    raise VerificationError(f"resume-from={folder}: its record is of another export (manifest "
+                            f"sha256 {str(record.get('export_manifest_sha256'))[:12]}..., this "
+                            f"export's {manifest_sha256[:12]}...)")
+  done = _completed(folder, record)
+  if not done:
+    raise VerificationError(f"resume-from={folder}: no invocation completed there (not even "
+                            "initialize); run from the start instead")
+  rounds_done = len(done) - 1
+  if rounds_done >= config.rounds:
+    raise VerificationError(f"resume-from={folder}: it holds {rounds_done} completed round(s) "
+                            f"already; the run config asks for rounds={config.rounds}")
+  with np.load(folder / f"{done[-1]}.npz", allow_pickle=False) as f:
+    outputs = {k: f[k] for k in f.files}
+  kept = [inv for inv in record["invocations"] if inv.get("invocation") in done]
+  return Resume(folder, rounds_done, outputs, {**record, "invocations": kept})
+
+
+def _resume_hint(config: RunConfig, record: dict[str, Any]) -> str:
+  """What a failed run leaves to resume from, and how: for the error's last sentence."""
+  done = _completed(config.out, record)
+  if not done:
+    return "No invocation completed, so there is nothing to resume from"
+  last = done[-1]
+  where = "initialize" if last == "initialize" else f"round {last.removeprefix('round')}"
+  return (f"The outputs of {', '.join(done)} are in {config.out} (record.json, {last}.npz): "
+          f"resume after {where} with the run config resume-from='{config.out}'")
+
+
 def run(grid: Any, run_config: dict[str, Any]) -> None:
   """Everything the ServerApp does: read the export, install the client program on the nodes, run
-  the program, write each invocation's outputs and the record (see the module docstring)."""
+  the program, write each invocation's outputs and the record (see the module docstring); every
+  event it emits meanwhile goes to ``OUT/progress.jsonl``."""
   config = RunConfig.read(run_config)
   config.out.mkdir(parents=True, exist_ok=True)
+  with open(config.out / PROGRESS, "a", encoding="utf-8") as progress:
+
+    def forward(event: events.Event) -> None:
+      progress.write(json.dumps({"name": event.name, "message": event.message,
+                                 "fields": event.fields}, default=str) + "\n")
+      progress.flush()
+
+    with events.listen(forward):
+      _run(grid, config)
+
+
+def _run(grid: Any, config: RunConfig) -> None:
   app = protocol.read_app(config.export, pieces_present=True)
+  manifest_sha256 = protocol.sha256((config.export / "manifest.json").read_bytes())
+  resume = None if config.resume_from is None else read_resume(config, app.plan["kind"],
+                                                                manifest_sha256)
   forms = {name: FederatedForm.from_json(comp, name) for name, comp in app.plan["computations"].items()}
   session = Session(grid, app, config)
+  session.record["export_manifest_sha256"] = manifest_sha256
+  if resume is not None:
+    session.record["invocations"] = list(resume.record["invocations"])
+    session.record["resumed_from"] = {"folder": str(resume.folder), "round": resume.done}
+    for inv in session.record["invocations"]:  # the earlier outputs: this OUT holds the whole run
+      if resume.folder.resolve() != config.out.resolve():
+        shutil.copyfile(resume.folder / f"{inv['invocation']}.npz",
+                        config.out / f"{inv['invocation']}.npz")
+    _write_json(config.out / "record.json", session.record)
+    emit("flower.resume", f"flower: resuming after round {resume.done} from {resume.folder}",
+         round=resume.done)
   started = time.monotonic()
   session.install()
+  emit("flower.install", f"flower: client program installed on {len(session.nodes)} nodes in "
+       f"{session.record['install']['seconds']:.1f} s", nodes=len(session.nodes))
   server_inputs: dict[str, np.ndarray] = {}
   if config.server_inputs is not None:
     with np.load(config.server_inputs, allow_pickle=False) as f:
       server_inputs = {k: f[k] for k in f.files}
-  calls = iter(range(1 << 30))
+  calls = iter(range(0 if resume is None else resume.done + 1, 1 << 30))
 
   def invoke(name: str, named: dict) -> dict:
     index = next(calls)
@@ -340,22 +568,13 @@ def run(grid: Any, run_config: dict[str, Any]) -> None:
         raise VerificationError(f"{invocation}: the SERVER input {b.name!r} is "
                                 f"{value.dtype}{list(value.shape)}, the plan takes "
                                 f"{b.spec.dtype}{list(b.spec.shape)}")
-    nodes = session.sample(index) if form.stages else []
-    session.current = {"invocation": invocation, "nodes": [n.node_id for n in nodes],
-                       "labels": [n.label for n in nodes]}
-    start = time.monotonic()
-    backend = FlowerBackend(session, form, invocation, nodes)
-    try:
-      outputs = interpret(form, backend, backend.inputs(form, named))
-    except ValueError as e:  # a server piece's output does not fit the plan
-      raise VerificationError(f"{invocation}: {e}") from None
-    session.current["seconds"] = time.monotonic() - start
-    _write_npz(config.out / f"{invocation}.npz", outputs)
-    session.record["invocations"].append(session.current)
-    _write_json(config.out / "record.json", session.record)
-    return outputs
+    return session.invoke(form, invocation, index, named)
 
-  run_program(app.plan["kind"], invoke, server_inputs, config.rounds, app.plan.get("state"), who="flower")
+  try:
+    run_program(app.plan["kind"], invoke, server_inputs, config.rounds, app.plan.get("state"),
+                who="flower", resume=None if resume is None else (resume.done, resume.outputs))
+  except RoundFailedError as e:
+    raise RoundFailedError(f"{e}. {_resume_hint(config, session.record)}") from None
   session.record["seconds"] = time.monotonic() - started
   _write_json(config.out / "record.json", session.record)
 
@@ -374,7 +593,8 @@ def server_app() -> Any:
       run(grid, dict(context.run_config))
     except FaxbridgeError as e:
       out.mkdir(parents=True, exist_ok=True)
-      _write_json(out / "result.json", {"status": "error", "error": str(e)})
+      _write_json(out / "result.json", {"status": "error", "error": str(e),
+                                        "round_failed": isinstance(e, RoundFailedError)})
       raise
     except Exception as e:
       out.mkdir(parents=True, exist_ok=True)
@@ -386,4 +606,5 @@ def server_app() -> Any:
   return app
 
 
-__all__ = ["FlowerBackend", "RunConfig", "Session", "run", "server_app"]
+__all__ = ["PROGRESS", "FlowerBackend", "NodesDropped", "Restart", "Resume", "RunConfig", "Session",
+           "gone_codes", "read_resume", "run", "server_app"]

@@ -16,14 +16,14 @@ import tempfile
 import threading
 import time
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from faxbridge._src import events, native_logs, registry, signing, verify
-from faxbridge._src.errors import FaxbridgeError
+from faxbridge._src.errors import FaxbridgeError, RoundFailedError
 from faxbridge._src.locations import definition
 
 USAGE = """A program is named MODULE:ATTR (an fb.computation or fb.IterativeProcess), imported
@@ -39,7 +39,8 @@ examples (from the repository root, in this order):
 neither --inputs nor --program is given. verify without --runtime uses the first runtime that reads
 the export's target.
 
-Exit codes: 0 success; 1 a verification ran and some output differs (the table says which);
+Exit codes: 0 success; 1 a verification ran and some output differs (the table says which) or
+a round failed on the runtime (a node dropped out; one line says where its state is kept);
 2 a usage error or an export/inputs that cannot be verified (one line on stderr, nothing compared);
 130 interrupted (Ctrl-C). Progress goes to stderr when it is a terminal; results go to stdout.
 """
@@ -286,6 +287,19 @@ def _sidecar(export_dir: str | os.PathLike) -> Path:
   return Path(str(Path(export_dir)).rstrip("/") + ".inputs.npz")
 
 
+def _given_options(ns: argparse.Namespace, prefix: str, declared_options: tuple[registry.Option, ...]
+                   ) -> dict[str, Any]:
+  """The option flags given (dest ``PREFIX<name>``), as the chosen target's or runtime's types."""
+  declared = {o.name: o for o in declared_options}
+  options = {}
+  for name, value in vars(ns).items():
+    if name.startswith(prefix) and value is not None:
+      name = name[len(prefix):]
+      # An option the target or runtime does not declare goes on as given, to be refused naming both.
+      options[name] = _option_value(declared[name], value) if name in declared else value
+  return options
+
+
 def _option_value(option: registry.Option, value: Any) -> Any:
   """A flag's value as the option's type (argparse converted it already when only one target
   declares the option; several targets may type one name differently)."""
@@ -312,13 +326,7 @@ def cmd_export(ns: argparse.Namespace) -> int:
   target = registry.target(ns.target) if ns.target else registry.default_target()
   if target is None:
     raise UsageError("no --target given and no registered target is the default")
-  declared = {o.name: o for o in target.options}
-  options = {}
-  for name, value in vars(ns).items():
-    if name.startswith("option_") and value is not None:
-      name = name[len("option_"):]
-      # An option the target does not declare goes on as given, to be refused naming both.
-      options[name] = _option_value(declared[name], value) if name in declared else value
+  options = _given_options(ns, "option_", target.options)
   target.check_options(options)  # export checks them too; here before the program is imported
   progress = ns.progress
   progress(f"importing {ns.program}")
@@ -363,7 +371,9 @@ def cmd_verify(ns: argparse.Namespace) -> int:
   if ns.trust:  # before the manifest is parsed: an export not signed by the key is not read
     signing.check_signature(export_dir, ns.trust)
   manifest = read_export_manifest(export_dir)  # no dir, no manifest, not JSON: one line, exit 2
-  verify.chosen_runtime(manifest, ns.runtime)  # a runtime that cannot read it: refused at once
+  chosen = verify.chosen_runtime(manifest, ns.runtime)  # a runtime that cannot read it: refused
+  options = _given_options(ns, "runtime_option_", chosen.options)
+  chosen.check_options(options)  # and an option it does not take, before anything is imported
   if ns.rounds is not None and manifest.get("kind") != "iterative_process":
     raise UsageError(f"--rounds applies to an iterative process; {export_dir} holds a single "
                      f"computation (kind {manifest.get('kind')!r}), which runs once")
@@ -382,9 +392,13 @@ def cmd_verify(ns: argparse.Namespace) -> int:
   else:
     raise UsageError(f"no inputs: pass --inputs FILE.npz or --program MODULE:ATTR (its example "
                      f"inputs), or export with --save-inputs to write {_sidecar(export_dir)}")
-  with progress.listening():
-    report = fb.verify(export_dir, *args, runtime=ns.runtime, inputs=inputs,
-                       rounds=ns.rounds or _VERIFY_ROUNDS, trust=ns.trust)
+  try:
+    with progress.listening():
+      report = fb.verify(export_dir, *args, runtime=ns.runtime, inputs=inputs,
+                         rounds=ns.rounds or _VERIFY_ROUNDS, trust=ns.trust, **options)
+  except RoundFailedError as e:  # the runtime ran and a round failed there: a failed verification
+    print(f"faxbridge verify: {type(e).__name__}: {e}", file=sys.stderr)
+    return 1
   print(render.verification_text(report, progress.elapsed()))
   return 0 if report.ok else 1
 
@@ -449,6 +463,8 @@ def cmd_targets(ns: argparse.Namespace) -> int:
       ok, where = runtime.availability()
       how = "" if ok else f"; install: {runtime.install or 'pip install -e . (the core environment)'}"
       print(f"  runtime {runtime.name:7s} {'installed' if ok else 'MISSING  '}  {where}{how}")
+      for option in runtime.options:  # verify's flags of this runtime
+        print(f"    option  {_option_help(option)}")
       rows.append(ok)
     print()
   unread = [r for r in registry.runtimes().values() if r.name not in listed]
@@ -500,18 +516,22 @@ def cmd_demo(ns: argparse.Namespace) -> int:
   return 0 if report.ok else 1
 
 
-def _add_option_flags(parser: argparse.ArgumentParser) -> None:
-  """A flag per option name the targets declare (``--some-option`` for ``some_option``), its help
-  naming the target(s), their defaults and choices."""
-  group = parser.add_argument_group("options of the targets (faxbridge targets lists them)")
-  declared: dict[str, list[tuple[registry.Target, registry.Option]]] = {}
-  for target in registry.targets().values():
-    for option in target.options:
-      declared.setdefault(option.name, []).append((target, option))
+def _add_option_flags(parser: argparse.ArgumentParser,
+                      owners: Iterable[registry.Target | registry.Runtime] | None = None,
+                      title: str = "options of the targets (faxbridge targets lists them)",
+                      prefix: str = "option_") -> None:
+  """A flag per option name the targets (or ``owners``: the runtimes) declare (``--some-option``
+  for ``some_option``, dest ``PREFIX<name>``), its help naming the target(s) or runtime(s), their
+  defaults and choices."""
+  group = parser.add_argument_group(title)
+  declared: dict[str, list[tuple[registry.Target | registry.Runtime, registry.Option]]] = {}
+  for owner in registry.targets().values() if owners is None else owners:
+    for option in owner.options:
+      declared.setdefault(option.name, []).append((owner, option))
   for name, pairs in declared.items():
     option = pairs[0][1]
     kwargs: dict[str, Any] = {
-        "dest": f"option_{name}", "default": None,
+        "dest": f"{prefix}{name}", "default": None,
         "help": "; ".join(f"{t.name}: {o.help} (default: {o.default})" for t, o in pairs)}
     if len(pairs) == 1 and option.type is bool:
       kwargs["action"] = argparse.BooleanOptionalAction
@@ -592,6 +612,8 @@ def command_parser() -> argparse.ArgumentParser:
   p.add_argument("--trust", metavar="PUBKEYFILE",
                  help="require the export to be signed by this Ed25519 public key, checked before "
                  "anything else of it is read (default: a signature is not checked)")
+  _add_option_flags(p, registry.runtimes().values(), "options of the runtimes (faxbridge targets "
+                    "lists them)", "runtime_option_")
   p.set_defaults(fn=cmd_verify)
 
   p = sub.add_parser("keygen", help="make an Ed25519 key pair to sign exports: PREFIX.key "
@@ -622,8 +644,9 @@ def command_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-  """Run the command; the exit code is 0 on success, 1 when a verification ran and outputs differ,
-  2 for a usage error or a faxbridge error (one line on stderr; nothing verified)."""
+  """Run the command; the exit code is 0 on success, 1 when a verification ran and outputs differ
+  or a round failed on the runtime, 2 for a usage error or a faxbridge error (one line on stderr;
+  nothing verified)."""
   parser = command_parser()
   ns = parser.parse_args(argv)
   if ns.command is None:  # a bare `faxbridge`: what it can do, not an error

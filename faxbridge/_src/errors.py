@@ -84,3 +84,20 @@ class VerificationError(FaxbridgeError):
     (4 clients); verify runs it, so inputs must have its shapes (run_on_runtime runs the runtime
     alone for other client counts)
   """
+
+
+class RoundFailedError(VerificationError):
+  """A runtime started running the export and one of its invocations failed there: a node of a
+  federation dropped out (died, or did not reply within the round timeout) and the round could
+  not complete. A verification ran and did not pass, so ``faxbridge verify`` exits 1 (not 2, which
+  says nothing ran). The message names the round, the node and the timeout, and where the state of
+  the last completed round is kept to resume from.
+
+  Example::
+
+    RoundFailedError: the Flower run failed: round2: node client-0001 dropped out: no reply
+    within the round timeout of 30 s. The outputs of initialize, round1 are kept in
+    /tmp/faxbridge-flower-out-k2j3: resume from round 1 with fb.verify(..., runtime='flower',
+    resume_from='/tmp/faxbridge-flower-out-k2j3') (...)
+  """
+

@@ -30,6 +30,7 @@ from faxbridge._src.events import emit
 from faxbridge._src.export_reader import sha256
 from faxbridge._src.form import FederatedForm, state_links
 from faxbridge._src.iterative import IterativeProcess
+from faxbridge._src.placements import CLIENTS
 from faxbridge._src.serialization import export as export_without_locations
 from faxbridge._src.split import split
 
@@ -110,15 +111,62 @@ def write_json(path: Path, obj: Any) -> None:
   path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def _serialize(comp: Computation, args: Sequence[Any], path: Path) -> None:
+  with execution.plain():  # the same program whatever the native execution strategy
+    exported = export_without_locations(comp, *args)
+  path.write_bytes(exported.serialize())
+
+
 def _native(split: SplitProgram, out: Path) -> dict:
   """The computation itself, serialized with jax.export: what verify runs as the native side."""
   emit("export.native", "serializing the native reference")
   out.mkdir()
   for name, (comp, args) in split.native.items():
-    with execution.plain():  # the same program whatever the native execution strategy
-      exported = export_without_locations(comp, *args)
-    (out / f"{name}.jax").write_bytes(exported.serialize())
+    _serialize(comp, args, out / f"{name}.jax")
   return {"native": {name: f"native/{name}.jax" for name in split.native}}
+
+
+ANY_CLIENTS = "native_any_clients"  # its folder in an export, and its manifest block
+
+
+def native_any_clients(split: SplitProgram, out: Path) -> tuple[dict, dict[str, str]]:
+  """The native reference once more, for any number of clients: each computation with CLIENTS
+  inputs serialized by jax.export with a symbolic clients axis (``clients >= 1``), into
+  ``out/native_any_clients/NAME.jax``. For targets whose runtimes may complete an invocation over
+  some of the clients (a federation's round over the nodes that replied): verify runs that
+  invocation's native program on exactly those clients' data (``RuntimeResult.clients``).
+
+  A computation that fixes its number of clients (``fb.computation(clients=N)``) has no such
+  program, nor does one whose code needs the number as a constant (it compares or branches on it;
+  jax.export says where).
+
+  Returns:
+    The manifest part (``{"native_any_clients": {name: path}}``, empty when none was written) and,
+    by computation, why none was written for it.
+  """
+  written: dict[str, str] = {}
+  missing: dict[str, str] = {}
+  clients, = jax.export.symbolic_shape("clients")
+  for name, (comp, args) in split.native.items():
+    if not any(p is CLIENTS for p in comp.in_placements):
+      continue
+    if comp.clients is not None:
+      missing[name] = f"{split.name} fixes its number of clients (clients={comp.clients})"
+      continue
+    any_count = tuple(
+        jax.tree.map(lambda s: jax.ShapeDtypeStruct((clients, *s.shape[1:]), s.dtype), arg)
+        if place is CLIENTS else arg for place, arg in zip(comp.in_placements, args))
+    emit("export.native", f"{name}: serializing the native reference for any number of clients")
+    (out / ANY_CLIENTS).mkdir(exist_ok=True)
+    try:
+      _serialize(comp, any_count, out / ANY_CLIENTS / f"{name}.jax")
+    except Exception as e:  # jax.export's refusals have no common class; the reason is kept
+      missing[name] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+      continue
+    written[name] = f"{ANY_CLIENTS}/{name}.jax"
+  if not written and (out / ANY_CLIENTS).exists():
+    shutil.rmtree(out / ANY_CLIENTS)
+  return ({ANY_CLIENTS: written} if written else {}), missing
 
 
 def _merge_blocks(blocks: dict[str, dict], target_part: dict) -> dict:

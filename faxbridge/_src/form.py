@@ -521,7 +521,8 @@ def _is_tuple(tree) -> bool:
 
 
 def run_program(kind: str, run: Callable[[str, dict], dict], inputs: Mapping[str, Any], rounds: int,
-                links: Mapping[str, list] | None = None, who: str = "") -> dict[str, Any]:
+                links: Mapping[str, list] | None = None, who: str = "",
+                resume: tuple[int, Mapping[str, Any]] | None = None) -> dict[str, Any]:
   """A computation once, or an iterative process's ``initialize`` and ``rounds`` rounds of
   ``next`` with the state fed back through ``links`` (see :func:`state_links`).
 
@@ -530,6 +531,10 @@ def run_program(kind: str, run: Callable[[str, dict], dict], inputs: Mapping[str
   outputs: ``NAME``, or ``initialize/NAME`` and ``round{r}/NAME``; ``inputs`` of an iterative
   process are next's inputs after the state. Each call of ``run`` is a ``round`` event (see
   ``faxbridge._src.events``) saying ``who`` runs it (a runtime's name, or ``native``).
+
+  ``resume=(r, outputs)``: an iterative process resumed after its round ``r`` (0: after
+  ``initialize``), whose outputs (by name) hold the state: only rounds ``r + 1`` to ``rounds`` run,
+  and only theirs are returned.
   """
   label = f"{who}: " if who else ""
   if kind == "computation":
@@ -538,11 +543,16 @@ def run_program(kind: str, run: Callable[[str, dict], dict], inputs: Mapping[str
   if links is None:
     raise ValueError("run_program: an iterative process needs its state links")
   out: dict[str, Any] = {}
-  emit("round", f"{label}initialize", who=who, computation="initialize", round=0, rounds=rounds)
-  init = run("initialize", {})
-  out.update({f"initialize/{k}": v for k, v in init.items()})
-  state = {link["to"]: init[link["from"]] for link in links["initialize_to_next"]}
-  for r in range(1, rounds + 1):
+  if resume is None:
+    emit("round", f"{label}initialize", who=who, computation="initialize", round=0, rounds=rounds)
+    init = run("initialize", {})
+    out.update({f"initialize/{k}": v for k, v in init.items()})
+    done, state = 0, {link["to"]: init[link["from"]] for link in links["initialize_to_next"]}
+  else:
+    done, last = resume
+    link_kind = "initialize_to_next" if done == 0 else "next_to_next"
+    state = {link["to"]: last[link["from"]] for link in links[link_kind]}
+  for r in range(done + 1, rounds + 1):
     emit("round", f"{label}round {r} of {rounds}", who=who, computation="next", round=r,
          rounds=rounds)
     result = run("next", {**inputs, **state})

@@ -9,7 +9,8 @@ no target: everything it knows about one is its entry here.
 
 * a target's exporter is ``export(split: SplitProgram, out_dir: Path, **options) -> manifest part``;
   its options are declared (:class:`Option`) and checked here before it is called;
-* a runtime's runner is ``run(export_dir, manifest, inputs, rounds) -> RuntimeResult``.
+* a runtime's runner is ``run(export_dir, manifest, inputs, rounds, **options) -> RuntimeResult``;
+  its options are declared the same way and checked here before it is called.
 
 Functions are named ``"module:function"`` and imported on first use: the libraries a target or
 runtime builds on can take seconds to import, and a package that only declares an entry must stay
@@ -46,6 +47,26 @@ class RuntimeResult:
   outputs: dict[str, np.ndarray]
   extra_outputs: dict[str, dict[str, np.ndarray]] = dataclasses.field(default_factory=dict)
   info: dict[str, Any] = dataclasses.field(default_factory=dict)
+  # Invocations (``computation``, ``initialize``, ``round{r}``) the runtime ran on some of the
+  # clients only (a round completed over the nodes that replied): the indices, into the inputs'
+  # clients axis, of those whose data it aggregated. verify runs the native program of each such
+  # invocation on exactly those clients. Absent: all clients.
+  clients: dict[str, list[int]] = dataclasses.field(default_factory=dict)
+
+
+def _checked_options(declared_options: tuple[Option, ...], options: Mapping[str, Any], owner_name: str,
+                     owner: str, error: type[FaxbridgeError]) -> dict[str, Any]:
+  """Every option of ``declared_options`` with its value (the default where none is given), or
+  one ``error`` naming the option and its owner (a target's or a runtime's)."""
+  declared = {o.name: o for o in declared_options}
+  unknown = sorted(set(options) - set(declared))
+  if unknown:
+    takes = f"its options are {', '.join(sorted(declared))}" if declared else "it takes none"
+    raise error(f"{owner} {owner_name!r} has no option {unknown[0]!r} ({takes})")
+  for name, value in options.items():
+    declared[name].check(value, owner_name, error, owner)
+  return {name: option.default if options.get(name) is None else options[name]
+          for name, option in declared.items()}
 
 
 def _load(reference: str) -> Callable[..., Any]:
@@ -61,8 +82,9 @@ def _load(reference: str) -> Callable[..., Any]:
 # -- declarations ---------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class Option:
-  """One option of a target's exporter: ``fb.export(..., name=value)``, and on the command line
-  ``--name-with-dashes VALUE``. ``None`` always means the default."""
+  """One option of a target's exporter (``fb.export(..., name=value)``) or of a runtime's runner
+  (``fb.verify(..., name=value)``), and on the command line ``--name-with-dashes VALUE``. ``None``
+  always means the default."""
 
   name: str
   type: type = str  # str, int, float or bool
@@ -74,8 +96,11 @@ class Option:
   def flag(self) -> str:
     return "--" + self.name.replace("_", "-")
 
-  def check(self, value: Any, target: str) -> None:
-    """Raises ExportError naming the option and the target when ``value`` does not fit."""
+  # Callable, not type[...]: in this class body `type` is the field above.
+  def check(self, value: Any, target: str, error: Callable[[str], FaxbridgeError] = ExportError,
+            owner: str = "target") -> None:
+    """Raises ``error`` naming the option and its owner (``owner`` ``target``) when ``value`` does
+    not fit."""
     if value is None:
       return
     # bool is an int in Python, but a flag is not a number (nor a number a flag).
@@ -83,11 +108,11 @@ class Option:
     if self.type is float and isinstance(value, int) and not isinstance(value, bool):
       fits = True
     if not fits:
-      raise ExportError(f"option {self.name}={value!r} of target {target!r} must be of type "
-                        f"{self.type.__name__}, not {type(value).__name__}")
+      raise error(f"option {self.name}={value!r} of {owner} {target!r} must be of type "
+                  f"{self.type.__name__}, not {type(value).__name__}")
     if self.choices is not None and value not in self.choices:
-      raise ExportError(f"option {self.name}={value!r} of target {target!r} must be one of "
-                        f"{', '.join(map(repr, self.choices))}")
+      raise error(f"option {self.name}={value!r} of {owner} {target!r} must be one of "
+                  f"{', '.join(map(repr, self.choices))}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,15 +172,7 @@ class Target:
       ExportError: an option the target does not declare, or a value of the wrong type or not
         among its choices; one error, naming the option and the target.
     """
-    declared = {o.name: o for o in self.options}
-    unknown = sorted(set(options) - set(declared))
-    if unknown:
-      takes = f"its options are {', '.join(sorted(declared))}" if declared else "it takes none"
-      raise ExportError(f"target {self.name!r} has no option {unknown[0]!r} ({takes})")
-    for name, value in options.items():
-      declared[name].check(value, self.name)
-    return {name: option.default if options.get(name) is None else options[name]
-            for name, option in declared.items()}
+    return _checked_options(self.options, options, self.name, "target", ExportError)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,8 +181,12 @@ class Runtime:
 
   Attributes:
     name: what ``fb.verify(runtime=...)`` and ``--runtime`` take.
-    runner: ``"module:function"`` of ``run(export_dir, manifest, inputs, rounds) -> RuntimeResult``.
+    runner: ``"module:function"`` of ``run(export_dir, manifest, inputs, rounds, **options) ->
+      RuntimeResult``.
     summary: one line for ``faxbridge targets``.
+    options: the runner's options (``fb.verify(..., name=value)``, ``faxbridge verify
+      --name-with-dashes VALUE``); anything else given is refused. The runner gets every declared
+      option, with its default where none was given.
     reads: targets whose exports it executes (besides those that list it in ``Target.runtimes``).
     install: how to install what it needs, when the core environment lacks it.
     available: ``"module:function"`` returning ``(ok, where it runs or what is missing)``, cheap
@@ -178,9 +199,19 @@ class Runtime:
   reads: tuple[str, ...] = ()
   install: str = ""
   available: str | None = None
+  options: tuple[Option, ...] = ()
 
   def load(self) -> Callable[..., RuntimeResult]:
     return _load(self.runner)
+
+  def check_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
+    """Every declared option with its value (the default where none is given).
+
+    Raises:
+      VerificationError: an option the runtime does not declare, or a value of the wrong type or
+        not among its choices; one error, naming the option and the runtime.
+    """
+    return _checked_options(self.options, options, self.name, "runtime", VerificationError)
 
   def availability(self) -> tuple[bool, str]:
     """Whether it can run here, and where it runs or what is missing (a failing probe is an

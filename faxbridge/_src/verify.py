@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ import numpy as np
 from faxbridge._src import registry, render, signing
 from faxbridge._src.errors import VerificationError
 from faxbridge._src.events import emit
+from faxbridge._src.export import ANY_CLIENTS
 from faxbridge._src.export_reader import check_files, contained_file, read_export_manifest
 from faxbridge._src.form import run_program
 from faxbridge._src.registry import RuntimeResult
@@ -237,8 +238,8 @@ def _check_native_shapes(export_dir: Path, manifest: dict, named: dict[str, np.n
           "runs the runtime alone for other client counts)")
 
 
-def _load_native(export_dir: Path, manifest: dict, name: str):
-  path = contained_file(export_dir, manifest["native"][name], f"manifest.json $.native.{name}")
+def _load_native(export_dir: Path, manifest: dict, name: str, block: str = "native"):
+  path = contained_file(export_dir, manifest[block][name], f"manifest.json $.{block}.{name}")
   try:
     return jax.export.deserialize(bytearray(path.read_bytes()))
   except Exception as e:  # a pinned file of another kind (its sha256 matched: written so)
@@ -247,23 +248,66 @@ def _load_native(export_dir: Path, manifest: dict, name: str):
 
 
 def native_outputs(export_dir: Path, manifest: dict, inputs: dict[str, np.ndarray],
-                   rounds: int) -> dict[str, np.ndarray]:
+                   rounds: int, clients: Mapping[str, Sequence[int]] | None = None
+                   ) -> dict[str, np.ndarray]:
   """Run the stored jax.export artifact(s) of the whole computation(s), rounds fed back as the
-  manifest's ``state`` links say: outputs keyed as the runtimes key theirs."""
+  manifest's ``state`` links say: outputs keyed as the runtimes key theirs.
+
+  ``clients``: invocations (``computation``, ``initialize``, ``round{r}``) to run on some of the
+  clients only, with the indices of those clients (``RuntimeResult.clients``): each runs on exactly
+  their data, with the export's native program for any number of clients, and the state flows on
+  from it.
+  """
   names = ("computation",) if manifest["kind"] == "computation" else ("initialize", "next")
   loaded = {name: _load_native(export_dir, manifest, name) for name in names}
   state_names = [link["to"] for link in manifest.get("state", {}).get("initialize_to_next", [])]
+  rounds_run = iter(range(1, rounds + 1))
 
   def run(name: str, named: dict) -> dict:
     block = manifest[name]
     order = [*(state_names if name == "next" else ()), *(s["name"] for s in block["inputs"])]
+    invocation = f"round{next(rounds_run)}" if name == "next" else name
     exported = loaded[name]
+    if clients and invocation in clients:
+      named, exported = _on_clients(export_dir, manifest, name, invocation, named,
+                                    list(clients[invocation]), exported)
     args, _ = jax.tree.unflatten(exported.in_tree, [named[n] for n in order])
     leaves = jax.tree.leaves(exported.call(*args))
     return {s["name"]: np.asarray(v) for s, v in zip(block["outputs"], leaves)}
 
   emit("verify.native", "running natively (XLA)")
   return run_program(manifest["kind"], run, inputs, rounds, manifest.get("state"), who="native")
+
+
+def _on_clients(export_dir: Path, manifest: dict, name: str, invocation: str, named: dict,
+                indices: list[int], full: Any) -> tuple[dict, Any]:
+  """The inputs of ``invocation`` restricted to the clients ``indices`` (a runtime's report of
+  which clients it aggregated, checked here), and the native program to run them with: ``full``
+  for all clients, else the export's program for any number of clients.
+
+  Raises:
+    VerificationError: the indices are not distinct clients of the inputs in increasing order,
+      ``name`` has no CLIENTS input, or the export has no native program for another number of
+      clients.
+  """
+  specs = [s for s in manifest[name]["inputs"] if s.get("placement") == "CLIENTS"]
+  if not specs:
+    raise VerificationError(f"the runtime ran {invocation} on clients {indices} only, but {name} "
+                            "takes no CLIENTS input to run them on")
+  total = int(named[specs[0]["name"]].shape[0])
+  valid = all(type(i) is int for i in indices) and indices == sorted(set(indices))
+  if not indices or not valid or not 0 <= indices[0] <= indices[-1] < total:
+    raise VerificationError(f"the runtime reports that it ran {invocation} on clients {indices}: "
+                            f"not distinct clients of 0..{total - 1} in increasing order")
+  if indices == list(range(total)):
+    return named, full
+  if name not in manifest.get(ANY_CLIENTS, {}):
+    raise VerificationError(
+        f"the runtime ran {invocation} on {len(indices)} of the {total} clients ({indices}), and "
+        f"the export holds no native program of {name} for a number of clients other than {total} "
+        f"(manifest.json ${ANY_CLIENTS}), so that round cannot be checked against native")
+  restricted = {**named, **{s["name"]: named[s["name"]][indices] for s in specs}}
+  return restricted, _load_native(export_dir, manifest, name, ANY_CLIENTS)
 
 
 def chosen_runtime(manifest: dict, name: str | None) -> registry.Runtime:
@@ -289,21 +333,22 @@ def chosen_runtime(manifest: dict, name: str | None) -> registry.Runtime:
 
 
 def _run(runtime: registry.Runtime, export_dir: Path, manifest: dict, named: dict[str, np.ndarray],
-         rounds: int) -> RuntimeResult:
+         rounds: int, options: Mapping[str, Any]) -> RuntimeResult:
   emit("verify.load", f"loading runtime {runtime.name}", runtime=runtime.name)
   run = runtime.load()
   emit("verify.runtime", f"running on {runtime.name}", runtime=runtime.name)
-  return run(export_dir, manifest, named, rounds)
+  return run(export_dir, manifest, named, rounds, **options)
 
 
 def run_on_runtime(export_dir: str | os.PathLike, runtime: str | None,
                    inputs: Mapping[str, np.ndarray], rounds: int = 1,
-                   trust: str | os.PathLike | None = None) -> RuntimeResult:
+                   trust: str | os.PathLike | None = None, **options: Any) -> RuntimeResult:
   """Run an export on ``runtime`` alone (no native side, no comparison): its outputs by name.
 
   ``inputs`` are leaves by manifest name; outputs are keyed as :func:`verify` keys them (``NAME``,
   or ``initialize/NAME`` and ``round{r}/NAME``). The export's signature (with ``trust``, as
-  :func:`verify` checks it) and files are checked first.
+  :func:`verify` checks it) and files are checked first. ``options``: the runtime's own (as for
+  :func:`verify`).
   """
   export_dir = Path(export_dir).resolve()
   signed = None if trust is None else signing.check_signature(export_dir, trust)
@@ -312,7 +357,8 @@ def run_on_runtime(export_dir: str | os.PathLike, runtime: str | None,
   block, _ = signature_blocks(manifest)
   named = _named_inputs(block, (), dict(inputs))
   rounds = rounds if manifest["kind"] == "iterative_process" else 0
-  return _run(chosen_runtime(manifest, runtime), export_dir, manifest, named, rounds)
+  chosen = chosen_runtime(manifest, runtime)
+  return _run(chosen, export_dir, manifest, named, rounds, chosen.check_options(options))
 
 
 def verify(
@@ -324,6 +370,7 @@ def verify(
     rtol: float = RTOL,
     atol: float = ATOL,
     trust: str | os.PathLike | None = None,
+    **options: Any,
 ) -> VerificationReport:
   """Run ``export_dir`` on ``runtime`` and natively with the same inputs; compare every output.
 
@@ -343,6 +390,12 @@ def verify(
   before anything else of the export is read; None: a signature, if any, is not checked
   (docs/security.md says what each guarantees).
 
+  ``options``: the runtime's own options (``faxbridge targets`` lists them; e.g. the ``flower``
+  runtime's ``min_clients=3``), checked before anything runs. A runtime that ran an invocation on
+  some of the clients only (a federation's round completed over the nodes that replied) says which
+  (``RuntimeResult.clients``); that invocation is compared with the native program run on exactly
+  those clients' data, and the state flows on from it on both sides.
+
   Returns:
     A report: ``ok``, per output ``checks`` (name, max absolute and relative error, ``max_ratio``:
     the margin against the tolerance, ok), the runtime's further runs (``extra_checks``) and notes
@@ -360,8 +413,12 @@ def verify(
     VerificationError: no export or manifest there, with ``trust`` the export is unsigned or not
       signed by that key (nothing else is read), the export does not match its manifest
       (nothing runs), inputs do not fit (names, dtypes, shapes, numbers of clients: nothing runs),
-      or the runtime is missing (the message names the command that sets it up). A mismatch of
-      outputs is not raised: it is the report's ``ok`` (``raise_if_failed`` raises it).
+      or the runtime is missing (the message names the command that sets it up), or an unknown
+      option. A mismatch of outputs is not raised: it is the report's ``ok`` (``raise_if_failed``
+      raises it).
+    RoundFailedError: (a VerificationError) a round failed on the runtime after it started (a
+      node of a federation dropped out): the message says where the last completed round's state
+      is kept, to resume from.
   """
   export_dir = Path(export_dir).resolve()
   trusted = None if trust is None else signing.load_public_key(trust)
@@ -381,12 +438,17 @@ def verify(
     raise VerificationError(f"rounds={rounds}: an iterative process runs at least 1 round")
   rounds = rounds if manifest["kind"] == "iterative_process" else 0
   chosen = chosen_runtime(manifest, runtime)  # an unknown runtime is refused before anything runs
-  result = _run(chosen, export_dir, manifest, named, rounds)
-  expected = native_outputs(export_dir, manifest, named, rounds)
+  options = chosen.check_options(options)  # and so is an option it does not take
+  result = _run(chosen, export_dir, manifest, named, rounds, options)
+  expected = native_outputs(export_dir, manifest, named, rounds, result.clients)
   checks = compare_all(expected, result.outputs, rtol, atol)
   extra = {label: compare_all(expected, outs, rtol, atol)
            for label, outs in result.extra_outputs.items()}
-  info = result.info if trusted is None else {
-      **result.info, "signature": f"verified, Ed25519 key {signing.fingerprint(trusted)}"}
+  info = dict(result.info)
+  if result.clients:
+    info["native side"] = "; ".join(f"{inv} run on clients {list(ix)} only, as the runtime ran it"
+                                    for inv, ix in result.clients.items())
+  if trusted is not None:
+    info["signature"] = f"verified, Ed25519 key {signing.fingerprint(trusted)}"
   return VerificationReport(str(export_dir), chosen.name, checks, extra, info, rounds=rounds,
                             rtol=rtol, atol=atol, labels=render.output_labels(manifest))
