@@ -179,9 +179,11 @@ class Session:
                                 f"s; the run config asks for at least {self.config.min_nodes}")
       time.sleep(0.5)
     programs = protocol.program_record(self.app)
-    messages = [self.message(RecordDict({protocol.TASK: ConfigRecord({"step": "install"}),
-                                         protocol.PROGRAMS: programs}), i, protocol.INSTALL, "install")
-                for i in ids]
+    content = {protocol.TASK: ConfigRecord({"step": "install"}), protocol.PROGRAMS: programs}
+    signature = protocol.signature_record(self.app.root)  # for nodes that require one (trust=)
+    if signature is not None:
+      content[protocol.SIGNATURE] = signature
+    messages = [self.message(RecordDict(content), i, protocol.INSTALL, "install") for i in ids]
     start = time.monotonic()
     replies = self.exchange(messages, "installing the client program")
     self.nodes = sorted((Node(i, str(r.content.config_records[protocol.NODE]["label"]))
