@@ -30,6 +30,7 @@ from faxbridge._src import verify as fverify
 from faxbridge.converters.flower import deployment, node, protocol, security
 from faxbridge.extend import VerificationError
 
+FLWR = str(Path(sys.executable).parent / "flwr")  # the flwr CLI beside this Python, as deployments run it
 FLOWER_PROGRAMS = ("flower-superlink", "flower-supernode", "flower-superexec", "flwr-serverapp",
                    "flwr-clientapp", "bin/flwr")
 
@@ -259,7 +260,7 @@ def _pem(public_key: Path) -> str:
 
 def _nodes(local: deployment.LocalDeployment) -> list[dict]:
   """``flwr supernode ls local --format json``: the nodes the SuperLink knows, with their status."""
-  out = subprocess.run([deployment._bin("flwr"), "supernode", "ls", "local", "--format", "json"],
+  out = subprocess.run([FLWR, "supernode", "ls", "local", "--format", "json"],
                        env=local.env, cwd=local.root, capture_output=True, text=True, timeout=120)
   assert out.returncode == 0, out.stdout + out.stderr
   return json.loads(out.stdout[out.stdout.index("{"):])["nodes"]
@@ -269,7 +270,8 @@ def _nodes(local: deployment.LocalDeployment) -> list[dict]:
 def test_tls_and_node_authentication_admit_only_registered_nodes(tmp_path):
   """A SuperLink with TLS and SuperNode authentication, 2 nodes whose keys are registered and one
   whose key is not: the SuperLink lists the 2 online and never the third, which exits refused;
-  plain HTTP and a client without the CA get nowhere, a client with it speaks TLS."""
+  plain HTTP and a client without the CA get nowhere, a client with it speaks TLS. And Flower's
+  caveat: anyone with the CA registers a key of their own."""
   before = _flower_processes()
   tls = security.make_tls(tmp_path / "tls")
   node_keys = [security.make_node_key(tmp_path / "keys" / f"node{k}") for k in range(3)]
@@ -308,6 +310,13 @@ def test_tls_and_node_authentication_admit_only_registered_nodes(tmp_path):
                    for k in node_keys[:2] for line in refused)
     for k in range(2):
       assert "SuperNode ID:" in local.log_tail(f"supernode-{k}", 40)
+    # Flower's caveat (docs/flower.md): registering takes no credential but the CA. Whoever
+    # reaches the SuperLink's port registers a key of their own through its Control API.
+    register = subprocess.run([FLWR, "supernode", "register",
+                               str(node_keys[2].public_key), "local"], env=local.env, cwd=root,
+                              capture_output=True, text=True, timeout=120)
+    assert register.returncode == 0 and "registered successfully" in register.stdout, register
+    assert len(_nodes(local)) == 3
   assert not deployment.leftovers(root) and _flower_processes() <= before
 
 

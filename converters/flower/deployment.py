@@ -345,7 +345,8 @@ def deploy(export_dir: Path, manifest: dict, inputs: Mapping[str, np.ndarray], r
     total = time.monotonic() - start
   info = _info(record, timings, total, n)
   if security is not None:
-    info["Flower security"] = security.describe(n)
+    registered = f"; keys registered in {timings['register_s']:.1f} s" if "register_s" in timings else ""
+    info["Flower security"] = security.describe(n) + registered
   return RuntimeResult(outputs=outputs, info=info)
 
 
