@@ -4,10 +4,10 @@ One SuperLink and one SuperNode per client, each its own OS process (its own pro
 free ports of 127.0.0.1, with Flower's telemetry and update checks off and ``FLWR_HOME`` in a
 temporary folder: insecure HTTP by default (loopback only), or with TLS, SuperNode authentication
 and nodes that require signed apps as a :class:`~faxbridge.converters.flower.security.LocalSecurity`
-says. Node ``k`` gets client ``k``'s slice of the
-CLIENTS inputs as its own ``data.npz`` (node config ``data=...``, ``label=client-000k``); the
-SERVER inputs go to the ServerApp as an ``.npz`` named in the run config. ``flwr run DIR local``
-runs the rounds; the outputs come back from the ServerApp's output folder.
+says. Node ``k`` gets client ``k``'s slice of the CLIENTS inputs as its own ``data.npz`` (node
+config ``data=...``, ``label=client-000k``); the SERVER inputs go to the ServerApp as an ``.npz``
+named in the run config. ``flwr run DIR local`` runs the rounds; the outputs come back from the
+ServerApp's output folder.
 
 Every process started here is stopped when the run ends, fails or is interrupted (Ctrl-C): each
 process group is terminated, then killed; and since Flower's ``flower-superexec`` and app processes
@@ -206,8 +206,12 @@ class LocalDeployment:
       cmd = [_bin("flwr"), "supernode", "register", str(public_key), "local"]
       log = self.root / "logs" / f"register-{k}.log"
       with open(log, "wb") as f:
-        proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT,
-                              env=self.env, cwd=self.root, timeout=START_TIMEOUT_S, check=False)
+        try:
+          proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT,
+                                env=self.env, cwd=self.root, timeout=START_TIMEOUT_S, check=False)
+        except subprocess.TimeoutExpired:
+          raise VerificationError(f"flwr supernode register {public_key} did not finish within "
+                                  f"{START_TIMEOUT_S:g} s") from None
       if proc.returncode != 0:
         raise VerificationError(f"flwr supernode register {public_key} exited with status "
                                 f"{proc.returncode}:\n{log.read_text(errors='replace')[-2000:]}")
