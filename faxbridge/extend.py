@@ -33,6 +33,11 @@ What a target or runtime declares about itself, for the registry: :class:`Target
 group ``faxbridge.targets`` / ``faxbridge.runtimes`` (or added with :func:`register_target` /
 :func:`register_runtime`); :func:`importable` is the usual ``available`` probe of a runtime.
 Progress is reported with :func:`emit` (``faxbridge.events`` lists who listens and how).
+
+Signed exports, for a reader that runs an export somewhere ``fb.verify`` does not (a Flower node):
+:func:`check_signature` (the check ``fb.verify(..., trust=PUB)`` makes, also on signature bytes
+received apart from the export), :func:`read_signature` (an export's signature file, to forward)
+and :func:`write_new` (create a key file, never replacing one).
 """
 
 from faxbridge._src import jax_internals
@@ -88,6 +93,7 @@ from faxbridge._src.registry import (
 )
 from faxbridge._src.render import user_name
 from faxbridge._src.serialization import strip_locations
+from faxbridge._src.signing import check_signature, read_signature, write_new
 
 __all__ = [
   "AGGREGATION_ENTRY_POINTS",
@@ -113,6 +119,7 @@ __all__ = [
   "VerificationError",
   "aggregate",
   "aggregation_rule",
+  "check_signature",
   "contained_file",
   "define_aggregation",
   "describe",
@@ -128,6 +135,7 @@ __all__ = [
   "number_of_clients",
   "read_export_manifest",
   "read_json",
+  "read_signature",
   "register_runtime",
   "register_target",
   "run_program",
@@ -139,4 +147,5 @@ __all__ = [
   "user_name",
   "weighted_mean_p",
   "without_start_up_noise",
+  "write_new",
 ]

@@ -5,7 +5,8 @@ directory: ``pyproject.toml`` (``[tool.flwr.app]``), a ServerApp and a ClientApp
 points into this package (``server.py``, ``node.py``), ``plan.json``, the server pieces and the
 client program (``.tflite`` for LiteRT, StableHLO for IREE, written by the tflite and stablehlo
 targets' own exporters). ``fb.verify(DIR, ..., runtime="flower")`` deploys it locally (one SuperLink,
-one SuperNode per client, each its own process: ``deployment.py``) and compares with native.
+one SuperNode per client, each its own process: ``deployment.py``; with TLS, SuperNode keys and
+nodes that require signed apps as ``security.py`` makes them) and compares with native.
 
 ``TARGET`` and ``RUNTIME`` are the registry entries (entry points ``flower`` of the groups
 ``faxbridge.targets`` and ``faxbridge.runtimes``). This module imports nothing heavy: flwr is

@@ -1,11 +1,13 @@
 """``fb.verify(DIR, ..., runtime="flower")``: a real local Flower deployment of a flower export.
 
 One SuperLink and one SuperNode per client, each its own OS process (its own process group), on
-free ports of 127.0.0.1, insecure (no TLS yet: loopback only), with Flower's telemetry and update
-checks off and ``FLWR_HOME`` in a temporary folder. Node ``k`` gets client ``k``'s slice of the
-CLIENTS inputs as its own ``data.npz`` (node config ``data=...``, ``label=client-000k``); the
-SERVER inputs go to the ServerApp as an ``.npz`` named in the run config. ``flwr run DIR local``
-runs the rounds; the outputs come back from the ServerApp's output folder.
+free ports of 127.0.0.1, with Flower's telemetry and update checks off and ``FLWR_HOME`` in a
+temporary folder: insecure HTTP by default (loopback only), or with TLS, SuperNode authentication
+and nodes that require signed apps as a :class:`~faxbridge.converters.flower.security.LocalSecurity`
+says. Node ``k`` gets client ``k``'s slice of the CLIENTS inputs as its own ``data.npz`` (node
+config ``data=...``, ``label=client-000k``); the SERVER inputs go to the ServerApp as an ``.npz``
+named in the run config. ``flwr run DIR local`` runs the rounds; the outputs come back from the
+ServerApp's output folder.
 
 Every process started here is stopped when the run ends, fails or is interrupted (Ctrl-C): each
 process group is terminated, then killed; and since Flower's ``flower-superexec`` and app processes
@@ -31,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from faxbridge.converters.flower.security import LocalSecurity
 from faxbridge.converters.flower.server import PROGRESS
 from faxbridge.converters.runtimes.progress import ProgressFile, wait
 from faxbridge.extend import RoundFailedError, RuntimeResult, VerificationError, emit, importable
@@ -104,10 +107,17 @@ class LocalDeployment:
   Args:
     root: a folder of its own (FLWR_HOME, logs, the nodes' folders go inside).
     node_configs: one ``--node-config`` mapping per SuperNode.
+    security: TLS and SuperNode authentication (:meth:`link_flags`, :meth:`register`,
+      :meth:`node_flags`); None: insecure HTTP.
   """
 
-  def __init__(self, root: Path, node_configs: Sequence[Mapping[str, str]]):
+  def __init__(self, root: Path, node_configs: Sequence[Mapping[str, str]],
+               security: LocalSecurity | None = None):
     self.root, self.node_configs = root, node_configs
+    self.security = security or LocalSecurity()
+    if self.security.node_keys and len(self.security.node_keys) != len(node_configs):
+      raise ValueError(f"{len(self.security.node_keys)} node keys for {len(node_configs)} SuperNodes: "
+                       "give one key per node")
     self.processes: dict[str, subprocess.Popen] = {}
     self.port = 0
     self.timings: dict[str, float] = {}
@@ -148,23 +158,67 @@ class LocalDeployment:
     t0 = time.monotonic()
     self.port = free_port()
     emit("flower.start", f"starting a SuperLink on 127.0.0.1:{self.port}")
-    link = self._start("superlink", [_bin("flower-superlink"), "--insecure",
+    link = self._start("superlink", [_bin("flower-superlink"), *self.link_flags(),
                                      "--disable-runtime-dependency-installation",
                                      "--host", "127.0.0.1", "--port", str(self.port)])
     self._wait_port(self.port, link, "superlink")
     self.timings["superlink_start_s"] = time.monotonic() - t0
+    tls = self.security.tls
     (self.root / "flwr-home" / "config.toml").write_text(
         f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "127.0.0.1:{self.port}"\n'
-        "insecure = true\n")
+        + (f"root-certificates = {json.dumps(str(tls.ca_certificate))}\n" if tls else "insecure = true\n"))
+    self.register()
     t1 = time.monotonic()
     emit("flower.start", f"starting {len(self.node_configs)} SuperNodes")
     for k, config in enumerate(self.node_configs):
       # A TOML file, not "k=v ..." pairs: Flower splits those on spaces, and paths may hold some.
       toml = _toml(self.root / "logs" / f"supernode-{k}.toml", config)
-      self._start(f"supernode-{k}", [_bin("flower-supernode"), "--insecure", "--superlink",
+      self._start(f"supernode-{k}", [_bin("flower-supernode"), *self.node_flags(k), "--superlink",
                                      f"127.0.0.1:{self.port}", "--port", str(free_port()),
                                      "--node-config", str(toml)])
     self.timings["supernodes_start_s"] = time.monotonic() - t1
+
+  # -- security (docs/flower.md, "TLS and SuperNode keys") --------------------------------------------
+  def link_flags(self) -> list[str]:
+    """The SuperLink's: TLS with the security's files, node authentication when nodes have keys."""
+    tls = self.security.tls
+    if tls is None:
+      return ["--insecure"]
+    flags = ["--ssl-ca-certfile", str(tls.ca_certificate), "--ssl-certfile", str(tls.certificate),
+             "--ssl-keyfile", str(tls.private_key)]
+    return flags + (["--enable-supernode-auth"] if self.security.node_keys else [])
+
+  def node_flags(self, k: int) -> list[str]:
+    """SuperNode ``k``'s: the CA it checks the SuperLink by, the private key it signs with."""
+    tls, keys = self.security.tls, self.security.node_keys
+    if tls is None:
+      return ["--insecure"]
+    flags = ["--root-certificates", str(tls.ca_certificate)]
+    return flags + (["--auth-supernode-private-key", str(keys[k].private_key)] if keys else [])
+
+  def register(self) -> None:
+    """``flwr supernode register KEY.pub local`` for every public key the security registers,
+    before any node starts (the SuperLink then admits those nodes only).
+
+    Raises:
+      VerificationError: the SuperLink refused a key or did not answer (flwr's output).
+    """
+    t0 = time.monotonic()
+    for k, public_key in enumerate(self.security.public_keys()):
+      cmd = [_bin("flwr"), "supernode", "register", str(public_key), "local"]
+      log = self.root / "logs" / f"register-{k}.log"
+      with open(log, "wb") as f:
+        try:
+          proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT,
+                                env=self.env, cwd=self.root, timeout=START_TIMEOUT_S, check=False)
+        except subprocess.TimeoutExpired:
+          raise VerificationError(f"flwr supernode register {public_key} did not finish within "
+                                  f"{START_TIMEOUT_S:g} s") from None
+      if proc.returncode != 0:
+        raise VerificationError(f"flwr supernode register {public_key} exited with status "
+                                f"{proc.returncode}:\n{log.read_text(errors='replace')[-2000:]}")
+    if self.security.node_keys:
+      self.timings["register_s"] = time.monotonic() - t0
 
   def _wait_port(self, port: int, proc: subprocess.Popen, name: str) -> None:
     deadline = time.monotonic() + START_TIMEOUT_S
@@ -241,7 +295,7 @@ def _blocks(manifest: dict) -> dict:
 def deploy(export_dir: Path, manifest: dict, inputs: Mapping[str, np.ndarray], rounds: int,
            server_export: Path | None = None, seed: int = 0, keep: Path | None = None,
            min_clients: int = 0, round_timeout: float = 600.0, out_dir: Path | None = None,
-           resume_from: Path | None = None) -> RuntimeResult:
+           resume_from: Path | None = None, security: LocalSecurity | None = None) -> RuntimeResult:
   """Run ``export_dir`` on a local deployment: one SuperNode per client of ``inputs``.
 
   ``server_export``: the export the ServerApp reads (default: ``export_dir``, whose app the nodes
@@ -253,9 +307,13 @@ def deploy(export_dir: Path, manifest: dict, inputs: Mapping[str, np.ndarray], r
   None: a temporary folder, removed after a run that completes and kept after one whose round
   failed (the error names it). ``resume_from``: the out folder of an earlier run of this export:
   its rounds are read back, the later ones run now (run config ``resume-from``).
+  ``security``: TLS, SuperNode keys (the run waits for and samples the nodes whose key is
+  registered: a node refused by the SuperLink has no part in it) and the key nodes require the
+  app's signature by (node config ``trust``); None: insecure, unsigned apps run.
 
   Client ``k`` of ``inputs`` is the node labelled ``client-000k``; the result's ``clients`` names,
-  for each invocation completed over fewer than all of them, the ones aggregated.
+  for each invocation completed over fewer than all of them (nodes that dropped out, or were not
+  admitted), the ones aggregated.
 
   Raises:
     RoundFailedError: a node dropped out of a round (``min_clients`` not met), naming the round,
@@ -278,10 +336,12 @@ def deploy(export_dir: Path, manifest: dict, inputs: Mapping[str, np.ndarray], r
       data: dict[str, Any] = {name: np.asarray(inputs[name])[k] for name in clients}
       np.savez(folder / "data.npz", **data)
       configs.append({"data": str(folder / "data.npz"), "label": f"client-{k:04d}",
-                      "store": str(folder / "programs")})
+                      "store": str(folder / "programs"),
+                      **({"trust": str(security.trust)} if security and security.trust else {})})
+    admitted = security.admitted(n) if security else n
     run_config: dict[str, Any] = {"export": str(server_export or export_dir), "out": str(out),
-                                  "rounds": max(rounds, 1), "clients-per-round": n, "min-nodes": n,
-                                  "seed": seed, "min-clients": min_clients,
+                                  "rounds": max(rounds, 1), "clients-per-round": admitted,
+                                  "min-nodes": admitted, "seed": seed, "min-clients": min_clients,
                                   "round-timeout": float(round_timeout)}
     if resume_from is not None:
       run_config["resume-from"] = str(Path(resume_from).resolve())
@@ -290,7 +350,7 @@ def deploy(export_dir: Path, manifest: dict, inputs: Mapping[str, np.ndarray], r
       np.savez(root / "server_inputs.npz", **values)
       run_config["server-inputs"] = str(root / "server_inputs.npz")
     start = time.monotonic()
-    with LocalDeployment(root, configs) as deployment:
+    with LocalDeployment(root, configs, security) as deployment:
       emit("flower.run", f"flwr run: {rounds} round(s) on {n} SuperNodes")
       try:
         try:
@@ -321,7 +381,11 @@ def deploy(export_dir: Path, manifest: dict, inputs: Mapping[str, np.ndarray], r
       if inv.get("nodes") and len(labels) < n:
         aggregated[name] = sorted(index[label] for label in labels)
     total = time.monotonic() - start
-  return RuntimeResult(outputs=outputs, info=_info(record, timings, total, n), clients=aggregated)
+  info = _info(record, timings, total, n)
+  if security is not None:
+    registered = f"; keys registered in {timings['register_s']:.1f} s" if "register_s" in timings else ""
+    info["Flower security"] = security.describe(n) + registered
+  return RuntimeResult(outputs=outputs, info=info, clients=aggregated)
 
 
 def _read_json(path: Path) -> dict:

@@ -3,6 +3,11 @@
 A node trusts its own copy of the app (the Flower App bundle ``flwr run`` sent it, holding
 ``manifest.json`` and ``plan.json``) and its node config, nothing the ServerApp sends:
 
+* **signature** (node config ``trust=PUB``): before anything else of the app is read, the
+  bundle's ``manifest.json`` must carry the Ed25519 signature of ``PUB``'s key, the check
+  ``fb.verify(..., trust=PUB)`` makes (``faxbridge.extend.check_signature``). The bundle cannot hold
+  ``manifest.json.sig``, so the install message brings it; the node keeps it, once checked, as
+  ``STORE/<manifest sha256>.manifest.sig``, and checks it again for every later message;
 * **install**: each client piece it receives must have the sha256 its ``manifest.json`` pins for
   that path (else it refuses, naming the piece and both digests, and stores nothing); it stores the
   bytes under their sha256 (``STORE/<sha256>.tflite`` or ``.mlir``), never under a name it was sent,
@@ -14,7 +19,8 @@ A node trusts its own copy of the app (the Flower App bundle ``flwr run`` sent i
 
 Node config keys: ``data`` (the .npz of this node's data), ``label`` (how the ServerApp orders and
 names the node; optional), ``store`` (where programs are kept; default
-``$XDG_CACHE_HOME/faxbridge/flower-programs``).
+``$XDG_CACHE_HOME/faxbridge/flower-programs``), ``trust`` (an Ed25519 public key file: run only apps
+it signed; optional).
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from faxbridge.converters.flower import protocol
-from faxbridge.extend import FaxbridgeError, VerificationError
+from faxbridge.extend import FaxbridgeError, VerificationError, check_signature
 
 
 def default_store() -> Path:
@@ -39,16 +45,56 @@ def default_store() -> Path:
 
 
 class NodeRun:
-  """A node's view of one message: its app bundle, its node config."""
+  """A node's view of one message: its app bundle, its node config, and the signature the message
+  brought (``signature``: the install message's; None for other messages).
 
-  def __init__(self, app_dir: Path, node_config: dict[str, Any]):
-    self.app = protocol.read_app(app_dir, pieces_present=False)
+  Raises:
+    VerificationError: with ``trust`` in the node config, the app is not signed by its key (before
+      anything of the app but ``manifest.json`` is read); the bundle's manifest or plan is not valid.
+  """
+
+  def __init__(self, app_dir: Path, node_config: dict[str, Any], signature: bytes | None = None):
     self.label = str(node_config.get("label", ""))
     self.store = Path(str(node_config.get("store") or default_store()))
     self.data_path = str(node_config["data"]) if node_config.get("data") else None
+    trust = str(node_config.get("trust") or "")
+    signed = self._signed_manifest(app_dir, trust, signature) if trust else None
+    self.app = protocol.read_app(app_dir, pieces_present=False, manifest_bytes=signed)
 
   def _refuse(self, why: str) -> VerificationError:
     return VerificationError(f"node {self.label or '(no label)'}: {why}")
+
+  # -- the signature ------------------------------------------------------------------------------
+  def _signed_manifest(self, app_dir: Path, trust: str, signature: bytes | None) -> bytes:
+    """The bundle's manifest bytes once ``trust``'s key is found to have signed them: with the
+    ``signature`` an install message brought (then kept in the store), else with the one kept
+    when this app was installed. Refuses (nothing was stored or run) otherwise."""
+    try:
+      digest = protocol.sha256((app_dir / "manifest.json").read_bytes())
+    except OSError as e:
+      raise self._refuse(f"cannot read its app's manifest.json: {e}") from None
+    kept = self.store / f"{digest}.manifest.sig"
+    if signature is None:
+      if not kept.is_file():
+        raise self._refuse(
+            f"refusing the app: this node runs only apps signed by the key in {trust} (node config "
+            "trust), and the app came without a signature (sign the export: faxbridge export ... "
+            "--sign KEY, or fb.export(..., sign_with=KEY)); nothing was stored or run")
+      signature, where = kept.read_bytes(), f"the signature kept in {kept}"
+    else:
+      where = "the signature sent with the app"
+    try:
+      manifest = check_signature(app_dir, trust, signature, where)
+    except VerificationError as e:
+      raise self._refuse(f"refusing the app: {e}") from None
+    kept = self.store / f"{protocol.sha256(manifest)}.manifest.sig"  # of the bytes checked
+    if not kept.is_file():
+      self.store.mkdir(parents=True, exist_ok=True)
+      fd, tmp = tempfile.mkstemp(dir=self.store, prefix=".incoming-")
+      with os.fdopen(fd, "wb") as f:
+        f.write(signature)
+      os.replace(tmp, kept)
+    return manifest
 
   # -- data ---------------------------------------------------------------------------------------
   def data(self, computation: str) -> dict[str, np.ndarray]:
@@ -202,7 +248,7 @@ def client_app(app_dir: Path) -> Any:
   @app.query("faxbridge_install")
   def install(msg: Any, context: Any) -> Any:
     try:
-      node = NodeRun(app_dir, dict(context.node_config))
+      node = NodeRun(app_dir, dict(context.node_config), protocol.signature_of(msg.content))
       node.install(protocol.arrays(msg.content.array_records[protocol.PROGRAMS]))
     except FaxbridgeError as e:
       return refused(msg, e)

@@ -13,6 +13,10 @@ Two kinds of message go from the ServerApp to a node:
 
 A node that refuses replies with the record ``faxbridge.error`` (one line saying why), which the
 ServerApp raises as a ``VerificationError`` naming the node.
+
+A signed export's install message also carries its ``manifest.json.sig`` (record
+``faxbridge.signature``): the bundle cannot (it takes no ``.sig`` file), and a node configured
+with ``trust`` checks it against the ``manifest.json`` of its own bundle before anything else.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from faxbridge.converters import plan as fplan
-from faxbridge.extend import VerificationError, contained_file, read_export_manifest
+from faxbridge.extend import VerificationError, contained_file, read_export_manifest, read_signature
 
 INSTALL = "query.faxbridge_install"
 WORK = "train.faxbridge_work"
@@ -39,6 +43,8 @@ BROADCAST = "faxbridge.broadcast"  # ArrayRecord: name -> value
 UPLOADS = "faxbridge.uploads"  # ArrayRecord: name -> value (a reply)
 NODE = "faxbridge.node"  # ConfigRecord: the node's label and timings (a reply)
 ERROR = "faxbridge.error"  # ConfigRecord {"reason": ...}: the node refused (a reply)
+SIGNATURE = "faxbridge.signature"  # ConfigRecord {"manifest.json.sig": bytes}: of a signed export
+SIGNATURE_KEY = "manifest.json.sig"
 # What a node keeps in its Flower context between the stages of one invocation.
 KEPT = "faxbridge.kept"
 KEPT_FOR = "faxbridge.kept_for"
@@ -113,7 +119,7 @@ class App:
     raise VerificationError(f"plan.json has no piece {name!r} of computation {computation!r}")
 
 
-def read_app(root: Path, pieces_present: bool) -> App:
+def read_app(root: Path, pieces_present: bool, manifest_bytes: bytes | None = None) -> App:
   """The manifest and plan of an export at ``root``, read as untrusted input: the manifest valid
   under its schema and of the flower target, ``plan.json`` valid under its schema, self-consistent
   and with the sha256 the manifest pins.
@@ -121,11 +127,13 @@ def read_app(root: Path, pieces_present: bool) -> App:
   ``pieces_present``: the ServerApp reads a whole export (every piece file checked to be inside
   it); a node reads the Flower App bundle, which holds the JSON files but no piece (Flower bundles
   carry only source and text files), so it gets the client program by message.
+  ``manifest_bytes``: the manifest as already read (the bytes a signature was checked on), parsed
+  instead of reading it again.
 
   Raises:
     VerificationError: any of the above does not hold, naming the file and what is wrong.
   """
-  manifest = read_export_manifest(root)
+  manifest = read_export_manifest(root, manifest_bytes)
   block = manifest.get("flower")
   if manifest["target"] != "flower" or not isinstance(block, dict):
     raise VerificationError(f"{root}: an export of target {manifest['target']!r}, not a Flower App "
@@ -153,6 +161,23 @@ def read_app(root: Path, pieces_present: bool) -> App:
                                 "manifest pins")
       client[rel] = manifest["files"][rel]
   return App(root, manifest, plan, runtime, client)
+
+
+# -- the signature --------------------------------------------------------------------------------
+def signature_record(root: Path) -> Any | None:
+  """The export's ``manifest.json.sig`` as the install message's record; None: unsigned."""
+  from flwr.app import ConfigRecord
+
+  data = read_signature(root)
+  return None if data is None else ConfigRecord({SIGNATURE_KEY: data})
+
+
+def signature_of(content: Any) -> bytes | None:
+  """The signature bytes a message carries (its ``faxbridge.signature`` record), or None."""
+  if SIGNATURE not in content.config_records:
+    return None
+  value = content.config_records[SIGNATURE].get(SIGNATURE_KEY)
+  return value if isinstance(value, bytes) else None
 
 
 # -- arrays in records -----------------------------------------------------------------------------
@@ -184,5 +209,6 @@ def program_record(app: App) -> Any:
 
 
 __all__ = ["BROADCAST", "CLIENT_RUNTIMES", "ERROR", "INSTALL", "KEPT", "KEPT_FOR", "NODE", "PROGRAMS",
-           "TASK", "UPLOADS", "WORK", "App", "ClientRuntime", "array_record", "arrays", "program_record",
-           "read_app", "sha256", "versions"]
+           "SIGNATURE", "SIGNATURE_KEY", "TASK", "UPLOADS", "WORK", "App", "ClientRuntime",
+           "array_record", "arrays", "program_record", "read_app", "sha256", "signature_of",
+           "signature_record", "versions"]

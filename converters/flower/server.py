@@ -235,9 +235,11 @@ class Session:
                                 f"s; the run config asks for at least {self.config.min_nodes}")
       time.sleep(0.5)
     programs = protocol.program_record(self.app)
-    messages = [self.message(RecordDict({protocol.TASK: ConfigRecord({"step": "install"}),
-                                         protocol.PROGRAMS: programs}), i, protocol.INSTALL, "install")
-                for i in ids]
+    content = {protocol.TASK: ConfigRecord({"step": "install"}), protocol.PROGRAMS: programs}
+    signature = protocol.signature_record(self.app.root)  # for nodes that require one (trust=)
+    if signature is not None:
+      content[protocol.SIGNATURE] = signature
+    messages = [self.message(RecordDict(content), i, protocol.INSTALL, "install") for i in ids]
     start = time.monotonic()
     replies, dropped = self.exchange(messages, "installing the client program")
     if dropped:

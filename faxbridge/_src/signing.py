@@ -4,7 +4,8 @@ The manifest pins every other file of an export by sha256, so a signature of the
 signs the whole export. The signature lives beside the manifest, in ``manifest.json.sig`` (the one
 file of an export the manifest does not list: it cannot pin its own signature). Whoever holds the
 public key checks it with :func:`check_signature` before anything else of the export is read
-(``fb.verify(..., trust=PUB)``, ``faxbridge verify DIR --trust PUB``, later a Flower node).
+(``fb.verify(..., trust=PUB)``, ``faxbridge verify DIR --trust PUB``, a Flower node configured
+with ``trust=PUB``, which gets the signature by message: docs/flower.md).
 
 Formats (docs/security.md#formats), standard so that other tools read them:
 
@@ -67,7 +68,7 @@ def fingerprint(public_key: Ed25519PublicKey) -> str:
   return "sha256:" + hashlib.sha256(raw).hexdigest()
 
 
-def _write_new(path: Path, data: bytes, mode: int) -> None:
+def write_new(path: Path, data: bytes, mode: int) -> None:
   """Create ``path`` with ``mode`` as the umask leaves it and write ``data``. Never replaces
   anything: O_EXCL refuses an existing file or symlink (dangling or not) in the same system call
   that creates, so no check-then-write race. A file not written whole is removed: this call made
@@ -80,7 +81,7 @@ def _write_new(path: Path, data: bytes, mode: int) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
   except FileExistsError:
     raise FileExistsError(f"{path} exists; refusing to overwrite a key file (choose another "
-                          "prefix, or remove it yourself)") from None
+                          "name, or remove it yourself)") from None
   try:
     with os.fdopen(fd, "wb") as f:
       f.write(data)
@@ -119,9 +120,9 @@ def keygen(prefix: str | os.PathLike) -> KeyPair:
                                   serialization.NoEncryption())
   public_pem = key.public_key().public_bytes(serialization.Encoding.PEM,
                                              serialization.PublicFormat.SubjectPublicKeyInfo)
-  _write_new(private_path, private_pem, 0o600)
+  write_new(private_path, private_pem, 0o600)
   try:
-    _write_new(public_path, public_pem, 0o644)
+    write_new(public_path, public_pem, 0o644)
   except BaseException:  # no half of a pair left behind: the private key is ours to remove
     private_path.unlink()
     raise
@@ -237,11 +238,25 @@ def sign_export(export_dir: str | os.PathLike, key: Ed25519PrivateKey) -> Path:
   return out
 
 
-def _signature_bytes(path: Path, data: bytes) -> tuple[str, bytes]:
-  """The claimed signer and the 64 signature bytes of a ``manifest.json.sig``, or one
-  VerificationError saying how the file is not one."""
+def read_signature(export_dir: str | os.PathLike) -> bytes | None:
+  """The bytes of ``export_dir``'s ``manifest.json.sig`` (a regular file of bounded size, not
+  parsed), or None when the export is unsigned: what a reader forwards to another that checks it
+  (the Flower ServerApp sends it to nodes, whose app bundle cannot carry it).
+
+  Raises:
+    VerificationError: the signature file is there but not a regular file, or too large.
+  """
+  path = Path(export_dir) / SIGNATURE_FILE
+  if not (path.exists() or path.is_symlink()):
+    return None
+  return _read_regular(path, MAX_SIGNATURE_FILE_BYTES, "signature file", VerificationError)
+
+
+def _signature_bytes(where: str, data: bytes) -> tuple[str, bytes]:
+  """The claimed signer and the 64 signature bytes of a ``manifest.json.sig`` (``where`` names
+  it), or one VerificationError saying how the file is not one."""
   def bad(why: str) -> VerificationError:
-    return VerificationError(f"{path} is not a faxbridge signature ({why}), so the export is not "
+    return VerificationError(f"{where} is not a faxbridge signature ({why}), so the export is not "
                              "trusted and nothing was run")
 
   try:
@@ -269,8 +284,8 @@ def _signature_bytes(path: Path, data: bytes) -> tuple[str, bytes]:
   return doc["key"], signature
 
 
-def check_signature(export_dir: str | os.PathLike,
-                    trusted: Ed25519PublicKey | str | os.PathLike) -> bytes:
+def check_signature(export_dir: str | os.PathLike, trusted: Ed25519PublicKey | str | os.PathLike,
+                    signature: bytes | None = None, where: str | None = None) -> bytes:
   """Refuse ``export_dir`` unless ``manifest.json.sig`` is ``trusted``'s signature of
   ``manifest.json``; return the manifest bytes it signs.
 
@@ -278,6 +293,10 @@ def check_signature(export_dir: str | os.PathLike,
   bytes and the signature file are read (all three regular files of bounded size; the manifest is
   not parsed), so nothing of an untrusted export is interpreted or run. A caller that wants no
   window between this check and its own read of the manifest parses the returned bytes.
+
+  ``signature``: the signature file's bytes, for a reader whose copy of the export cannot hold
+  the file (a Flower node: app bundles carry only source and text files, so the ServerApp sends
+  it); ``where`` names them in a refusal. None: ``export_dir/manifest.json.sig`` is read.
 
   Raises:
     VerificationError: one line naming the cause: the trusted key is not an Ed25519 public key,
@@ -295,21 +314,26 @@ def check_signature(export_dir: str | os.PathLike,
   if not (manifest_path.exists() or manifest_path.is_symlink()):
     raise VerificationError(f"{export_dir} has no manifest.json: not a faxbridge export")
   manifest = _read_regular(manifest_path, MAX_MANIFEST_BYTES, "manifest", VerificationError)
-  if not (signature_path.exists() or signature_path.is_symlink()):
-    raise VerificationError(f"{export_dir} is not signed (no {SIGNATURE_FILE}), and a signature by "
-                            f"the trusted key {trusted_print} is required; nothing was run")
-  claimed, signature = _signature_bytes(
-      signature_path, _read_regular(signature_path, MAX_SIGNATURE_FILE_BYTES, "signature file",
-                                    VerificationError))
+  if signature is None:
+    signature = read_signature(export_dir)
+    where = str(signature_path)
+    if signature is None:
+      raise VerificationError(f"{export_dir} is not signed (no {SIGNATURE_FILE}), and a signature "
+                              f"by the trusted key {trusted_print} is required; nothing was run")
+  elif len(signature) > MAX_SIGNATURE_FILE_BYTES:
+    raise VerificationError(f"{where} has {len(signature)} bytes, more than the "
+                            f"{MAX_SIGNATURE_FILE_BYTES} a signature file has; nothing was run")
+  where = where or f"the signature of {manifest_path}"
+  claimed, raw = _signature_bytes(where, signature)
   try:
-    key.verify(signature, manifest)
+    key.verify(raw, manifest)
   except InvalidSignature:
     if claimed != trusted_print:
       raise VerificationError(
-          f"{signature_path} was made with another key (it names {claimed}), not the trusted "
+          f"{where} was made with another key (it names {claimed}), not the trusted "
           f"{trusted_print}; nothing was run") from None
     raise VerificationError(
-        f"{signature_path} does not verify with the trusted key {trusted_print}: manifest.json was "
+        f"{where} does not verify with the trusted key {trusted_print}: manifest.json was "
         "changed after it was signed (or the signature is of another manifest); nothing was "
         "run") from None
   return manifest
