@@ -50,6 +50,11 @@ RUNTIME = Runtime(
              Option("out_dir", str, "", "where the ServerApp writes each round's outputs and "
                     "record.json, kept (default: a temporary folder, kept only when a round fails)"),
              Option("resume_from", str, "", "the out folder of an earlier run of this export (a "
-                    "failed run's error names it): its rounds are read back, the later ones run")))
+                    "failed run's error names it): its rounds are read back, the later ones run"),
+             Option("tls", bool, False, "deploy with TLS (a CA and SuperLink certificate made for "
+                    "this run) and SuperNode authentication (a key per node, registered before the "
+                    "nodes start)"),
+             Option("node_trust", str, "", "an Ed25519 public key (faxbridge keygen): every node "
+                    "requires the app's signature by it before installing or running anything")))
 
 __all__ = ["CLIENT_RUNTIMES", "RUNTIME", "TARGET"]

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from faxbridge.converters.flower.security import LocalSecurity
+from faxbridge.converters.flower.security import LocalSecurity, make_node_key, make_tls
 from faxbridge.converters.flower.server import PROGRESS
 from faxbridge.converters.runtimes.progress import ProgressFile, wait
 from faxbridge.extend import RoundFailedError, RuntimeResult, VerificationError, emit, importable
@@ -292,6 +292,13 @@ def _blocks(manifest: dict) -> dict:
   return manifest["next"] if manifest["kind"] == "iterative_process" else manifest["computation"]
 
 
+def _client_count(manifest: dict, inputs: Mapping[str, np.ndarray]) -> int:
+  """How many clients (one SuperNode each) a run of ``manifest`` with ``inputs`` has."""
+  block = _blocks(manifest)
+  clients = [s["name"] for s in block["inputs"] if s["placement"] == "CLIENTS"]
+  return int(np.shape(inputs[clients[0]])[0]) if clients else int(block["clients"] or 1)
+
+
 def deploy(export_dir: Path, manifest: dict, inputs: Mapping[str, np.ndarray], rounds: int,
            server_export: Path | None = None, seed: int = 0, keep: Path | None = None,
            min_clients: int = 0, round_timeout: float = 600.0, out_dir: Path | None = None,
@@ -323,7 +330,7 @@ def deploy(export_dir: Path, manifest: dict, inputs: Mapping[str, np.ndarray], r
   block = _blocks(manifest)
   clients = [s["name"] for s in block["inputs"] if s["placement"] == "CLIENTS"]
   server = [s["name"] for s in block["inputs"] if s["placement"] != "CLIENTS"]
-  n = int(np.shape(inputs[clients[0]])[0]) if clients else int(block["clients"] or 1)
+  n = _client_count(manifest, inputs)
   with _folder() as root:
     out = (root / "out") if out_dir is None else Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -460,7 +467,7 @@ def _info(record: dict, timings: dict, total: float, n: int) -> dict[str, Any]:
 
 def verify_run(export_dir: Path, manifest: dict, inputs: dict[str, np.ndarray], rounds: int,
                min_clients: int = 0, round_timeout: float = 600.0, out_dir: str = "",
-               resume_from: str = "") -> RuntimeResult:
+               resume_from: str = "", tls: bool = False, node_trust: str = "") -> RuntimeResult:
   """The runtime's runner: the export on a local deployment, outputs keyed as ``fb.verify`` keys
   them; its options are :data:`faxbridge.converters.flower.RUNTIME`'s (see :func:`deploy`)."""
   ok, why = available()
@@ -472,9 +479,20 @@ def verify_run(export_dir: Path, manifest: dict, inputs: dict[str, np.ndarray], 
   if resume_from and not (Path(resume_from) / "record.json").is_file():
     raise VerificationError(f"resume_from={resume_from}: no record.json there; give the out folder "
                             "of an earlier run of this export (a failed run's error names it)")
-  return deploy(export_dir, manifest, inputs, rounds, min_clients=min_clients,
-                round_timeout=round_timeout, out_dir=Path(out_dir) if out_dir else None,
-                resume_from=Path(resume_from) if resume_from else None)
+  if node_trust and not Path(node_trust).is_file():
+    raise VerificationError(f"node_trust={node_trust}: no such file; give the Ed25519 public key the export "
+                            "was signed for (faxbridge keygen writes it)")
+  with tempfile.TemporaryDirectory(prefix="faxbridge-flower-keys-") as keys:
+    security = None
+    if tls or node_trust:  # made for this run, removed after it: the nodes are this run's too
+      n = _client_count(manifest, inputs)
+      security = LocalSecurity(
+          tls=make_tls(Path(keys) / "tls") if tls else None,
+          node_keys=[make_node_key(Path(keys) / f"node-{k:04d}") for k in range(n)] if tls else (),
+          trust=Path(node_trust).resolve() if node_trust else None)
+    return deploy(export_dir, manifest, inputs, rounds, min_clients=min_clients,
+                  round_timeout=round_timeout, out_dir=Path(out_dir) if out_dir else None,
+                  resume_from=Path(resume_from) if resume_from else None, security=security)
 
 
 __all__ = ["LocalDeployment", "available", "deploy", "free_port", "leftovers", "verify_run"]

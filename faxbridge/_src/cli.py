@@ -516,6 +516,17 @@ def cmd_demo(ns: argparse.Namespace) -> int:
   return 0 if report.ok else 1
 
 
+def _default_note(option: registry.Option) -> str:
+  """`` (default: ...)`` for an option's help, unless its help already says it."""
+  if "default" in option.help:
+    return ""
+  if option.default in ("", None):
+    return " (default: none)"
+  if option.type is bool:
+    return f" (default: {'on' if option.default else 'off'})"
+  return f" (default: {option.default})"
+
+
 def _add_option_flags(parser: argparse.ArgumentParser,
                       owners: Iterable[registry.Target | registry.Runtime] | None = None,
                       title: str = "options of the targets (faxbridge targets lists them)",
@@ -532,7 +543,7 @@ def _add_option_flags(parser: argparse.ArgumentParser,
     option = pairs[0][1]
     kwargs: dict[str, Any] = {
         "dest": f"{prefix}{name}", "default": None,
-        "help": "; ".join(f"{t.name}: {o.help} (default: {o.default})" for t, o in pairs)}
+        "help": "; ".join(f"{t.name}: {o.help}{_default_note(o)}" for t, o in pairs)}
     if len(pairs) == 1 and option.type is bool:
       kwargs["action"] = argparse.BooleanOptionalAction
     elif len(pairs) == 1:
