@@ -15,6 +15,8 @@
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -224,10 +226,12 @@ def _native(program, inputs, form) -> dict[str, np.ndarray]:
 @fb.computation(in_placements=(fb.SERVER, fb.CLIENTS, fb.CLIENTS, fb.CLIENTS))
 def mixed(scale, x, small, y):
   """Secure sums of a node's raw input, of what its client piece computes and of an int8 that
-  wraps, beside aggregations in the clear, in one stage."""
+  wraps, beside aggregations in the clear (one of them of a value also secure-summed), in one
+  stage."""
   scaled = fb.map(lambda s, xi: xi * s, fb.broadcast(scale), x)
   return {"raw": fb.secure_sum(x, bitwidth=12), "scaled": fb.secure_sum(scaled, bitwidth=14),
-          "small": fb.secure_sum(small, bitwidth=7), "sum": fb.sum(y), "max": fb.max(y)}
+          "small": fb.secure_sum(small, bitwidth=7), "sum": fb.sum(y), "max": fb.max(y),
+          "raw_max": fb.max(x)}
 
 
 def _mixed_inputs(n=4, seed=0):
@@ -268,11 +272,12 @@ def test_secure_sums_run_through_secaggplus_and_equal_native_bit_for_bit(mixed_a
                                                         "secure_sum[bitwidth=7]"])
   assert sorted(secure_pass["stage_seconds"]) == sorted(["setup", "share_keys",
                                                          "collect_masked_vectors", "unmask"])
-  # The server never received a secure-summed value in the clear: the uploads of the work
-  # messages are the clear aggregations' values only, and every SecAgg+ reply is masked.
+  # The server never received a value the program only secure-sums in the clear: the uploads of
+  # the work messages are the clear aggregations' values only (x among them: fb.max reads it), and
+  # every SecAgg+ reply is masked.
   hidden = secagg.hidden(form)
   secure_values = set(secagg.secure_values(form.stages[0].aggregations))
-  assert hidden == secure_values and len(hidden) == 3
+  assert len(secure_values) == 3 and hidden == secure_values - {"x"}
   uploaded = set()
   for _, content in grid.replies:
     if content is not None and protocol.UPLOADS in content.array_records:
@@ -349,25 +354,27 @@ def test_a_node_refuses_to_upload_a_secure_only_value_in_the_clear(mixed_app, tm
   np.savez(tmp_path / "d.npz", x=inputs[1][0], small=inputs[2][0], y=inputs[3][0])
   run = node.NodeRun(mixed_app, {"data": str(tmp_path / "d.npz"), "label": "n0"})
   task = {"computation": "computation", "piece": "", "invocation": "computation",
-          "returns": json.dumps(["x"]), "keep": "[]"}
-  with pytest.raises(VerificationError, match=r"node n0: asked to upload \['x'\] in the clear, which "
-                                              "its plan.json only aggregates with secure_sum"):
+          "returns": json.dumps(["small"]), "keep": "[]"}
+  with pytest.raises(VerificationError, match=r"node n0: asked to upload \['small'\] in the clear, "
+                                              "which its plan.json only aggregates with secure_sum"):
     run.work(task, {}, {})
-  task["returns"] = json.dumps(["y"])  # a value it aggregates in the clear: sent
+  task["returns"] = json.dumps(["x", "y"])  # x is also aggregated in the clear (fb.max): sent
   uploads, _, _ = run.work(task, {}, {})
+  np.testing.assert_array_equal(uploads["x"], inputs[1][0])
   np.testing.assert_array_equal(uploads["y"], inputs[3][0])
 
 
 # -- a real deployment -------------------------------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.parametrize("client_runtime", ["litert", "iree"])
-def test_analytics_on_four_supernodes_its_histogram_by_secaggplus_exact(client_runtime, tmp_path):
+def test_analytics_on_four_supernodes_its_histogram_by_secaggplus_exact(client_runtime, tmp_path,
+                                                                        monkeypatch):
   """The analytics example on 4 SuperNodes: every output equals native (the histogram bit for bit),
   the histogram went through one SecAgg+ pass (Flower's own workflow logs it in the ServerApp's
-  output, the nodes ran secaggplus_mod's four stages), and no node uploaded its counts in the clear."""
-  from tests.test_flower import _flower_processes
-
-  before = _flower_processes()
+  output), no node uploaded its counts in the clear, and no process of the deployment is left."""
+  # The deployment's folder (and so its processes' marker) under this test's own folder: other
+  # deployments running beside this test are not counted as its leftovers.
+  monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
   levels, ink = analytics.example_inputs(4)
   out = fb.export(analytics.computation, levels, ink, target="flower", out_dir=tmp_path / "app",
                   client_runtime=client_runtime)
@@ -387,6 +394,7 @@ def test_analytics_on_four_supernodes_its_histogram_by_secaggplus_exact(client_r
       np.testing.assert_array_equal(got, np.asarray(value))
     else:
       np.testing.assert_allclose(got, np.asarray(value), rtol=1e-6, atol=1e-6, err_msg=b.name)
+  assert "1 SecAgg+ pass(es) of secure_sum[bitwidth=16] over 4 nodes" in result.info["secure aggregation"]
   record = json.loads((kept / "record.json").read_text())
   (inv,) = record["invocations"]
   (secure_pass,) = inv["secagg"]
@@ -396,5 +404,21 @@ def test_analytics_on_four_supernodes_its_histogram_by_secaggplus_exact(client_r
   log = (kept / "logs" / "flwr-run.log").read_text(errors="replace")
   assert "Secure aggregation commencing" in log and "Secure aggregation completed" in log, log[-3000:]
   assert "aggregate_fit: received 4 results and 0 failures" in log
-  print(json.dumps(secure_pass, indent=1), json.dumps(inv["node_timings"], indent=1))
-  assert _flower_processes() <= before
+  print(f"invocation {inv['seconds']:.2f} s", json.dumps(secure_pass, indent=1),
+        json.dumps(inv["node_timings"], indent=1))
+  assert not _processes_marked_under(tmp_path)
+
+
+def _processes_marked_under(folder: Path) -> list[int]:
+  """Live processes whose deployment marker names a folder under ``folder``."""
+  marker = f"{deployment.MARKER}={folder}".encode()
+  found = []
+  for entry in filter(str.isdigit, os.listdir("/proc")):
+    try:
+      env = Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
+      state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+      continue
+    if state != "Z" and any(v.startswith(marker) for v in env):
+      found.append(int(entry))
+  return found

@@ -78,7 +78,8 @@ def secure_values(aggregations: Sequence[Aggregation]) -> dict[str, int]:
 def hidden(form: FederatedForm) -> set[str]:
   """The CLIENTS values of ``form`` that are only secure-summed: no other aggregation reads them
   and they are no CLIENTS output. They never leave a node in the clear."""
-  secure, clear = set(), set()
+  secure: set[str] = set()
+  clear: set[str] = set()
   for stage in form.stages:
     for agg in stage.aggregations:
       (secure if is_secure(agg) else clear).update(n for n in (agg.value, agg.weight) if n)
