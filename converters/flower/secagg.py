@@ -15,10 +15,10 @@ integer in ``[0, 2**(b+1)]`` that stochastic rounding leaves as it is (it rounds
 probability ``ceil(v) - v = 0``); the node adds masks that cancel in the sum modulo ``2**32``. The
 server's sum of ``n`` quantized values, and of ``n`` weight factors ``2**(b+1)``, is at most
 ``n * 2**(b+1)``, recovered exactly when that stays below ``2**32``, i.e. ``n < 2**(31 - b)``
-(``n = 2**(31-b)`` would wrap the weight sum to 0). Flower then returns ``(sum - n c + ...)/n``
-as float64, the mean; ``rint(mean * n)`` is the integer sum (the float error is below
-``2**32 * 2**-50``, far under 1/2), cast to the aggregation's dtype with wrap-around, as the native
-rule's sum in that dtype wraps. :func:`encode`, :func:`decode` and :func:`check_exact` are that
+(``n = 2**(31-b)`` would wrap the weight sum to 0). Flower then returns the mean
+``(sum_i q_i - n c) / n`` as float64; ``rint(mean * n)`` is the integer sum (the float error is
+below ``2**32 * 2**-50``, far under 1/2), cast to the aggregation's dtype with wrap-around, as the
+native rule's sum in that dtype wraps. :func:`encode`, :func:`decode` and :func:`check_exact` are that
 arithmetic as pure functions.
 
 **Values outside the range.** The native rule (``faxbridge.extend.aggregation_rule``) sums any
