@@ -462,6 +462,13 @@ def _info(record: dict, timings: dict, total: float, n: int) -> dict[str, Any]:
         f"{process:.2f} s from its start to its reply (program load {slowest('load_seconds'):.3f} "
         f"s, compute {slowest('compute_seconds'):.3f} s), the other {exchange - process:.2f} s "
         "Flower's message passing (a SuperNode polls every 3 s)")
+  passes = [p for inv in record["invocations"] for p in inv.get("secagg", [])]
+  if passes:  # secure sums (secagg.py): what ran, and what it cost
+    kinds = ", ".join(sorted({a for p in passes for a in p["aggregations"]}))
+    info["secure aggregation"] = (
+        f"{len(passes)} SecAgg+ pass(es) of {kinds} over {passes[0]['nodes']} nodes, "
+        f"{np.mean([p['seconds'] for p in passes]):.2f} s each (4 exchanges: setup, share keys, "
+        "masked vectors, unmask)")
   return info
 
 

@@ -35,8 +35,8 @@ from typing import Any
 
 import numpy as np
 
-from faxbridge.converters.flower import protocol
-from faxbridge.extend import FaxbridgeError, VerificationError, check_signature
+from faxbridge.converters.flower import protocol, secagg
+from faxbridge.extend import FaxbridgeError, FederatedForm, VerificationError, check_signature
 
 
 def default_store() -> Path:
@@ -178,7 +178,20 @@ class NodeRun:
       raise self._refuse(f"the stored {path} no longer has sha256 {digest}; refusing to run it")
     return self.app.runtime.load()(data, piece, rel)
 
+  def form(self, computation: str) -> FederatedForm:
+    if computation not in self.app.plan["computations"]:
+      raise self._refuse(f"plan.json has no computation {computation!r}")
+    return FederatedForm.from_json(self.app.plan["computations"][computation], computation)
+
   # -- work ---------------------------------------------------------------------------------------
+  def secure_sum(self, config: dict, kept: dict[str, np.ndarray]) -> np.ndarray:
+    """This node's part of a SecAgg+ pass (``config``: the pass's fit config): the values its own
+    plan secure-sums in that stage, from its data and what it kept, checked (secagg.node_values)."""
+    computation = str(config[secagg.COMPUTATION])
+    form = self.form(computation)
+    return secagg.node_values(form, config, {**self.data(computation), **kept},
+                              f"node {self.label or '(no label)'}")
+
   def work(self, task: dict, broadcast: dict[str, np.ndarray], kept: dict[str, np.ndarray]
            ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, float]]:
     """(uploads, values to keep, timings) of one client piece (``task["piece"]``; "" runs none
@@ -187,6 +200,10 @@ class NodeRun:
     if computation not in self.app.plan["computations"]:
       raise self._refuse(f"plan.json has no computation {computation!r}")
     returns, keep = json.loads(str(task["returns"])), json.loads(str(task["keep"]))
+    secret = sorted(set(returns) & secagg.hidden(self.form(computation)))
+    if secret:  # the plan only secure-sums them: they leave this node masked by SecAgg+ or not at all
+      raise self._refuse(f"asked to upload {secret} in the clear, which its plan.json only "
+                         "aggregates with secure_sum")
     start = time.perf_counter()
     env = {**self.data(computation), **kept}
     loaded = ready = done = time.perf_counter()
@@ -235,6 +252,7 @@ def client_app(app_dir: Path) -> Any:
   """The ``ClientApp`` of a faxbridge Flower App rooted at ``app_dir`` (its ``client_app.py`` is
   this call). A refusal (a ``FaxbridgeError``) is replied as the record ``faxbridge.error``."""
   from flwr.app import ConfigRecord, Message, RecordDict
+  from flwr.client.mod import secaggplus_mod
   from flwr.clientapp import ClientApp
 
   app = ClientApp()
@@ -260,9 +278,7 @@ def client_app(app_dir: Path) -> Any:
     try:
       node = NodeRun(app_dir, dict(context.node_config))
       state = context.state
-      same = (protocol.KEPT_FOR in state.config_records
-              and state.config_records[protocol.KEPT_FOR]["invocation"] == task["invocation"])
-      kept = protocol.arrays(state.array_records[protocol.KEPT]) if same else {}
+      kept = _kept(state, str(task["invocation"]))
       uploads, keep, timings = node.work(
           task, protocol.arrays(msg.content.array_records[protocol.BROADCAST]), kept)
     except FaxbridgeError as e:
@@ -273,7 +289,33 @@ def client_app(app_dir: Path) -> Any:
     return reply(msg, {protocol.UPLOADS: protocol.array_record(uploads),
                        protocol.NODE: ConfigRecord({"label": node.label, **timings})})
 
+  def refusals(msg: Any, context: Any, call_next: Any) -> Any:
+    """Outermost mod of the SecAgg+ handler: a node's refusal inside the pass is replied as every
+    other refusal is (``faxbridge.error``), not as an exception in Flower's error reply."""
+    try:
+      return call_next(msg, context)
+    except FaxbridgeError as e:
+      return refused(msg, e)
+
+  @app.train(mods=[refusals, secaggplus_mod])
+  def secure_sum(msg: Any, context: Any) -> Any:
+    """SecAgg+'s 'collect masked vectors' step (``secaggplus_mod`` answers the other three): this
+    node's secure_sum values, which the mod quantizes, masks and uploads (secagg.py)."""
+    start = time.perf_counter()
+    config = secagg.fit_config(msg.content)
+    node = NodeRun(app_dir, dict(context.node_config))
+    vector = node.secure_sum(config, _kept(context.state, str(config[secagg.INVOCATION])))
+    return Message(secagg.fit_reply(vector, {"seconds": time.perf_counter() - start,
+                                             "process_seconds": _process_age()}), reply_to=msg)
+
   return app
+
+
+def _kept(state: Any, invocation: str) -> dict[str, np.ndarray]:
+  """What this node kept in its Flower context for ``invocation`` (nothing from another one)."""
+  same = (protocol.KEPT_FOR in state.config_records
+          and state.config_records[protocol.KEPT_FOR]["invocation"] == invocation)
+  return protocol.arrays(state.array_records[protocol.KEPT]) if same else {}
 
 
 __all__ = ["NodeRun", "client_app", "default_store"]

@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from faxbridge import CLIENTS, events
-from faxbridge.converters.flower import protocol
+from faxbridge.converters.flower import protocol, secagg
 from faxbridge.extend import (
   FaxbridgeError,
   FederatedForm,
@@ -328,7 +328,7 @@ class Session:
       out[n.node_id] = got
       timings.append(dict(reply.content.config_records[protocol.NODE]))
     self.current.setdefault("node_timings", []).append(
-        {"piece": piece, "exchange_seconds": exchange, "nodes": timings})
+        {"piece": piece, "exchange_seconds": exchange, "nodes": timings, "uploads": returns})
     if dropped:
       raise NodesDropped(dropped, out)
     return [out[n.node_id] for n in nodes]
@@ -355,7 +355,9 @@ class FlowerBackend(PerClientBackend):
   A CLIENTS value stays on the nodes (``ON_NODE``) unless the server needs it: an aggregation's
   value or weight, or a CLIENTS output. Those come back with the client work that makes them, or,
   when they are the nodes' own inputs or a stage has no client work, with the stage's client work
-  or a message that only asks for them (``aggregate``).
+  or a message that only asks for them (``aggregate``). A ``secure_sum`` runs through Flower's
+  SecAgg+ instead (secagg.py): its value stays on the nodes (kept there if a client piece makes
+  it) and is never uploaded in the clear unless the program also needs it in the clear.
   """
 
   def __init__(self, session: Session, form: FederatedForm, invocation: str, nodes: list[Node]):
@@ -364,9 +366,9 @@ class FlowerBackend(PerClientBackend):
     self.exchanged = False  # whether nodes' uploads were received in this invocation already
     self.needed = {n for st in form.stages for a in st.aggregations for n in (a.value, a.weight) if n}
     self.needed |= {b.name for b in form.outputs if b.placement is CLIENTS}
-    self.specs = {b.name: b.spec for b in form.inputs}
-    for stage in form.stages:
-      self.specs.update({s.name: s for s in stage.client_work.outputs})
+    self.needed -= secagg.hidden(form)
+    self.secured = {a.value for st in form.stages for a in st.aggregations if secagg.is_secure(a)}
+    self.specs = secagg.client_value_specs(form)
 
   def _server_call(self, piece: Piece, args: list[np.ndarray]) -> list[np.ndarray]:
     return self.session.server_pieces[self.form.name, piece.name](args)
@@ -395,6 +397,13 @@ class FlowerBackend(PerClientBackend):
     self.exchanged = True
     return uploads
 
+  def _exchange_all(self, messages: list[Any], what: str) -> dict[int, Any]:
+    """The session's exchange for a SecAgg+ pass: every node's reply, or NodesDropped."""
+    replies, dropped = self.session.exchange(messages, what)
+    if dropped:
+      raise NodesDropped(dropped, {})
+    return replies
+
   def broadcast(self, values):
     return {k: Sent(np.asarray(v)) for k, v in values.items()}
 
@@ -403,22 +412,36 @@ class FlowerBackend(PerClientBackend):
     sent = {k: v.value for k, v in args.items() if isinstance(v, Sent)}
     names = [s.name for s in piece.outputs]
     # what this stage aggregates: the piece's outputs, and values the nodes already hold
-    aggregated = [n for a in self.form.stages[index].aggregations for n in (a.value, a.weight) if n]
+    aggregated = [n for a in self.form.stages[index].aggregations if not secagg.is_secure(a)
+                  for n in (a.value, a.weight) if n]
     returns = [n for n in names if n in self.needed]
     returns += [n for n in dict.fromkeys(aggregated) if n not in names]
-    keep = [n for n in names if n in self._read_later(index)]
+    keep = [n for n in names if n in self._read_later(index) or n in self.secured]
     uploads = self._work(piece.name, sent, returns, keep)
     out: dict[str, Any] = {n: ON_NODE for n in names}
     out.update({n: [u[n] for u in uploads] for n in returns})
     return out
 
   def aggregate(self, aggregations, uploads):
+    out = {}
+    if any(secagg.is_secure(a) for a in aggregations):  # one SecAgg+ pass for the stage's secure sums
+      stage = next(i for i, st in enumerate(self.form.stages) if st.aggregations is aggregations)
+      try:
+        out = secagg.secure_sums(self._exchange_all, self.invocation, self.form, stage,
+                                 [n.node_id for n in self.nodes], self.session.current)
+      except NodesDropped as e:  # a pass needs the nodes it started with: the invocation restarts
+        if not self.session.config.min_clients:
+          raise RoundFailedError(f"{self.invocation}: {self.session.dropped_text(e.dropped)}") from None
+        remaining = [n for n in self.nodes if n.node_id not in e.dropped]
+        self.session.drop(self.invocation, e.dropped, len(remaining))
+        raise Restart(remaining) from None
+      aggregations = [a for a in aggregations if not secagg.is_secure(a)]
     held = [n for n in dict.fromkeys(x for a in aggregations for x in (a.value, a.weight) if x)
             if uploads[n] is ON_NODE]
     if held:  # a stage without client work aggregating what the nodes hold: ask for it
       got = self._work("", {}, held, [])
       uploads = {**uploads, **{n: [u[n] for u in got] for n in held}}
-    return super().aggregate(aggregations, uploads)
+    return {**out, **super().aggregate(aggregations, uploads)}
 
   def inputs(self, form, named):
     return {b.name: ON_NODE if b.placement is CLIENTS else np.asarray(named[b.name])
