@@ -43,7 +43,7 @@ from jax.interpreters import mlir
 from jax.interpreters import partial_eval as pe
 
 from faxbridge._src import aggregations as A
-from faxbridge._src import call_rules, placements
+from faxbridge._src import call_rules, placements, ragged
 from faxbridge._src import primitives as P
 
 Strategy = Any  # "auto" | "vmap" | "stream" | ("stream", k)
@@ -406,6 +406,40 @@ def _plan(jaxpr: jcore.Jaxpr) -> tuple[dict[int, _Group], set[int]]:
   return groups, skip
 
 
+def _fold_order(maps: Sequence, outside: dict, fixed: dict, n: int) -> jax.Array | None:
+  """The clients sorted by the steps their folds run (``fb.fold`` over a ``Ragged``), or None when
+  the group's maps fold over nothing (or over counts that are no cheap function of their inputs).
+
+  Counts are data, known only when the program runs: each map's :func:`ragged.fold_steps` (a few
+  scalar operations on the client's count) is evaluated for every client, and the order is their
+  stable ``argsort``. Aggregations do not depend on the order of clients (up to float summation
+  order, as any stream), and stacked outputs are put back in the clients' order.
+  """
+  keys = None
+  for m in maps:
+    found = ragged.fold_steps(m.params["jaxpr"])
+    if found is None:
+      continue
+    fn, used = found
+    reads = [v for v, u in zip(m.invars, used) if u]
+    if any(isinstance(v, jcore.Var) and v not in outside for v in reads):
+      continue  # reads a value made inside the group: not known before the scan
+    args, axes = [], []
+    for v in reads:
+      if isinstance(v, jcore.Literal):
+        args.append(v.val)
+        axes.append(None)
+      elif v in fixed:
+        args.append(fixed[v])
+        axes.append(None)
+      else:
+        args.append(outside[v])
+        axes.append(0)
+    (steps,) = jax.vmap(jcore.jaxpr_as_fun(fn), in_axes=axes, axis_size=n)(*args)
+    keys = steps if keys is None else keys + steps
+  return None if keys is None else jnp.argsort(keys, stable=True).astype(jnp.int32)
+
+
 class _Interpreter:
   """Evaluates a federated jaxpr with every ``fb.map`` streamed over clients (see the module doc).
 
@@ -571,17 +605,42 @@ class _Interpreter:
               for rule, acc, a in zip(rules, accs, aggs)]
       return accs, [stacked(v) for v in group.stacked]
 
-    k = max(1, min(self.block, n))
-    full, rest = divmod(n, k)
     xs_all = [outside[v] for v in sliced]
-    accs, ys = accs0, []
-    if full:
-      xs_main = [x[: full * k].reshape(full, k, *x.shape[1:]) for x in xs_all]
-      accs, ys_main = jax.lax.scan(lambda c, xs: step(c, xs, k), accs0, xs_main, length=full)
-      ys = [y.reshape(full * k, *y.shape[2:]) for y in ys_main]
-    if rest:  # the last n mod k clients: one more block
-      accs, ys_rest = step(accs, [x[full * k:] for x in xs_all], rest)
-      ys = ys_rest if not full else [jnp.concatenate([a, b]) for a, b in zip(ys, ys_rest)]
+
+    def blocks(accs, clients: int, k: int, pick=None):
+      """``clients`` clients (``pick``: their indices, else all in order) in a scan over blocks of
+      ``k``, the ``clients mod k`` left over as one more block; their stacked outputs in order."""
+      full, rest = divmod(clients, k)
+      take = (lambda idx: [jnp.take(x, idx, axis=0) for x in xs_all]) if pick is not None else None
+      ys: list = []
+      if full:
+        main = (pick[: full * k].reshape(full, k) if take else
+                [x[: full * k].reshape(full, k, *x.shape[1:]) for x in xs_all])
+        accs, ys_main = jax.lax.scan(lambda c, xs: step(c, take(xs) if take else xs, k), accs,
+                                     main, length=full)
+        ys = [y.reshape(full * k, *y.shape[2:]) for y in ys_main]
+      if rest:
+        last = take(pick[full * k:]) if take else [x[full * k:] for x in xs_all]
+        accs, ys_rest = step(accs, last, rest)
+        ys = ys_rest if not full else [jnp.concatenate([a, b]) for a, b in zip(ys, ys_rest)]
+      return accs, ys
+
+    k = max(1, min(self.block, n))
+    # Clients whose folds run different numbers of steps (fb.fold over fb.ragged data) go in the
+    # order of that number, so that a block's loops, which run to the block's largest count, run
+    # about as far as each of its clients needs; the k largest run one per step, so that the
+    # largest client keeps nobody waiting (docs/ragged.md: the cost of skew).
+    order = _fold_order(maps, outside, fixed, n) if k > 1 else None
+    if order is None:
+      accs, ys = blocks(accs0, n, k)
+    else:
+      head = n - k
+      accs, ys = blocks(accs0, head, k, order[:head]) if head else (accs0, [])
+      accs, ys_top = blocks(accs, k, 1, order[head:])
+      ys = ys_top if not ys else [jnp.concatenate([a, b]) for a, b in zip(ys, ys_top)]
+      if ys:  # stacked outputs back in the clients' own order
+        back = jnp.argsort(order)
+        ys = [jnp.take(y, back, axis=0) for y in ys]
     result = dict(zip(group.stacked, ys))
     for rule, acc, a in zip(rules, accs, aggs):
       out_aval: Any = a.outvars[0].aval  # an aggregation's result is an array
