@@ -120,6 +120,9 @@ class Target:
     examples: command lines shown by ``faxbridge --help``.
     demo: what ``faxbridge demo`` runs with this target, or None.
     default: the target ``fb.export`` and ``faxbridge export`` use when none is named.
+    ragged: whether its exporter takes programs whose clients hold their own numbers of examples
+      (``fb.ragged`` inputs, ``fb.fold``: the form's ``RaggedSpec`` s and folds); ``fb.export``
+      refuses such a program for a target that does not say so, naming the cause.
   """
 
   name: str
@@ -133,6 +136,7 @@ class Target:
   examples: tuple[str, ...] = ()
   demo: Demo | None = None
   default: bool = False
+  ragged: bool = False
 
   def load(self) -> Callable[..., dict]:
     return _load(self.exporter)
