@@ -105,6 +105,9 @@ def faxbridge_round(strategy) -> fb.Computation:
   return ragged_round
 
 
+_reference_grad = jax.jit(jax.grad(masked_loss))  # one batch's gradient, compiled per batch shape
+
+
 def reference_round(params, counts: list[int], data: fb.Ragged) -> dict[str, np.ndarray]:
   """The round one client at a time over its own examples, in Python loops (no faxbridge)."""
   x, y = np.asarray(data.examples["x"]), np.asarray(data.examples["y"])
@@ -113,8 +116,10 @@ def reference_round(params, counts: list[int], data: fb.Ragged) -> dict[str, np.
     w = dict(params)
     for start in range(0, m, BATCH_SIZE):
       stop = min(start + BATCH_SIZE, m)
-      mask = np.ones(stop - start, bool)
-      grads = jax.grad(masked_loss)(w, x[i, start:stop], y[i, start:stop], mask)
+      # The batch's real examples, zero-filled to one shape (one compiled gradient) and masked.
+      xb, yb = np.zeros((BATCH_SIZE, x.shape[2]), x.dtype), np.zeros(BATCH_SIZE, y.dtype)
+      xb[: stop - start], yb[: stop - start] = x[i, start:stop], y[i, start:stop]
+      grads = _reference_grad(w, xb, yb, np.arange(BATCH_SIZE) < stop - start)
       w = {k: np.asarray(w[k] - model.LR * grads[k]) for k in w}
     for k in w:
       total[k] += m * (w[k] - params[k])
