@@ -424,7 +424,8 @@ def _fold_order(maps: Sequence, outside: dict, fixed: dict, n: int) -> jax.Array
     reads = [v for v, u in zip(m.invars, used) if u]
     if any(isinstance(v, jcore.Var) and v not in outside for v in reads):
       continue  # reads a value made inside the group: not known before the scan
-    args, axes = [], []
+    args: list = []
+    axes: list[int | None] = []
     for v in reads:
       if isinstance(v, jcore.Literal):
         args.append(v.val)
@@ -628,15 +629,16 @@ class _Interpreter:
     k = max(1, min(self.block, n))
     # Clients whose folds run different numbers of steps (fb.fold over fb.ragged data) go in the
     # order of that number, so that a block's loops, which run to the block's largest count, run
-    # about as far as each of its clients needs; the k largest run one per step, so that the
-    # largest client keeps nobody waiting (docs/ragged.md: the cost of skew).
+    # about as far as each of its clients needs; the largest k to 2k - 1 clients run one per step,
+    # so that the largest client keeps nobody waiting, and every block is whole (one scan body
+    # each: compiling is the other cost; docs/ragged.md: the cost of skew).
     order = _fold_order(maps, outside, fixed, n) if k > 1 else None
     if order is None:
       accs, ys = blocks(accs0, n, k)
     else:
-      head = n - k
+      head = (n - k) // k * k
       accs, ys = blocks(accs0, head, k, order[:head]) if head else (accs0, [])
-      accs, ys_top = blocks(accs, k, 1, order[head:])
+      accs, ys_top = blocks(accs, n - head, 1, order[head:])
       ys = ys_top if not ys else [jnp.concatenate([a, b]) for a, b in zip(ys, ys_top)]
       if ys:  # stacked outputs back in the clients' own order
         back = jnp.argsort(order)

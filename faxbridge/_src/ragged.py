@@ -71,6 +71,16 @@ class Ragged:
   ``count`` is an ordinary CLIENTS value: ``fb.weighted_mean(deltas, data.count)`` weights each
   client by its real examples. As a pytree a ``Ragged`` has the leaves of ``examples`` then ``count``
   (named ``examples`` / ``count`` in the split: ``data_examples_x``, ``data_count``).
+
+  Example:
+    >>> padded = np.array([[1.0, 2.0, 0.0], [3.0, 0.0, 0.0]], np.float32)  # 2 clients, L = 3
+    >>> data = fb.Ragged(padded, np.array([2, 1], np.int32))
+    >>> @fb.computation(in_placements=(fb.CLIENTS,))
+    ... def weighted(data):
+    ...   means = fb.map(lambda d: fb.fold(lambda c, x: c + x, 0.0, d) / d.count, data)
+    ...   return fb.weighted_mean(means, data.count)
+    >>> weighted(data).tolist()  # (1 + 2 + 3) / 3
+    2.0
   """
 
   __slots__ = ("batch_size", "count", "examples")
@@ -146,16 +156,17 @@ def ragged(clients: Sequence[PyTree], *, batch_size: int | None = None,
   paths = [p for p, _ in flat[0][0]]
   if not paths:
     raise ValueError("fb.ragged: client 0's examples hold no array")
-  counts = []
+  counts: list[int] = []
   for i, (leaves, _) in enumerate(flat):
-    if jax.tree.structure(clients[i]) != tree:
+    if jax.tree.structure(clients[i]) != tree:  # type: ignore[operator]
       raise ValueError(f"fb.ragged: client {i}'s examples are a {jax.tree.structure(clients[i])}, "
                        f"client 0's a {tree}: every client needs the same pytree")
     sizes = {jax.tree_util.keystr(p): np.shape(x)[0] if np.ndim(x) else None for p, x in leaves}
-    if None in sizes.values() or len(set(sizes.values())) != 1:
+    known = {v for v in sizes.values() if v is not None}
+    if None in sizes.values() or len(known) != 1:
       raise ValueError(f"fb.ragged: client {i}'s leaves must share one leading (examples) axis, "
                        f"got {sizes}")
-    counts.append(next(iter(sizes.values())))
+    counts.append(int(known.pop()))
   length = max(max(counts), 1)
   if max_length is not None:
     if max_length < max(counts):
@@ -245,8 +256,8 @@ def fold(step: Callable, init: PyTree, data: Ragged) -> PyTree:
     raise TypeError(f"fb.fold{_here()}: the count must be an integer, got {count.dtype}")
   leaves, tree = jax.tree.flatten(data.examples)
   leaves = [jnp.asarray(x) for x in leaves]
-  lengths = {x.shape[0] if x.ndim else None for x in leaves}
-  if None in lengths or len(lengths) != 1:
+  lengths = {int(x.shape[0]) for x in leaves if x.ndim}
+  if any(x.ndim == 0 for x in leaves) or len(lengths) != 1:
     raise TypeError(f"fb.fold{_here()}: every leaf of the examples needs the same leading "
                     f"(examples) axis, got shapes {[x.shape for x in leaves]}")
   length = lengths.pop()
@@ -282,7 +293,7 @@ def fold(step: Callable, init: PyTree, data: Ragged) -> PyTree:
     return out_leaves
 
   closed = jax.make_jaxpr(flat_step)(*carry_avals, *item_avals)
-  if out_trees[-1] != init_tree:
+  if out_trees[-1] != init_tree:  # type: ignore[operator]
     raise TypeError(f"fb.fold{_here()}: step returned a {out_trees[-1]}, the carry (init) is a "
                     f"{init_tree}: it must return the carry's structure")
   paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(init)[0]]
@@ -531,7 +542,7 @@ def _scalar_work(jaxpr: jcore.Jaxpr) -> bool:
   from faxbridge._src import placements
 
   for eqn in jaxpr.eqns:
-    if any(jnp.shape(v.aval) != () for v in eqn.outvars):
+    if any(getattr(v.aval, "shape", None) != () for v in eqn.outvars):
       return False
     body = placements.call_body(eqn)
     if body is not None:
@@ -569,7 +580,7 @@ def fold_steps(closed: jcore.ClosedJaxpr) -> tuple[jcore.ClosedJaxpr, list[bool]
         if eqn.primitive is fold_p:
           _, _, count, items = _split(invals, eqn.params["num_consts"], eqn.params["num_carry"])
           found.append(jnp.clip(count, 0, jnp.shape(items[0])[0]).astype(jnp.int32))
-        outs = eqn.primitive.bind(*invals, **eqn.params)
+        outs = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
         outs = outs if eqn.primitive.multiple_results else [outs]
       env.update(zip(eqn.outvars, outs))
     return [read(v) for v in jaxpr.outvars]
