@@ -377,6 +377,21 @@ def _plan(jaxpr: jcore.Jaxpr) -> tuple[dict[int, _Group], set[int]]:
       if any(v in outs for v in ins) and all(v in outs or defined_at.get(v, -1) < i for v in ins):
         maps.append(j)
         outs |= set(later.outvars)
+    # A later map that makes the weight of a weighted aggregation of the group's outputs from values
+    # of before the group joins it too (fb.weighted_mean binds its per-client cast of the weight
+    # after the value's map: FedAvg weighted by the counts), so that aggregation is fused and the
+    # weighted values are never stacked.
+    for j in range(i + 1, len(jaxpr.eqns)):
+      later = jaxpr.eqns[j]
+      if later.primitive is not P.map_p or j in taken or j in maps:
+        continue
+      ins = [v for v in later.invars if isinstance(v, jcore.Var)]
+      weighs = any(jaxpr.eqns[u].primitive in A.AGGREGATIONS and pos == 1
+                   and jaxpr.eqns[u].invars[0] in outs
+                   for v in later.outvars for u, pos in users.get(v, ()))
+      if weighs and all(v in outs or defined_at.get(v, -1) < i for v in ins):
+        maps.append(j)
+        outs |= set(later.outvars)
     members = set(maps)
     aggs = sorted({j for v in outs for j, pos in users.get(v, ())
                    if jaxpr.eqns[j].primitive in A.AGGREGATIONS and pos == 0})
