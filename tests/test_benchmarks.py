@@ -103,7 +103,7 @@ def test_report_verdicts_and_files(tmp_path):
   report.write(results, tmp_path)
   text = (tmp_path / "results.md").read_text()
   assert '(128 clients, ("stream", 8)) | 1.20x | met |' in text
-  assert "| 128 | vmap | 8.0000 | 1.0000 | 8.00x |" in text
+  assert "| 128 | vmap | 8.0000 | 1.0000 | 8.00x | 8.00x |" in text
   assert "| auto at 128 clients <= 0.45x jit+vmap | 0.40x | met |" in text
   assert "| auto at 2,048 clients <= 0.3x jit+vmap | 0.40x | missed by 33% |" in text
   assert "peak memory <= 1 GiB (absolute, fresh process) | 2.00 GiB | missed by 100% |" in text
