@@ -144,7 +144,8 @@ def _batch_steps(counts: list[int]) -> int:
 
 
 def time_mode(clients: int, names: list[str], repeats: int, budget_s: float) -> dict:
-  """Compile each, then ``repeats`` round-robin passes (fewer when ``budget_s`` runs out)."""
+  """Compile each, then per strategy ``repeats`` round-robin passes over its rows (fewer when its
+  share of ``budget_s`` runs out)."""
   table = impls()
   fns, args, compile_s, info = {}, {}, {}, {}
   for name in names:
@@ -158,14 +159,18 @@ def time_mode(clients: int, names: list[str], repeats: int, budget_s: float) -> 
     info[name] = {"examples": sum(counts), "largest": max(counts), "batch_steps":
                   _batch_steps(counts), "padded_length": int(data.examples["x"].shape[1])}
   times: dict[str, list[float]] = {n: [] for n in names}
-  start_all = time.perf_counter()
-  for r in range(repeats):
-    for name, fn in fns.items():
-      start = time.perf_counter()
-      jax.block_until_ready(fn(*args[name]))
-      times[name].append(time.perf_counter() - start)
-    if r >= 2 and time.perf_counter() - start_all > budget_s:
-      break
+  # Interleaved within a strategy (skewed, equal, skewed, ...): the ratio compares rounds run under
+  # the same load; a strategy's rows are not interleaved with the other's much longer rounds.
+  for strategy in STRATEGIES:
+    rows = [n for n in names if n.split()[0] == strategy]
+    start_all = time.perf_counter()
+    for r in range(repeats):
+      for name in rows:
+        start = time.perf_counter()
+        jax.block_until_ready(fns[name](*args[name]))
+        times[name].append(time.perf_counter() - start)
+      if r >= 2 and time.perf_counter() - start_all > budget_s / len(STRATEGIES):
+        break
   return {"clients": clients, "times_s": times, "first_call_s": compile_s, "info": info}
 
 
@@ -174,14 +179,19 @@ def _maxrss_mb() -> float:
 
 
 def memory_mode(clients: int, name: str) -> dict:
+  """``ru_maxrss`` before and after a round (the inputs, padded, are in the baseline), and the
+  round's temporaries as XLA allocates them (``temp_mb``: what grows with the clients if anything
+  does, without the inputs and without the noise of the process's high-water mark)."""
   build, kind = impls()[name]
   _, params, data = _inputs(clients, kind)
   jax.block_until_ready(data)
   baseline = _maxrss_mb()
-  jax.block_until_ready(build()(params, data))
+  fn = build()
+  jax.block_until_ready(fn(params, data))
   peak = _maxrss_mb()
+  temp = jax.jit(fn).lower(params, data).compile().memory_analysis().temp_size_in_bytes
   return {"clients": clients, "impl": name, "baseline_mb": baseline, "peak_mb": peak,
-          "delta_mb": peak - baseline}
+          "delta_mb": peak - baseline, "temp_mb": temp / 2**20}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -176,7 +176,7 @@ def ragged(sizes: list[int], repeats: int, budget_s: float, log) -> dict:
       row = {**_summary(timed["times_s"][name]), **timed["info"][name],
              "first_call_s": timed["first_call_s"][name]}
       mem = _run_json([CORE, script, "memory", "--clients", str(size), "--impl", name], 3600)
-      row.update({k: mem[k] for k in ("baseline_mb", "peak_mb", "delta_mb")})
+      row.update({k: mem[k] for k in ("baseline_mb", "peak_mb", "delta_mb", "temp_mb")})
       rows[size][name] = row
   return rows
 

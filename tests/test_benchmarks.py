@@ -96,10 +96,11 @@ def test_report_verdicts_and_files(tmp_path):
              "export_cost": [{"kind": "params", "size": 100, "target": "tff", "eqns": 5,
                               "export_s": 0.1, "peak_mb": 1.0, "delta_mb": 0.5,
                               "bytes_written": 10}]}
-  skew = {"examples": 8192, "batch_steps": 576}
+  skew = {"examples": 8192, "batch_steps": 576, "temp_mb": 30.0}
+  equal = {"batch_steps": 512, "temp_mb": 30.0}
   results["ragged"] = {"128": {
-      "stream skewed": {**row(1.2), **skew}, "stream equal": {**row(1.0), "batch_steps": 512},
-      "vmap skewed": {**row(8.0), **skew}, "vmap equal": {**row(1.0), "batch_steps": 512}}}
+      "stream skewed": {**row(1.2), **skew}, "stream equal": {**row(1.0), **equal},
+      "vmap skewed": {**row(8.0), **skew}, "vmap equal": {**row(1.0), **equal}}}
   report.write(results, tmp_path)
   text = (tmp_path / "results.md").read_text()
   assert '(128 clients, ("stream", 8)) | 1.20x | met |' in text

@@ -11,6 +11,9 @@ small interpreter instead, at XLA lowering time:
   ``accumulate``, ``finish``), so a value that only feeds aggregations is never stacked;
 * map outputs used otherwise (returned CLIENTS-placed, fed to another map) are stacked as the
   scan's outputs; ``fb.broadcast`` values are read by each client, never copied ``n`` times;
+* clients whose ``fb.fold`` s run their own numbers of steps (``fb.ragged`` data) are streamed in
+  the order of those steps, so that each block's loops run about as far as its own clients need
+  (:func:`_fold_order`; stacked outputs come back in the clients' order);
 * with a mesh whose ``clients`` axis spans devices, each device streams its own clients inside
   ``jax.shard_map`` and one collective per aggregation (``psum``, ``pmax``, ``pmin``) follows.
 
