@@ -8,6 +8,9 @@
    interleaved with each other, peak memory fresh too.
 2. The structure of both TFF rounds (intrinsic calls and TF computations per round).
 3. The cost of ``fb.export`` (``export_cost.py``) against parameters and equations.
+4. Clients with their own data sizes (``ragged_round.py``): a FedAvg round over skewed client sizes
+   (the largest 10x the mean) beside the same round with every client at the mean size, per
+   execution strategy, at 128 and 512 clients.
 
 Writes ``benchmarks/results.json``, ``benchmarks/results.md`` and plots in ``benchmarks/results/``.
 ``--quick`` runs everything at tiny sizes (the smoke test, ``tests/test_benchmarks.py``), into
@@ -158,6 +161,26 @@ def fedavg(sizes: list[int], repeats: int, budget_s: float, memory_mb: float,
   return rows
 
 
+def ragged(sizes: list[int], repeats: int, budget_s: float, log) -> dict:
+  """The skewed round beside the equal-size one (``ragged_round.py``): {size: {row: ...}}."""
+  script = str(HERE / "ragged_round.py")
+  names = _run_json([CORE, script, "list"], 300)["impls"]
+  rows: dict[int, dict[str, dict]] = {}
+  for size in sizes:
+    log(f"ragged, {size} clients: {names}")
+    impl_args = [a for n in names for a in ("--impl", n)]
+    timed = _run_json([CORE, script, "time", "--clients", str(size), "--repeats", str(repeats),
+                       "--budget-s", str(budget_s * repeats), *impl_args], 4 * 3600)
+    rows[size] = {}
+    for name in names:
+      row = {**_summary(timed["times_s"][name]), **timed["info"][name],
+             "first_call_s": timed["first_call_s"][name]}
+      mem = _run_json([CORE, script, "memory", "--clients", str(size), "--impl", name], 3600)
+      row.update({k: mem[k] for k in ("baseline_mb", "peak_mb", "delta_mb", "temp_mb")})
+      rows[size][name] = row
+  return rows
+
+
 def tff_rows(size: int, repeats: int, budget_s: float, memory_mb: float, work: Path,
              last: dict, log) -> dict:
   """The two TFF rounds at ``size`` clients (one export, made once, serves every size: TFF takes
@@ -228,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--round-budget-s", type=float, default=12.0,
                       help="skip a size whose estimated round takes longer")
   parser.add_argument("--memory-fraction", type=float, default=0.7)
-  parser.add_argument("--skip", nargs="*", default=[], choices=["fedavg", "tff", "export"])
+  parser.add_argument("--skip", nargs="*", default=[],
+                      choices=["fedavg", "tff", "export", "ragged"])
   parser.add_argument("--report-only", action="store_true",
                       help="rewrite results.md and the plots from results.json")
   ns = parser.parse_args(argv)
@@ -263,6 +287,10 @@ def main(argv: list[str] | None = None) -> int:
           sizes, repeats, ns.round_budget_s, mem_mb, work, log).items()}
       results["tff_profile"] = tff_profile(work, 128 if 128 in sizes else sizes[0],
                                            max(5, repeats))
+  if "ragged" not in ns.skip:
+    ragged_sizes = [16] if quick else [128, 512]
+    results["ragged"] = {str(k): v for k, v in ragged(
+        ragged_sizes, 3 if quick else max(repeats, 7), ns.round_budget_s, log).items()}
   if "export" not in ns.skip:
     # TFLite (a model per piece through the TF converter, seconds even when tiny) only for the
     # smallest of each family, to keep the full run near 15 minutes.

@@ -27,6 +27,7 @@ from faxbridge._src.export import export
 from faxbridge._src.form import FederatedForm
 from faxbridge._src.iterative import IterativeProcess
 from faxbridge._src.placements import CLIENTS, SERVER, Placement
+from faxbridge._src.ragged import Ragged, fold, ragged
 from faxbridge._src.signing import keygen
 from faxbridge._src.split import split
 from faxbridge._src.verify import verify
@@ -44,6 +45,7 @@ __all__ = [
     "IterativeProcess",
     "Placement",
     "PlacementError",
+    "Ragged",
     "TraceError",
     "TracedComputation",
     "UnsupportedPrimitiveError",
@@ -57,12 +59,14 @@ __all__ = [
     "events",
     "execution_strategy",
     "export",
+    "fold",
     "from_drjax",
     "keygen",
     "map",
     "max",
     "mean",
     "min",
+    "ragged",
     "secure_sum",
     "split",
     "sum",

@@ -58,6 +58,10 @@ class Val:
   hi: float
   exact: bool  # bit-identical in every correct implementation (so it may drive a branch)
   depth: int  # how many aggregations it depends on, in sequence
+  # A ragged input's examples (shape: one client's padded [L, ...]): the name of its count leaf, and
+  # its batch size (0: none). Only a fold may read it: its padding is no value of the program.
+  ragged: str | None = None
+  batch: int = 0
 
   @property
   def is_float(self) -> bool:
@@ -232,7 +236,34 @@ def apply_op(kind: str, params: dict, *xs) -> jax.Array:
     return jnp.clip(a, p["lo"], p["hi"]).astype(p["dtype"])
   if kind == "quantize":
     return (a > 0).astype(jnp.int32)
+  if kind in ("fold", "fold_count"):
+    return _fb_fold(kind, p, *xs)
   raise ValueError(f"unknown op {kind}")
+
+
+def _fb_fold(kind: str, p: dict, x, count, init=None):
+  """A client's loop over its own examples (``fb.fold`` over the ragged input's leaves): ``fold``
+  keeps ``h <- h/2 + tanh(x_j)/2`` (with batches: the mean over the batch's real examples),
+  ``fold_count`` counts the positive entries of the real examples."""
+  b = p["batch"] or None
+  data = fb.Ragged(x, count, b)
+  shape = x.shape[1:]
+  if kind == "fold_count":
+    zero = jnp.zeros(shape, jnp.int32)
+    if b is None:
+      return fb.fold(lambda c, e: c + (e > 0).astype(jnp.int32), zero, data)
+    return fb.fold(lambda c, e, m: c + jnp.sum(
+        (e > 0) & m.reshape(-1, *(1,) * len(shape)), axis=0, dtype=jnp.int32), zero, data)
+  h0 = jnp.zeros(shape, jnp.float32) if init is None else init
+  if b is None:
+    return fb.fold(lambda h, e: 0.5 * h + 0.5 * jnp.tanh(e), h0, data)
+
+  def step(h, e, m):
+    mask = m.reshape(-1, *(1,) * len(shape))
+    mean = jnp.sum(jnp.where(mask, jnp.tanh(e), 0.0), axis=0) / jnp.maximum(jnp.sum(m), 1)
+    return 0.5 * h + 0.5 * mean
+
+  return fb.fold(step, h0, data)
 
 
 _DTYPE_RANGE = {"int8": (-128, 127), "int16": (-32768, 32767), "uint8": (0, 255),
@@ -271,7 +302,41 @@ class _Gen:
     return v
 
   def of(self, place: str) -> list[Val]:
-    return [v for v in self.vals.values() if v.place == place]
+    """The ordinary values at ``place`` (a ragged input's padded examples are no value)."""
+    return [v for v in self.vals.values() if v.place == place and v.ragged is None]
+
+  def ragged_input(self) -> fb.Ragged:
+    """A ragged CLIENTS input (``fb.Ragged`` of leaf names): examples of a small shape, padded to
+    4 or 6, each client's own count, batched by 2 or 3 or not at all."""
+    rng = self.rng
+    batch = rng.choice([0, 0, 2, 3])
+    length = 6 if batch else rng.choice([4, 6])
+    shape = rng.choice([(), (3,), (2,)])
+    count = self.new(CLIENTS, (), "int32", 0, length, True, 0)
+    x = dataclasses.replace(self.new(CLIENTS, (length, *shape), "float32", -1, 1, True, 0),
+                            ragged=count.name, batch=batch)
+    self.vals[x.name] = x
+    self.features.add("ragged_batched" if batch else "ragged_examples")
+    return fb.Ragged(x.name, count.name, batch or None)
+
+  def fold_op(self, x: Val, pool: list[Val]) -> tuple[Op, Val]:
+    """A fold over the ragged input ``x`` (its count in ``pool`` too), from a float value of
+    ``pool`` of one example's shape when there is one (else zeros), or a count of positives."""
+    rng = self.rng
+    shape, count = x.shape[1:], self.vals[x.ragged]
+    params = (("batch", x.batch),)
+    if rng.random() < 0.3:
+      out = self.new(CLIENTS, shape, "int32", 0, x.shape[0], True, x.depth)
+      self.features.add("op_fold_count")
+      return Op(out.name, "fold_count", (x.name, count.name), params), out
+    inits = [v for v in pool if v.is_float and v.ragged is None and v.shape == shape]
+    init = rng.choice(inits) if inits and rng.random() < 0.7 else None
+    lo, hi = (-1.0, 1.0) if init is None else (min(init.lo, -1.0), max(init.hi, 1.0))
+    depth = x.depth if init is None else max(x.depth, init.depth)
+    out = self.new(CLIENTS, shape, "float32", lo, hi, False, depth)
+    self.features.add("op_fold" + ("_from_value" if init else ""))
+    args = (x.name, count.name) + ((init.name,) if init else ())
+    return Op(out.name, "fold", args, params), out
 
   def arrange(self, items: list[str]) -> Tree:
     """``items`` in a random pytree: a bare leaf, a tuple, a (nested) dict, or keys that collide
@@ -332,6 +397,7 @@ class _Gen:
   INT_KINDS = ("iadd", "imax", "imin", "iclip", "cast", "quantize")
 
   def candidates(self, kind: str, pool: list[Val]) -> list[tuple[Val, ...]]:
+    pool = [v for v in pool if v.ragged is None]
     fl = [v for v in pool if v.is_float]
     ints = [v for v in pool if not v.is_float]
     pairs = lambda xs, ys, ok: [(a, b) for a in xs for b in ys if ok(a, b)]
@@ -515,7 +581,9 @@ def _stage(g: _Gen, k: int, n: int, previous_map_outputs: list[Val],
   if bcast:
     map_args.append(bcast_tree)
     local += [g.vals[s] for s in names(bcast_tree)]
-  if bcast and (not client_pool or rng.random() < 0.2):
+  # A ragged input is folded by the first stage's map.
+  rag = [v for v in g.vals.values() if v.ragged] if k == 0 else []
+  if bcast and not rag and (not client_pool or rng.random() < 0.2):
     g.features.add("map_reads_only_broadcasts")
   else:
     chosen = rng.sample(client_pool, min(len(client_pool), rng.randint(1, 3)))
@@ -526,10 +594,16 @@ def _stage(g: _Gen, k: int, n: int, previous_map_outputs: list[Val],
     if reuse and rng.random() < 0.7:  # the federated-variance shape
       chosen.append(rng.choice(reuse))
       g.features.add("map_output_aggregated_and_reused")
+    for x in rag:
+      chosen += [v for v in (x, g.vals[x.ragged]) if v not in chosen]
     map_args.append(g.arrange([v.name for v in chosen]))
     local += chosen
   ops: list[Op] = []
   outs: list[Val] = []
+  for x in rag:
+    made = g.fold_op(x, local)
+    ops.append(made[0])
+    outs.append(made[1])
   if g.candidates("matvec", local) and rng.random() < 0.7:
     made = g.op(CLIENTS, local, "matvec")
     ops.append(made[0])
@@ -574,7 +648,7 @@ def _stage(g: _Gen, k: int, n: int, previous_map_outputs: list[Val],
     if kind == "weighted_mean":
       ws = [w for w in g.of(CLIENTS) if w.shape == () and w.lo > 0]
       ints = [x for x in local + outs if not x.is_float and not x.shape]
-      floats = [x for x in local + outs if x.is_float]
+      floats = [x for x in local + outs if x.is_float and x.ragged is None]
       if not (ws or ints or floats):  # nothing in this map to derive a weight from
         kind = rng.choice([x for x in kinds if x != "weighted_mean"])
     if kind == "weighted_mean":
@@ -607,14 +681,15 @@ def _stage(g: _Gen, k: int, n: int, previous_map_outputs: list[Val],
   return outs
 
 
-def generate(seed: int) -> Recipe:
-  """A random valid federated program, the same for the same seed."""
+def generate(seed: int, ragged: bool = False) -> Recipe:
+  """A random valid federated program, the same for the same seed; ``ragged``: one whose CLIENTS
+  input also holds an ``fb.ragged`` input, folded by the first map (another family of seeds)."""
   g = _Gen(seed)
   rng = g.rng
   n = rng.choice([1, 2, 3, 3, 4, 4])
   shape_of = rng.random()
   has_server = shape_of > 0.15
-  has_clients = not (has_server and shape_of > 0.85)
+  has_clients = ragged or not (has_server and shape_of > 0.85)
   pass_clients = (not has_clients) or rng.random() < 0.2
   if not has_clients:
     g.features.add("no_clients_input")
@@ -624,6 +699,8 @@ def generate(seed: int) -> Recipe:
     placements.append(SERVER)
   if has_clients:
     tree = g.input_tree(CLIENTS)
+    if ragged:
+      tree = (tree, g.ragged_input())
     if rng.random() < 0.3 and args:
       args.insert(0, tree)
       placements.insert(0, CLIENTS)
@@ -763,6 +840,25 @@ def _np_softmax(a: np.ndarray) -> np.ndarray:
   return e / np.sum(e, axis=-1, keepdims=True)
 
 
+def _np_fold(kind: str, p: dict, x: np.ndarray, count: np.ndarray, init=None) -> np.ndarray:
+  """:func:`_fb_fold` again: a Python loop over the client's real examples only (the first
+  ``count``; the padding after them is never read), in float32 / int32."""
+  f32, m, b = np.float32, int(count), p["batch"]
+  real = x[:m]
+  chunks = [real[i:i + 1][0] for i in range(m)] if not b else \
+      [real[i:i + b] for i in range(0, m, b)]
+  if kind == "fold_count":
+    c = np.zeros(x.shape[1:], np.int32)
+    for e in chunks:
+      c = c + ((e > 0).astype(np.int32) if not b else np.sum(e > 0, axis=0, dtype=np.int32))
+    return c
+  h = np.zeros(x.shape[1:], f32) if init is None else np.asarray(init, f32)
+  for e in chunks:
+    step = np.tanh(e) if not b else np.sum(np.tanh(e), axis=0, dtype=f32) / f32(len(e))
+    h = f32(0.5) * h + f32(0.5) * step
+  return np.asarray(h, f32)
+
+
 def np_op(kind: str, params: dict, *xs: np.ndarray) -> np.ndarray:
   """:func:`apply_op` again, in numpy float32/int arithmetic (no JAX): the reference's local ops."""
   p = params
@@ -814,11 +910,14 @@ def np_op(kind: str, params: dict, *xs: np.ndarray) -> np.ndarray:
     out = np.clip(a, p["lo"], p["hi"]).astype(p["dtype"])
   elif kind == "quantize":
     out = (a > 0).astype(np.int32)
+  elif kind in ("fold", "fold_count"):
+    out = _np_fold(kind, p, *xs)
   else:
     raise ValueError(f"unknown op {kind}")
   out = np.asarray(out)
   # Every op keeps float32 or its int dtype, as the jnp version does.
-  want = np.dtype(p["dtype"]) if kind == "cast" else np.dtype("int32") if kind == "quantize" \
+  want = np.dtype(p["dtype"]) if kind == "cast" else np.dtype("int32") if kind in (
+      "quantize", "fold_count") \
       else np.dtype("float32") if kind == "to_float" else a.dtype
   assert out.dtype == want, (kind, out.dtype, want)
   return out
@@ -899,8 +998,15 @@ def example_inputs(recipe: Recipe) -> tuple:
       return rng.uniform(v.lo, v.hi, size=shape).astype(np.float32)
     return rng.integers(int(v.lo), int(v.hi), size=shape, endpoint=True).astype(v.dtype)
 
-  return tuple(jax.tree.map(functools.partial(draw, place=p), t)
+  args = tuple(jax.tree.map(functools.partial(draw, place=p), t)
                for t, p in zip(recipe.args, recipe.placements))
+  # A ragged input: each client's real examples are the first `count`; the padding after them is
+  # poisoned (NaN, huge), so a result that read it could not equal the reference.
+  for node in jax.tree.leaves(args, is_leaf=lambda a: isinstance(a, fb.Ragged)):
+    if isinstance(node, fb.Ragged):
+      for i, m in enumerate(node.count):
+        node.examples[i, m:] = rng.choice([np.nan, 1e30, -1e30])
+  return args
 
 
 @dataclasses.dataclass

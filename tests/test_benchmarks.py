@@ -22,6 +22,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import _fedavg_model as model  # noqa: E402
 import export_cost  # noqa: E402
 import fedavg_round  # noqa: E402
+import ragged_round  # noqa: E402
 import report  # noqa: E402
 
 # The rest: slow (compiles). The plain-JAX baselines (jit+vmap and the others) are the slow suite's:
@@ -59,6 +60,31 @@ def test_time_and_memory_modes_report_what_run_reads():
   assert mem["peak_mb"] >= mem["baseline_mb"] > 0
 
 
+def test_skewed_sizes_are_what_the_target_compares():
+  for n in (16, 128, 512):
+    skewed, equal = ragged_round.sizes(n, "skewed"), ragged_round.sizes(n, "equal")
+    assert sum(skewed) == sum(equal) == n * ragged_round.MEAN_EXAMPLES
+    assert max(skewed) == ragged_round.SKEW * ragged_round.MEAN_EXAMPLES and {0, 1} <= set(skewed)
+
+
+@pytest.mark.parametrize("strategy", ["stream", pytest.param("vmap", marks=pytest.mark.slow)])
+def test_ragged_round_equals_a_loop_over_each_clients_own_examples(strategy):
+  counts = ragged_round.sizes(16, "skewed")
+  params, data = model.init_params(), ragged_round.client_data(counts)
+  want = ragged_round.reference_round(params, counts, data)
+  got = ragged_round.faxbridge_round(ragged_round.STRATEGIES[strategy])(params, data)
+  for k in model.PARAM_NAMES:
+    np.testing.assert_allclose(np.asarray(got[k]), want[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+@pytest.mark.slow
+def test_ragged_time_mode_reports_what_run_reads():
+  timed = ragged_round.time_mode(16, ["stream skewed", "stream equal"], repeats=1, budget_s=10)
+  assert timed["info"]["stream skewed"]["largest"] == 640
+  assert timed["info"]["stream equal"]["batch_steps"] == 16 * 4
+  assert all(len(timed["times_s"][n]) == 1 for n in ("stream skewed", "stream equal"))
+
+
 def test_export_cost_does_not_embed_the_parameters():
   row = export_cost.one("params", 100_000, "stablehlo")
   assert row["eqns"] > 0 and row["export_s"] > 0
@@ -81,8 +107,15 @@ def test_report_verdicts_and_files(tmp_path):
              "export_cost": [{"kind": "params", "size": 100, "target": "tff", "eqns": 5,
                               "export_s": 0.1, "peak_mb": 1.0, "delta_mb": 0.5,
                               "bytes_written": 10}]}
+  skew = {"examples": 8192, "batch_steps": 576, "temp_mb": 30.0}
+  equal = {"batch_steps": 512, "temp_mb": 30.0}
+  results["ragged"] = {"128": {
+      "stream skewed": {**row(1.2), **skew}, "stream equal": {**row(1.0), **equal},
+      "vmap skewed": {**row(8.0), **skew}, "vmap equal": {**row(1.0), **equal}}}
   report.write(results, tmp_path)
   text = (tmp_path / "results.md").read_text()
+  assert '(128 clients, ("stream", 8)) | 1.20x | met |' in text
+  assert "| 128 | vmap | 8.0000 | 1.0000 | 8.00x | 8.00x |" in text
   assert "| auto at 128 clients <= 0.45x jit+vmap | 0.40x | met |" in text
   assert "| auto at 2,048 clients <= 0.3x jit+vmap | 0.40x | missed by 33% |" in text
   assert "peak memory <= 1 GiB (absolute, fresh process) | 2.00 GiB | missed by 100% |" in text
@@ -116,4 +149,5 @@ def test_run_quick_end_to_end(tmp_path):
     assert s["export"]["nodes"]["intrinsic"] == s["hand"]["nodes"]["intrinsic"]
     assert s["export"]["nodes"]["tensorflow"] == s["hand"]["nodes"]["tensorflow"]
   assert {r["target"] for r in results["export_cost"]} == {"tff", "stablehlo"}
+  assert set(results["ragged"]["16"]) == set(ragged_round.impls())
   assert (tmp_path / "results.md").exists()

@@ -73,6 +73,10 @@ def test_quickstart_runs_whole_with_tff(tmp_path, monkeypatch):
   assert (tmp_path / "build" / "train_round_tff" / "computation.pb").is_file()
 
 
+def test_ragged_runs(tmp_path, monkeypatch):
+  assert run_blocks("ragged.md", tmp_path, monkeypatch, include_slow=False) >= 4
+
+
 def test_concepts_run(tmp_path, monkeypatch):
   assert not any(b.slow for b in blocks("concepts.md"))
   assert run_blocks("concepts.md", tmp_path, monkeypatch, include_slow=False) >= 6
@@ -202,7 +206,8 @@ def test_relative_links_resolve():
 
 # -- docstrings -----------------------------------------------------------------------------------
 DOCTEST_MODULES = ["faxbridge._src.api", "faxbridge._src.computation", "faxbridge._src.iterative",
-                   "faxbridge._src.export", "faxbridge._src.verify", "faxbridge._src.signing"]
+                   "faxbridge._src.export", "faxbridge._src.verify", "faxbridge._src.signing",
+                   "faxbridge._src.ragged"]
 
 
 @pytest.mark.parametrize("module", DOCTEST_MODULES)
@@ -223,7 +228,8 @@ def test_docstring_examples_run(module, tmp_path, monkeypatch):
 
 def test_public_api_docstrings_have_an_example():
   documented = ["broadcast", "map", "sum", "mean", "weighted_mean", "secure_sum", "max", "min",
-                "computation", "Computation", "IterativeProcess", "export", "verify", "keygen"]
+                "computation", "Computation", "IterativeProcess", "export", "verify", "keygen",
+                "ragged", "Ragged", "fold"]
   lacking = [name for name in documented if ">>> " not in (getattr(fb, name).__doc__ or "")]
   errors = [name for name in fb.__all__ if name.endswith("Error")]
   lacking += [name for name in errors if name != "FaxbridgeError"

@@ -176,14 +176,14 @@ def test_a_node_with_trust_refuses_the_app_before_reading_anything_else(
     signature = {"unsigned": None, "another key": _signature(apps["mallory"]),
                  "not a signature": b"garbage"}[case]
   with pytest.raises(VerificationError, match=rf"node n0: refusing the app: .*{match}"):
-    node.NodeRun(app, _config(tmp_path / "n0", keys["alice"].public_key), signature)
+    node.NodeRun(app, _config(tmp_path / "n0", keys["alice"].public_key), signature=signature)
   assert _stored(tmp_path / "n0") == []
 
 
 def test_a_node_with_trust_runs_the_signed_app_and_later_messages_need_its_kept_signature(
     apps, keys, tmp_path):
   config = _config(tmp_path / "n0", keys["alice"].public_key)
-  run = node.NodeRun(apps["alice"], config, _signature(apps["alice"]))
+  run = node.NodeRun(apps["alice"], config, signature=_signature(apps["alice"]))
   digest = protocol.sha256((apps["alice"] / "manifest.json").read_bytes())
   assert _stored(tmp_path / "n0") == [f"{digest}.manifest.sig"]
   # A work message brings no signature: the node checks the one it kept at install, again.
@@ -201,7 +201,7 @@ def test_a_node_with_trust_runs_the_signed_app_and_later_messages_need_its_kept_
   node.NodeRun(apps["unsigned"], config)
   # With the original signature, the changed manifest fails the check itself.
   with pytest.raises(VerificationError, match="changed after it was signed"):
-    node.NodeRun(changed, config, _signature(apps["alice"]))
+    node.NodeRun(changed, config, signature=_signature(apps["alice"]))
   # A kept signature is checked, not trusted: replaced by mallory's, it is refused.
   (tmp_path / "n0" / "store" / f"{digest}.manifest.sig").write_bytes(_signature(apps["mallory"]))
   with pytest.raises(VerificationError, match=r"signature kept in .* made with another key"):

@@ -250,6 +250,22 @@ def test_maps_feeding_maps_and_casts_of_weights_stream_in_one_group():
   _close(comp(S, X), (np.cos(S * X).mean(0), (S * X).sum(0)))
 
 
+def test_a_cast_of_an_input_weight_joins_the_group_of_the_weighted_value():
+  """FedAvg weighted by the clients' counts: fb.weighted_mean binds the cast of the count (an
+  input) after the value's map; the cast joins the value's group, so the weighted mean is fused
+  and the clients' values are never stacked (memory flat in the clients)."""
+
+  def weighted(s, x, n):
+    return fb.weighted_mean(fb.map(lambda a, b: jnp.sin(a * b), fb.broadcast(s), x), n)
+
+  comp = _comp(weighted, "stream")
+  n = np.arange(1, N + 1, dtype=np.int32)
+  groups, _ = execution._plan(comp.trace(S, X, n).jaxpr.jaxpr)
+  (group,) = groups.values()
+  assert len(group.maps) == 2 and len(group.aggregations) == 1 and group.stacked == []
+  _close(comp(S, X, n), ((n[:, None] * np.sin(S * X)).sum(0) / n.sum()).astype(np.float32))
+
+
 def test_outer_computation_streams_an_inner_one():
   inner = _comp(every_op, "vmap")
   outer = _comp(lambda s, x, w: inner(s, x, w)["server"] * 2, "stream")

@@ -30,6 +30,7 @@ from faxbridge._src.events import emit
 from faxbridge._src.export_reader import sha256
 from faxbridge._src.form import FederatedForm, state_links
 from faxbridge._src.iterative import IterativeProcess
+from faxbridge._src.locations import describe
 from faxbridge._src.placements import CLIENTS
 from faxbridge._src.serialization import export as export_without_locations
 from faxbridge._src.split import split
@@ -96,6 +97,32 @@ def split_program(program: Program, example_args: Sequence[Any]) -> SplitProgram
                         {"computation": (program, specs)})
   raise ExportError(f"cannot export {type(program).__name__}: expected fb.computation or "
                     "fb.IterativeProcess")
+
+
+def refuse_ragged(split: SplitProgram, target: str) -> None:
+  """An ExportError naming the cause when ``split`` has clients with their own numbers of examples
+  (an ``fb.ragged`` input, or an ``fb.fold`` over a client's examples), which ``target`` does not
+  export yet (its registry entry says ``ragged=False``).
+
+  Raises:
+    ExportError: the first ragged input leaf (and its count), or the user's line of the first fold.
+  """
+  for name, form in split.forms.items():
+    leaves, folds = form.ragged_inputs, form.folds()
+    if not leaves and not folds:
+      continue
+    where = "" if name == "computation" else f" ({name})"
+    if leaves:
+      folded = f"; folded by fb.fold{describe(folds[0])}" if folds else ""
+      cause = (f"its input {leaves[0].name} holds each client's own number of examples "
+               f"(fb.ragged, counted by {leaves[0].ragged.count}{folded})")  # type: ignore[union-attr]
+    else:
+      cause = f"it folds over a client's own examples (fb.fold{describe(folds[0])})"
+    raise ExportError(
+        f"{split.name}{where}: {cause}, and the {target} target cannot export clients with their "
+        "own data sizes yet (docs/ragged.md says which targets can). Run it natively "
+        "(calling the computation, or fb.split(...).run), or export a version whose clients' "
+        "data all have one shape.")
 
 
 def versions(target: registry.Target | None = None) -> dict[str, str]:
@@ -254,6 +281,8 @@ def export(
             f"it as {narrowed[dt]}; cast it to {narrowed[dt]} (x.astype(np.{narrowed[dt]})) or "
             "enable jax_enable_x64 (JAX_ENABLE_X64=1 or jax.config.update('jax_enable_x64', True))")
   split = split_program(program, example_args)
+  if not entry.ragged:
+    refuse_ragged(split, entry.name)
   out.parent.mkdir(parents=True, exist_ok=True)
   tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
   try:

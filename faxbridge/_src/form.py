@@ -248,24 +248,58 @@ class Stage:
 
 
 @dataclasses.dataclass(frozen=True)
+class RaggedSpec:
+  """An input leaf whose clients hold their own numbers of examples (``fb.ragged``).
+
+  One client's leaf (its ``Binding``'s shape) is padded to ``max_length`` examples on axis 0; the
+  first ``count`` are real, ``count`` being the client's value of the input leaf named ``count``
+  (int32, one per client). ``batch_size``: the client's loop (``fb.fold``) runs over batches of that
+  many examples, a mask marking the real ones of the last; None: over single examples. An exporter
+  that takes each client's data at its own length makes axis 0 of the leaf dynamic (symbolic) and
+  feeds ``count`` = that length.
+  """
+
+  count: str
+  max_length: int
+  batch_size: int | None = None
+
+  def to_json(self) -> dict:
+    out: dict[str, Any] = {"count": self.count, "max_length": self.max_length}
+    if self.batch_size is not None:
+      out["batch_size"] = self.batch_size
+    return out
+
+  @classmethod
+  def from_json(cls, d: Mapping) -> RaggedSpec:
+    return cls(d["count"], int(d["max_length"]), d.get("batch_size"))
+
+
+@dataclasses.dataclass(frozen=True)
 class Binding:
   """A computation input or output leaf: its named tensor, placement and path in the pytree
-  (inputs: the argument's position first)."""
+  (inputs: the argument's position first), and for a leaf of an ``fb.ragged`` input its
+  :class:`RaggedSpec`."""
 
   spec: TensorSpec
   placement: Placement
   path: tuple = ()
+  ragged: RaggedSpec | None = None
 
   @property
   def name(self) -> str:
     return self.spec.name
 
   def to_json(self) -> dict:
-    return {**self.spec.to_json(), "placement": self.placement.value, "path": list(self.path)}
+    out = {**self.spec.to_json(), "placement": self.placement.value, "path": list(self.path)}
+    if self.ragged is not None:
+      out["ragged"] = self.ragged.to_json()
+    return out
 
   @classmethod
   def from_json(cls, d: Mapping) -> Binding:
-    return cls(TensorSpec.from_json(d), Placement(d["placement"]), tuple(d.get("path", ())))
+    ragged = RaggedSpec.from_json(d["ragged"]) if d.get("ragged") else None
+    return cls(TensorSpec.from_json(d), Placement(d["placement"]), tuple(d.get("path", ())),
+               ragged)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -295,6 +329,18 @@ class FederatedForm:
   def bytes_per_client(self) -> list[dict[str, int]]:
     """Per stage, the bytes each client downloads (broadcasts) and uploads (aggregated leaves)."""
     return [stage.bytes_per_client() for stage in self.stages]
+
+  @property
+  def ragged_inputs(self) -> tuple[Binding, ...]:
+    """The input leaves whose clients hold their own numbers of examples (``fb.ragged``)."""
+    return tuple(b for b in self.inputs if b.ragged is not None)
+
+  def folds(self) -> list:
+    """The ``source_info`` of each ``fb.fold`` in the pieces (split-made forms; [] when read
+    from JSON): loops over a client's own examples, also over data padded by the user."""
+    from faxbridge._src.ragged import fold_sites
+
+    return [site for p in self.pieces() if p.jaxpr is not None for site in fold_sites(p.jaxpr.jaxpr)]
 
   def with_files(self, files: Callable[[Piece], Mapping[str, str]]) -> FederatedForm:
     """The same form with each piece's ``files`` set (pieces without outputs get none)."""
@@ -562,5 +608,5 @@ def run_program(kind: str, run: Callable[[str, dict], dict], inputs: Mapping[str
 
 
 __all__ = ["Aggregation", "Backend", "Binding", "FederatedForm", "JaxBackend", "Names",
-           "PerClientBackend", "Piece", "Stage", "TensorSpec", "interpret", "leaf_paths",
+           "PerClientBackend", "Piece", "RaggedSpec", "Stage", "TensorSpec", "interpret", "leaf_paths",
            "number_of_clients", "run_program", "sanitize", "state_links"]

@@ -145,6 +145,9 @@ class Target:
     examples: command lines shown by ``faxbridge --help``.
     demo: what ``faxbridge demo`` runs with this target, or None.
     default: the target ``fb.export`` and ``faxbridge export`` use when none is named.
+    ragged: whether its exporter takes programs whose clients hold their own numbers of examples
+      (``fb.ragged`` inputs, ``fb.fold``: the form's ``RaggedSpec`` s and folds); ``fb.export``
+      refuses such a program for a target that does not say so, naming the cause.
   """
 
   name: str
@@ -158,6 +161,7 @@ class Target:
   examples: tuple[str, ...] = ()
   demo: Demo | None = None
   default: bool = False
+  ragged: bool = False
 
   def load(self) -> Callable[..., dict]:
     return _load(self.exporter)

@@ -17,7 +17,7 @@ import numpy as np
 from jax.extend import core as jcore
 from jax.extend import source_info_util
 
-from faxbridge._src import placements
+from faxbridge._src import placements, ragged
 from faxbridge._src.aggregations import AGGREGATIONS
 from faxbridge._src.computation import Computation, TracedComputation
 from faxbridge._src.errors import ExportError
@@ -27,6 +27,7 @@ from faxbridge._src.form import (
   FederatedForm,
   Names,
   Piece,
+  RaggedSpec,
   Stage,
   TensorSpec,
   leaf_hint,
@@ -321,8 +322,19 @@ class _Splitter:
     res_in = [v for v in server_state
               if v in set(uses(result_eqns)) or v in {o for o, _ in server_outs}]
     result = self._server_piece("server_result", result_eqns, res_in, server_outs)
-    inputs = tuple(Binding(_spec(self.var_names[v], v.aval, p), p, tuple(path))
-                   for v, p, path in zip(jaxpr.invars, traced.in_placements, in_paths))
+    ragged_leaves = ragged.input_specs(traced.in_tree)
+
+    def ragged_spec(i: int, v, place: Placement) -> RaggedSpec | None:
+      if i not in ragged_leaves:
+        return None
+      count, batch_size = ragged_leaves[i]
+      axis = 1 if place is CLIENTS else 0
+      return RaggedSpec(self.var_names[jaxpr.invars[count]], int(v.aval.shape[axis]), batch_size)
+
+    inputs = tuple(Binding(_spec(self.var_names[v], v.aval, p), p, tuple(path),
+                           ragged_spec(i, v, p))
+                   for i, (v, p, path) in enumerate(zip(jaxpr.invars, traced.in_placements,
+                                                        in_paths)))
     outputs = tuple(
         Binding(_spec(n, v.aval, p), p, tuple(path))
         for v, n, p, path in zip(final_outs, out_names, out_places, out_paths))
