@@ -105,8 +105,12 @@ def test_run_quick_end_to_end(tmp_path):
   second size would start them all again and show nothing new): every row, TFF's two rounds
   agreeing."""
   subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--sizes", "2",
-                  "--out", str(tmp_path)], check=True, cwd=ROOT, timeout=1800)
+                  "--huge-sizes", "16", "--skip", "peers", "--out", str(tmp_path)], check=True, cwd=ROOT,
+                 timeout=1800)
   results = json.loads((tmp_path / "results.json").read_text())
+  huge = results["huge"]["16"]
+  assert huge["median_s"] > 0 and huge["peak_mb"] >= huge["baseline_mb"]
+  assert set(results["big_model"]["impls"]) == {"faxbridge vmap", "faxbridge stream", "drjax"}
   names = set(fedavg_round.impls(2))
   for size in ("2",):
     rows = results["fedavg"][size]
@@ -121,7 +125,9 @@ def test_run_quick_end_to_end(tmp_path):
     assert s["export"]["nodes"]["intrinsic"] == s["hand"]["nodes"]["intrinsic"]
     assert s["export"]["nodes"]["tensorflow"] == s["hand"]["nodes"]["tensorflow"]
   assert {r["target"] for r in results["export_cost"]} == {"tff", "stablehlo"}
-  assert (tmp_path / "results.md").exists()
+  text = (tmp_path / "results.md").read_text()
+  assert "## The round at many clients, one process" in text and "| 16 | faxbridge auto |" in text
+  assert "## Big-model round (clients x model mesh)" in text
 
 
 # -- the transformer the model-axes tests and the big-model round share --------------------------------
@@ -332,3 +338,23 @@ def test_flower_simulation_round_equals_the_reference(peer_inputs):
   assert got["versions"]["flwr"].startswith("1.42")
   # Ray's processes count: the tree's peak is well above the driver's own.
   assert got["memory"]["peak_mb"] > got["memory"]["process_peak_mb"]
+
+
+@pytest.mark.bench
+@pytest.mark.slow
+@bench_env
+def test_run_quick_gives_the_peers_rows(tmp_path):
+  """``run.py`` wires the peers in: at 2 clients, pfl under Keras 3 is a mismatch (no time), pfl under
+  tf-keras and Flower's simulation are timed and checked, and their versions are in the report."""
+  subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--sizes", "2",
+                  "--skip", "tff", "huge", "big_model", "export", "--out", str(tmp_path)], check=True,
+                 cwd=ROOT, timeout=1800)
+  results = json.loads((tmp_path / "results.json").read_text())
+  rows = results["fedavg"]["2"]
+  assert "differs from the reference round" in rows["pfl (Keras 3)"]["mismatch"]
+  for name in ("pfl (tf-keras)", "Flower simulation (Ray)"):
+    assert rows[name]["median_s"] > 0 and rows[name]["max_abs_diff_vs_reference"] < 1e-6, name
+  versions = results["versions"]
+  assert versions[".venv-bench pfl"] == "0.6.0" and versions[".venv-bench flwr"] == "1.42.0"
+  text = (tmp_path / "results.md").read_text()
+  assert "| pfl (Keras 3) | - |" in text and ".venv-bench pfl 0.6.0" in text
