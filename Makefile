@@ -1,4 +1,6 @@
-# Two environments, by necessity (see README): the core at .venv, TFF's runtime at .venv-tff.
+# Two environments, by necessity (see README): the core at .venv, TFF's runtime at .venv-tff. A third,
+# .venv-bench (the peers the benchmark compares: pfl, Flower's simulation engine), is built by `make
+# bench` only.
 # The core (.venv) needs Python 3.12: jax >= 0.11 requires it. TFF 0.87 (.venv-tff) needs 3.11.
 # Each is found without manual steps: python3.X on PATH if it runs (a pyenv shim may name a version
 # that is not selected), else pyenv's install of it (`pyenv prefix`, or $PYENV_ROOT/versions/3.X.*,
@@ -14,7 +16,7 @@ CORE := .venv/bin/python
 TFF := .venv-tff/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-quick lint fixtures bench envs clean-envs chromium
+.PHONY: demo test test-quick test-bench lint fixtures bench envs clean-envs chromium
 
 envs: .venv/.ready .venv-tff/.ready
 
@@ -56,16 +58,17 @@ demo: envs
 # call) on one worker. A plain `pytest tests/...` runs in one process; PYTEST_ARGS=-n0 does too.
 PARALLEL := -n auto --maxprocesses=4 --dist loadgroup
 
-# The whole suite, both environments. pytest's exit code 5 ("no tests ran") is a failure here.
+# The whole suite, both environments, less the tests marked `bench` (they need .venv-bench: `make
+# test-bench`). pytest's exit code 5 ("no tests ran") is a failure here.
 # An exported PYTEST_ADDOPTS would silently narrow it (-k, -m, --deselect): only PYTEST_ARGS,
 # given on purpose (make test PYTEST_ARGS=...), narrows a run.
 test: envs chromium
-	env -u PYTEST_ADDOPTS $(CORE) -m pytest $(PARALLEL) $(PYTEST_ARGS); rc=$$?; \
+	env -u PYTEST_ADDOPTS $(CORE) -m pytest $(PARALLEL) -m "not bench" $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests"; exit 1; fi; exit $$rc
 
 # The quick suite: everything but the slow round trips (under a minute).
 test-quick: .venv/.ready chromium
-	env -u PYTEST_ADDOPTS $(CORE) -m pytest $(PARALLEL) -m "not slow" $(PYTEST_ARGS); rc=$$?; \
+	env -u PYTEST_ADDOPTS $(CORE) -m pytest $(PARALLEL) -m "not slow and not bench" $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests"; exit 1; fi; exit $$rc
 
 # 500 random federated programs (tests/federated_programs.py) natively and through fb.split, each
@@ -84,9 +87,26 @@ lint: .venv/.ready
 fixtures: envs
 	$(CORE) interop_fixtures/regenerate.py
 
+# The peers' environment (benchmarks/pfl_round.py, benchmarks/flower_round.py): pfl 0.6 pins
+# dp-accounting < 0.6 and Flower's simulation engine needs Ray, neither of which .venv can hold. Python
+# 3.12, as .venv. Only `make bench` and `make test-bench` build it.
+.venv-bench/.ready: requirements/bench.txt requirements/bench.lock
+	@test -n "$(PYTHON_CORE)" || { echo "error: .venv-bench needs Python 3.12 and none was found" \
+	  "(python3.12 on PATH, pyenv's 3.12): install one (pyenv install 3.12) or pass" \
+	  "PYTHON_CORE=/path/to/python3.12"; exit 1; }
+	rm -rf .venv-bench
+	$(PYTHON_CORE) -m venv .venv-bench
+	.venv-bench/bin/pip install -q --disable-pip-version-check -r requirements/bench.txt -c requirements/bench.lock
+	touch $@
+
 # make bench [BENCH_ARGS=--quick]: every benchmark, results in benchmarks/results.{md,json}
-bench: .venv/.ready
+bench: .venv/.ready .venv-bench/.ready
 	$(CORE) benchmarks/run.py $(BENCH_ARGS)
 
+# The tests marked `bench` (the peers' rounds in .venv-bench), which `make test` deselects: CI never
+# builds that environment, and a skip must not read as a pass.
+test-bench: .venv/.ready .venv-bench/.ready
+	env -u PYTEST_ADDOPTS $(CORE) -m pytest -m bench $(PYTEST_ARGS)
+
 clean-envs:
-	rm -rf .venv .venv-tff
+	rm -rf .venv .venv-tff .venv-bench

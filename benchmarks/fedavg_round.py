@@ -10,6 +10,9 @@ own process by ``run.py``:
   the shared machine hits all alike; a per-run time budget caps the repeats at large sizes.
 * ``memory``: one implementation in a fresh process: ``ru_maxrss`` after the data is made
   (baseline) and after compile + one round (peak).
+* ``huge``: one implementation at many clients (100,000) in a fresh process: time and memory together.
+* ``export`` and ``peers``: the inputs of the TFF rounds (``tff_round.py``) and of pfl's and Flower's
+  (``pfl_round.py``, ``flower_round.py``), with the reference round's result.
 
   .venv/bin/python benchmarks/fedavg_round.py time --clients 128 --repeats 5
   .venv/bin/python benchmarks/fedavg_round.py memory --clients 128 --impl "jit+vmap"
@@ -155,16 +158,20 @@ def time_mode(clients: int, names: list[str], repeats: int, budget_s: float) -> 
   """Compile each, then ``repeats`` round-robin passes (fewer when ``budget_s`` runs out)."""
   params, data = _inputs(clients)
   table = impls(clients)
-  fns, compile_s, picked = {}, {}, {}
+  fns, compile_s, picked, errors = {}, {}, {}, {}
   for name in names:
     fn = table[name]()
     start = time.perf_counter()
-    jax.block_until_ready(fn(params, data))
+    try:
+      jax.block_until_ready(fn(params, data))
+    except Exception as e:  # out of memory on an accelerator (jit+vmap at many clients): its row says so
+      errors[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+      continue
     compile_s[name] = time.perf_counter() - start
     fns[name] = fn
     if name.endswith("auto"):
       picked[name] = auto_choice(fn, params, data)
-  times: dict[str, list[float]] = {n: [] for n in names}
+  times: dict[str, list[float]] = {n: [] for n in fns}
   start_all = time.perf_counter()
   for r in range(repeats):
     for name, fn in fns.items():
@@ -173,7 +180,8 @@ def time_mode(clients: int, names: list[str], repeats: int, budget_s: float) -> 
       times[name].append(time.perf_counter() - start)
     if r >= 2 and time.perf_counter() - start_all > budget_s:
       break
-  return {"clients": clients, "times_s": times, "first_call_s": compile_s, "auto_picked": picked}
+  return {"clients": clients, "times_s": times, "first_call_s": compile_s, "auto_picked": picked,
+          "errors": errors}
 
 
 def memory_mode(clients: int, name: str) -> dict:
@@ -208,11 +216,57 @@ def export_mode(clients: int, out_dir: Path, export_dir: Path | None = None) -> 
   return {"clients": clients, "export": str(export), "export_s": export_s}
 
 
+def huge_mode(clients: int, name: str, repeats: int, budget_s: float) -> dict:
+  """One implementation at many clients in a fresh process (``run.py``'s 100,000-client round): the
+  data made and put on the device (its host copy dropped), then compile + one round, then timed rounds
+  (at least one, more while ``budget_s`` lasts). Memory is this process's resident set sampled while
+  the rounds run (``peer_io.PeakMemory``: ``ru_maxrss`` would keep the moment the data existed twice):
+  ``baseline_mb`` before compiling, ``peak_mb`` the most during the rounds."""
+  import gc
+
+  import peer_io
+
+  data = model.client_data(clients)
+  data_mb = sum(v.nbytes for v in data.values()) / 2**20
+  params, data = jax.device_put(model.init_params()), jax.block_until_ready(jax.device_put(data))
+  gc.collect()
+  fn = impls(clients)[name]()
+  times: list[float] = []
+  with peer_io.PeakMemory() as mem:
+    start = time.perf_counter()
+    jax.block_until_ready(fn(params, data))
+    first = time.perf_counter() - start
+    start_all = time.perf_counter()
+    while len(times) < repeats and (not times or time.perf_counter() - start_all < budget_s):
+      start = time.perf_counter()
+      jax.block_until_ready(fn(params, data))
+      times.append(time.perf_counter() - start)
+  out = {"clients": clients, "impl": name, "data_mb": data_mb, "baseline_mb": mem.baseline_mb,
+         "peak_mb": mem.peak_mb, "delta_mb": mem.peak_mb - mem.baseline_mb, "first_call_s": first,
+         "times_s": times, "process_maxrss_mb": _maxrss_mb()}
+  if name.endswith("auto"):
+    out["auto_picked"] = auto_choice(fn, params, data)
+  return out
+
+
+def peers_mode(clients: int, out_dir: Path) -> dict:
+  """The inputs of the peers' rounds (``pfl_round.py``, ``flower_round.py``; read by
+  ``benchmarks/peer_io.py``): the model, the clients' data and the reference round's result."""
+  params, data = model.init_params(), model.client_data(clients)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  np.savez(out_dir / "params.npz", **params)
+  np.save(out_dir / "x.npy", data["x"])
+  np.save(out_dir / "y.npy", data["y"])
+  start = time.perf_counter()
+  np.savez(out_dir / "reference.npz", **model.reference_round(params, data))
+  return {"clients": clients, "inputs": str(out_dir), "reference_s": time.perf_counter() - start}
+
+
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("mode", choices=["time", "memory", "export", "list"])
-  parser.add_argument("--out-dir", type=Path, help="export mode: where to write")
+  parser.add_argument("mode", choices=["time", "memory", "huge", "export", "peers", "list"])
+  parser.add_argument("--out-dir", type=Path, help="export and peers modes: where to write")
   parser.add_argument("--export-dir", type=Path, help="export mode: the export (reused if there)")
   parser.add_argument("--clients", type=int, default=8)
   parser.add_argument("--impl", action="append", help="an implementation (repeatable; default all)")
@@ -224,6 +278,10 @@ def main(argv: list[str] | None = None) -> None:
     out: dict = {"impls": names}
   elif ns.mode == "export":
     out = export_mode(ns.clients, ns.out_dir, ns.export_dir)
+  elif ns.mode == "huge":
+    out = huge_mode(ns.clients, names[0], ns.repeats, ns.budget_s)
+  elif ns.mode == "peers":
+    out = peers_mode(ns.clients, ns.out_dir)
   elif ns.mode == "time":
     out = time_mode(ns.clients, names, ns.repeats, ns.budget_s)
   else:

@@ -13,6 +13,19 @@ BASE = "jit+vmap"
 AUTO = ("faxbridge auto", "faxbridge")  # the first present is the row the targets use
 TFF_HAND, TFF_EXPORT = "TFF hand-written", "TFF running faxbridge's export"
 HAND_STREAM = "scan of vmap blocks"  # the best hand-written streaming round (fedavg_round.scan_blocks)
+HUGE, HUGE_BASE = "100000", "10000"  # the one-process rounds the targets compare
+HUGE_IMPL_LABEL = "faxbridge auto"
+PEERS_NOTE = (
+    "Peers (`.venv-bench`, built from `requirements/bench.lock`), each in its own process on the same "
+    "inputs, its first round checked against the reference round (`_fedavg_model.reference_round`) "
+    "before any is timed: a round that differs is reported as a mismatch, not timed. **pfl** "
+    "(`pfl_round.py`): a Keras MLP in `TFModel`, `FederatedAveraging` on a `SimulatedBackend`, "
+    "`local_batch_size=16`, one epoch at learning rate 0.1, central SGD at 1.0; under Keras 3 and under "
+    "tf-keras (`TF_USE_LEGACY_KERAS=1`). **Flower simulation** (`flower_round.py`): a `ClientApp` per "
+    "virtual SuperNode running the benchmark's own jitted JAX client update, the message-API `FedAvg`, "
+    "`run_simulation` on Ray with its default resources (2 CPUs per ClientApp); its round runs from "
+    "`configure_train` to the end of `aggregate_train`, its first call includes starting Ray's actor "
+    "and compiling. Peers' memory is their whole process tree (Ray's processes included), sampled.")
 
 
 def _auto(rows: dict) -> str | None:
@@ -29,6 +42,11 @@ def _fmt(x, spec: str = ".3f") -> str:
   return "-" if x is None else format(x, spec)
 
 
+def _cell(text: str) -> str:
+  """Text for a table cell: one line, no column separators."""
+  return " ".join(str(text).split()).replace("|", "/")
+
+
 def fedavg_tables(fedavg: dict) -> list[str]:
   lines = []
   for size, rows in fedavg.items():
@@ -38,13 +56,16 @@ def fedavg_tables(fedavg: dict) -> list[str]:
               "ms per client | vs jit+vmap | note |",
               "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for name, row in rows.items():
-      if "skipped" in row:
-        lines.append(f"| {name} | - | - | - | - | - | - | - | - | skipped: {row['skipped']} |")
+      if "skipped" in row or "mismatch" in row or "error" in row:
+        why = next(f"{k}: {row[k]}" for k in ("skipped", "mismatch", "error") if k in row)
+        lines.append(f"| {name} | - | - | - | - | - | - | - | - | {_cell(why)} |")
         continue
       ratio = _ratio(rows, name, BASE)
       note = f"auto picked {row['auto_picked']}" if row.get("auto_picked") else ""
       if row.get("worker_peak_mb"):
         note += f"; worker_binary peak {row['worker_peak_mb']:.0f} MB"
+      if row.get("max_abs_diff_vs_reference") is not None:
+        note += f"; checked: max abs diff {row['max_abs_diff_vs_reference']:.1e} to the reference"
       lines.append(
           f"| {name} | {row['median_s']:.4f} | {row['min_s']:.4f} | {row['max_s']:.4f} | "
           f"{row['runs']} | {row['peak_mb']:.0f} | {row['delta_mb']:.0f} | "
@@ -53,7 +74,7 @@ def fedavg_tables(fedavg: dict) -> list[str]:
   return lines
 
 
-def targets(fedavg: dict) -> list[str]:
+def targets(fedavg: dict, huge: dict | None = None) -> list[str]:
   """The issue's targets, each met or missed by how much, from this run's ratios."""
   out = ["| target | measured | verdict |", "|---|---|---|"]
 
@@ -84,6 +105,12 @@ def targets(fedavg: dict) -> list[str]:
           _ratio(rows, _auto(rows), HAND_STREAM), limit)
   check("exported round on TFF <= 1.10x hand-written TFF at 128 clients",
         _ratio(r128, TFF_EXPORT, TFF_HAND), 1.10)
+  huge = huge or {}
+  big, base = huge.get(HUGE), huge.get(HUGE_BASE)
+  check("auto at 100,000 clients (one process) <= 0.3 ms per client",
+        1e3 * big["median_s"] / int(HUGE) if big else None, 0.3, " ms")
+  check("memory flat in clients: the round's own memory (peak - baseline) at 100,000 <= 1.1x at 10,000",
+        big["delta_mb"] / max(base["delta_mb"], 1.0) if big and base else None, 1.1)
   return out
 
 
@@ -112,6 +139,47 @@ def ragged_tables(ragged: dict) -> list[str]:
         verdicts.append(f"| skewed round <= 1.5x the equal-size round ({size} clients, "
                         f"(\"stream\", 8)) | {ratio:.2f}x | {verdict} |")
   return [*lines, "", "| target | measured | verdict |", "|---|---|---|", *verdicts]
+
+
+def huge_table(huge: dict) -> list[str]:
+  lines = ["Each size in one fresh process (`fedavg_round.py huge`). Memory is the process's resident set "
+           "sampled while compiling and running the rounds: `baseline` once the data is on the device "
+           "(its host copy dropped), `peak` the most during the rounds, `peak - data` what is not the "
+           "clients' data.", "",
+           "| clients | implementation | median s | min s | runs | first call s | ms per client | data MB | "
+           "baseline MB | peak MB | round's own MB (peak - baseline) | peak - data MB | note |",
+           "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+  for size, r in huge.items():
+    n = int(size)
+    note = f"auto picked {r['auto_picked']}" if r.get("auto_picked") else ""
+    lines.append(f"| {n:,} | {HUGE_IMPL_LABEL} | {r['median_s']:.3f} | {r['min_s']:.3f} | {r['runs']} | "
+                 f"{r['first_call_s']:.2f} | {1e3 * r['median_s'] / n:.3f} | {r['data_mb']:.0f} | "
+                 f"{r['baseline_mb']:.0f} | {r['peak_mb']:.0f} | {r['delta_mb']:.0f} | "
+                 f"{r['peak_mb'] - r['data_mb']:.0f} | {note} |")
+  return lines
+
+
+def big_model_table(big: dict) -> list[str]:
+  m = big["model"]
+  mesh = " x ".join(f"{k} {v}" for k, v in big["mesh"].items())
+  lines = [
+      f"A causal transformer, {m['parameters'] / 1e6:.1f}M parameters ({m['layers']} layers, "
+      f"d={m['d']}, {m['heads']} heads, f={m['f']}), FedAvg of {big['clients']} clients (one SGD step "
+      f"each on {m['batch']} windows of {m['t']} tokens) on {big['platform']} devices as a {mesh} "
+      "mesh, Megatron-style weight sharding (`big_model.py`). Memory per device from the compiled "
+      "program (`memory_analysis`); `total` = arguments + outputs + temporaries (- aliased), what "
+      "they take if all live at once. Timed interleaved, one process; process peak "
+      f"{big['process_peak_mb'] / 1024:.1f} GiB (`ru_maxrss`, all devices).", "",
+      "| implementation | strategy | median s | min s | runs | compile s | per device: arguments MB | "
+      "outputs MB | temporaries MB | total MB | output shardings | max abs diff |",
+      "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
+  for name, r in big["impls"].items():
+    mem = {k: v / 2**20 for k, v in r["memory"].items() if isinstance(v, int)}
+    lines.append(f"| {name} | {r.get('strategy', '-')} | {r['median_s']:.3f} | {r['min_s']:.3f} | "
+                 f"{r['runs']} | {r['compile_s']:.1f} | {mem['arguments']:.1f} | {mem['outputs']:.1f} | "
+                 f"{mem['temporaries']:.1f} | {mem['total']:.1f} | {', '.join(r['out_specs'])} | "
+                 f"{r['max_abs_diff_vs'][1]:.1e} |")
+  return lines
 
 
 def profile_table(profile: dict | None) -> list[str]:
@@ -236,9 +304,13 @@ def write(results: dict, out: Path) -> None:
            "process; its worker_binary's peak in the note); `+MB` subtracts the baseline "
            "after the data is made.", ""]
   if results.get("fedavg"):
-    lines += ["## Targets (this run)", "", *targets(results["fedavg"]), ""]
+    lines += ["## Targets (this run)", "", *targets(results["fedavg"], results.get("huge")), ""]
     lines += ["## FedAvg round (MLP 256-512-10, 136,714 parameters, 32 examples per client, "
-              "2 local SGD steps, unweighted mean)", "", *fedavg_tables(results["fedavg"])]
+              "2 local SGD steps, unweighted mean)", "", PEERS_NOTE, "", *fedavg_tables(results["fedavg"])]
+  if results.get("huge"):
+    lines += ["## The round at many clients, one process", "", *huge_table(results["huge"]), ""]
+  if results.get("big_model"):
+    lines += ["## Big-model round (clients x model mesh)", "", *big_model_table(results["big_model"]), ""]
     lines += ["## TFF: the export's structure against the hand-written round", ""]
     lines += [*profile_table(results.get("tff_profile")), ""]
   if results.get("ragged"):

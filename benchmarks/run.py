@@ -1,14 +1,23 @@
-"""All benchmarks, one command: ``make bench`` (= ``.venv/bin/python benchmarks/run.py``).
+"""All benchmarks, one command: ``make bench`` (= ``.venv/bin/python benchmarks/run.py``, after building
+``.venv-bench`` from ``requirements/bench.lock``).
 
 1. The FedAvg round (``_fedavg_model.py``: MLP 256-512-10, 136,714 parameters, 32 examples per
    client, 2 local SGD steps, unweighted mean) at 8 .. 8,192 clients: every native implementation
-   (``fedavg_round.py``: faxbridge with each strategy, jit+vmap, jit+lax.map, drjax) timed
-   interleaved in one process per size, peak memory in a fresh process per (implementation, size);
-   TFF 0.87 hand-written and TFF running faxbridge's export (``tff_round.py``, in .venv-tff), timed
-   interleaved with each other, peak memory fresh too.
-2. The structure of both TFF rounds (intrinsic calls and TF computations per round).
-3. The cost of ``fb.export`` (``export_cost.py``) against parameters and equations.
-4. Clients with their own data sizes (``ragged_round.py``): a FedAvg round over skewed client sizes
+   (``fedavg_round.py``: faxbridge with each strategy, jit+vmap, jit+lax.map, the hand-written
+   streaming round, drjax) timed interleaved in one process per size, peak memory in a fresh process
+   per (implementation, size); TFF 0.87 hand-written and TFF running faxbridge's export
+   (``tff_round.py``, in .venv-tff), timed interleaved with each other, peak memory fresh too; what a
+   user would pick instead, in .venv-bench: pfl 0.6 (``pfl_round.py``, under Keras 3 and tf-keras) and
+   Flower's simulation engine (``flower_round.py``), each process checking its first round against
+   the reference round before timing any (a mismatch is reported instead of a time).
+2. The same round at 10,000 and 100,000 clients (``--skip huge`` leaves it out), faxbridge's default
+   strategy, each size in one fresh process: seconds, ms per client, memory beside the data's size.
+3. The big-model round (``big_model.py``): a 100.7M-parameter transformer, FedAvg of 8 clients on 8
+   host devices as a 2 x 4 (clients x model) mesh with Megatron-style sharding, by faxbridge (vmap and
+   stream) and drjax: per-device memory (``memory_analysis``) and time per round.
+4. The structure of both TFF rounds (intrinsic calls and TF computations per round).
+5. The cost of ``fb.export`` (``export_cost.py``) against parameters and equations.
+6. Clients with their own data sizes (``ragged_round.py``): a FedAvg round over skewed client sizes
    (the largest 10x the mean) beside the same round with every client at the mean size, per
    execution strategy, at 128 and 512 clients.
 
@@ -28,6 +37,7 @@ import contextlib
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -54,6 +64,14 @@ def _tff_python() -> Path:
 
 
 TFF_PY = _tff_python()
+# The peers' environment (make bench builds it from requirements/bench.lock); their rows are skipped,
+# with the reason recorded, where it is not built.
+BENCH_PY = Path(os.environ.get("FAXBRIDGE_BENCH_PYTHON", ROOT / ".venv-bench" / "bin" / "python"))
+PEERS = {"pfl (Keras 3)": ["pfl_round.py", "--keras", "3"],
+         "pfl (tf-keras)": ["pfl_round.py", "--keras", "2"],
+         "Flower simulation (Ray)": ["flower_round.py"]}
+HUGE_SIZES, QUICK_HUGE_SIZES = [10_000, 100_000], [64, 256]
+HUGE_IMPL = "faxbridge auto"
 
 FULL_SIZES = [8, 32, 128, 512, 2048, 8192]
 QUICK_SIZES = [2, 4]
@@ -104,6 +122,12 @@ def versions() -> dict:
     tff = json.loads(subprocess.run([str(TFF_PY), "-c", code], capture_output=True,
                                     text=True).stdout)
     found.update({f".venv-tff {k}": v for k, v in tff.items()})
+  if BENCH_PY.exists():
+    code = ("import importlib.metadata as m, json; print(json.dumps({p: m.version(p) for p in "
+            "('pfl', 'dp-accounting', 'tensorflow', 'keras', 'tf-keras', 'flwr', 'ray', 'jax')}))")
+    bench = json.loads(subprocess.run([str(BENCH_PY), "-c", code], capture_output=True,
+                                      text=True).stdout)
+    found.update({f".venv-bench {k}": v for k, v in bench.items()})
   return found
 
 
@@ -123,13 +147,14 @@ def _fits(prev: dict | None, size: int, prev_size: int, budget_s: float,
 
 
 def fedavg(sizes: list[int], repeats: int, budget_s: float, memory_mb: float,
-           work: Path, log) -> dict:
+           work: Path, log, peers: bool = True) -> dict:
   """Every implementation at every size: {size: {impl: row}}, skipped rows with a reason."""
   script = str(HERE / "fedavg_round.py")
   names = _run_json([CORE, script, "list"], 300)["impls"]
   rows: dict[int, dict[str, dict]] = {}
   last: dict[str, tuple[int, dict]] = {}
   tff_ok = TFF_PY.exists()
+  mismatched: dict[str, str] = {}
   for size in sizes:
     rows[size] = {}
     run, skipped = [], {}
@@ -146,6 +171,9 @@ def fedavg(sizes: list[int], repeats: int, budget_s: float, memory_mb: float,
       timed = _run_json([CORE, script, "time", "--clients", str(size), "--repeats", str(repeats),
                          "--budget-s", str(budget_s * repeats), *impl_args], 4 * 3600)
       for name in run:
+        if name in timed.get("errors", {}):
+          rows[size][name] = {"error": timed["errors"][name]}
+          continue
         row = _summary(timed["times_s"][name])
         row["first_call_s"] = timed["first_call_s"][name]
         if name in timed.get("auto_picked", {}):
@@ -158,6 +186,8 @@ def fedavg(sizes: list[int], repeats: int, budget_s: float, memory_mb: float,
       rows[size][name] = {"skipped": why}
     if tff_ok:
       rows[size].update(tff_rows(size, repeats, budget_s, memory_mb, work, last, log))
+    if peers:
+      rows[size].update(peer_rows(size, repeats, budget_s, memory_mb, work, last, mismatched, log))
   return rows
 
 
@@ -211,6 +241,74 @@ def tff_rows(size: int, repeats: int, budget_s: float, memory_mb: float, work: P
   return out
 
 
+def peer_rows(size: int, repeats: int, budget_s: float, memory_mb: float, work: Path, last: dict,
+              mismatched: dict, log) -> dict:
+  """pfl's and Flower's rounds at ``size`` clients, each in its own .venv-bench process on the same
+  inputs, checked against the reference round first. A peer whose round differed is not run again at
+  larger sizes (its row says where it was checked)."""
+  if not BENCH_PY.exists():
+    return {name: {"skipped": f"{BENCH_PY} not built (make bench builds it)"} for name in PEERS}
+  folder = work / f"peers{size}"
+  made = _run_json([CORE, str(HERE / "fedavg_round.py"), "peers", "--clients", str(size),
+                    "--out-dir", str(folder)], 3600)
+  log(f"{size} clients: peers (reference round {made['reference_s']:.1f} s)")
+  out: dict[str, dict] = {}
+  for name, (script, *args) in PEERS.items():
+    prev = last.get(name)
+    why = _fits(prev[1], size, prev[0], budget_s, memory_mb) if prev else None
+    if name in mismatched:
+      out[name] = {"mismatch": mismatched[name]}
+      continue
+    if why:
+      out[name] = {"skipped": why}
+      continue
+    log(f"{size} clients: {name}")
+    try:
+      got = _run_json([str(BENCH_PY), str(HERE / script), "--inputs", str(folder), "--repeats",
+                       str(repeats), "--budget-s", str(budget_s * repeats), *args], 4 * 3600)
+    except (RuntimeError, subprocess.TimeoutExpired) as e:
+      out[name] = {"error": str(e)[-800:]}
+      continue
+    check = got.get("check") or {}
+    diff = max((check.get("max_abs_diff") or {"-": float("nan")}).values())
+    if "mismatch" in got:
+      out[name] = {"mismatch": got["mismatch"], "max_abs_diff_vs_reference": diff}
+      mismatched[name] = f"at {size} clients: {got['mismatch']} (not run at larger sizes)"
+      continue
+    row = _summary(got["times_s"])
+    row.update(first_call_s=got["first_call_s"], max_abs_diff_vs_reference=diff,
+               **{k: got["memory"][k] for k in ("baseline_mb", "peak_mb", "delta_mb")})
+    out[name] = row
+    last[name] = (size, row)
+  shutil.rmtree(folder, ignore_errors=True)
+  return out
+
+
+def huge(sizes: list[int], repeats: int, budget_s: float, log) -> dict:
+  """faxbridge's default strategy at ``sizes`` clients, one fresh process each (``fedavg_round.py
+  huge``): {size: row}."""
+  rows = {}
+  for size in sizes:
+    log(f"{size} clients: {HUGE_IMPL} (one process)")
+    got = _run_json([CORE, str(HERE / "fedavg_round.py"), "huge", "--clients", str(size), "--impl",
+                     HUGE_IMPL, "--repeats", str(repeats), "--budget-s", str(budget_s)], 4 * 3600)
+    row = _summary(got["times_s"])
+    row.update({k: got[k] for k in ("first_call_s", "data_mb", "baseline_mb", "peak_mb", "delta_mb",
+                                    "process_maxrss_mb")})
+    row["auto_picked"] = got.get("auto_picked")
+    rows[str(size)] = row
+  return rows
+
+
+def big_model(quick: bool, repeats: int, log) -> dict:
+  """The transformer round on 8 host devices (``big_model.py``, a fresh process: the device count is
+  fixed when JAX starts); tiny with ``quick``."""
+  args = ["--layers", "2", "--d", "64", "--f", "256", "--heads", "4"] if quick else []
+  log("big-model round" + (" (tiny)" if quick else ""))
+  return _run_json([CORE, str(HERE / "big_model.py"), "--repeats", str(repeats), *args], 4 * 3600,
+                   env={"JAX_PLATFORMS": "cpu"})
+
+
 def tff_profile(work: Path, clients: int, repeats: int) -> dict | None:
   if not TFF_PY.exists():
     return None
@@ -252,7 +350,9 @@ def main(argv: list[str] | None = None) -> int:
                       help="skip a size whose estimated round takes longer")
   parser.add_argument("--memory-fraction", type=float, default=0.7)
   parser.add_argument("--skip", nargs="*", default=[],
-                      choices=["fedavg", "tff", "export", "ragged"])
+                      choices=["fedavg", "tff", "peers", "huge", "big_model", "export", "ragged"])
+  parser.add_argument("--huge-sizes", type=int, nargs="*", help="clients of the one-process rounds "
+                      "(default 10,000 and 100,000; --quick: 64 and 256)")
   parser.add_argument("--report-only", action="store_true",
                       help="rewrite results.md and the plots from results.json")
   ns = parser.parse_args(argv)
@@ -284,9 +384,15 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tmp)
     if "fedavg" not in ns.skip:
       results["fedavg"] = {str(k): v for k, v in fedavg(
-          sizes, repeats, ns.round_budget_s, mem_mb, work, log).items()}
+          sizes, repeats, ns.round_budget_s, mem_mb, work, log, "peers" not in ns.skip).items()}
       results["tff_profile"] = tff_profile(work, 128 if 128 in sizes else sizes[0],
                                            max(5, repeats))
+  if "huge" not in ns.skip:
+    # Fewer repeats: a round at 100,000 clients takes about a minute on this machine.
+    results["huge"] = huge(ns.huge_sizes or (QUICK_HUGE_SIZES if quick else HUGE_SIZES),
+                           min(repeats, 2), 120.0, log)
+  if "big_model" not in ns.skip:
+    results["big_model"] = big_model(quick, repeats, log)
   if "ragged" not in ns.skip:
     ragged_sizes = [16] if quick else [128, 512]
     results["ragged"] = {str(k): v for k, v in ragged(

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import faxbridge as fb
+from benchmarks.transformer_model import Transformer, megatron_specs
 
 P = jax.sharding.PartitionSpec
 NS = jax.sharding.NamedSharding
@@ -42,55 +43,12 @@ def mlp_loss(p: dict, x: jax.Array) -> jax.Array:
   return jnp.mean((jax.nn.relu(x @ p["w1"]) @ p["w2"] - x) ** 2)
 
 
-# Megatron-style: a layer's first matmuls split their columns over ``model`` (heads, hidden units), its
-# second ones their rows, so a layer needs one all-reduce forward; norms and embeddings are replicated.
+# The transformer (benchmarks/transformer_model.py, shared with the big-model benchmark), Megatron-style.
 # Per client 2 windows of 2 tokens: the activations (replicated over ``model``, as Megatron keeps the
 # residual stream) stay under 1% of the weights, so per-device memory can be the unsharded figure over
 # the model axis; with 4 x 8 tokens they are a third of it on the 1 x 8 mesh (drjax's too).
-LAYERS, D, HEADS, F, T, VOCAB, BATCH = 4, 128, 8, 1024, 2, 32, 2
-MEGATRON = {"wq": P(None, "model"), "wk": P(None, "model"), "wv": P(None, "model"),
-            "wo": P("model", None), "w_in": P(None, "model"), "w_out": P("model", None)}
-
-
-def transformer_params(rng) -> dict:
-  def dense(n_in, n_out):
-    return (rng.normal(size=(n_in, n_out)) / np.sqrt(n_in)).astype(np.float32)
-
-  layers = [{"ln": np.ones(D, np.float32), "wq": dense(D, D), "wk": dense(D, D), "wv": dense(D, D),
-             "wo": dense(D, D), "ln2": np.ones(D, np.float32), "w_in": dense(D, F),
-             "w_out": dense(F, D)} for _ in range(LAYERS)]
-  return {"embed": (0.1 * rng.normal(size=(VOCAB, D))).astype(np.float32), "layers": layers,
-          "unembed": dense(D, VOCAB)}
-
-
-def transformer_specs(params: dict) -> dict:
-  """Each leaf's PartitionSpec: the Megatron split of the layers' matmuls, the rest replicated."""
-  def spec(path, _):
-    name = getattr(path[-1], "key", None)
-    return MEGATRON.get(name, P())
-  return jax.tree_util.tree_map_with_path(spec, params)
-
-
-def _norm(x, scale):
-  x = x - jnp.mean(x, -1, keepdims=True)
-  return x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-5) * scale
-
-
-def transformer_loss(p: dict, windows: jax.Array) -> jax.Array:
-  """Next-token cross-entropy of windows int32 [B, T + 1] under a causal pre-norm transformer."""
-  tokens, targets = windows[:, :-1], windows[:, 1:]
-  b, t = tokens.shape
-  x = jax.nn.one_hot(tokens, VOCAB, dtype=jnp.float32) @ p["embed"]
-  causal = np.tril(np.ones((t, t), bool))
-  for layer in p["layers"]:
-    h = _norm(x, layer["ln"])
-    q, k, v = (jnp.reshape(h @ layer[w], (b, t, HEADS, D // HEADS)) for w in ("wq", "wk", "wv"))
-    scores = jnp.where(causal, jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(D // HEADS), -1e9)
-    attn = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, -1), v).reshape(b, t, D)
-    x = x + attn @ layer["wo"]
-    x = x + jax.nn.gelu(_norm(x, layer["ln2"]) @ layer["w_in"]) @ layer["w_out"]
-  log_probs = jax.nn.log_softmax(x @ p["unembed"])
-  return -jnp.mean(jnp.sum(log_probs * jax.nn.one_hot(targets, VOCAB, dtype=jnp.float32), -1))
+SMALL = Transformer(layers=4, d=128, heads=8, f=1024, t=2, vocab=32, batch=2)
+transformer_params, transformer_loss, transformer_specs = SMALL.params, SMALL.loss, megatron_specs
 
 
 def local_update(loss):
@@ -240,7 +198,7 @@ def mlp_cases() -> dict:
 def transformer_cases() -> dict:
   rng = np.random.default_rng(1)
   params = transformer_params(rng)
-  data = rng.integers(0, VOCAB, size=(CLIENTS, BATCH, T + 1)).astype(np.int32)
+  data = SMALL.data(rng, CLIENTS)
   param_specs = transformer_specs(params)
   meshes = [{"clients": 2, "model": 4}, {"clients": 4, "model": 2}, {"clients": 1, "model": 8}]
   cases = [case(transformer_loss, params, data, param_specs, shape) for shape in meshes]

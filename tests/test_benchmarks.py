@@ -2,13 +2,17 @@
 
 Quick: each native FedAvg implementation equals a per-client reference round, the timing and
 memory modes return what ``run.py`` reads, export cost stays small with the parameters (they are
-inputs), and the report's target verdicts are computed right. Slow: ``run.py --quick`` end to end
-at 2 clients, TFF's hand-written round and the export included.
+inputs), the peers' check names what differs, memory counts a peer's child processes, and the report's
+target verdicts are computed right. Slow: ``run.py --quick`` end to end at 2 clients, TFF's
+hand-written round and the export included; the big-model round and the accelerator check at tiny
+sizes on the CPU. Marked ``bench`` (deselected by ``make test``, run by ``make test-bench``): pfl's and
+Flower's rounds in .venv-bench, each checked against the reference round.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +26,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import _fedavg_model as model  # noqa: E402
 import export_cost  # noqa: E402
 import fedavg_round  # noqa: E402
+import peer_io  # noqa: E402
 import ragged_round  # noqa: E402
 import report  # noqa: E402
 
@@ -133,8 +138,12 @@ def test_run_quick_end_to_end(tmp_path):
   second size would start them all again and show nothing new): every row, TFF's two rounds
   agreeing."""
   subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--sizes", "2",
-                  "--out", str(tmp_path)], check=True, cwd=ROOT, timeout=1800)
+                  "--huge-sizes", "16", "--skip", "peers", "--out", str(tmp_path)], check=True, cwd=ROOT,
+                 timeout=1800)
   results = json.loads((tmp_path / "results.json").read_text())
+  huge = results["huge"]["16"]
+  assert huge["median_s"] > 0 and huge["peak_mb"] >= huge["baseline_mb"]
+  assert set(results["big_model"]["impls"]) == {"faxbridge vmap", "faxbridge stream", "drjax"}
   names = set(fedavg_round.impls(2))
   for size in ("2",):
     rows = results["fedavg"][size]
@@ -150,4 +159,236 @@ def test_run_quick_end_to_end(tmp_path):
     assert s["export"]["nodes"]["tensorflow"] == s["hand"]["nodes"]["tensorflow"]
   assert {r["target"] for r in results["export_cost"]} == {"tff", "stablehlo"}
   assert set(results["ragged"]["16"]) == set(ragged_round.impls())
-  assert (tmp_path / "results.md").exists()
+  text = (tmp_path / "results.md").read_text()
+  assert "## The round at many clients, one process" in text and "| 16 | faxbridge auto |" in text
+  assert "## Big-model round (clients x model mesh)" in text
+
+
+# -- the transformer the model-axes tests and the big-model round share --------------------------------
+def test_the_transformer_counts_its_parameters_and_shards_its_matmuls():
+  import jax
+  from transformer_model import MEGATRON, Transformer, megatron_specs
+
+  small = Transformer(layers=2, d=16, heads=4, f=32, t=3, vocab=11, batch=2)
+  params = small.params(np.random.default_rng(0))
+  assert small.num_params() == sum(leaf.size for leaf in jax.tree.leaves(params))
+  specs = megatron_specs(params)
+  for layer in specs["layers"]:
+    assert {k: v for k, v in layer.items() if k in MEGATRON} == MEGATRON
+    assert layer["ln"] == jax.sharding.PartitionSpec() == layer["ln2"]
+  assert specs["embed"] == jax.sharding.PartitionSpec()
+  data = small.data(np.random.default_rng(1), clients=5)
+  assert data.shape == (5, 2, 4) and data.dtype == np.int32 and data.max() < 11
+
+
+@pytest.mark.slow  # a fresh process on 8 host devices compiling three rounds: ~15 s
+def test_big_model_round_tiny_agrees_and_keeps_the_model_sharding(tmp_path):
+  """``big_model.py`` at a tiny size: the three rounds agree, their outputs keep the Megatron sharding,
+  and faxbridge takes per device no more than drjax on the same program and mesh."""
+  done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "big_model.py"), "--layers", "2", "--d",
+                         "64", "--f", "256", "--heads", "4", "--repeats", "1"], capture_output=True,
+                        text=True, cwd=ROOT, timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert done.returncode == 0, done.stderr[-3000:]
+  got = json.loads(done.stdout.strip().splitlines()[-1])
+  assert got["mesh"] == {"clients": 2, "model": 4} and got["clients"] == 8
+  impls = got["impls"]
+  assert set(impls) == {"faxbridge vmap", "faxbridge stream", "drjax"}
+  assert impls["faxbridge stream"]["strategy"] == "('stream', 1)"
+  for name, row in impls.items():
+    assert row["max_abs_diff_vs"][1] <= 1e-5, name
+    assert "P(None, 'model')" in row["out_specs"] and "P('model',)" in row["out_specs"], name
+    assert row["median_s"] > 0 and row["memory"]["arguments"] == got["shard_bytes"], name
+  for name in ("faxbridge vmap", "faxbridge stream"):
+    for kind in ("outputs", "temporaries", "total"):
+      assert impls[name]["memory"][kind] <= impls["drjax"]["memory"][kind], (name, kind)
+
+
+# -- the 100,000-client round's measurement ------------------------------------------------------------
+@pytest.mark.slow  # compiles the streamed round (~5 s)
+def test_huge_mode_times_and_measures_the_round_beside_the_data():
+  got = fedavg_round.huge_mode(64, "faxbridge auto", repeats=2, budget_s=30)
+  assert got["data_mb"] == pytest.approx(64 * (32 * 256 * 4 + 32 * 4) / 2**20)
+  assert len(got["times_s"]) == 2 and all(t > 0 for t in got["times_s"])
+  assert got["peak_mb"] >= got["baseline_mb"] > got["data_mb"]
+  assert got["auto_picked"] == "('stream', 8)"
+
+
+# -- the peers' plumbing (numpy only: runs without .venv-bench) -------------------------------------------
+def test_peer_check_names_what_differs_and_what_was_never_trained(tmp_path):
+  rng = np.random.default_rng(0)
+  initial = {n: rng.standard_normal(s).astype(np.float32) for n, s in
+             (("w1", (4, 3)), ("b1", (3,)), ("w2", (3, 2)), ("b2", (2,)))}
+  reference = {n: v + 0.01 for n, v in initial.items()}
+  np.savez(tmp_path / "reference.npz", **reference)
+  assert peer_io.check(tmp_path, {n: v + 1e-7 for n, v in reference.items()})["ok"]
+  got = {**reference, "w1": initial["w1"], "b2": reference["b2"] + 1e-3}
+  checked = peer_io.check(tmp_path, got)
+  assert not checked["ok"]
+  assert checked["max_abs_diff"]["w1"] == pytest.approx(0.01, rel=1e-3)
+  why = peer_io.mismatch_reason(checked, got, initial)
+  assert why.startswith("differs from the reference round in w1 (max abs diff 1.0e-02), b2 (")
+  assert why.endswith("w1 left as they were: not trained")
+  assert "shape" in peer_io.check(tmp_path, {**reference, "w2": reference["w2"].T})["why"]
+
+
+def test_peak_memory_counts_the_processes_a_peer_starts():
+  """Ray's processes are the driver's descendants: their memory must count. A child holding 200 MB."""
+  code = "import sys, time; b = bytearray(200 * 2**20); b[::4096] = b'x' * len(b[::4096]); " \
+         "print('ready', flush=True); time.sleep(30)"
+  with peer_io.PeakMemory(every=0.02) as mem:
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+      assert child.stdout.readline().strip() == "ready"
+      assert peer_io.tree_rss_mb() - mem.baseline_mb >= 190
+    finally:
+      child.kill()
+      child.wait()
+  assert mem.report()["delta_mb"] >= 190
+
+
+@pytest.mark.slow  # the reference round compiles the client update (~2 s)
+def test_peers_mode_writes_the_inputs_and_the_reference(tmp_path):
+  fedavg_round.peers_mode(3, tmp_path)
+  params, x, y = peer_io.load(tmp_path, mmap=True)
+  data = model.client_data(3)
+  np.testing.assert_array_equal(x, data["x"])
+  np.testing.assert_array_equal(y, data["y"])
+  assert set(params) == set(model.PARAM_NAMES)
+  # The reference it wrote is the reference round's, which peer_io's check accepts as is.
+  expected = model.reference_round(model.init_params(), data)
+  assert peer_io.check(tmp_path, expected)["ok"]
+  assert not peer_io.check(tmp_path, model.init_params())["ok"]  # an untrained model is caught
+
+
+# -- the report's new sections -----------------------------------------------------------------------
+def _huge_row(median_s, data_mb, baseline_mb, peak_mb):
+  return {"median_s": median_s, "min_s": median_s, "max_s": median_s, "runs": 1, "first_call_s": 1.0,
+          "data_mb": data_mb, "baseline_mb": baseline_mb, "peak_mb": peak_mb,
+          "delta_mb": peak_mb - baseline_mb, "process_maxrss_mb": 2 * data_mb, "auto_picked": "x"}
+
+
+def test_report_verdicts_of_the_huge_round_and_peer_rows():
+  huge = {"10000": _huge_row(3.3, 314.0, 490.0, 620.0), "100000": _huge_row(27.0, 3137.0, 3300.0, 3440.0)}
+  text = "\n".join(report.targets({}, huge))
+  assert "| auto at 100,000 clients (one process) <= 0.3 ms per client | 0.27 ms | met |" in text
+  # 140 MB of the round's own at 100,000 clients against 130 at 10,000: 1.08x.
+  assert "at 100,000 <= 1.1x at 10,000 | 1.08x | met |" in text
+  table = "\n".join(report.huge_table(huge))
+  assert "| 100,000 | faxbridge auto | 27.000 |" in table
+  assert "| 0.270 | 3137 | 3300 | 3440 | 140 | 303 |" in table
+  rows = {"8": {"jit+vmap": {"median_s": 1.0, "min_s": 1.0, "max_s": 1.0, "runs": 1, "peak_mb": 1.0,
+                             "delta_mb": 1.0},
+                "pfl (Keras 3)": {"mismatch": "differs | in w1"},
+                "pfl (tf-keras)": {"median_s": 2.0, "min_s": 2.0, "max_s": 2.0, "runs": 3, "peak_mb": 9.0,
+                                   "delta_mb": 1.0, "max_abs_diff_vs_reference": 2e-8}}}
+  table = "\n".join(report.fedavg_tables(rows))
+  assert "| pfl (Keras 3) | - | - | - | - | - | - | - | - | mismatch: differs / in w1 |" in table
+  assert "| pfl (tf-keras) | 2.0000 |" in table and "checked: max abs diff 2.0e-08 to the reference" in table
+
+
+def test_report_big_model_table():
+  mem = {"arguments": 2**20, "outputs": 2**20, "temporaries": 4 * 2**20, "aliased": 0, "xla_peak": 0,
+         "total": 6 * 2**20}
+  row = {"median_s": 4.6, "min_s": 4.3, "runs": 2, "compile_s": 5.0, "memory": mem,
+         "out_specs": ["P()", "P(None, 'model')"], "max_abs_diff_vs": ["faxbridge vmap", 0.0]}
+  big = {"model": {"layers": 8, "d": 1024, "heads": 16, "f": 4096, "t": 2, "vocab": 32, "batch": 2,
+                   "parameters": 100_745_216}, "mesh": {"clients": 2, "model": 4}, "clients": 8,
+         "platform": "cpu", "process_peak_mb": 9216.0,
+         "impls": {"faxbridge vmap": {**row, "strategy": "vmap"}}}
+  text = "\n".join(report.big_model_table(big))
+  assert "100.7M parameters (8 layers, d=1024, 16 heads, f=4096)" in text
+  assert "clients 2 x model 4 mesh" in text
+  assert "| faxbridge vmap | vmap | 4.600 | 4.300 | 2 | 5.0 | 1.0 | 1.0 | 4.0 | 6.0 | " \
+         "P(), P(None, 'model') |" in text
+
+
+# -- the accelerator check, at its small sizes on the CPU ----------------------------------------------
+@pytest.mark.slow  # 4 fresh processes, 10 compiles: ~1-2 min on 2 cores
+def test_device_check_runs_on_the_cpu_and_writes_its_report(tmp_path):
+  out = tmp_path / "results-gpu.md"
+  done = subprocess.run(["bash", str(ROOT / "benchmarks" / "device_check.sh"), "--small", "--repeats", "1",
+                         "--out", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=900,
+                        env={**os.environ, "PYTHON": sys.executable, "JAX_PLATFORMS": "cpu"})
+  assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+  results = json.loads(out.with_suffix(".json").read_text())
+  assert results["environment"]["platform"] == "cpu" and results["small"]
+  for size in ("8", "32", "64"):
+    got = results["anchor"][size]
+    assert set(got["times_s"]) == {"faxbridge auto", "jit+vmap", "scan of vmap blocks"}, got
+    assert not got["errors"]
+  assert set(results["transformer"]["impls"]) == {"faxbridge vmap", "faxbridge stream", "drjax"}
+  text = out.read_text()
+  assert "| 64 | scan of vmap blocks |" in text and "| 1.00x |" in text
+  assert "| faxbridge stream | ('stream', 1) |" in text
+
+
+# -- the peers, in .venv-bench (`make test-bench`; `make test` deselects these) ---------------------------
+BENCH_PY = ROOT / ".venv-bench" / "bin" / "python"
+# Skipped, and saying why, only where the environment is not built; CI never counts them (make test
+# deselects the `bench` marker, so a skip cannot pass for a run).
+bench_env = pytest.mark.skipif(not BENCH_PY.exists(), reason=f"{BENCH_PY} is not built: `make test-bench` "
+                               "builds it from requirements/bench.lock and runs these")
+
+
+@pytest.fixture(scope="module")
+def peer_inputs(tmp_path_factory):
+  folder = tmp_path_factory.mktemp("peers")
+  fedavg_round.peers_mode(3, folder)
+  return folder
+
+
+def _peer(script: str, folder: Path, *args: str) -> dict:
+  done = subprocess.run([str(BENCH_PY), str(ROOT / "benchmarks" / script), "--inputs", str(folder),
+                         "--repeats", "3", *args], capture_output=True, text=True, cwd=ROOT, timeout=900)
+  assert done.returncode == 0, done.stderr[-4000:]
+  return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.bench
+@pytest.mark.slow
+@bench_env
+@pytest.mark.parametrize("keras", ["2", "3"])
+def test_pfl_round_is_checked_before_it_is_timed(peer_inputs, keras):
+  got = _peer("pfl_round.py", peer_inputs, "--keras", keras)
+  if keras == "2":  # tf-keras names each layer's variables apart: pfl trains all four
+    assert got["check"]["ok"] and max(got["check"]["max_abs_diff"].values()) < 1e-6
+    assert len(got["times_s"]) == 3 and "mismatch" not in got
+    assert len(got["tracked_variables"]) == 4
+  else:  # Keras 3 names both kernels "kernel": pfl tracks 2 of 4 variables, and the round is wrong
+    assert not got["check"]["ok"] and "times_s" not in got
+    assert got["tracked_variables"] == ["bias", "kernel"]
+    assert "differs from the reference round in w1" in got["mismatch"]
+    assert "pfl tracks 2 of the model's 4 trainable variables" in got["mismatch"]
+  assert got["memory"]["peak_mb"] >= got["memory"]["baseline_mb"] > 0
+
+
+@pytest.mark.bench
+@pytest.mark.slow
+@bench_env
+def test_flower_simulation_round_equals_the_reference(peer_inputs):
+  got = _peer("flower_round.py", peer_inputs)
+  assert got["check"]["ok"] and max(got["check"]["max_abs_diff"].values()) < 1e-6, got
+  assert len(got["times_s"]) == 3 and all(t > 0 for t in got["times_s"])
+  assert got["versions"]["flwr"].startswith("1.42")
+  # Ray's processes count: the tree's peak is well above the driver's own.
+  assert got["memory"]["peak_mb"] > got["memory"]["process_peak_mb"]
+
+
+@pytest.mark.bench
+@pytest.mark.slow
+@bench_env
+def test_run_quick_gives_the_peers_rows(tmp_path):
+  """``run.py`` wires the peers in: at 2 clients, pfl under Keras 3 is a mismatch (no time), pfl under
+  tf-keras and Flower's simulation are timed and checked, and their versions are in the report."""
+  subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--sizes", "2",
+                  "--skip", "tff", "huge", "big_model", "export", "--out", str(tmp_path)], check=True,
+                 cwd=ROOT, timeout=1800)
+  results = json.loads((tmp_path / "results.json").read_text())
+  rows = results["fedavg"]["2"]
+  assert "differs from the reference round" in rows["pfl (Keras 3)"]["mismatch"]
+  for name in ("pfl (tf-keras)", "Flower simulation (Ray)"):
+    assert rows[name]["median_s"] > 0 and rows[name]["max_abs_diff_vs_reference"] < 1e-6, name
+  versions = results["versions"]
+  assert versions[".venv-bench pfl"] == "0.6.0" and versions[".venv-bench flwr"] == "1.42.0"
+  text = (tmp_path / "results.md").read_text()
+  assert "| pfl (Keras 3) | - |" in text and ".venv-bench pfl 0.6.0" in text
