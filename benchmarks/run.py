@@ -284,11 +284,21 @@ def peer_rows(size: int, repeats: int, budget_s: float, memory_mb: float, work: 
   return out
 
 
-def huge(sizes: list[int], repeats: int, budget_s: float, log) -> dict:
+def huge(sizes: list[int], repeats: int, budget_s: float, memory_mb: float, log) -> dict:
   """faxbridge's default strategy at ``sizes`` clients, one fresh process each (``fedavg_round.py
-  huge``): {size: row}."""
-  rows = {}
+  huge``): {size: row}. A size whose data, made on the host and copied to the device (twice its
+  size for a moment), would not fit in ``memory_mb`` is skipped with the reason."""
+  sys.path.insert(0, str(HERE))
+  import _fedavg_model as model
+
+  rows: dict[str, dict] = {}
+  examples = model.BATCHES * model.BATCH_SIZE  # client_data: x float32 features, y int32 labels
+  per_client_mb = examples * (model.FEATURES * 4 + 4) / 2**20
   for size in sizes:
+    if 2 * size * per_client_mb > memory_mb:
+      rows[str(size)] = {"skipped": f"its data twice ({2 * size * per_client_mb / 1024:.1f} GiB) > "
+                                    f"{memory_mb / 1024:.1f} GiB available"}
+      continue
     log(f"{size} clients: {HUGE_IMPL} (one process)")
     got = _run_json([CORE, str(HERE / "fedavg_round.py"), "huge", "--clients", str(size), "--impl",
                      HUGE_IMPL, "--repeats", str(repeats), "--budget-s", str(budget_s)], 4 * 3600)
@@ -390,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
   if "huge" not in ns.skip:
     # Fewer repeats: a round at 100,000 clients takes about a minute on this machine.
     results["huge"] = huge(ns.huge_sizes or (QUICK_HUGE_SIZES if quick else HUGE_SIZES),
-                           min(repeats, 2), 120.0, log)
+                           min(repeats, 2), 120.0, mem_mb, log)
   if "big_model" not in ns.skip:
     results["big_model"] = big_model(quick, repeats, log)
   if "ragged" not in ns.skip:
