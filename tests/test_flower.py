@@ -29,7 +29,7 @@ from faxbridge.extend import FederatedForm, VerificationError, interpret, run_pr
 
 REPO = Path(__file__).resolve().parents[1]
 FLOWER_PROGRAMS = ("flower-superlink", "flower-supernode", "flower-superexec", "flwr-serverapp",
-                   "flwr-clientapp", "bin/flwr")
+                   "flwr-clientapp", "bin/flwr", "faxbridge.converters.flower.executor")
 
 
 @fb.computation(in_placements=(fb.SERVER, fb.CLIENTS, fb.CLIENTS))
@@ -275,8 +275,11 @@ def test_sampling_is_seeded_and_recorded_in_order(small_app, tmp_path):
 
 # -- real deployments -----------------------------------------------------------------------------
 def _flower_processes() -> set[int]:
-  """Live processes of Flower's programs started by any faxbridge deployment (found by the
-  marker in their environment), independently of deployment.leftovers."""
+  """Live processes of Flower's programs (and the warm executors, whose forks run the apps)
+  started by any faxbridge deployment of this checkout's Python (found by the marker in their
+  environment and their command line: other checkouts on the machine run their own), independently
+  of deployment.leftovers."""
+  here = str(Path(sys.executable).parent)
   found = set()
   for entry in os.listdir("/proc"):
     if not entry.isdigit():
@@ -287,7 +290,8 @@ def _flower_processes() -> set[int]:
       state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except OSError:
       continue
-    if b"FAXBRIDGE_FLOWER_DEPLOYMENT=" in env and state != "Z" and any(p in cmd for p in FLOWER_PROGRAMS):
+    if (b"FAXBRIDGE_FLOWER_DEPLOYMENT=" in env and state != "Z" and here in cmd
+        and any(p in cmd for p in FLOWER_PROGRAMS)):
       found.add(int(entry))
   return found
 
