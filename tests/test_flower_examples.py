@@ -22,6 +22,7 @@ import pytest
 
 import faxbridge as fb
 from examples import EXAMPLES
+from faxbridge._src.export_reader import check_files, read_export_manifest
 from faxbridge.converters.flower import deployment, node
 from faxbridge.extend import VerificationError
 
@@ -34,13 +35,16 @@ BOTH_RUNTIMES = ("fedavg", "dp_fedavg", "analytics")
 CASES = [(name, "litert") for name in EXAMPLES] + [(name, "iree") for name in BOTH_RUNTIMES]
 
 
+def _is_process(name: str) -> bool:
+  return hasattr(importlib.import_module(f"examples.{name}"), "process")
+
+
 def _program(name: str):
-  """The example's process (or computation, for those without one) and its arguments: ``next``'s
-  after the state for a process."""
+  """The example's process (or computation, for those without one) and its arguments for
+  ``CLIENTS`` clients: ``next``'s after the state for a process."""
   module = importlib.import_module(f"examples.{name}")
-  program = getattr(module, "process", None) or module.computation
   args = tuple(module.example_inputs(clients=CLIENTS))
-  return program, args[1:] if isinstance(program, fb.IterativeProcess) else args
+  return (module.process, args[1:]) if _is_process(name) else (module.computation, args)
 
 
 def _selected(session: pytest.Session, test: str) -> list:
@@ -52,9 +56,10 @@ def _selected(session: pytest.Session, test: str) -> list:
 
 @pytest.fixture(scope="module")
 def flower_reports(request, tmp_path_factory) -> dict:
-  """For each selected case, its ``fb.verify`` report on the shared deployment, or the exception
-  its export or run raised (reported by that case's test). The exports are made here, one after
-  another (they convert with TF and trace with JAX), while the runs of those already made go on."""
+  """For each selected case, its export and ``fb.verify`` report on the shared deployment, or the
+  exception its export or run raised (reported by that case's test). The exports are made here,
+  one after another (they convert with TF and trace with JAX), while the runs of those already made
+  go on."""
   cases = _selected(request.session, "test_example_on_four_supernodes_equals_native")
   tmp = tmp_path_factory.mktemp("flower-examples")
   results: dict = {}
@@ -69,10 +74,11 @@ def flower_reports(request, tmp_path_factory) -> dict:
       except Exception as e:
         results[name, runtime] = e
         continue
-      rounds = ROUNDS if isinstance(program, fb.IterativeProcess) else 1
-      futures[name, runtime] = pool.submit(fb.verify, out, *args, runtime="flower", rounds=rounds)
-    for case, future in futures.items():
-      results[case] = future.exception() or future.result()
+      rounds = ROUNDS if _is_process(name) else 1
+      futures[name, runtime] = out, pool.submit(fb.verify, out, *args, runtime="flower",
+                                                rounds=rounds)
+    for case, (out, future) in futures.items():
+      results[case] = future.exception() or (out, future.result())
   assert not deployment.leftovers(shared.root), "a process of the shared deployment outlived it"
   return results
 
@@ -80,14 +86,15 @@ def flower_reports(request, tmp_path_factory) -> dict:
 @pytest.mark.slow
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-{c[1]}")
 def test_example_on_four_supernodes_equals_native(case, flower_reports):
-  result = flower_reports[case]
-  if isinstance(result, Exception):
-    raise result
+  if isinstance(flower_reports[case], Exception):
+    raise flower_reports[case]
+  out, result = flower_reports[case]
   assert result.ok, str(result)
+  # flwr run read the export and wrote nothing into it: it still matches its manifest.
+  check_files(out, read_export_manifest(out))
   name, _ = case
-  process = isinstance(_program(name)[0], fb.IterativeProcess)
-  assert result.rounds == (ROUNDS if process else 0)
-  if process:  # every round's outputs were compared
+  assert result.rounds == (ROUNDS if _is_process(name) else 0)
+  if _is_process(name):  # every round's outputs were compared
     assert {c.name.split("/")[0] for c in result.checks} >= {f"round{r}" for r in range(1, ROUNDS + 1)}
   assert f"{CLIENTS} SuperNodes" in result.info["Flower deployment"]
   if name == "analytics":  # the secure sum's histogram is exact (integers compare equal only)
