@@ -316,7 +316,9 @@ def test_values_kept_between_stages_in_the_nodes_flower_context(tmp_path):
 def test_a_node_refuses_a_swapped_program_and_no_process_is_left(fedavg_inputs, tmp_path):
   """The ServerApp is pointed at a copy of the export whose client piece was changed and whose
   manifest was re-hashed (so the server's own checks pass): every node compares with the manifest
-  of the app it got and refuses; the run fails with the node's reason and every process stops."""
+  of the app it got and refuses; the run fails with the node's reason and every process stops.
+  The apps run as Flower runs them by default (a new Python per message, warm=False): the node's
+  code works without the warm executor's imports."""
   before = _flower_processes()
   out = fb.export(fedavg.process, *fedavg_inputs, target="flower", out_dir=tmp_path / "app",
                   client_runtime="iree")
@@ -332,7 +334,7 @@ def test_a_node_refuses_a_swapped_program_and_no_process_is_left(fedavg_inputs, 
             for s, v in zip(manifest["next"]["inputs"], jax.tree.leaves(fedavg_inputs))}
   with pytest.raises(VerificationError, match=r"refusing the client program it was sent: "
                                               rf"{rel} has sha256"):
-    deployment.deploy(out, manifest, inputs, 1, server_export=swapped)
+    deployment.deploy(out, manifest, inputs, 1, server_export=swapped, warm=False)
   assert _flower_processes() <= before
 
 

@@ -306,8 +306,8 @@ def reused(clients: int, warm: bool = True) -> Iterator[LocalDeployment]:
 
 
 def deploy(export_dir: Path, manifest: dict, inputs: Mapping[str, np.ndarray], rounds: int,
-           server_export: Path | None = None, seed: int = 0, keep: Path | None = None
-           ) -> RuntimeResult:
+           server_export: Path | None = None, seed: int = 0, keep: Path | None = None,
+           warm: bool = True) -> RuntimeResult:
   """Run ``export_dir`` on a local deployment: one SuperNode per client of ``inputs``; the
   smallest of :func:`reused` with at least that many SuperNodes when there is one (the others sit
   the run out), else one started for this run.
@@ -315,7 +315,8 @@ def deploy(export_dir: Path, manifest: dict, inputs: Mapping[str, np.ndarray], r
   ``server_export``: the export the ServerApp reads (default: ``export_dir``, whose app the nodes
   get); a test gives another to prove that nodes refuse a program their app does not pin.
   ``keep``: a folder to copy the ServerApp's record and every process's log into (they are
-  otherwise removed with the deployment's temporary folder), to study a run.
+  otherwise removed with the deployment's temporary folder), to study a run. ``warm``: of a
+  deployment started for this run, see :class:`LocalDeployment`.
 
   Raises:
     VerificationError: a process does not start, a node refuses, the run fails (its reason).
@@ -327,7 +328,7 @@ def deploy(export_dir: Path, manifest: dict, inputs: Mapping[str, np.ndarray], r
   if fits := [size for size in _REUSED if size >= n]:
     return _run(_REUSED[min(fits)], n, export_dir, block, inputs, rounds, server_export, seed, keep,
                 start)
-  with _folder() as root, LocalDeployment(root, node_configs(root, n)) as deployment:
+  with _folder() as root, LocalDeployment(root, node_configs(root, n), warm=warm) as deployment:
     return _run(deployment, n, export_dir, block, inputs, rounds, server_export, seed, keep, start)
 
 

@@ -16,8 +16,10 @@ with Flower's protocol and isolation unchanged; only the start and the imports a
 
 It reads the Runtime API's tasks through flwr's own client (``RuntimeHttpClient.AcquireTask``),
 an internal interface of flwr 1.42 (the version the apps are pinned to). Nothing is forked before
-the imports are done, and the parent starts no thread, so each child is a copy of a
-single-threaded process.
+the imports are done, and the parent starts no Python thread (it watches its SuperNode from its
+loop, not from a monitor thread as ``flower-superexec`` does), so no lock is held by another
+thread when it forks (numpy's OpenBLAS pool, the one native thread the imports start, handles fork
+itself). The imports start no JAX, LiteRT or IREE runtime: each child makes its own.
 """
 
 from __future__ import annotations
@@ -57,13 +59,21 @@ START_DELAY_S = 0.5
 
 
 def preload(kind: str) -> list[str]:
-  """Import what a task of ``kind`` needs (the client runtimes that are installed too); the names
-  of the modules imported."""
+  """Import what a task of ``kind`` needs (and the client runtimes that are installed); the names
+  of the modules imported. One that fails to import is left to the task, which then fails with
+  Flower's own error reply naming it, instead of this executor stopping and its tasks waiting for
+  nobody."""
   names = [*KINDS[kind][1], *(m for m in CLIENT_RUNTIME_MODULES
                              if importlib.util.find_spec(m.split(".")[0]) is not None)]
+  done = []
   for name in names:
-    importlib.import_module(name)
-  return names
+    try:
+      importlib.import_module(name)
+      done.append(name)
+    except Exception as e:
+      print(f"executor: {name} not preloaded ({type(e).__name__}: {e}); its tasks will import it",
+            file=sys.stderr, flush=True)
+  return done
 
 
 def _alive(pid: int) -> bool:
