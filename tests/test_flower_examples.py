@@ -29,7 +29,7 @@ from faxbridge.extend import VerificationError
 REPO = Path(__file__).resolve().parents[1]
 CLIENTS = 4
 ROUNDS = 3
-RUNS_AT_ONCE = 3
+RUNS_AT_ONCE = 3  # a run keeps about half a core busy; the exports here take another core
 # Each client runtime on these; the others run on LiteRT (the flower target's default).
 BOTH_RUNTIMES = ("fedavg", "dp_fedavg", "analytics")
 CASES = [(name, "litert") for name in EXAMPLES] + [(name, "iree") for name in BOTH_RUNTIMES]
