@@ -8,7 +8,8 @@ structure exactly.
 * quick suite: native call and ``fb.split(...).run`` for the 16 seeds that cover every generator
   feature first; StableHLO run on jax.export for 3 of them (in one fresh process);
 * slow suite: native and split for every other seed, StableHLO on jax.export for every other seed
-  (all in one fresh process); TFF, LiteRT and IREE on a sample.
+  (all in one fresh process); TFF, LiteRT, IREE and Flower (local deployments of SuperNodes, the
+  client runtimes alternating) on a sample.
 
 ``FAXBRIDGE_PROGRAMS=500`` (``make programs-long``) runs 500 seeds instead of 50. A failure names its
 seed and prints the program; reproduce with
@@ -18,6 +19,7 @@ print(f.generate(SEED).describe())"`` or ``pytest tests/test_generated_programs.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import functools
 import json
@@ -100,10 +102,11 @@ def test_split(seed):
 
 
 # -- exports ---------------------------------------------------------------------------------------
-def _export(p: Program, target: str, out: Path) -> tuple[Path, dict, dict]:
-  """Export; the manifest's inputs and outputs are the args' and result's leaves, in order, with
-  unique names. Returns the directory, the manifest block and the inputs by name."""
-  out = fb.export(p.computation, *p.args, target=target, out_dir=out)
+def _export(p: Program, target: str, out: Path, **options) -> tuple[Path, dict, dict]:
+  """Export (with the target's ``options``); the manifest's inputs and outputs are the args' and
+  result's leaves, in order, with unique names. Returns the directory, the manifest block and the
+  inputs by name."""
+  out = fb.export(p.computation, *p.args, target=target, out_dir=out, **options)
   block = json.loads((out / "manifest.json").read_text())["computation"]
   leaves = jax.tree.leaves(p.args)
   in_names = [s["name"] for s in block["inputs"]]
@@ -218,6 +221,54 @@ def test_sample_on_tff(seed, tff_runs):
       raise result
     block, outputs = result
     _check_outputs(p, block, outputs)
+
+
+# The sample on the flower runtime: client runtimes alternate (LiteRT for the first seed, IREE for
+# the second, ...), and RUNS_AT_ONCE Flower runs go at a time on the deployment they share (a run
+# mostly waits for Flower's 3 s polls: one keeps about half a core busy).
+FLOWER_CLIENT_RUNTIMES = ("litert", "iree")
+RUNS_AT_ONCE = 4
+
+
+@pytest.fixture(scope="module")
+def flower_runs(tmp_path_factory) -> dict:
+  """The sample exported to flower and run on the flower runtime, all on ONE local deployment
+  (``deployment.reused``: a SuperLink and as many SuperNodes as the largest program has clients,
+  each its own process, started once; each run has its own data on the nodes, and those beyond a
+  program's clients sit its run out): per seed, (manifest block, outputs) or the exception of its
+  export or its run. The exports are made here while the runs of those already made go on."""
+  from faxbridge.converters.flower import deployment
+
+  tmp = tmp_path_factory.mktemp("flower")
+  results: dict = {}
+  clients = max(_program(seed).recipe.clients for seed in SAMPLE)
+  with deployment.reused(clients) as shared, \
+       concurrent.futures.ThreadPoolExecutor(RUNS_AT_ONCE) as pool:
+    futures = {}
+    for i, seed in enumerate(SAMPLE):
+      runtime = FLOWER_CLIENT_RUNTIMES[i % len(FLOWER_CLIENT_RUNTIMES)]
+      try:
+        out, block, inputs = _export(_program(seed), "flower", tmp / f"seed{seed}",
+                                     client_runtime=runtime)
+      except Exception as e:  # reported by that seed's test
+        results[seed] = e
+        continue
+      futures[seed] = (block, pool.submit(run_on_runtime, out, "flower", inputs))
+    for seed, (block, future) in futures.items():
+      results[seed] = future.exception() or (block, future.result().outputs)
+  assert not deployment.leftovers(shared.root), "a process of the shared deployment outlived it"
+  return results
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", SAMPLE, ids=lambda s: f"seed{s}")
+def test_sample_on_flower(seed, flower_runs):
+  p = _program(seed)
+  with _about(p, "flower on flower"):
+    result = flower_runs[seed]
+    if isinstance(result, Exception):
+      raise result
+    _check_outputs(p, *result)
 
 
 # -- the generator itself --------------------------------------------------------------------------

@@ -4,10 +4,17 @@ One SuperLink and one SuperNode per client, each its own OS process (its own pro
 free ports of 127.0.0.1, with Flower's telemetry and update checks off and ``FLWR_HOME`` in a
 temporary folder: insecure HTTP by default (loopback only), or with TLS, SuperNode authentication
 and nodes that require signed apps as a :class:`~faxbridge.converters.flower.security.LocalSecurity`
-says. Node ``k`` gets client ``k``'s slice of the CLIENTS inputs as its own ``data.npz`` (node
-config ``data=...``, ``label=client-000k``); the SERVER inputs go to the ServerApp as an ``.npz``
-named in the run config. ``flwr run DIR local`` runs the rounds; the outputs come back from the
-ServerApp's output folder.
+says. Node ``k`` gets client ``k``'s slice of the
+CLIENTS inputs as a file of its own data-dir (node config ``data-dir=...``, ``label=client-000k``;
+the run config names the file: ``dataset=...``); the SERVER inputs go to the ServerApp as an
+``.npz`` named in the run config. ``flwr run DIR local`` runs the rounds; the outputs come back from
+the ServerApp's output folder.
+
+The SuperLink and the SuperNodes run with ``--isolation process`` beside a warm executor each
+(executor.py): every message's ClientApp and every run's ServerApp is a fork of a Python that has
+imported flwr, faxbridge and the client runtimes once, instead of a new Python per message
+(``warm=False``: Flower's own subprocess isolation). :func:`reused` keeps one deployment for many
+runs (of programs of up to its number of clients), which may go at once.
 
 Every process started here is stopped when the run ends, fails or is interrupted (Ctrl-C): each
 process group is terminated, then killed; and since Flower's ``flower-superexec`` and app processes
@@ -18,6 +25,7 @@ may outlive their parent, every process that carries this deployment's marker in
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -26,6 +34,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -109,17 +118,21 @@ class LocalDeployment:
     node_configs: one ``--node-config`` mapping per SuperNode.
     security: TLS and SuperNode authentication (:meth:`link_flags`, :meth:`register`,
       :meth:`node_flags`); None: insecure HTTP.
+    warm: apps run in forks of a warm executor per SuperNode and SuperLink (``--isolation
+      process``); False: in a new Python each, started by Flower's own SuperExec.
   """
 
   def __init__(self, root: Path, node_configs: Sequence[Mapping[str, str]],
-               security: LocalSecurity | None = None):
-    self.root, self.node_configs = root, node_configs
+               security: LocalSecurity | None = None, warm: bool = True):
+    self.root, self.node_configs, self.warm = root, node_configs, warm
     self.security = security or LocalSecurity()
     if self.security.node_keys and len(self.security.node_keys) != len(node_configs):
       raise ValueError(f"{len(self.security.node_keys)} node keys for {len(node_configs)} SuperNodes: "
                        "give one key per node")
     self.processes: dict[str, subprocess.Popen] = {}
     self.port = 0
+    self.runs = 0  # the Flower runs made on it (deploy's; several may run at once, from threads)
+    self.runs_lock = threading.Lock()
     self.timings: dict[str, float] = {}
     self.env = {**os.environ, MARKER: str(root), "FLWR_HOME": str(root / "flwr-home"),
                 "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
@@ -160,7 +173,9 @@ class LocalDeployment:
     emit("flower.start", f"starting a SuperLink on 127.0.0.1:{self.port}")
     link = self._start("superlink", [_bin("flower-superlink"), *self.link_flags(),
                                      "--disable-runtime-dependency-installation",
-                                     "--host", "127.0.0.1", "--port", str(self.port)])
+                                     "--host", "127.0.0.1", "--port", str(self.port),
+                                     *self._isolation()])
+    self._start_executor("serverapp", "superlink", link, self.port)
     self._wait_port(self.port, link, "superlink")
     self.timings["superlink_start_s"] = time.monotonic() - t0
     tls = self.security.tls
@@ -173,9 +188,11 @@ class LocalDeployment:
     for k, config in enumerate(self.node_configs):
       # A TOML file, not "k=v ..." pairs: Flower splits those on spaces, and paths may hold some.
       toml = _toml(self.root / "logs" / f"supernode-{k}.toml", config)
-      self._start(f"supernode-{k}", [_bin("flower-supernode"), *self.node_flags(k), "--superlink",
-                                     f"127.0.0.1:{self.port}", "--port", str(free_port()),
-                                     "--node-config", str(toml)])
+      port = free_port()
+      node = self._start(f"supernode-{k}", [_bin("flower-supernode"), *self.node_flags(k), "--superlink",
+                                            f"127.0.0.1:{self.port}", "--port", str(port),
+                                            "--node-config", str(toml), *self._isolation()])
+      self._start_executor("clientapp", f"supernode-{k}", node, port)
     self.timings["supernodes_start_s"] = time.monotonic() - t1
 
   # -- security (docs/flower.md, "TLS and SuperNode keys") --------------------------------------------
@@ -220,6 +237,26 @@ class LocalDeployment:
     if self.security.node_keys:
       self.timings["register_s"] = time.monotonic() - t0
 
+
+  def _isolation(self) -> list[str]:
+    """``--isolation process`` when apps run in a warm executor (executor.py), not Flower's
+    one new Python per message."""
+    return ["--isolation", "process"] if self.warm else []
+
+  def _start_executor(self, kind: str, owner: str, proc: subprocess.Popen, port: int) -> None:
+    """The warm executor of ``owner`` (the SuperLink's ServerApps or a SuperNode's ClientApps),
+    which stops when ``owner`` does."""
+    if self.warm:
+      tls = self.security.tls
+      # The SuperLink serves its Runtime API on its one port, over TLS when it has TLS; a
+      # SuperNode's ClientAppIo API is local and plain.
+      transport = (["--root-certificates", str(tls.ca_certificate)] if tls and kind == "serverapp"
+                   else ["--insecure"])
+      self._start(f"{owner}-executor", [sys.executable, "-m", "faxbridge.converters.flower.executor",
+                                         "--kind", kind, "--runtime-api-address",
+                                         f"127.0.0.1:{port}", *transport, "--parent-pid",
+                                         str(proc.pid)])
+
   def _wait_port(self, port: int, proc: subprocess.Popen, name: str) -> None:
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
@@ -233,25 +270,32 @@ class LocalDeployment:
                             f"{START_TIMEOUT_S:g} s:\n{self.log_tail(name)}")
 
   def run_app(self, app_dir: Path, run_config: Mapping[str, Any], timeout: float = RUN_TIMEOUT_S,
-              progress: Path | None = None) -> str:
-    """``flwr run APP_DIR local --stream`` with ``run_config``; its output. While it runs, each
+              name: str = "flwr-run", progress: Path | None = None) -> str:
+    """``flwr run APP_DIR local --stream`` with ``run_config``; its output (its log is
+    ``logs/NAME.log``: a deployment that serves several runs names each). While it runs, each
     line the ServerApp appends to ``progress`` (its events) is emitted here. Raises
     VerificationError when it fails or runs past ``timeout``."""
-    config = _toml(self.root / "logs" / "run_config.toml", run_config)
+    config = _toml(self.root / "logs" / f"{name}.toml", run_config)
     cmd = [_bin("flwr"), "run", str(app_dir), "local", "--stream", "--run-config", str(config)]
-    proc = self._start("flwr-run", cmd)
-    lines = ProgressFile(progress if progress is not None else self.root / "logs" / "no-progress")
+    proc = self._start(name, cmd)
+    lines = ProgressFile(progress if progress is not None else self.root / "logs" / f"{name}.no-progress")
     try:
       wait(proc, timeout, lines, lambda line: emit(str(line.get("name", "flower")),
                                                     str(line.get("message", "")),
                                                     **dict(line.get("fields") or {})))
     except subprocess.TimeoutExpired:
+      with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)  # a deployment that serves more runs goes on
       raise VerificationError(f"flwr run did not finish within {timeout:g} s:\n"
-                              f"{self.log_tail('flwr-run')}") from None
+                              f"{self.log_tail(name)}") from None
+    finally:
+      if proc.poll() is not None:  # ended: nothing of it for stop() to signal (its pid may be reused)
+        self.processes.pop(name, None)
+        proc.log.close()  # type: ignore[attr-defined]
     if proc.returncode != 0:
       raise VerificationError(f"flwr run exited with status {proc.returncode}:\n"
-                              f"{self.log_tail('flwr-run')}")
-    return (self.root / "logs" / "flwr-run.log").read_text(errors="replace")
+                              f"{self.log_tail(name)}")
+    return (self.root / "logs" / f"{name}.log").read_text(errors="replace")
 
   def stop(self) -> None:
     """Terminate every process group started here, kill what remains, then kill by pid every
@@ -292,6 +336,42 @@ def _blocks(manifest: dict) -> dict:
   return manifest["next"] if manifest["kind"] == "iterative_process" else manifest["computation"]
 
 
+def node_configs(root: Path, n: int, trust: Path | None = None) -> list[dict[str, str]]:
+  """The node configs of ``n`` SuperNodes, each with a folder of its own under ``root``: node ``k``
+  is labelled ``client-000k`` and reads a run's data from its ``data-dir`` (``DATASET.npz``, the
+  run config naming DATASET), so that one deployment serves runs of several programs."""
+  configs = []
+  for k in range(n):
+    folder = root / f"node-{k}"
+    (folder / "data").mkdir(parents=True, exist_ok=True)
+    configs.append({"data-dir": str(folder / "data"), "label": f"client-{k:04d}",
+                    "store": str(folder / "programs"), **({"trust": str(trust)} if trust else {})})
+  return configs
+
+
+# The deployments of `reused`, by their number of SuperNodes.
+_REUSED: dict[int, LocalDeployment] = {}
+
+
+@contextlib.contextmanager
+def reused(clients: int, warm: bool = True) -> Iterator[LocalDeployment]:
+  """One local deployment of ``clients`` SuperNodes, started here and stopped at the end of the
+  block, on which every run of a program with at most ``clients`` clients inside the block runs
+  (:func:`deploy`, hence ``fb.verify(..., runtime="flower")``; from several threads at once if
+  wished) instead of starting a deployment of its own: starting one costs seconds, running a
+  program on it only its rounds. Each run has its own dataset on the nodes (``data-dir/runK.npz``,
+  node ``k`` holding client ``k``'s data only; a program of fewer clients leaves the last nodes
+  without, and they sit the run out), its own output folder and its own Flower run."""
+  if clients in _REUSED:
+    raise VerificationError(f"a deployment of {clients} SuperNodes is already reused here")
+  with _folder() as root, LocalDeployment(root, node_configs(root, clients), warm=warm) as deployment:
+    _REUSED[clients] = deployment
+    try:
+      yield deployment
+    finally:
+      del _REUSED[clients]
+
+
 def _client_count(manifest: dict, inputs: Mapping[str, np.ndarray]) -> int:
   """How many clients (one SuperNode each) a run of ``manifest`` with ``inputs`` has."""
   block = _blocks(manifest)
@@ -299,11 +379,28 @@ def _client_count(manifest: dict, inputs: Mapping[str, np.ndarray]) -> int:
   return int(np.shape(inputs[clients[0]])[0]) if clients else int(block["clients"] or 1)
 
 
+@dataclasses.dataclass(frozen=True)
+class _RunSettings:
+  """What one run asks of the ServerApp, beside the export and the inputs (see :func:`deploy`)."""
+
+  rounds: int
+  server_export: Path | None = None
+  seed: int = 0
+  keep: Path | None = None
+  min_clients: int = 0
+  round_timeout: float = 600.0
+  out_dir: Path | None = None
+  resume_from: Path | None = None
+
+
 def deploy(export_dir: Path, manifest: dict, inputs: Mapping[str, np.ndarray], rounds: int,
            server_export: Path | None = None, seed: int = 0, keep: Path | None = None,
            min_clients: int = 0, round_timeout: float = 600.0, out_dir: Path | None = None,
-           resume_from: Path | None = None, security: LocalSecurity | None = None) -> RuntimeResult:
-  """Run ``export_dir`` on a local deployment: one SuperNode per client of ``inputs``.
+           resume_from: Path | None = None, security: LocalSecurity | None = None,
+           warm: bool = True) -> RuntimeResult:
+  """Run ``export_dir`` on a local deployment: one SuperNode per client of ``inputs``; the
+  smallest of :func:`reused` with at least that many SuperNodes when there is one (the others sit
+  the run out) and no ``security`` is asked for, else one started for this run.
 
   ``server_export``: the export the ServerApp reads (default: ``export_dir``, whose app the nodes
   get); a test gives another to prove that nodes refuse a program their app does not pin.
@@ -317,6 +414,7 @@ def deploy(export_dir: Path, manifest: dict, inputs: Mapping[str, np.ndarray], r
   ``security``: TLS, SuperNode keys (the run waits for and samples the nodes whose key is
   registered: a node refused by the SuperLink has no part in it) and the key nodes require the
   app's signature by (node config ``trust``); None: insecure, unsigned apps run.
+  ``warm``: of a deployment started for this run, see :class:`LocalDeployment`.
 
   Client ``k`` of ``inputs`` is the node labelled ``client-000k``; the result's ``clients`` names,
   for each invocation completed over fewer than all of them (nodes that dropped out, or were not
@@ -328,70 +426,94 @@ def deploy(export_dir: Path, manifest: dict, inputs: Mapping[str, np.ndarray], r
     VerificationError: a process does not start, a node refuses, the run fails (its reason).
   """
   block = _blocks(manifest)
+  n = _client_count(manifest, inputs)
+  settings = _RunSettings(rounds, server_export, seed, keep, min_clients, round_timeout,
+                          None if out_dir is None else Path(out_dir).resolve(),
+                          None if resume_from is None else Path(resume_from).resolve())
+  start = time.monotonic()
+  if security is None and (fits := [size for size in _REUSED if size >= n]):
+    return _run(_REUSED[min(fits)], n, export_dir, block, inputs, settings, start)
+  with _folder() as root, LocalDeployment(root, node_configs(root, n, security and security.trust),
+                                          security, warm=warm) as deployment:
+    return _run(deployment, n, export_dir, block, inputs, settings, start)
+
+
+def _run(deployment: LocalDeployment, n: int, export_dir: Path, block: dict,
+         inputs: Mapping[str, np.ndarray], settings: _RunSettings, start: float) -> RuntimeResult:
+  """One Flower run of ``export_dir`` for ``n`` clients on ``deployment`` (see :func:`deploy`):
+  client ``k``'s data to node ``k``'s data-dir under a dataset name of this run (nodes beyond
+  ``n`` get none and sit the run out), ``flwr run``, the outputs read back; the run's files are
+  removed after it (a failed round's outputs are kept: the error names where)."""
   clients = [s["name"] for s in block["inputs"] if s["placement"] == "CLIENTS"]
   server = [s["name"] for s in block["inputs"] if s["placement"] != "CLIENTS"]
-  n = _client_count(manifest, inputs)
-  with _folder() as root:
-    out = (root / "out") if out_dir is None else Path(out_dir).resolve()
+  with deployment.runs_lock:
+    deployment.runs += 1
+    index = deployment.runs
+  dataset = f"run{index}"
+  folder = deployment.root / "runs" / dataset
+  out = settings.out_dir or folder / "out"
+  data_files = [Path(config["data-dir"]) / f"{dataset}.npz" for config in deployment.node_configs[:n]]
+  admitted = deployment.security.admitted(n)
+  try:
+    folder.mkdir(parents=True)
     out.mkdir(parents=True, exist_ok=True)
     for stale in (PROGRESS, "result.json"):  # an earlier run's, in a folder given again
       (out / stale).unlink(missing_ok=True)
-    configs = []
-    for k in range(n):
-      folder = root / f"node-{k}"
-      folder.mkdir()
+    for k, path in enumerate(data_files):
       data: dict[str, Any] = {name: np.asarray(inputs[name])[k] for name in clients}
-      np.savez(folder / "data.npz", **data)
-      configs.append({"data": str(folder / "data.npz"), "label": f"client-{k:04d}",
-                      "store": str(folder / "programs"),
-                      **({"trust": str(security.trust)} if security and security.trust else {})})
-    admitted = security.admitted(n) if security else n
-    run_config: dict[str, Any] = {"export": str(server_export or export_dir), "out": str(out),
-                                  "rounds": max(rounds, 1), "clients-per-round": admitted,
-                                  "min-nodes": admitted, "seed": seed, "min-clients": min_clients,
-                                  "round-timeout": float(round_timeout)}
-    if resume_from is not None:
-      run_config["resume-from"] = str(Path(resume_from).resolve())
+      np.savez(path, **data)
+    run_config: dict[str, Any] = {"export": str(settings.server_export or export_dir), "out": str(out),
+                                  "rounds": max(settings.rounds, 1), "clients-per-round": admitted,
+                                  # every node admitted: those holding this run's data among them
+                                  "min-nodes": len(deployment.node_configs) - (n - admitted),
+                                  "seed": settings.seed, "dataset": dataset,
+                                  "min-clients": settings.min_clients,
+                                  "round-timeout": float(settings.round_timeout)}
+    if settings.resume_from is not None:
+      run_config["resume-from"] = str(settings.resume_from)
     if server:
       values: dict[str, Any] = {name: np.asarray(inputs[name]) for name in server}
-      np.savez(root / "server_inputs.npz", **values)
-      run_config["server-inputs"] = str(root / "server_inputs.npz")
-    start = time.monotonic()
-    with LocalDeployment(root, configs, security) as deployment:
-      emit("flower.run", f"flwr run: {rounds} round(s) on {n} SuperNodes")
+      np.savez(folder / "server_inputs.npz", **values)
+      run_config["server-inputs"] = str(folder / "server_inputs.npz")
+    emit("flower.run", f"flwr run: {settings.rounds} round(s) on {n} SuperNodes")
+    name = f"flwr-run-{dataset}"
+    try:
       try:
-        try:
-          deployment.run_app(export_dir, run_config, progress=out / PROGRESS)
-        except VerificationError as e:
-          raise _failure(out, str(e)) from None
-        result = _read_json(out / "result.json")
-        if result.get("status") != "ok":
-          raise _failure(out, deployment.log_tail("flwr-run"))
-      except RoundFailedError as e:
-        raise RoundFailedError(_kept(e, out, root, export_dir)) from None
-      finally:
-        if keep is not None:
-          shutil.copytree(root / "logs", keep / "logs", dirs_exist_ok=True)
-          if (out / "record.json").is_file():
-            shutil.copy(out / "record.json", keep / "record.json")
-      timings = dict(deployment.timings)
+        deployment.run_app(export_dir, run_config, name=name, progress=out / PROGRESS)
+      except VerificationError as e:
+        raise _failure(out, str(e)) from None
+      result = _read_json(out / "result.json")
+      if result.get("status") != "ok":
+        raise _failure(out, deployment.log_tail(name))
+    except RoundFailedError as e:
+      raise RoundFailedError(_kept(e, out, deployment.root, export_dir)) from None
+    finally:
+      if settings.keep is not None:
+        shutil.copytree(deployment.root / "logs", settings.keep / "logs", dirs_exist_ok=True)
+        if (out / "record.json").is_file():
+          shutil.copy(out / "record.json", settings.keep / "record.json")
     record = _read_json(out / "record.json")
     outputs: dict[str, np.ndarray] = {}
     aggregated: dict[str, list[int]] = {}
-    index = {c["label"]: k for k, c in enumerate(configs)}
+    labels_index = {c["label"]: k for k, c in enumerate(deployment.node_configs[:n])}
     for inv in record["invocations"]:
-      name = inv["invocation"]
-      prefix = "" if name == "computation" else f"{name}/"
-      with np.load(out / f"{name}.npz", allow_pickle=False) as f:
+      invocation = inv["invocation"]
+      prefix = "" if invocation == "computation" else f"{invocation}/"
+      with np.load(out / f"{invocation}.npz", allow_pickle=False) as f:
         outputs.update({prefix + k: f[k] for k in f.files})
       labels = inv.get("aggregated_labels", inv.get("labels", []))
       if inv.get("nodes") and len(labels) < n:
-        aggregated[name] = sorted(index[label] for label in labels)
-    total = time.monotonic() - start
-  info = _info(record, timings, total, n)
-  if security is not None:
+        aggregated[invocation] = sorted(labels_index[label] for label in labels)
+  finally:
+    for path in data_files:
+      path.unlink(missing_ok=True)
+    shutil.rmtree(folder, ignore_errors=True)
+  total = time.monotonic() - start
+  info = _info(record, deployment, total, index, n)
+  if deployment.security != LocalSecurity():
+    timings = deployment.timings
     registered = f"; keys registered in {timings['register_s']:.1f} s" if "register_s" in timings else ""
-    info["Flower security"] = security.describe(n) + registered
+    info["Flower security"] = deployment.security.describe(n) + registered
   return RuntimeResult(outputs=outputs, info=info, clients=aggregated)
 
 
@@ -431,14 +553,25 @@ def _kept(error: RoundFailedError, out: Path, root: Path, export_dir: Path) -> s
           f"{out})")
 
 
-def _info(record: dict, timings: dict, total: float, n: int) -> dict[str, Any]:
+def _info(record: dict, deployment: LocalDeployment, total: float, index: int, n: int
+          ) -> dict[str, Any]:
   """The report's notes: where the time went (docs/flower.md reads them)."""
   rounds = [inv for inv in record["invocations"] if inv["invocation"].startswith("round")]
-  link_up = timings.get("superlink_start_s", 0.0)
   install = record.get("install", {}).get("seconds", 0.0)
-  info = {"Flower deployment": f"1 SuperLink and {n} SuperNodes, each its own process, 127.0.0.1",
-          "wall time": f"{total:.1f} s in all: SuperLink up in {link_up:.1f} s, client program "
-                       f"installed on the nodes in {install:.1f} s"}
+  apps = ("each app a fork of a warm executor" if deployment.warm
+          else "each app a new process (Flower's subprocess isolation)")
+  others = len(deployment.node_configs) - n
+  info = {"Flower deployment": f"1 SuperLink and {n} SuperNodes, each its own process, 127.0.0.1; "
+                               f"{apps}" + (f"; {others} more SuperNode(s) sat the run out, holding "
+                                            "no data for it" if others else "")}
+  if index > 1:
+    info["Flower deployment"] += f"; run {index} on this deployment"
+    info["wall time"] = (f"{total:.1f} s for this run, client program installed on the nodes in "
+                         f"{install:.1f} s")
+  else:
+    info["wall time"] = (f"{total:.1f} s in all: SuperLink up in "
+                         f"{deployment.timings.get('superlink_start_s', 0.0):.1f} s, client program "
+                         f"installed on the nodes in {install:.1f} s")
   if record.get("resumed_from"):
     done = record["resumed_from"]["round"]
     earlier = "initialize" if done == 0 else f"initialize and rounds 1 to {done}"
@@ -461,7 +594,7 @@ def _info(record: dict, timings: dict, total: float, n: int) -> dict[str, Any]:
         f"sending the work to the last reply, of it the slowest node's ClientApp process "
         f"{process:.2f} s from its start to its reply (program load {slowest('load_seconds'):.3f} "
         f"s, compute {slowest('compute_seconds'):.3f} s), the other {exchange - process:.2f} s "
-        "Flower's message passing (a SuperNode polls every 3 s)")
+        "Flower's message passing (a SuperNode asks for messages every 3 s)")
   passes = [p for inv in record["invocations"] for p in inv.get("secagg", [])]
   if passes:  # secure sums (secagg.py): what ran, and what it cost
     kinds = ", ".join(sorted({a for p in passes for a in p["aggregations"]}))
@@ -502,4 +635,5 @@ def verify_run(export_dir: Path, manifest: dict, inputs: dict[str, np.ndarray], 
                   resume_from=Path(resume_from) if resume_from else None, security=security)
 
 
-__all__ = ["LocalDeployment", "available", "deploy", "free_port", "leftovers", "verify_run"]
+__all__ = ["LocalDeployment", "available", "deploy", "free_port", "leftovers", "node_configs", "reused",
+           "verify_run"]

@@ -28,8 +28,8 @@ PACKAGE = "faxbridge_app"
 SERVER_MODULE = f"{PACKAGE}/server_app.py"
 CLIENT_MODULE = f"{PACKAGE}/client_app.py"
 
-# The run config the ServerApp reads (server.RunConfig), with its defaults; `flwr run --run-config`
-# overrides them (Flower refuses keys the app does not declare).
+# The run config the ServerApp (server.RunConfig) and the nodes read, with its defaults; `flwr run
+# --run-config` overrides them (Flower refuses keys the app does not declare).
 RUN_CONFIG = {
     "export": ("", "the export directory on the ServerApp's machine (holds the pieces)"),
     "out": ("", "where the ServerApp writes each round's outputs and record"),
@@ -44,6 +44,8 @@ RUN_CONFIG = {
                        "did; 0: every sampled node must reply"),
     "resume-from": ("", "the out folder of an earlier run of this export: resume after its last "
                         "completed round"),
+    # read by the nodes (node.py), not the ServerApp
+    "dataset": ("", "each node reads its data-dir/DATASET.npz; empty: its node config's data file"),
 }
 
 

@@ -17,7 +17,10 @@ A node trusts its own copy of the app (the Flower App bundle ``flwr run`` sent i
   one client's shape), the broadcast values (names, shapes and dtypes checked against the plan) and
   what it kept from an earlier stage of the same invocation, and replies with the uploads asked for.
 
-Node config keys: ``data`` (the .npz of this node's data), ``label`` (how the ServerApp orders and
+Node config keys: ``data`` (the .npz of this node's data), ``data-dir`` (a folder of such files, one
+per dataset: a run whose run config names ``dataset=NAME`` reads ``data-dir/NAME.npz``, so one node
+serves runs of several programs, each on its own data; a node whose data-dir holds no NAME.npz
+declines the install and sits the run out), ``label`` (how the ServerApp orders and
 names the node; optional), ``store`` (where programs are kept; default
 ``$XDG_CACHE_HOME/faxbridge/flower-programs``), ``trust`` (an Ed25519 public key file: run only apps
 it signed; optional).
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 import time
 from collections.abc import Callable
@@ -44,22 +48,52 @@ def default_store() -> Path:
   return Path(cache) / "faxbridge" / "flower-programs"
 
 
+# A dataset name the run config may give: one file name in the node's data-dir, never a path.
+DATASET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+
+
 class NodeRun:
-  """A node's view of one message: its app bundle, its node config, and the signature the message
-  brought (``signature``: the install message's; None for other messages).
+  """A node's view of one message: its app bundle, its node config, the run's config, and the
+  signature the message brought (``signature``: the install message's; None for other messages).
 
   Raises:
     VerificationError: with ``trust`` in the node config, the app is not signed by its key (before
       anything of the app but ``manifest.json`` is read); the bundle's manifest or plan is not valid.
   """
 
-  def __init__(self, app_dir: Path, node_config: dict[str, Any], signature: bytes | None = None):
+  def __init__(self, app_dir: Path, node_config: dict[str, Any],
+               run_config: dict[str, Any] | None = None, signature: bytes | None = None):
     self.label = str(node_config.get("label", ""))
     self.store = Path(str(node_config.get("store") or default_store()))
-    self.data_path = str(node_config["data"]) if node_config.get("data") else None
     trust = str(node_config.get("trust") or "")
     signed = self._signed_manifest(app_dir, trust, signature) if trust else None
     self.app = protocol.read_app(app_dir, pieces_present=False, manifest_bytes=signed)
+    self.dataset = str((run_config or {}).get("dataset") or "")
+    self.data_path = self._data_path(node_config, self.dataset)
+
+  def _data_path(self, node_config: dict[str, Any], dataset: str) -> str | None:
+    """The node's data file: ``data-dir/DATASET.npz`` when the run names a dataset (a node serving
+    several runs holds one file per run, and whoever starts a run can only choose among the
+    node's own files), else the node config's ``data``."""
+    if not dataset:
+      return str(node_config["data"]) if node_config.get("data") else None
+    if not DATASET_NAME.fullmatch(dataset):
+      raise self._refuse(f"the run's dataset {dataset!r:.60} is not a plain name (letters, digits, "
+                         "'_', '.', '-'; no path): it names a file in the node's data-dir")
+    if not node_config.get("data-dir"):
+      raise self._refuse(f"the run reads dataset {dataset!r}, and the node config names no "
+                         "data-dir to find it in: start the SuperNode with --node-config "
+                         "\"data-dir='DIR'\" (DIR holds DATASET.npz)")
+    return str(Path(str(node_config["data-dir"])) / f"{dataset}.npz")
+
+  def sits_out(self) -> str | None:
+    """Why this node takes no part in the run (it then declines the install), or None: a run
+    naming a dataset that this node's data-dir does not hold. One deployment serves programs of
+    several sizes so: a program of 3 clients runs on the 3 nodes given its data, the others sit it
+    out (a node without any data config still refuses, as before: that is a mistake, not a choice)."""
+    if self.dataset and self.data_path is not None and not Path(self.data_path).is_file():
+      return f"its data-dir holds no {self.dataset}.npz for this run"
+    return None
 
   def _refuse(self, why: str) -> VerificationError:
     return VerificationError(f"node {self.label or '(no label)'}: {why}")
@@ -240,11 +274,16 @@ class NodeRun:
 
 
 def _process_age() -> float:
-  """Seconds since this process started (Flower starts one ClientApp process per message): its
-  start and imports are part of a round's time. 0 where /proc does not tell."""
+  """Seconds since this process started (Flower starts one ClientApp process per message, the warm
+  executor forks one): its start and what Flower does before calling the app are part of a
+  round's time. From /proc/self/stat's start time (clock ticks since boot); 0 where /proc does not
+  tell."""
   try:
-    return max(0.0, time.time() - os.stat(f"/proc/{os.getpid()}").st_ctime)
-  except OSError:
+    with open("/proc/self/stat") as f:
+      started = int(f.read().rsplit(")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK")
+    with open("/proc/uptime") as f:
+      return max(0.0, float(f.read().split()[0]) - started)
+  except (OSError, ValueError, IndexError):
     return 0.0
 
 
@@ -266,7 +305,10 @@ def client_app(app_dir: Path) -> Any:
   @app.query("faxbridge_install")
   def install(msg: Any, context: Any) -> Any:
     try:
-      node = NodeRun(app_dir, dict(context.node_config), protocol.signature_of(msg.content))
+      node = NodeRun(app_dir, dict(context.node_config), dict(context.run_config),
+                     protocol.signature_of(msg.content))
+      if (why := node.sits_out()) is not None:
+        return reply(msg, {protocol.DECLINED: ConfigRecord({"label": node.label, "reason": why})})
       node.install(protocol.arrays(msg.content.array_records[protocol.PROGRAMS]))
     except FaxbridgeError as e:
       return refused(msg, e)
@@ -274,9 +316,10 @@ def client_app(app_dir: Path) -> Any:
 
   @app.train("faxbridge_work")
   def work(msg: Any, context: Any) -> Any:
+    entered = time.perf_counter()
     task = dict(msg.content.config_records[protocol.TASK])
     try:
-      node = NodeRun(app_dir, dict(context.node_config))
+      node = NodeRun(app_dir, dict(context.node_config), dict(context.run_config))
       state = context.state
       kept = _kept(state, str(task["invocation"]))
       uploads, keep, timings = node.work(
@@ -286,6 +329,7 @@ def client_app(app_dir: Path) -> Any:
     if keep:  # for a later stage of this invocation only; what it replaces was of this one too
       state.array_records[protocol.KEPT] = protocol.array_record({**kept, **keep})
       state.config_records[protocol.KEPT_FOR] = ConfigRecord({"invocation": task["invocation"]})
+    timings["app_seconds"] = time.perf_counter() - entered  # in the ClientApp: reading the app too
     return reply(msg, {protocol.UPLOADS: protocol.array_record(uploads),
                        protocol.NODE: ConfigRecord({"label": node.label, **timings})})
 

@@ -6,7 +6,8 @@ Two kinds of message go from the ServerApp to a node:
 * **install** (``query.faxbridge_install``), once per node and run: the client program, one
   ``uint8`` array per client piece, keyed by the piece's path in the export. The node checks each
   against the sha256 its own copy of ``manifest.json`` (in the Flower App bundle) pins, stores it
-  under that sha256 and checks its local data against ``plan.json``; it replies with its label.
+  under that sha256 and checks its local data against ``plan.json``; it replies with its label
+  (or declines: a node with no data for the run sits it out).
 * **work** (``train.faxbridge_work``), per stage and sampled node: which piece to run, the
   broadcast values, which outputs to return (the uploads) and which to keep for a later stage of
   the same invocation. The node runs the stored piece on its data, the broadcast and what it kept.
@@ -45,6 +46,9 @@ NODE = "faxbridge.node"  # ConfigRecord: the node's label and timings (a reply)
 ERROR = "faxbridge.error"  # ConfigRecord {"reason": ...}: the node refused (a reply)
 SIGNATURE = "faxbridge.signature"  # ConfigRecord {"manifest.json.sig": bytes}: of a signed export
 SIGNATURE_KEY = "manifest.json.sig"
+# ConfigRecord {"label", "reason"}: a node sits this run out, holding no data for it (an install
+# reply; node.py says when)
+DECLINED = "faxbridge.declined"
 # What a node keeps in its Flower context between the stages of one invocation.
 KEPT = "faxbridge.kept"
 KEPT_FOR = "faxbridge.kept_for"
@@ -208,7 +212,7 @@ def program_record(app: App) -> Any:
   return array_record(out)
 
 
-__all__ = ["BROADCAST", "CLIENT_RUNTIMES", "ERROR", "INSTALL", "KEPT", "KEPT_FOR", "NODE", "PROGRAMS",
-           "SIGNATURE", "SIGNATURE_KEY", "TASK", "UPLOADS", "WORK", "App", "ClientRuntime",
+__all__ = ["BROADCAST", "CLIENT_RUNTIMES", "DECLINED", "ERROR", "INSTALL", "KEPT", "KEPT_FOR", "NODE",
+           "PROGRAMS", "SIGNATURE", "SIGNATURE_KEY", "TASK", "UPLOADS", "WORK", "App", "ClientRuntime",
            "array_record", "arrays", "program_record", "read_app", "sha256", "signature_of",
            "signature_record", "versions"]

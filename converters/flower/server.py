@@ -244,10 +244,14 @@ class Session:
     replies, dropped = self.exchange(messages, "installing the client program")
     if dropped:
       raise VerificationError(f"installing the client program: {self.dropped_text(dropped)}")
+    declined = {i: dict(r.content.config_records[protocol.DECLINED]) for i, r in replies.items()
+                if protocol.DECLINED in r.content.config_records}  # no data for this run on them
     self.nodes = sorted((Node(i, str(r.content.config_records[protocol.NODE]["label"]))
-                         for i, r in replies.items()), key=lambda n: (n.label, n.node_id))
+                         for i, r in replies.items() if i not in declined),
+                        key=lambda n: (n.label, n.node_id))
     self.record["install"] = {"seconds": time.monotonic() - start,
                               "nodes": [dataclasses.asdict(n) for n in self.nodes],
+                              "declined": [{"node_id": i, **d} for i, d in sorted(declined.items())],
                               "program_bytes": sum(int(a.numpy().size) for a in programs.values())}
 
   def sample(self, index: int) -> list[Node]:
@@ -255,8 +259,10 @@ class Session:
     numpy's generator seeded by (seed, index), kept in the installed order."""
     k = self.config.clients_per_round or len(self.nodes)
     if k > len(self.nodes):
+      declined = self.record.get("install", {}).get("declined", [])
       raise VerificationError(f"clients-per-round={k}, but only {len(self.nodes)} node(s) installed "
-                              "the program")
+                              "the program" + "".join(f"; node {d['label']} sat the run out: "
+                                                      f"{d['reason']}" for d in declined))
     rng = np.random.default_rng([self.config.seed, index])
     return [self.nodes[i] for i in sorted(rng.choice(len(self.nodes), size=k, replace=False))]
 

@@ -10,12 +10,13 @@ the export, whose files the manifest pins): ``$FAXBRIDGE_IREE_CACHE`` or
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib.metadata
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -53,18 +54,36 @@ def compile_stablehlo(text: str, where: str = "module") -> bytes:
   cached = _cache_dir() / f"{key}.vmfb"
   if cached.is_file():
     return cached.read_bytes()
-  try:
-    vmfb = ic.compile_str(text, target_backends=["llvm-cpu"], input_type="stablehlo",
-                          extra_args=list(COMPILE_FLAGS))
-  except Exception as e:  # CompilerToolError carries IREE's diagnostics, then its command line
-    errors = [line.split(" error: ", 1)[-1].strip() for line in str(e).splitlines()
-              if " error: " in line or line.startswith("error:")]
-    reason = "; ".join(errors[:3]) if errors else str(e).strip().splitlines()[0]
-    raise VerificationError(f"IREE cannot compile {where}: {reason}") from e
-  tmp = cached.with_suffix(f".{os.getpid()}.tmp")
-  tmp.write_bytes(vmfb)
-  os.replace(tmp, cached)  # atomic: parallel runs may fill the same entry
+  with _one_compiler(key):
+    if cached.is_file():  # made while this process waited
+      return cached.read_bytes()
+    try:
+      vmfb = ic.compile_str(text, target_backends=["llvm-cpu"], input_type="stablehlo",
+                            extra_args=list(COMPILE_FLAGS))
+    except Exception as e:  # CompilerToolError carries IREE's diagnostics, then its command line
+      errors = [line.split(" error: ", 1)[-1].strip() for line in str(e).splitlines()
+                if " error: " in line or line.startswith("error:")]
+      reason = "; ".join(errors[:3]) if errors else str(e).strip().splitlines()[0]
+      raise VerificationError(f"IREE cannot compile {where}: {reason}") from e
+    tmp = cached.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_bytes(vmfb)
+    os.replace(tmp, cached)  # atomic: a reader never sees half an entry
   return vmfb
+
+
+@contextlib.contextmanager
+def _one_compiler(key: str) -> Iterator[None]:
+  """Held while cache entry ``key`` is compiled, so that processes wanting the same module at
+  once (the nodes of a local Flower deployment, pytest's workers) wait for the first instead of
+  each compiling it. Where there is no ``fcntl`` (not POSIX) each compiles, as before."""
+  try:
+    import fcntl
+  except ImportError:
+    yield
+    return
+  with open(_cache_dir() / f"{key}.lock", "wb") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+    yield
 
 
 PieceFunction = Callable[[list[np.ndarray]], list[np.ndarray]]
