@@ -378,9 +378,9 @@ def _kill_node_after(tag: str, out: Path, label_index: int, after: str, log: lis
     while not (out / f"{after}.npz").exists() and time.monotonic() < deadline:
       time.sleep(0.1)
     for pid, (root, cmd) in _deployment_processes(tag).items():
-      config = Path(root) / "logs" / "run_config.toml"
-      if (f"supernode-{label_index}.toml" in cmd and "flower-supernode" in cmd and config.is_file()
-              and f'out = "{out}"' in config.read_text()):
+      runs = sorted((Path(root) / "logs").glob("flwr-run*.toml"))  # a run's config, named by its run
+      if (f"supernode-{label_index}.toml" in cmd and "flower-supernode" in cmd
+              and any(f'out = "{out}"' in config.read_text() for config in runs)):
         group = os.getpgid(pid)
         members = [p for p in _deployment_processes(tag) if _pgid(p) == group]
         os.killpg(group, signal.SIGKILL)
@@ -476,7 +476,8 @@ def test_a_killed_supernode_fails_the_round_and_the_run_resumes_equal_to_native(
                                            "--out-dir", out])
   killer.join(timeout=5)
   assert killed, f"no SuperNode was killed:\n{stderr[-3000:]}"
-  assert len(killed[0][1]) >= 2, killed  # found by the tag: the SuperNode and its SuperExec at least
+  assert len(killed[0][1]) >= 1, killed  # found by the tag: the SuperNode (its executor, a group of
+  # its own, stops when its SuperNode is gone)
   assert rc == 1, (rc, stdout, stderr[-3000:])
   errors = [line for line in stderr.splitlines() if line.startswith("faxbridge verify:")]
   assert len(errors) == 1, stderr[-3000:]
@@ -520,7 +521,8 @@ def test_a_killed_supernode_with_min_clients_completes_the_rounds_over_the_other
                                            "--min-clients", "3", "--out-dir", out])
   killer.join(timeout=5)
   assert killed, f"no SuperNode was killed:\n{stderr[-3000:]}"
-  assert len(killed[0][1]) >= 2, killed  # found by the tag: the SuperNode and its SuperExec at least
+  assert len(killed[0][1]) >= 1, killed  # found by the tag: the SuperNode (its executor, a group of
+  # its own, stops when its SuperNode is gone)
   assert rc == 0, (rc, stdout, stderr[-3000:])
   assert "OK: all 19 outputs on flower equal native" in stdout, stdout
   assert "round2 run on clients [0, 2, 3] only" in stdout and "round3 run on clients [0, 2, 3]" \
