@@ -401,7 +401,8 @@ def test_analytics_on_four_supernodes_its_histogram_by_secaggplus_exact(client_r
   assert secure_pass["nodes"] == 4 and secure_pass["bitwidth"] == analytics.BITWIDTH
   counts = next(a.value for a in form.stages[0].aggregations if secagg.is_secure(a))
   assert all(counts not in step["uploads"] for step in inv["node_timings"])
-  log = (kept / "logs" / "flwr-run.log").read_text(errors="replace")
+  (run_log,) = (kept / "logs").glob("flwr-run-*.log")  # this run's (a deployment names each run's)
+  log = run_log.read_text(errors="replace")
   assert "Secure aggregation commencing" in log and "Secure aggregation completed" in log, log[-3000:]
   assert "aggregate_fit: received 4 results and 0 failures" in log
   print(f"invocation {inv['seconds']:.2f} s", json.dumps(secure_pass, indent=1),

@@ -347,7 +347,7 @@ def client_app(app_dir: Path) -> Any:
     node's secure_sum values, which the mod quantizes, masks and uploads (secagg.py)."""
     start = time.perf_counter()
     config = secagg.fit_config(msg.content)
-    node = NodeRun(app_dir, dict(context.node_config))
+    node = NodeRun(app_dir, dict(context.node_config), dict(context.run_config))
     vector = node.secure_sum(config, _kept(context.state, str(config[secagg.INVOCATION])))
     return Message(secagg.fit_reply(vector, {"seconds": time.perf_counter() - start,
                                              "process_seconds": _process_age()}), reply_to=msg)
