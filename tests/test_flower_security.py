@@ -15,6 +15,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -31,8 +32,6 @@ from faxbridge.converters.flower import deployment, node, protocol, security
 from faxbridge.extend import VerificationError
 
 FLWR = str(Path(sys.executable).parent / "flwr")  # the flwr CLI beside this Python, as deployments run it
-FLOWER_PROGRAMS = ("flower-superlink", "flower-supernode", "flower-superexec", "flwr-serverapp",
-                   "flwr-clientapp", "bin/flwr")
 
 
 @fb.computation(in_placements=(fb.SERVER, fb.CLIENTS, fb.CLIENTS))
@@ -223,25 +222,29 @@ def test_the_install_message_carries_the_exports_signature(apps):
 
 
 # -- real deployments -----------------------------------------------------------------------------
-def _flower_processes() -> set[int]:
-  """Live processes of Flower's programs started by a faxbridge deployment of this Python's
-  environment (found by the marker in their environment and the programs' folder; deployments of
-  other checkouts may run beside), independently of deployment.leftovers."""
-  here = str(Path(sys.executable).parent)
+def _flower_processes(folder: Path) -> set[int]:
+  """Live processes of a faxbridge deployment whose folder is under ``folder`` (found by the
+  marker in their environment, independently of deployment.leftovers): a test's own, whatever
+  other deployments run beside it (other tests of the same session, other checkouts)."""
+  marker = f"{deployment.MARKER}={folder}".encode()
   found = set()
-  for entry in os.listdir("/proc"):
-    if not entry.isdigit():
-      continue
+  for entry in filter(str.isdigit, os.listdir("/proc")):
     try:
-      env = Path(f"/proc/{entry}/environ").read_bytes()
-      cmd = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+      env = Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
       state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except OSError:
       continue
-    if (b"FAXBRIDGE_FLOWER_DEPLOYMENT=" in env and state != "Z" and here in cmd
-        and any(p in cmd for p in FLOWER_PROGRAMS)):
+    if state != "Z" and any(v.startswith(marker) for v in env):
       found.add(int(entry))
   return found
+
+
+@pytest.fixture
+def own_temp(tmp_path, monkeypatch) -> Path:
+  """Temporary folders (the deployments' own, the keys verify makes) under this test's tmp_path,
+  so that its processes are told from those of tests running beside it."""
+  monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+  return tmp_path
 
 
 def _pem(public_key: Path) -> str:
@@ -262,12 +265,12 @@ def _nodes(local: deployment.LocalDeployment) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_tls_and_node_authentication_admit_only_registered_nodes(tmp_path):
+def test_tls_and_node_authentication_admit_only_registered_nodes(own_temp):
+  tmp_path = own_temp
   """A SuperLink with TLS and SuperNode authentication, 2 nodes whose keys are registered and one
   whose key is not: the SuperLink lists the 2 online and never the third, which exits refused;
   plain HTTP and a client without the CA get nowhere, a client with it speaks TLS. And Flower's
   caveat: anyone with the CA registers a key of their own."""
-  before = _flower_processes()
   tls = security.make_tls(tmp_path / "tls")
   node_keys = [security.make_node_key(tmp_path / "keys" / f"node{k}") for k in range(3)]
   sec = security.LocalSecurity(tls, node_keys, registered=[k.public_key for k in node_keys[:2]])
@@ -313,15 +316,15 @@ def test_tls_and_node_authentication_admit_only_registered_nodes(tmp_path):
                               capture_output=True, text=True, timeout=120)
     assert register.returncode == 0 and "registered successfully" in register.stdout, register
     assert len(_nodes(local)) == 3
-  assert not deployment.leftovers(root) and _flower_processes() <= before
+  assert not deployment.leftovers(root) and not _flower_processes(tmp_path)
 
 
 @pytest.mark.slow
-def test_a_round_with_tls_and_node_authentication_equals_native_over_the_admitted_nodes(tmp_path):
+def test_a_round_with_tls_and_node_authentication_equals_native_over_the_admitted_nodes(own_temp):
+  tmp_path = own_temp
   """FedAvg on 5 SuperNodes over TLS, 4 of whose keys are registered: the fifth (with data of its
   own) is refused by the SuperLink, the round runs on the 4 and equals the native round of their
   data."""
-  before = _flower_processes()
   _, data5 = fedavg.example_inputs(5)
   data4 = jax.tree.map(lambda v: v[:4], data5)
   out = fb.export(fedavg.process, data4, target="flower", out_dir=tmp_path / "fedavg",
@@ -346,15 +349,15 @@ def test_a_round_with_tls_and_node_authentication_equals_native_over_the_admitte
   # The fifth node's data would have shown: the round with it in place of the fourth differs.
   swapped = fverify.native_outputs(out, manifest, {k: v[[0, 1, 2, 4]] for k, v in inputs5.items()}, 1)
   assert any(not np.allclose(swapped[k], result.outputs[k]) for k in swapped if k.startswith("round1/"))
-  assert _flower_processes() <= before
+  assert not _flower_processes(tmp_path)
 
 
 @pytest.mark.slow
-def test_nodes_that_require_signed_apps_refuse_others_and_run_the_signed_one(apps, keys, tmp_path):
+def test_nodes_that_require_signed_apps_refuse_others_and_run_the_signed_one(apps, keys, own_temp):
+  tmp_path = own_temp
   """2 SuperNodes with trust=alice.pub: an unsigned app and one signed by mallory are refused by
   every node at install (the run fails with the node's reason); alice's runs through fb.verify with
 TLS and node keys made for the run, equal to native."""
-  before = _flower_processes()
   scale, x, w = _inputs(2)
   manifests = {name: json.loads((app / "manifest.json").read_text()) for name, app in apps.items()}
   names = [s["name"] for s in manifests["alice"]["computation"]["inputs"]]
@@ -373,4 +376,4 @@ TLS and node keys made for the run, equal to native."""
   security_line = report.info["Flower security"]
   assert "TLS" in security_line and "SuperNode authentication (3 of 3" in security_line
   assert "nodes require the app signed by alice.pub" in security_line
-  assert _flower_processes() <= before
+  assert not _flower_processes(tmp_path)
