@@ -66,7 +66,7 @@ test: envs chromium
 	env -u PYTEST_ADDOPTS $(CORE) -m pytest $(PARALLEL) -m "not bench" $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests"; exit 1; fi; exit $$rc
 
-# The quick suite: everything but the slow round trips (under a minute).
+# The quick suite: everything but the slow round trips (the target: under a minute on 2 cores).
 test-quick: .venv/.ready chromium
 	env -u PYTEST_ADDOPTS $(CORE) -m pytest $(PARALLEL) -m "not slow and not bench" $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests"; exit 1; fi; exit $$rc
