@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import tomllib
 from pathlib import Path
@@ -28,8 +29,6 @@ from faxbridge.converters.flower import deployment, node, protocol, server
 from faxbridge.extend import FederatedForm, VerificationError, interpret, run_program
 
 REPO = Path(__file__).resolve().parents[1]
-FLOWER_PROGRAMS = ("flower-superlink", "flower-supernode", "flower-superexec", "flwr-serverapp",
-                   "flwr-clientapp", "bin/flwr", "faxbridge.converters.flower.executor")
 
 
 @fb.computation(in_placements=(fb.SERVER, fb.CLIENTS, fb.CLIENTS))
@@ -275,24 +274,19 @@ def test_sampling_is_seeded_and_recorded_in_order(small_app, tmp_path):
 
 
 # -- real deployments -----------------------------------------------------------------------------
-def _flower_processes() -> set[int]:
-  """Live processes of Flower's programs (and the warm executors, whose forks run the apps)
-  started by any faxbridge deployment of this checkout's Python (found by the marker in their
-  environment and their command line: other checkouts on the machine run their own), independently
-  of deployment.leftovers."""
-  here = str(Path(sys.executable).parent)
+def _flower_processes(folder: Path) -> set[int]:
+  """Live processes of a faxbridge deployment whose folder is under ``folder`` (found by the
+  marker in their environment, independently of deployment.leftovers): a test's own, whatever
+  other deployments run beside it (other tests of the session, other checkouts)."""
+  marker = f"{deployment.MARKER}={folder}".encode()
   found = set()
-  for entry in os.listdir("/proc"):
-    if not entry.isdigit():
-      continue
+  for entry in filter(str.isdigit, os.listdir("/proc")):
     try:
-      env = Path(f"/proc/{entry}/environ").read_bytes()
-      cmd = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+      env = Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
       state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except OSError:
       continue
-    if (b"FAXBRIDGE_FLOWER_DEPLOYMENT=" in env and state != "Z" and here in cmd
-        and any(p in cmd for p in FLOWER_PROGRAMS)):
+    if state != "Z" and any(v.startswith(marker) for v in env):
       found.add(int(entry))
   return found
 
@@ -314,13 +308,13 @@ def test_values_kept_between_stages_in_the_nodes_flower_context(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_node_refuses_a_swapped_program_and_no_process_is_left(fedavg_inputs, tmp_path):
+def test_a_node_refuses_a_swapped_program_and_no_process_is_left(fedavg_inputs, tmp_path, monkeypatch):
   """The ServerApp is pointed at a copy of the export whose client piece was changed and whose
   manifest was re-hashed (so the server's own checks pass): every node compares with the manifest
   of the app it got and refuses; the run fails with the node's reason and every process stops.
   The apps run as Flower runs them by default (a new Python per message, warm=False): the node's
   code works without the warm executor's imports."""
-  before = _flower_processes()
+  monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the deployment's folder: under tmp_path
   out = fb.export(fedavg.process, *fedavg_inputs, target="flower", out_dir=tmp_path / "app",
                   client_runtime="iree")
   swapped = tmp_path / "swapped"
@@ -336,25 +330,25 @@ def test_a_node_refuses_a_swapped_program_and_no_process_is_left(fedavg_inputs, 
   with pytest.raises(VerificationError, match=r"refusing the client program it was sent: "
                                               rf"{rel} has sha256"):
     deployment.deploy(out, manifest, inputs, 1, server_export=swapped, warm=False)
-  assert _flower_processes() <= before
+  assert not _flower_processes(tmp_path)
 
 
 @pytest.mark.slow
 def test_ctrl_c_stops_every_process(fedavg_inputs, tmp_path):
   """verify in a child Python, interrupted (SIGINT) while its deployment runs: it exits and
   every Flower process of the deployment is gone."""
-  before = _flower_processes()
   out = fb.export(fedavg.process, *fedavg_inputs, target="flower", out_dir=tmp_path / "app",
                   client_runtime="iree")
   code = ("import faxbridge as fb\nfrom examples import fedavg\n"
           f"fb.verify({str(out)!r}, *fedavg.example_inputs(4)[1:], runtime='flower', rounds=3)\n")
   child = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT)
+                           stderr=subprocess.STDOUT,
+                           env={**os.environ, "TMPDIR": str(tmp_path)})  # its deployment's folder
   try:
     deadline = time.monotonic() + 120
-    while len(_flower_processes() - before) < 5 and time.monotonic() < deadline:
+    while len(_flower_processes(tmp_path)) < 5 and time.monotonic() < deadline:
       time.sleep(0.5)
-    started = _flower_processes() - before
+    started = _flower_processes(tmp_path)
     assert len(started) >= 5, "the deployment did not start"  # a SuperLink and 4 SuperNodes
     child.send_signal(signal.SIGINT)
     output = child.communicate(timeout=60)[0].decode(errors="replace")
@@ -362,4 +356,4 @@ def test_ctrl_c_stops_every_process(fedavg_inputs, tmp_path):
   finally:
     if child.poll() is None:
       child.kill()
-  assert not (_flower_processes() - before)
+  assert not _flower_processes(tmp_path)
