@@ -274,23 +274,6 @@ def test_sampling_is_seeded_and_recorded_in_order(small_app, tmp_path):
 
 
 # -- real deployments -----------------------------------------------------------------------------
-def _flower_processes(folder: Path) -> set[int]:
-  """Live processes of a faxbridge deployment whose folder is under ``folder`` (found by the
-  marker in their environment, independently of deployment.leftovers): a test's own, whatever
-  other deployments run beside it (other tests of the session, other checkouts)."""
-  marker = f"{deployment.MARKER}={folder}".encode()
-  found = set()
-  for entry in filter(str.isdigit, os.listdir("/proc")):
-    try:
-      env = Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
-      state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-      continue
-    if state != "Z" and any(v.startswith(marker) for v in env):
-      found.add(int(entry))
-  return found
-
-
 @pytest.fixture(scope="module")
 def fedavg_inputs():
   """next's arguments after the state, for 4 clients."""
@@ -330,7 +313,7 @@ def test_a_node_refuses_a_swapped_program_and_no_process_is_left(fedavg_inputs, 
   with pytest.raises(VerificationError, match=r"refusing the client program it was sent: "
                                               rf"{rel} has sha256"):
     deployment.deploy(out, manifest, inputs, 1, server_export=swapped, warm=False)
-  assert not _flower_processes(tmp_path)
+  assert not deployment.leftovers(tmp_path, below=True)
 
 
 @pytest.mark.slow
@@ -346,9 +329,9 @@ def test_ctrl_c_stops_every_process(fedavg_inputs, tmp_path):
                            env={**os.environ, "TMPDIR": str(tmp_path)})  # its deployment's folder
   try:
     deadline = time.monotonic() + 120
-    while len(_flower_processes(tmp_path)) < 5 and time.monotonic() < deadline:
+    while len(deployment.leftovers(tmp_path, below=True)) < 5 and time.monotonic() < deadline:
       time.sleep(0.5)
-    started = _flower_processes(tmp_path)
+    started = deployment.leftovers(tmp_path, below=True)
     assert len(started) >= 5, "the deployment did not start"  # a SuperLink and 4 SuperNodes
     child.send_signal(signal.SIGINT)
     output = child.communicate(timeout=60)[0].decode(errors="replace")
@@ -356,4 +339,4 @@ def test_ctrl_c_stops_every_process(fedavg_inputs, tmp_path):
   finally:
     if child.poll() is None:
       child.kill()
-  assert not _flower_processes(tmp_path)
+  assert not deployment.leftovers(tmp_path, below=True)

@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 import uuid
 from pathlib import Path
@@ -407,19 +406,4 @@ def test_analytics_on_four_supernodes_its_histogram_by_secaggplus_exact(client_r
   assert "aggregate_fit: received 4 results and 0 failures" in log
   print(f"invocation {inv['seconds']:.2f} s", json.dumps(secure_pass, indent=1),
         json.dumps(inv["node_timings"], indent=1))
-  assert not _processes_marked_under(tmp_path)
-
-
-def _processes_marked_under(folder: Path) -> list[int]:
-  """Live processes whose deployment marker names a folder under ``folder``."""
-  marker = f"{deployment.MARKER}={folder}".encode()
-  found = []
-  for entry in filter(str.isdigit, os.listdir("/proc")):
-    try:
-      env = Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
-      state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-      continue
-    if state != "Z" and any(v.startswith(marker) for v in env):
-      found.append(int(entry))
-  return found
+  assert not deployment.leftovers(tmp_path, below=True)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import shutil
 import socket
 import ssl
@@ -222,23 +221,6 @@ def test_the_install_message_carries_the_exports_signature(apps):
 
 
 # -- real deployments -----------------------------------------------------------------------------
-def _flower_processes(folder: Path) -> set[int]:
-  """Live processes of a faxbridge deployment whose folder is under ``folder`` (found by the
-  marker in their environment, independently of deployment.leftovers): a test's own, whatever
-  other deployments run beside it (other tests of the same session, other checkouts)."""
-  marker = f"{deployment.MARKER}={folder}".encode()
-  found = set()
-  for entry in filter(str.isdigit, os.listdir("/proc")):
-    try:
-      env = Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
-      state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-      continue
-    if state != "Z" and any(v.startswith(marker) for v in env):
-      found.add(int(entry))
-  return found
-
-
 @pytest.fixture
 def own_temp(tmp_path, monkeypatch) -> Path:
   """Temporary folders (the deployments' own, the keys verify makes) under this test's tmp_path,
@@ -316,7 +298,7 @@ def test_tls_and_node_authentication_admit_only_registered_nodes(own_temp):
                               capture_output=True, text=True, timeout=120)
     assert register.returncode == 0 and "registered successfully" in register.stdout, register
     assert len(_nodes(local)) == 3
-  assert not deployment.leftovers(root) and not _flower_processes(tmp_path)
+  assert not deployment.leftovers(root) and not deployment.leftovers(tmp_path, below=True)
 
 
 @pytest.mark.slow
@@ -349,7 +331,7 @@ def test_a_round_with_tls_and_node_authentication_equals_native_over_the_admitte
   # The fifth node's data would have shown: the round with it in place of the fourth differs.
   swapped = fverify.native_outputs(out, manifest, {k: v[[0, 1, 2, 4]] for k, v in inputs5.items()}, 1)
   assert any(not np.allclose(swapped[k], result.outputs[k]) for k in swapped if k.startswith("round1/"))
-  assert not _flower_processes(tmp_path)
+  assert not deployment.leftovers(tmp_path, below=True)
 
 
 @pytest.mark.slow
@@ -376,4 +358,4 @@ TLS and node keys made for the run, equal to native."""
   security_line = report.info["Flower security"]
   assert "TLS" in security_line and "SuperNode authentication (3 of 3" in security_line
   assert "nodes require the app signed by alice.pub" in security_line
-  assert not _flower_processes(tmp_path)
+  assert not deployment.leftovers(tmp_path, below=True)

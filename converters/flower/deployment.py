@@ -78,21 +78,26 @@ def free_port() -> int:
     return int(s.getsockname()[1])
 
 
-def _marked(pid: int, marker: bytes) -> bool:
+def _markers(pid: int, name: bytes) -> list[bytes]:
+  """The values of environment variable ``name`` of process ``pid`` (none when it is gone)."""
   try:
     with open(f"/proc/{pid}/environ", "rb") as f:
-      return marker in f.read().split(b"\0")
+      return [v[len(name) + 1:] for v in f.read().split(b"\0") if v.startswith(name + b"=")]
   except OSError:  # gone, or not ours to read
-    return False
+    return []
 
 
-def leftovers(root: Path) -> list[int]:
+def leftovers(root: Path, below: bool = False) -> list[int]:
   """The pids of live processes of the deployment in ``root`` (by its marker in their
-  environment); zombies are not counted."""
-  marker = f"{MARKER}={root}".encode()
+  environment), or with ``below`` of every deployment in a folder under ``root`` too (a test's
+  own, whatever else runs beside it); zombies are not counted."""
+  folder = str(root).encode()
   found = []
   for entry in os.listdir("/proc"):
-    if entry.isdigit() and int(entry) != os.getpid() and _marked(int(entry), marker):
+    if not entry.isdigit() or int(entry) == os.getpid():
+      continue
+    values = _markers(int(entry), MARKER.encode())
+    if any(v == folder or (below and v.startswith(folder + b"/")) for v in values):
       try:
         with open(f"/proc/{entry}/stat") as f:
           state = f.read().rsplit(")", 1)[1].split()[0]
