@@ -331,3 +331,50 @@ def test_mistakes_are_named():
   with pytest.raises(TypeError, match=r"folds over an fb\.Ragged"):
     fb.computation(lambda x: fb.map(lambda x: fb.fold(lambda c, e: c, 0.0, x), x),
                    in_placements=(fb.CLIENTS,)).trace(np.ones((2, 3), np.float32))
+
+
+# -- what the exports rely on -----------------------------------------------------------------------
+def test_a_batch_holds_zeros_past_the_count():
+  """The step sees zeros, not the padding, in the masked rows of the last batch: a step that forgets
+  the mask still never reads a NaN (and its gradient none either)."""
+
+  @fb.computation(in_placements=(fb.SERVER, fb.CLIENTS))
+  def unmasked(w, data):
+    ys = fb.map(lambda w, d: fb.fold(lambda c, xb, m: c + jnp.sum(w * xb), 0.0, d),
+                fb.broadcast(w), data)
+    return fb.sum(ys)
+
+  data = fb.ragged(EXAMPLES, batch_size=4)
+  want = sum(float((W.astype(np.float64) * x).sum()) for x in EXAMPLES)
+  for poison in (np.nan, 1e30, -np.inf):
+    _close(unmasked(W, _poisoned(data, poison)), want)
+    _close(jax.grad(unmasked)(W, _poisoned(data, poison)), sum(x.sum(axis=0) for x in EXAMPLES))
+
+
+def test_client_values_are_each_clients_own_examples():
+  form = fb.split(make_round("vmap"), W, H0, fb.ragged(EXAMPLES))
+  from faxbridge._src.form import client_values
+
+  data = fb.ragged(EXAMPLES)
+  named = {"data_examples": np.asarray(data.examples), "data_count": np.asarray(data.count)}
+  binding = next(b for b in form.inputs if b.name == "data_examples")
+  got = client_values(binding, named, len(SIZES))
+  assert [g.shape for g in got] == [(m, D) for m in SIZES]
+  for g, x in zip(got, EXAMPLES):
+    np.testing.assert_array_equal(g, x)
+  with pytest.raises(ValueError, match=r"counts \[251\] outside \[0, 250\]"):
+    client_values(binding, {**named, "data_count": np.array([1, 3, 17, 251, 0], np.int32)}, 5)
+
+
+def test_padding_read_outside_a_fold_is_named():
+  from faxbridge._src.export import SplitProgram, check_padding_unread
+
+  @fb.computation(in_placements=(fb.CLIENTS,))
+  def peeks(data):
+    return fb.sum(fb.map(lambda d: fb.fold(lambda c, x: c + x, 0.0, d) + jnp.sum(d.examples), data))
+
+  data = fb.ragged([np.ones(2, np.float32), np.ones(3, np.float32)])
+  split = SplitProgram("peeks", "computation", {"computation": fb.split(peeks, data)}, {})
+  with pytest.raises(fb.ExportError, match=r"\(data_examples\) are read by reduce_sum at "
+                     r".*test_ragged.py:\d+ .*not by fb.fold"):
+    check_padding_unread(split)

@@ -125,6 +125,36 @@ def refuse_ragged(split: SplitProgram, target: str) -> None:
         "data all have one shape.")
 
 
+def check_padding_unread(split: SplitProgram) -> None:
+  """An ExportError when a client piece reads a ragged input other than through ``fb.fold``: an
+  export gives each client its own examples only, so the padding (and the padded length) the
+  program was traced with is not there to read.
+
+  Raises:
+    ExportError: the input, and the user's file:line of the first such read.
+  """
+  from faxbridge._src.ragged import padding_reads
+
+  for comp_name, form in split.forms.items():
+    ragged = {b.name for b in form.ragged_inputs}
+    if not ragged:
+      continue
+    for stage in form.stages:
+      piece = stage.client_work
+      if piece.jaxpr is None or not ragged & {s.name for s in piece.inputs}:
+        continue
+      reads = padding_reads(piece.jaxpr.jaxpr, [s.name in ragged for s in piece.inputs])
+      if reads:
+        site, what = reads[0]
+        where = "" if comp_name == "computation" else f" ({comp_name})"
+        at = describe(site) if site is not None else ""
+        raise ExportError(
+            f"{split.name}{where}: the client's examples of an fb.ragged input "
+            f"({', '.join(sorted(ragged))}) are read by {what}{at}, not by fb.fold. An export "
+            "gives each client its own examples only (no padding), so only fb.fold may read "
+            "them: compute over the examples inside the fold's step (docs/ragged.md).")
+
+
 def versions(target: registry.Target | None = None) -> dict[str, str]:
   """What the manifest records as the versions that wrote an export: faxbridge and jax, and what
   ``target``'s own probe adds (e.g. the tff target's federated_language)."""
@@ -283,6 +313,7 @@ def export(
   split = split_program(program, example_args)
   if not entry.ragged:
     refuse_ragged(split, entry.name)
+  check_padding_unread(split)
   out.parent.mkdir(parents=True, exist_ok=True)
   tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
   try:

@@ -529,9 +529,27 @@ class PerClientBackend(Backend):
     return np.stack(value) if isinstance(value, list) else value
 
   def inputs(self, form: FederatedForm, named: Mapping[str, np.ndarray]) -> dict[str, Any]:
-    """CLIENTS inputs as per-client lists."""
-    return {b.name: [np.asarray(named[b.name])[i] for i in range(self.n)]
-            if b.placement is CLIENTS else np.asarray(named[b.name]) for b in form.inputs}
+    """CLIENTS inputs as per-client lists; a ragged leaf (``fb.ragged``) as each client's own
+    examples, ``x[i, :count[i]]``: a device holds its data, never the padding."""
+    return {b.name: client_values(b, named, self.n) if b.placement is CLIENTS
+            else np.asarray(named[b.name]) for b in form.inputs}
+
+
+def client_values(binding: Binding, named: Mapping[str, Any], clients: int) -> list[np.ndarray]:
+  """A CLIENTS input leaf as one array per client; for a ragged leaf each client's own examples
+  (its first ``count`` rows, the count read from the leaf ``binding.ragged.count`` names).
+
+  Raises:
+    ValueError: a count outside ``[0, padded length]``.
+  """
+  x = np.asarray(named[binding.name])
+  if binding.ragged is None:
+    return [x[i] for i in range(clients)]
+  counts = np.asarray(named[binding.ragged.count]).reshape(-1)
+  bad = [int(c) for c in counts if not 0 <= int(c) <= x.shape[1]]
+  if bad:
+    raise ValueError(f"{binding.name}: counts {bad} outside [0, {x.shape[1]}] (the padded length)")
+  return [x[i, : int(counts[i])] for i in range(clients)]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -608,5 +626,5 @@ def run_program(kind: str, run: Callable[[str, dict], dict], inputs: Mapping[str
 
 
 __all__ = ["Aggregation", "Backend", "Binding", "FederatedForm", "JaxBackend", "Names",
-           "PerClientBackend", "Piece", "RaggedSpec", "Stage", "TensorSpec", "interpret", "leaf_paths",
-           "number_of_clients", "run_program", "sanitize", "state_links"]
+           "PerClientBackend", "Piece", "RaggedSpec", "Stage", "TensorSpec", "client_values",
+           "interpret", "leaf_paths", "number_of_clients", "run_program", "sanitize", "state_links"]

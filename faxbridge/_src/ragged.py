@@ -30,6 +30,12 @@ examples). The padding ``x_count, ..., x_{L-1}`` never reaches a value or a deri
   ``count`` real items keeping the carry each step starts from, then a loop backward from
   ``count - 1`` to 0 through each step's VJP. Padded items get a zero cotangent; nothing is
   computed on them, so nothing of them (NaN, 1e30) can reach a gradient.
+
+With a batch size the client's examples become batches through ``batches_p`` (a second local
+primitive, linear in the examples): ``[L, ...]`` leaves and the count -> ``[L / b, b, ...]`` batches
+whose examples past the count are zeros, the mask of the real ones, and ``ceil(count / b)``. It is
+one equation whose parameters do not hold ``L``, so an exporter can run it (and the fold) on a
+client's own length: a symbolic ``L`` under ``jax.export``, an unknown dimension in TF.
 """
 
 from __future__ import annotations
@@ -52,7 +58,8 @@ from faxbridge._src.locations import describe
 
 PyTree = Any
 
-__all__ = ["Ragged", "fold", "fold_p", "fold_sites", "fold_steps", "input_specs", "ragged"]
+__all__ = ["Ragged", "batches_p", "fold", "fold_p", "fold_sites", "fold_steps", "input_specs",
+           "own_length", "padding_reads", "ragged"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -206,6 +213,94 @@ def input_specs(in_tree) -> dict[int, tuple[int, int | None]]:
 
 
 # --------------------------------------------------------------------------------------------------
+# batches: a client's examples as batches of b (what fb.fold loops over with a batch size).
+# --------------------------------------------------------------------------------------------------
+batches_p = jcore.Primitive("faxbridge_batches")
+batches_p.multiple_results = True
+
+
+def _real_rows(length, count):
+  """``bool[length]``: which of the padded examples are real (``length`` may be symbolic)."""
+  return lax.iota(jnp.int32, length) < count
+
+
+def _zero_padding(x, real):
+  return jnp.where(real.reshape(real.shape + (1,) * (x.ndim - 1)), x, jnp.zeros((), x.dtype))
+
+
+def _batches(*args, batch_size: int) -> list:
+  """``(*leaves [L, ...], count) -> (*batches [L / b, b, ...], mask bool[L / b, b], ceil(count / b))``:
+  examples past the count are zeros in the batches (so the step's masked terms never see the
+  padding, and ``0 * NaN`` cannot arise), the mask says which are real."""
+  *leaves, count = args
+  b = batch_size
+  length = leaves[0].shape[0]
+  real = _real_rows(length, count)
+  out = [_zero_padding(x, real).reshape(length // b, b, *x.shape[1:]) for x in leaves]
+  n = jnp.clip(count, 0, length).astype(jnp.int32)
+  return [*out, real.reshape(length // b, b), (n + b - 1) // b]
+
+
+def _batches_abstract_eval(*args, batch_size: int):
+  *leaves, count = args
+  if count.shape != () or not jnp.issubdtype(count.dtype, jnp.integer):
+    raise TypeError(f"fb.fold: the count must be an integer scalar, got {count.str_short()}")
+  lengths = {x.shape[0] if x.ndim else None for x in leaves}
+  if None in lengths or len(lengths) != 1:
+    raise TypeError(f"fb.fold: examples of different lengths {[x.shape for x in leaves]}")
+  length = lengths.pop()
+  if isinstance(length, int) and length % batch_size:
+    raise TypeError(f"fb.fold: the padded length {length} is not a multiple of batch_size "
+                    f"{batch_size}")
+  nb = length // batch_size
+  return [*(jax_core.ShapedArray((nb, batch_size, *x.shape[1:]), x.dtype) for x in leaves),
+          jax_core.ShapedArray((nb, batch_size), np.dtype(bool)),
+          jax_core.ShapedArray((), np.dtype(np.int32))]
+
+
+def _batches_jvp(primals, tangents, *, batch_size: int):
+  out = batches_p.bind(*primals, batch_size=batch_size)
+  moving = [i for i, t in enumerate(tangents[:-1]) if type(t) is not ad.Zero]
+  t_out: list = [ad.Zero(jax.typeof(o).to_tangent_aval()) for o in out]
+  if moving:  # linear in the examples: the same batching of their tangents
+    moved = batches_p.bind(*(tangents[i] for i in moving), primals[-1], batch_size=batch_size)
+    for i, t in zip(moving, moved):
+      t_out[i] = t
+  return out, t_out
+
+
+def _batches_transpose(cts, *args, batch_size: int):
+  *leaves, count = args
+  if ad.is_undefined_primal(count):
+    raise TypeError("fb.fold: the count cannot be a linear operand")
+  out: list = []
+  for x, ct in zip(leaves, cts):
+    if not ad.is_undefined_primal(x):
+      out.append(None)
+    elif type(ct) is ad.Zero:
+      out.append(ad.Zero(x.aval))
+    else:  # the padding got zeros, so its cotangent is zero
+      ct = ct.reshape(x.aval.shape)
+      out.append(_zero_padding(ct, _real_rows(x.aval.shape[0], count)))
+  return [*out, None]
+
+
+def _batches_batch(args, dims, *, batch_size: int):
+  size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+  out = jax.vmap(lambda *a: _batches(*a, batch_size=batch_size), in_axes=tuple(dims),
+                 axis_size=size)(*args)
+  return out, [0] * len(out)
+
+
+batches_p.def_abstract_eval(_batches_abstract_eval)
+batches_p.def_impl(_batches)
+mlir.register_lowering(batches_p, mlir.lower_fun(_batches, multiple_results=True))
+ad.primitive_jvps[batches_p] = _batches_jvp
+ad.primitive_transposes[batches_p] = _batches_transpose
+batching.primitive_batchers[batches_p] = _batches_batch
+
+
+# --------------------------------------------------------------------------------------------------
 # fold: fb.fold(step, init, data) -> the carry after the client's real examples.
 # --------------------------------------------------------------------------------------------------
 fold_p = jcore.Primitive("faxbridge_fold")
@@ -267,9 +362,8 @@ def fold(step: Callable, init: PyTree, data: Ragged) -> PyTree:
     if length % b:
       raise TypeError(f"fb.fold{_here()}: the padded length {length} is not a multiple of "
                       f"batch_size {b}")
-    items = [x.reshape(length // b, b, *x.shape[1:]) for x in leaves]
-    items.append(jnp.arange(length, dtype=jnp.int32).reshape(length // b, b) < count)
-    count = (count + b - 1) // b
+    *items, mask, count = batches_p.bind(*leaves, count, batch_size=b)
+    items.append(mask)
   else:
     items = leaves
   init_leaves, init_tree = jax.tree.flatten(init)
@@ -473,7 +567,7 @@ def _transpose(cts, *args, jaxpr, num_consts, num_carry):
     kept = [lax.dynamic_update_index_in_dim(k, c, j, 0) for k, c in zip(kept, carry)]
     return j + 1, list(step(*consts, *carry, *_item(items, j, n, stand_in))), kept
 
-  kept0 = [jnp.zeros((length, *c.shape), c.dtype) for c in init]
+  kept0 = [jnp.zeros((length, *jnp.shape(c)), jax.typeof(c).dtype) for c in init]  # init may be a literal
   zero = jnp.zeros((), n.dtype)
   _, _, kept = lax.while_loop(lambda s: s[0] < n, forward, (zero, list(init), kept0))
 
@@ -580,8 +674,15 @@ def fold_steps(closed: jcore.ClosedJaxpr) -> tuple[jcore.ClosedJaxpr, list[bool]
         if eqn.primitive is fold_p:
           _, _, count, items = _split(invals, eqn.params["num_consts"], eqn.params["num_carry"])
           found.append(jnp.clip(count, 0, jnp.shape(items[0])[0]).astype(jnp.int32))
-        outs = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
-        outs = outs if eqn.primitive.multiple_results else [outs]
+        if eqn.primitive is batches_p:  # its count of batches is scalar work on the count
+          *leaves, count = invals
+          length, b = jnp.shape(leaves[0])[0], eqn.params["batch_size"]
+          n = jnp.clip(count, 0, length).astype(jnp.int32)
+          outs = [*(jnp.zeros(v.aval.shape, v.aval.dtype) for v in eqn.outvars[:-1]),
+                  (n + b - 1) // b]
+        else:
+          outs = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
+          outs = outs if eqn.primitive.multiple_results else [outs]
       env.update(zip(eqn.outvars, outs))
     return [read(v) for v in jaxpr.outvars]
 
@@ -601,3 +702,41 @@ def fold_steps(closed: jcore.ClosedJaxpr) -> tuple[jcore.ClosedJaxpr, list[bool]
   const_vars = jaxpr.invars[: len(kept)]
   jaxpr = jaxpr.replace(constvars=const_vars, invars=jaxpr.invars[len(kept):])
   return jcore.ClosedJaxpr(jaxpr, kept), list(used[nconst:])
+
+
+def padding_reads(jaxpr: jcore.Jaxpr, ragged: Sequence[bool]) -> list[tuple[Any, str]]:
+  """Where ``jaxpr`` (a client piece; ``ragged[i]``: input ``i`` is a client's padded examples)
+  reads the examples other than through ``fb.fold``: ``(source_info, what)`` per read.
+
+  An export runs each client on its own examples, so the padded length it was traced with is
+  gone: a value may reach the examples only as a fold's items, directly or through the batching
+  of ``batches_p`` (its batches and mask going to folds only), and never be an output.
+  """
+  padded = {v for v, r in zip(jaxpr.invars, ragged) if r}
+  batched: set = set()
+  out = []
+  for eqn in jaxpr.eqns:
+    reads = [i for i, v in enumerate(eqn.invars) if not isinstance(v, jcore.Literal)
+             and (v in padded or v in batched)]
+    if not reads:
+      continue
+    if eqn.primitive is batches_p and all(i < len(eqn.invars) - 1 for i in reads) and \
+        not any(eqn.invars[i] in batched for i in reads):
+      batched.update(eqn.outvars[:-1])  # the batches and the mask; the count of batches is free
+      continue
+    if eqn.primitive is fold_p:
+      first_item = eqn.params["num_consts"] + eqn.params["num_carry"] + 1
+      if all(i >= first_item for i in reads):
+        continue
+    out.append((eqn.source_info, eqn.primitive.name))
+  for v in jaxpr.outvars:
+    if not isinstance(v, jcore.Literal) and (v in padded or v in batched):
+      out.append((None, "an output of the client's work"))
+  return out
+
+
+def own_length(count: int, batch_size: int | None) -> int:
+  """The rows a runtime gives a client of ``count`` examples in a fixed-shape program: whole
+  batches, at least one (``jax.export``'s symbolic dimensions are at least 1)."""
+  b = batch_size or 1
+  return max(1, -(-int(count) // b)) * b
