@@ -68,6 +68,7 @@ from faxbridge._src.export_reader import contained_file, read_export_manifest, r
 from faxbridge._src.form import (
   Aggregation,
   Backend,
+  Binding,
   FederatedForm,
   PerClientBackend,
   Piece,
@@ -103,6 +104,7 @@ __all__ = [
   "Aggregation",
   "AggregationRule",
   "Backend",
+  "Binding",
   "Demo",
   "ExportError",
   "FaxbridgeError",

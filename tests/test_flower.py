@@ -173,7 +173,8 @@ def test_a_node_refuses_a_program_its_manifest_does_not_pin(small_app, tmp_path)
 def test_a_node_refuses_data_of_another_shape(small_app, tmp_path):
   _, x, w = _every_kind_inputs()
   run = _node(small_app, tmp_path / "n0", {"x": x[0, :2], "w": w[0]})
-  with pytest.raises(VerificationError, match=r"equal shapes"):
+  with pytest.raises(VerificationError, match=r"its data 'x' is float32\[2\]; the plan takes "
+                     r"one client's float32\[3\]$"):
     run.install(_programs(run.app))
 
 

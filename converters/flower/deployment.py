@@ -42,10 +42,19 @@ from typing import Any
 
 import numpy as np
 
+from faxbridge import CLIENTS
 from faxbridge.converters.flower.security import LocalSecurity, make_node_key, make_tls
 from faxbridge.converters.flower.server import PROGRESS
 from faxbridge.converters.runtimes.progress import ProgressFile, wait
-from faxbridge.extend import RoundFailedError, RuntimeResult, VerificationError, emit, importable
+from faxbridge.extend import (
+  Binding,
+  RoundFailedError,
+  RuntimeResult,
+  VerificationError,
+  client_values,
+  emit,
+  importable,
+)
 
 MARKER = "FAXBRIDGE_FLOWER_DEPLOYMENT"
 START_TIMEOUT_S = 60.0
@@ -464,9 +473,10 @@ def _run(deployment: LocalDeployment, n: int, export_dir: Path, block: dict,
     out.mkdir(parents=True, exist_ok=True)
     for stale in (PROGRESS, "result.json"):  # an earlier run's, in a folder given again
       (out / stale).unlink(missing_ok=True)
+    by_client = {b.name: client_values(b, inputs, n) for b in map(Binding.from_json, block["inputs"])
+                 if b.placement is CLIENTS}  # a ragged input: each node its own examples only
     for k, path in enumerate(data_files):
-      data: dict[str, Any] = {name: np.asarray(inputs[name])[k] for name in clients}
-      np.savez(path, **data)
+      np.savez(path, **{name: by_client[name][k] for name in clients})
     run_config: dict[str, Any] = {"export": str(settings.server_export or export_dir), "out": str(out),
                                   "rounds": max(settings.rounds, 1), "clients-per-round": admitted,
                                   # every node admitted: those holding this run's data among them

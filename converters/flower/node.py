@@ -132,8 +132,9 @@ class NodeRun:
 
   # -- data ---------------------------------------------------------------------------------------
   def data(self, computation: str) -> dict[str, np.ndarray]:
-    """This node's CLIENTS inputs of ``computation``, checked against the plan (one client's
-    shape and the dtype: clients have equal shapes for now, docs/flower.md)."""
+    """This node's CLIENTS inputs of ``computation``, checked against the plan: one client's shape
+    and the dtype; for an ``fb.ragged`` input the node's own number of examples on axis 0, which
+    must be the node's value of the input counting them (docs/ragged.md)."""
     specs = [b for b in self.app.plan["computations"][computation]["inputs"]
              if b["placement"] == "CLIENTS"]
     if not specs:
@@ -154,11 +155,18 @@ class NodeRun:
                            f"{sorted(found)}; the plan's CLIENTS inputs are "
                            f"{[t['name'] for t in specs]})")
       value = found[s["name"]]
-      if value.shape != tuple(s["shape"]) or value.dtype != np.dtype(s["dtype"]):
+      if not _fits(value, s) or value.dtype != np.dtype(s["dtype"]):
+        own = ", any number of examples on axis 0" if s.get("ragged") else ""
         raise self._refuse(f"its data {s['name']!r} is {value.dtype}{list(value.shape)}; the plan "
-                           f"takes one client's {s['dtype']}{s['shape']} (clients have equal "
-                           "shapes for now)")
+                           f"takes one client's {s['dtype']}{s['shape']}{own}")
       out[s["name"]] = value
+    for s in specs:  # a ragged input's rows are the node's examples: its count must say as many
+      if s.get("ragged"):
+        count = s["ragged"]["count"]
+        if np.shape(out.get(count)) != () or int(out[count]) != len(out[s["name"]]):
+          raise self._refuse(f"its data {s['name']!r} holds {len(out[s['name']])} examples and its "
+                             f"{count!r} is {out.get(count)!r}: the count must be the number of "
+                             "examples")
     return out
 
   # -- programs -----------------------------------------------------------------------------------
@@ -253,12 +261,14 @@ class NodeRun:
       env.update(broadcast)
       loaded = time.perf_counter()
       call = self.load(piece)
+      ragged = {b["name"]: b for b in self.app.plan["computations"][computation]["inputs"]
+                if b.get("ragged")}
       args = []
       for s in piece["inputs"]:
         if s["name"] not in env:
           raise self._refuse(f"{name} reads {s['name']!r}, which it neither holds nor was sent")
         value = np.asarray(env[s["name"]])
-        if value.shape != tuple(s["shape"]) or value.dtype != np.dtype(s["dtype"]):
+        if not _fits(value, ragged.get(s["name"], s)) or value.dtype != np.dtype(s["dtype"]):
           raise self._refuse(f"{name}: {s['name']!r} is {value.dtype}{list(value.shape)}, the plan "
                              f"says {s['dtype']}{s['shape']}")
         args.append(value)
@@ -271,6 +281,14 @@ class NodeRun:
     timings = {"data_seconds": loaded - start, "load_seconds": ready - loaded,
                "compute_seconds": done - ready, "process_seconds": _process_age()}
     return {n: env[n] for n in returns}, {n: env[n] for n in keep}, timings
+
+
+def _fits(value: np.ndarray, spec: dict) -> bool:
+  """Whether ``value`` has the plan's shape (a ragged input: any length on axis 0)."""
+  want = tuple(spec["shape"])
+  if spec.get("ragged"):
+    return value.ndim == len(want) and value.shape[1:] == want[1:]
+  return value.shape == want
 
 
 def _process_age() -> float:
