@@ -77,6 +77,13 @@ SCRIPT = textwrap.dedent(
                       argnums=(0, 1))(S, X)
       report["strategy_grad_" + name] = [np.asarray(g).tolist() for g in grad]
 
+    # Traced by an outer jax.jit under jax.set_mesh of a mesh with Explicit axes (jax's default):
+    # the computation runs in auto_axes, its results typed CLIENTS over clients, SERVER replicated.
+    for name, strategy in (("vmap", "vmap"), ("stream", ("stream", 2))):
+      comp = fb.computation(program, in_placements=places, mesh=two_d, strategy=strategy)
+      with jax.set_mesh(two_d):
+        report["outer_jit_" + name] = describe(jax.jit(comp)(S, X))
+
     args = fedavg.example_inputs()
     sharded_fedavg = fb.computation(fedavg.computation.fn, in_placements=fedavg.computation.in_placements,
                                     mesh=explicit)
@@ -168,3 +175,12 @@ def test_each_strategy_under_the_mesh_equals_numpy(report, name):
                              0.5 * np.cos(0.5 * x) * (1 / 16 + 2 * y), rtol=1e-4, atol=1e-6)
   np.testing.assert_allclose(report["strategy_grad_" + name][0], report["strategy_grad_vmap"][0],
                              rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["vmap", "stream"])
+def test_an_outer_jit_under_an_explicit_mesh(report, name):
+  out, want = report["outer_jit_" + name], _reference()
+  assert out["y"]["mesh"] == {"clients": 4, "model": 2} and out["y"]["spec"][0] == "clients"
+  assert out["mean"]["replicated"]
+  for key in ("y", "mean", "max"):
+    np.testing.assert_allclose(out[key]["value"], want[key], rtol=1e-5, atol=1e-6)

@@ -274,9 +274,43 @@ class Computation:
     mesh = self._resolve_mesh()
     if mesh is None:  # the common case, kept short: it runs on every call
       return self._executable(args, None)[1](*args)
+    if _explicit_context(mesh, args) is not None:
+      return _in_auto_axes(self, args, mesh)
     with _as_ambient(mesh):
       traced, jitted, sharded, _ = self._executable(args, mesh)
       return jitted(*_placed(traced, mesh, args)) if sharded else jitted(*args)
+
+
+def _explicit_context(mesh, args: Sequence):
+  """The abstract mesh in force while an outer ``jax.jit`` traces this call (``args`` are tracers),
+  when it is ``mesh``'s with Explicit axes (``jax.set_mesh`` of a ``jax.make_mesh`` mesh), else
+  None. Called eagerly, ``_as_ambient`` puts the computation's Auto copy in force instead."""
+  if not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(args)):
+    return None
+  ctx = jax.sharding.get_abstract_mesh()
+  if ctx.empty or ctx.axis_names != mesh.axis_names or not ctx.explicit_axes:
+    return None
+  return ctx
+
+
+def _in_auto_axes(comp: Computation, args: Sequence, mesh) -> PyTree:
+  """A call traced by an outer ``jax.jit`` under an Explicit mesh, through
+  ``jax.sharding.auto_axes``: inside, the mesh's axes are Auto and the computation places its
+  values as on an Auto mesh (CLIENTS values split over ``clients``, model shardings kept by the
+  compiler); its results come back typed CLIENTS over ``clients``, SERVER replicated (Explicit
+  typing needs one sharding per result before the call; a model-sharded SERVER result is
+  resharded, the work inside is not)."""
+  P = jax.sharding.PartitionSpec
+  shapes = [jax.ShapeDtypeStruct(np.shape(x), jax.typeof(x).dtype) for x in jax.tree.leaves(args)]
+  placed = comp._trace(jax.tree.unflatten(jax.tree.structure(tuple(args)), shapes), None)
+  out_specs = jax.tree.unflatten(placed.out_tree, [P("clients") if p is CLIENTS else P()
+                                                   for p in placed.out_placements])
+
+  def inside(*args):
+    _, jitted, _, _ = comp._executable(args, mesh)
+    return jitted(*args)
+
+  return jax.sharding.auto_axes(inside, out_sharding=out_specs)(*args)
 
 
 def check_inputs(comp: Computation, args: Sequence, where: str = "") -> None:
