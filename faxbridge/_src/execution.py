@@ -46,7 +46,7 @@ from jax.interpreters import mlir
 from jax.interpreters import partial_eval as pe
 
 from faxbridge._src import aggregations as A
-from faxbridge._src import call_rules, placements, ragged
+from faxbridge._src import call_rules, jax_internals, placements, ragged
 from faxbridge._src import primitives as P
 
 Strategy = Any  # "auto" | "vmap" | "stream" | ("stream", k)
@@ -312,13 +312,25 @@ def _on_context_mesh(value, mesh):
       return value
     return jax.sharding.NamedSharding(mesh, value.spec, memory_kind=value.memory_kind)
   if isinstance(value, jcore.Jaxpr):
-    eqns = [e if (p := _params_on(e.params, mesh)) is e.params else e.replace(params=p)
-            for e in value.eqns]
+    eqns = [_eqn_on(e, mesh) for e in value.eqns]
     return value if all(a is b for a, b in zip(eqns, value.eqns)) else value.replace(eqns=eqns)
+  if isinstance(value, jcore.ClosedJaxpr):  # a jit's, a custom_jvp's body
+    moved = _on_context_mesh(value.jaxpr, mesh)
+    return value if moved is value.jaxpr else jcore.ClosedJaxpr(moved, value.consts)
   if type(value) in (tuple, list):  # not a NamedTuple of params (GatherDimensionNumbers)
     moved = [_on_context_mesh(v, mesh) for v in value]
     return value if all(a is b for a, b in zip(moved, value)) else type(value)(moved)
   return value
+
+
+def _eqn_on(eqn, mesh):
+  """``eqn`` with its params and its context's mesh moved onto ``mesh`` (itself when unchanged):
+  evaluating an equation enters its context, which records the mesh it was traced under."""
+  params = _params_on(eqn.params, mesh)
+  ctx = jax_internals.eqn_context_on(eqn.ctx, mesh)
+  if params is eqn.params and ctx is eqn.ctx:
+    return eqn
+  return eqn.replace(params=params, ctx=ctx)
 
 
 def _params_on(params: dict, mesh) -> dict:

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from jax._src import callback as _callback
+from jax._src import core as _core
 from jax._src import debugging as _debugging
 from jax._src import source_info_util as _source_info_util
 from jax._src.pjit import reshard_p
@@ -21,6 +22,7 @@ from jax._src.random import prng, random_clone_p
 
 __all__ = [
   "PYTHON_CALLBACKS",
+  "eqn_context_on",
   "innermost_scope",
   "is_user_filename",
   "prng",
@@ -77,3 +79,19 @@ PYTHON_CALLBACKS = frozenset(
 #   lowers ``random_seed/split/fold_in/bits`` with, ``random_wrap_p``, ``random_unwrap_p``,
 #   ``iota_2x32_shape_p``); ``jax.extend.random`` defines new implementations but exposes neither
 #   the registry nor these functions and primitives.
+
+
+# Private because: an equation records the abstract mesh it was traced under in its context
+# (``JaxprEqnContext.cur_abstract_mesh``, set again whenever the equation is evaluated); no public
+# API makes an equation's context with another mesh. The stream strategy evaluates a computation
+# traced under an Auto mesh inside ``shard_map``, where the clients axis is Manual.
+def eqn_context_on(ctx, mesh):
+  """``ctx`` (an equation's ``JaxprEqnContext``) with ``mesh`` as its abstract mesh when it holds
+  another mesh over the same axes; else ``ctx`` itself."""
+  held = ctx.cur_abstract_mesh
+  if held.empty or held == mesh or held.axis_names != mesh.axis_names:
+    return ctx
+  return _core.JaxprEqnContext._create(
+      ctx.compute_type, ctx.threefry_partitionable, mesh, ctx.cur_layout_mode,
+      ctx.remove_size_one_mesh_axis, ctx.no_collectives,
+      None if ctx.xla_metadata is None else tuple(sorted(ctx.xla_metadata.items())))
