@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from federated_programs import build, example_inputs, generate, mismatches, reference
 
 import faxbridge as fb
 from faxbridge._src.verify import run_on_runtime
@@ -357,6 +358,31 @@ def test_a_fold_over_batches_of_another_size_is_refused(tmp_path):
                      r"batches of 4 examples of an fb.ragged input exported with data_count_k rows "
                      r"per client .*batch_size=4"):
     fb.export(rebatched, data, target="stablehlo", out_dir=tmp_path / "e")
+
+
+# -- generated programs with a ragged input --------------------------------------------------------
+GENERATED = [pytest.param(seed, runtime, id=f"seed{seed}-{runtime}",
+                          marks=() if (seed, runtime) in {(0, "iree"), (7, "iree")} else pytest.mark.slow)
+             for seed in range(12) for runtime in RUNTIMES if runtime == "iree" or seed in (0, 3, 5, 7)]
+
+
+@pytest.mark.parametrize("seed,runtime", GENERATED)
+def test_generated_ragged_programs(seed, runtime, tmp_path):
+  """tests/federated_programs.py's random programs whose first map folds a ragged input (batched or
+  not, folds of a count or from a value; the padding poisoned): fb.verify, and the runtime's
+  outputs against the generator's numpy reference."""
+  recipe = generate(seed, ragged=True)
+  comp, args = build(recipe), example_inputs(recipe)
+  out = fb.export(comp, *args, target="stablehlo", out_dir=tmp_path / "e")
+  report = fb.verify(out, *args, runtime=runtime)
+  assert report.ok, f"seed {seed}:\n{report}" + recipe.describe()
+  block = json.loads((out / "manifest.json").read_text())["computation"]
+  named = {b["name"]: np.asarray(v) for b, v in zip(block["inputs"], jax.tree.leaves(args))}
+  got = run_on_runtime(out, runtime, named).outputs
+  want = reference(recipe, *args)
+  problems = mismatches(want, jax.tree.unflatten(jax.tree.structure(want),
+                                                 [got[b["name"]] for b in block["outputs"]]))
+  assert not problems, f"seed {seed}:\n" + "\n".join(problems) + recipe.describe()
 
 
 # -- (c) an iterative process -----------------------------------------------------------------------
