@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +31,14 @@ from faxbridge.extend import (
   ExportError,
   FederatedForm,
   PerClientBackend,
+  RaggedSpec,
   SplitProgram,
   VerificationError,
   aggregation_rule,
   contained_file,
   interpret,
   number_of_clients,
+  own_length,
   read_json,
   run_program,
 )
@@ -189,7 +191,9 @@ def run_plan(plan: dict, call: PieceCall, inputs: dict[str, np.ndarray],
 
   Outputs are keyed as ``fb.verify`` keys them: ``NAME``, or ``initialize/NAME`` and
   ``round{r}/NAME``. ``inputs`` of an iterative process are next's inputs after the state.
-  ``who`` (the runtime's name) labels the round events.
+  ``who`` (the runtime's name) labels the round events. A client's leaves of an ``fb.ragged``
+  input (padded ``[clients, L, ...]`` arrays and the counts in ``inputs``) reach its pieces as its
+  own rows, padded to whole batches (:func:`own_rows`), never the others' padding.
 
   Raises:
     VerificationError: a piece returns values that do not match the plan, or the number of
@@ -200,8 +204,13 @@ def run_plan(plan: dict, call: PieceCall, inputs: dict[str, np.ndarray],
 
   def run(name: str, named: dict) -> dict:
     form = forms[name]
+    ragged = {b.name: b.ragged for b in form.inputs if b.ragged is not None}
+
+    def call_piece(piece, args: list[np.ndarray]) -> Sequence[np.ndarray]:
+      return call(_entry(piece), own_rows(piece, args, ragged) if ragged else args)
+
     try:
-      backend = PerClientBackend(number_of_clients(form, named), lambda p, a: call(_entry(p), a))
+      backend = PerClientBackend(number_of_clients(form, named), call_piece)
       return interpret(form, backend, backend.inputs(form, named))
     except ValueError as e:
       raise VerificationError(f"{name}: {e}") from None
@@ -210,6 +219,25 @@ def run_plan(plan: dict, call: PieceCall, inputs: dict[str, np.ndarray],
     return piece.to_json(SERVER)  # runtimes look pieces up by name and files
 
   return run_program(plan["kind"], run, inputs, rounds, plan.get("state"), who=who)
+
+
+def own_rows(piece, args: list[np.ndarray], ragged: Mapping[str, RaggedSpec]) -> list[np.ndarray]:
+  """One client's arguments of ``piece`` with each ragged leaf (the inputs ``ragged`` names: the
+  form's inputs whose ``plan.json`` binding has a ``ragged`` block) zero-padded from its own rows
+  to ``own_length(rows, batch_size)``: whole batches, at least one, what a piece exported with
+  the symbolic length ``b*k`` (``k >= 1``) takes. An empty client gets one batch of zeros (its
+  count, 0, keeps them out of every value). The plan's shape of the leaf is the length it was
+  traced with, not a bound: axis 0 is the client's own.
+  """
+  out = []
+  for spec, x in zip(piece.inputs, args):
+    r = ragged.get(spec.name)
+    if r is not None and x.shape[0] != own_length(x.shape[0], r.batch_size):
+      padded = np.zeros((own_length(x.shape[0], r.batch_size), *x.shape[1:]), x.dtype)
+      padded[: x.shape[0]] = x
+      x = padded
+    out.append(x)
+  return out
 
 
 def pieces(plan: dict) -> list[dict]:
@@ -222,5 +250,5 @@ def pieces(plan: dict) -> list[dict]:
   return [p for p in out if p["files"]]
 
 
-__all__ = ["PLAN_FILE", "PLAN_VERSION", "SCHEMA", "build_plan", "check_plan", "load_plan", "piece_file",
-           "pieces", "run_plan", "write_plan"]
+__all__ = ["PLAN_FILE", "PLAN_VERSION", "SCHEMA", "build_plan", "check_plan", "load_plan", "own_rows",
+           "piece_file", "pieces", "run_plan", "write_plan"]

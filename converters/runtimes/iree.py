@@ -6,6 +6,10 @@ on the ``local-task`` driver; ``faxbridge.converters.plan.run_plan`` orchestrate
 alone. Compiled ``.vmfb`` modules are cached by content hash in a temporary directory (never in
 the export, whose files the manifest pins): ``$FAXBRIDGE_IREE_CACHE`` or
 ``<tmp>/faxbridge-iree-cache``.
+
+Clients with their own data sizes (``fb.ragged``): a client piece's examples have a dynamic axis 0
+in its module, so the one module compiled per piece runs every client on its own rows (``run_plan``
+pads them to whole batches, ``faxbridge.converters.plan.own_rows``); no size compiles anything.
 """
 
 from __future__ import annotations

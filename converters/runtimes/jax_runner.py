@@ -8,6 +8,10 @@ here), deserializes each piece with ``jax.export.deserialize``, runs the round(s
 ``a0, a1, ...`` plus ``names``, the keys in order (keys like ``round1/out`` are not safe zip names).
 With ``PROGRESS``, every event of this process (``faxbridge.events``: each round) is appended to
 that file as a JSON line, which the parent reads while this runs and emits as its own.
+
+A client piece over ``fb.ragged`` examples is one shape-polymorphic artifact (axis 0 ``b*k``);
+``Exported.call`` compiles it with XLA once per distinct length it is given (a client's rows padded
+to whole batches by ``run_plan``), and reuses that for every client of the same length.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ TARGET = Target(
                     "the version of the portable artifacts: week_12, week_4, max (the oldest), "
                     "none (the current one) or X.Y.Z"),),
     runtimes=("iree", "jax"),
+    ragged=True,
     steps=("stablehlo.lower",),
     examples=("faxbridge export examples.two_stage:computation --target=stablehlo -o "
               "build/two_stage --force",

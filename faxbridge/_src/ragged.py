@@ -135,6 +135,13 @@ class Ragged:
     return out
 
 
+# An export's native reference (jax.export) keeps the computation's input pytree, a Ragged in it.
+jax.export.register_pytree_node_serialization(
+    Ragged, serialized_name="faxbridge.Ragged",
+    serialize_auxdata=lambda batch_size: str(batch_size).encode(),
+    deserialize_auxdata=lambda data: None if data == b"None" else int(data))
+
+
 def ragged(clients: Sequence[PyTree], *, batch_size: int | None = None,
            max_length: int | None = None) -> Ragged:
   """A CLIENTS input from each client's own examples: padded to one length, with the counts.
