@@ -282,17 +282,28 @@ def test_the_form_carries_the_ragged_spec():
   _close(form.run(W, data), comp(W, data))
 
 
-@pytest.mark.parametrize("target", ["stablehlo", "tff", "tflite"])
-def test_exports_refuse_a_ragged_program_naming_the_cause(target, tmp_path):
+@pytest.fixture
+def fixed_shapes_target():
+  """A target whose exporter takes no ragged programs (``ragged=False``, the registry's default):
+  every built-in one takes them, a plug-in may not. Its exporter is stablehlo's; never reached."""
+  from faxbridge.extend import Target, register_target, unregister_target
+
+  register_target(Target("fixed_shapes", "faxbridge.converters.stablehlo.export:export_stablehlo",
+                         "a test target without ragged programs"))
+  yield "fixed_shapes"
+  unregister_target("fixed_shapes")
+
+
+def test_a_target_without_ragged_programs_refuses_naming_the_cause(fixed_shapes_target, tmp_path):
   with pytest.raises(fb.ExportError, match=r"its input data_examples holds each client's own "
                      r"number of examples \(fb.ragged, counted by data_count; folded by fb.fold at "
-                     r".*test_ragged.py:\d+ \(local\)\), and the \w+ target cannot export"):
-    fb.export(make_round("vmap"), W, H0, fb.ragged(EXAMPLES), target=target,
+                     r".*test_ragged.py:\d+ \(local\)\), and the fixed_shapes target cannot export"):
+    fb.export(make_round("vmap"), W, H0, fb.ragged(EXAMPLES), target=fixed_shapes_target,
               out_dir=tmp_path / "x")
   assert not (tmp_path / "x").exists()
 
 
-def test_exports_refuse_a_fold_over_data_the_user_padded(tmp_path):
+def test_it_refuses_a_fold_over_data_the_user_padded(fixed_shapes_target, tmp_path):
   @fb.computation(in_placements=(fb.CLIENTS, fb.CLIENTS))
   def padded(x, count):
     return fb.sum(fb.map(lambda x, c: fb.fold(lambda h, e: h + e, 0.0, fb.Ragged(x, c)), x, count))
@@ -301,7 +312,14 @@ def test_exports_refuse_a_fold_over_data_the_user_padded(tmp_path):
   assert float(padded(x, count)) == 4.0
   with pytest.raises(fb.ExportError, match=r"it folds over a client's own examples \(fb.fold at "
                      r".*test_ragged.py:\d+"):
-    fb.export(padded, x, count, target="stablehlo", out_dir=tmp_path / "x")
+    fb.export(padded, x, count, target=fixed_shapes_target, out_dir=tmp_path / "x")
+
+
+@pytest.mark.parametrize("target", ["stablehlo", "tflite", "tff", "flower"])
+def test_every_built_in_target_takes_ragged_programs(target):
+  from faxbridge._src import registry
+
+  assert registry.targets()[target].ragged
 
 
 # -- mistakes -------------------------------------------------------------------------------------
