@@ -40,6 +40,7 @@ client's own length: a symbolic ``L`` under ``jax.export``, an unknown dimension
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -133,6 +134,14 @@ class Ragged:
     object.__setattr__(out, "count", children[1])
     object.__setattr__(out, "batch_size", batch_size)
     return out
+
+
+# Exports serialize the computation with jax.export (the native reference), whose calling convention
+# holds the input pytree: a Ragged node's aux data is its batch size (an int or None).
+jax.export.register_pytree_node_serialization(
+    Ragged, serialized_name="faxbridge.Ragged",
+    serialize_auxdata=lambda batch_size: json.dumps(batch_size).encode(),
+    deserialize_auxdata=lambda data: json.loads(data))
 
 
 def ragged(clients: Sequence[PyTree], *, batch_size: int | None = None,
