@@ -11,6 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import tensorflow as tf
 from tf_programs import assert_close
 
@@ -78,3 +79,226 @@ def test_fold_rule_runs_the_count_of_steps_over_any_number_of_rows():
       h = 0.5 * h + np.tanh(w * e)
     (got,) = _run_graph(graph, {"w": w, "x": x, "c": np.int32(count)}, ["h"])
     assert_close(got, h.astype(np.float32), what=f"{m} rows, count {count}")
+
+
+# -- the programs and their numpy references -------------------------------------------------------
+# Exports are traced with the issue's sizes (padded to 256 rows); NEW_SIZES are other clients, one
+# above the traced length, one not a multiple of the batch, one empty: the same files run them.
+NEW_SIZES = [400, 2, 9, 0, 33]
+B, LR = 8, 0.1
+W0 = RNG.normal(size=D).astype(np.float32)
+ROUNDS = 3
+
+
+def _loss(w, x, y, mask):  # mean squared error over the batch's real examples
+  err = jnp.where(mask, (x @ w - y) ** 2, 0.0)
+  return jnp.sum(err) / jnp.maximum(jnp.sum(mask), 1)
+
+
+def _client_update(w, data):
+  def step(w, batch, mask):
+    return w - LR * jax.grad(_loss)(w, batch["x"], batch["y"], mask)
+
+  return fb.fold(step, w, data) - w
+
+
+@fb.computation(in_placements=(fb.SERVER, fb.CLIENTS))
+def fedavg_round(w, data):
+  """One epoch of SGD over each client's own batches; the server averages the updates weighted by
+  the clients' real counts. Returns the new model and the number of examples (state, metrics)."""
+  deltas = fb.map(_client_update, fb.broadcast(w), data)
+  return w + fb.weighted_mean(deltas, data.count), fb.sum(data.count)
+
+
+@fb.computation()
+def _initialize():
+  return jnp.asarray(W0)
+
+
+fedavg = fb.IterativeProcess(_initialize, fedavg_round)
+
+
+@fb.computation(in_placements=(fb.SERVER, fb.CLIENTS))
+def running_round(w, data):
+  """An unbatched fold: ``h <- h/2 + tanh(w x_j)`` over the client's examples one at a time; each
+  client's ``sum(h)``, averaged by count and plainly, and returned per client."""
+  ys = fb.map(lambda w, d: jnp.sum(fb.fold(lambda h, x: 0.5 * h + jnp.tanh(w * x), jnp.zeros(D), d)),
+              fb.broadcast(w), data)
+  return fb.weighted_mean(ys, data.count), fb.mean(ys), ys
+
+
+def _clients(sizes, seed):
+  r = np.random.default_rng(seed)
+  return [{"x": r.normal(size=(m, D)).astype(np.float32), "y": r.normal(size=m).astype(np.float32)}
+          for m in sizes]
+
+
+def numpy_client_update(w, x, y):
+  """One epoch of SGD over the client's own batches of B (the last one partial): its delta."""
+  w0 = w = w.astype(np.float64)
+  x, y = x.astype(np.float64), y.astype(np.float64)
+  for s in range(0, len(x), B):
+    xb, yb = x[s:s + B], y[s:s + B]
+    w = w - LR * 2 * xb.T @ (xb @ w - yb) / len(xb)
+  return w - w0
+
+
+def numpy_fedavg(w, clients):
+  counts = np.array([len(c["y"]) for c in clients], np.float64)
+  deltas = [numpy_client_update(w, c["x"], c["y"]) for c in clients]
+  return (w + sum(m * d for m, d in zip(counts, deltas)) / counts.sum(),
+          np.int32(counts.sum()))
+
+
+def numpy_process(clients, rounds=ROUNDS):
+  """initialize's W0, then ``rounds`` rounds on the same clients: outputs keyed as verify keys them."""
+  out, w = {"initialize/out": W0}, W0.astype(np.float64)
+  for r in range(1, rounds + 1):
+    w, total = numpy_fedavg(w, clients)
+    out[f"round{r}/out_0"], out[f"round{r}/out_1"] = w, total
+  return out
+
+
+def numpy_running(w, examples):
+  ys = []
+  for x in examples:
+    h = np.zeros(D)
+    for e in x.astype(np.float64):
+      h = 0.5 * h + np.tanh(w * e)
+    ys.append(h.sum())
+  ys, counts = np.array(ys), np.array([len(x) for x in examples], np.float64)
+  return float(counts @ ys / counts.sum()), float(ys.mean()), ys
+
+
+CLIENTS = _clients(SIZES, seed=7)
+DATA = fb.ragged(CLIENTS, batch_size=B)
+EXAMPLES = [c["x"] for c in CLIENTS]
+SINGLE = fb.ragged(EXAMPLES)
+
+
+def _poisoned(data: fb.Ragged, value: float) -> fb.Ragged:
+  """``data`` with every padded row (past each client's count) set to ``value``."""
+
+  def poison(x):
+    x = np.array(x)
+    for i, m in enumerate(data.count):
+      x[i, m:] = value
+    return x
+
+  return fb.Ragged(jax.tree.map(poison, data.examples), data.count, data.batch_size)
+
+
+def _named(export_dir, *args) -> dict[str, np.ndarray]:
+  """The leaves of ``args`` by the export's input names (next's inputs after the state)."""
+  from faxbridge._src.export import read_manifest
+
+  manifest = read_manifest(export_dir)
+  block = manifest["next" if manifest["kind"] == "iterative_process" else "computation"]
+  leaves = jax.tree.leaves(args)
+  assert len(leaves) == len(block["inputs"])
+  return {b["name"]: np.asarray(v) for b, v in zip(block["inputs"], leaves)}
+
+
+def _check(got: dict, want: dict, what: str) -> None:
+  assert sorted(got) == sorted(want), what
+  for name, w in want.items():
+    w = np.asarray(w)
+    assert_close(got[name], w.astype(np.asarray(got[name]).dtype), what=f"{what} {name}")
+
+
+WANT_ROUND = dict(zip(["out_0", "out_1"], numpy_fedavg(W0, CLIENTS)))
+WANT_RUNNING = dict(zip(["out_0", "out_1", "out_2"], numpy_running(W0, EXAMPLES)))
+WANT_PROCESS = numpy_process(CLIENTS)
+
+
+def test_native_equals_numpy_whatever_the_padding_holds():
+  """The reference the exports are compared with (fb.verify) is itself the numpy loops, with the
+  padding NaN or not."""
+  for poison in (None, np.nan):
+    data = DATA if poison is None else _poisoned(DATA, poison)
+    single = SINGLE if poison is None else _poisoned(SINGLE, poison)
+    _check(dict(zip(WANT_ROUND, fedavg_round(W0, data))), WANT_ROUND, f"native, padding {poison}")
+    _check(dict(zip(WANT_RUNNING, running_round(W0, single))), WANT_RUNNING,
+           f"native, padding {poison}")
+
+
+NEW_CLIENTS = _clients(NEW_SIZES, seed=8)
+NEW_DATA = fb.ragged(NEW_CLIENTS, batch_size=B)  # padded to 400 rows: not the exports' 256
+WANT_NEW_ROUND = dict(zip(["out_0", "out_1"], numpy_fedavg(W0, NEW_CLIENTS)))
+
+# name -> (program, the arguments it is exported and verified with, numpy's outputs, rounds)
+PROGRAMS = {
+    "fedavg_round": (fedavg_round, (W0, DATA), WANT_ROUND, 0),
+    "running_round": (running_round, (W0, SINGLE), WANT_RUNNING, 0),
+    "fedavg_process": (fedavg, (DATA,), WANT_PROCESS, ROUNDS),
+}
+
+
+def _poison_args(args: tuple) -> tuple:
+  return tuple(_poisoned(a, np.nan) if isinstance(a, fb.Ragged) else a for a in args)
+
+
+def _exports(root, target: str) -> dict:
+  return {name: fb.export(program, *args, target=target, out_dir=root / name)
+          for name, (program, args, _, _) in PROGRAMS.items()}
+
+
+# -- tflite: one .tflite file per piece serves every size (LiteRT resizes the examples' input) -----
+@pytest.fixture(scope="module")
+def tflite_exports(tmp_path_factory) -> dict:
+  return _exports(tmp_path_factory.mktemp("tflite"), "tflite")
+
+
+def _litert(export_dir, named: dict, rounds: int) -> dict:
+  from faxbridge._src.export import read_manifest
+  from faxbridge.converters.runtimes import litert
+
+  return litert.verify_run(export_dir, read_manifest(export_dir), named, rounds).outputs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", PROGRAMS)
+def test_litert_equals_numpy_and_native_with_nan_in_the_padding(tflite_exports, name):
+  _, args, want, rounds = PROGRAMS[name]
+  out = tflite_exports[name]
+  _check(_litert(out, _named(out, *args), rounds), want, f"{name} on litert")
+  # Natively the padding is NaN; LiteRT gets each client's own rows only: still equal.
+  report = fb.verify(out, *_poison_args(args), runtime="litert", rounds=max(rounds, 1))
+  assert report.ok, str(report)
+
+
+@pytest.mark.slow
+def test_one_tflite_file_serves_clients_of_every_size(tflite_exports):
+  """The client piece's one model: its examples' inputs have a dynamic leading dimension, the fold
+  is a builtin WHILE, and the same bytes run clients of 0 to 400 rows (traced at 256); the round on
+  other clients (padded to 400) equals numpy too."""
+  from faxbridge.converters.plan import load_plan, piece_file
+  from faxbridge.converters.runtimes import litert
+  from faxbridge.converters.tflite.export import model_ops
+
+  out = tflite_exports["fedavg_round"]
+  piece = load_plan(out)["computations"]["computation"]["stages"][0]["client_work"]
+  model = piece_file(out, piece, "tflite").read_bytes()
+  ops = model_ops(model)
+  assert "WHILE" in ops and not [op for op in ops if op.startswith(("FLEX", "CUSTOM"))], ops
+  call = litert.load_piece(model, piece, "client_work")
+  details = call.interpreter.get_signature_runner(piece["name"]).get_input_details()
+  assert {n: list(d["shape_signature"]) for n, d in details.items()} == {
+      "data_examples_x": [-1, D], "data_examples_y": [-1], "data_count": [], "w": [D]}
+  for m, c in zip(NEW_SIZES + SIZES, NEW_CLIENTS + CLIENTS):
+    args = {"data_examples_x": c["x"], "data_examples_y": c["y"], "data_count": np.int32(m),
+            "w": W0}
+    delta = call([args[s["name"]] for s in piece["inputs"]])[0]  # upload0: the client's delta
+    assert_close(delta, numpy_client_update(W0, c["x"], c["y"]).astype(np.float32),
+                 what=f"a client of {m} rows")
+  _check(_litert(out, _named(out, W0, NEW_DATA), 0), WANT_NEW_ROUND, "other sizes on litert")
+  with pytest.raises(fb.VerificationError, match=r"input w is float32\[4\], the model takes \[3\]"):
+    call([np.zeros((2, D), np.float32), np.zeros(2, np.float32), np.int32(2),
+          np.zeros(4, np.float32)])
+
+
+def test_tflite_jax2tf_lowering_refuses_ragged_inputs(tmp_path):
+  with pytest.raises(fb.ExportError, match=r"data_examples_x', 'data_examples_y'\] hold each "
+                     r"client's own number of examples .*only lowering='tf'"):
+    fb.export(fedavg_round, W0, DATA, target="tflite", lowering="jax2tf", out_dir=tmp_path / "x")
+  assert not (tmp_path / "x").exists()
