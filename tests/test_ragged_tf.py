@@ -302,3 +302,76 @@ def test_tflite_jax2tf_lowering_refuses_ragged_inputs(tmp_path):
                      r"client's own number of examples .*only lowering='tf'"):
     fb.export(fedavg_round, W0, DATA, target="tflite", lowering="jax2tf", out_dir=tmp_path / "x")
   assert not (tmp_path / "x").exists()
+
+
+# -- tff: ragged leaves are tensors with an unknown leading dimension ------------------------------
+@pytest.fixture(scope="module")
+def tff_exports(tmp_path_factory) -> dict:
+  return _exports(tmp_path_factory.mktemp("tff"), "tff")
+
+
+@pytest.fixture(scope="module")
+def tff_runs(tff_exports) -> dict:
+  """Every TFF run of this module but fb.verify's in one runner process (TFF's import costs
+  seconds): the programs, the round on other clients, and a count past the padded rows."""
+  from faxbridge.converters.runtimes.tff import ComputationJob, run_computations
+
+  jobs = {name: ComputationJob(tff_exports[name], _named(tff_exports[name], *args),
+                               rounds or None, forms=bool(rounds))
+          for name, (_, args, _, rounds) in PROGRAMS.items()}
+  out = tff_exports["fedavg_round"]
+  jobs["new_sizes"] = ComputationJob(out, _named(out, W0, NEW_DATA))
+  bad = _named(out, W0, DATA)
+  bad["data_count"] = np.array([1, 3, 17, 257, 0], np.int32)
+  jobs["bad_count"] = ComputationJob(out, bad)
+  return dict(zip(jobs, run_computations(list(jobs.values()), strict=False)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", PROGRAMS)
+def test_tff_equals_numpy(tff_runs, name):
+  _, _, want, _ = PROGRAMS[name]
+  _check(tff_runs[name].outputs, want, f"{name} on tff")
+
+
+@pytest.mark.slow
+def test_one_tff_export_serves_clients_of_every_size(tff_exports, tff_runs):
+  """The export traced at 256 rows runs clients of 400, 2, 9, 0 and 33 rows: its clients' data are
+  tensors whose leading dimension is unknown (``float32[?,3]``); a count past the rows given is
+  refused by name."""
+  from faxbridge._src.export import read_manifest
+
+  signature = read_manifest(tff_exports["fedavg_round"])["computation"]["type_signature"]
+  assert "examples=<x=float32[?,3],y=float32[?]>,count=int32" in signature, signature
+  _check(tff_runs["new_sizes"].outputs, WANT_NEW_ROUND, "other sizes on tff")
+  error = tff_runs["bad_count"]
+  assert isinstance(error, fb.VerificationError)
+  assert "'data_count' holds counts [257] outside [0, 256]" in str(error)
+
+
+@pytest.mark.slow
+def test_mapreduce_and_distribute_aggregate_forms_build_for_ragged_fedavg(tff_runs):
+  run = tff_runs["fedavg_process"]
+  assert set(run.forms) == {"mapreduce", "distribute_aggregate"}
+  for name, form in run.forms.items():
+    assert form.built and form.error is None, (name, form.error)
+    assert form.ran and form.run_error is None, (name, form.run_error)
+    _check(form.outputs, WANT_PROCESS, f"next rebuilt from {name}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", PROGRAMS)
+def test_tff_verifies_against_native_with_nan_in_the_padding(tff_exports, name):
+  _, args, _, rounds = PROGRAMS[name]
+  report = fb.verify(tff_exports[name], *_poison_args(args), runtime="tff", rounds=max(rounds, 1))
+  assert report.ok, str(report)
+  if rounds:  # next rebuilt from MapReduceForm and DistributeAggregateForm: further rows, equal too
+    assert len(report.extra_checks) == 2, str(report)
+
+
+def test_tff_local_xla_refuses_ragged_inputs(tmp_path):
+  with pytest.raises(fb.ExportError, match=r"fedavg_round: its input data_examples_x holds each "
+                     r"client's own number of examples \(fb.ragged, counted by data_count\).*"
+                     r"local='xla' builds XLA local computations"):
+    fb.export(fedavg_round, W0, DATA, target="tff", local="xla", out_dir=tmp_path / "x")
+  assert not (tmp_path / "x").exists()
