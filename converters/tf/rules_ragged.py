@@ -45,8 +45,8 @@ def input_shape(shape: Sequence[int], ragged: bool) -> list[int | None]:
 
   Every TF-family target builds its input signatures through this (the ``.tflite`` signature,
   the TFF placeholders and types), so one artifact serves clients of every size."""
-  shape = [int(d) for d in shape]
-  return [None, *shape[1:]] if ragged and shape else shape
+  dims: list[int | None] = [int(d) for d in shape]
+  return [None, *dims[1:]] if ragged and dims else dims
 
 
 def _rows(x: tf.Tensor) -> int | tf.Tensor:
