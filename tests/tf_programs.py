@@ -22,6 +22,8 @@ from jax._src.random import prng as _jprng  # iota_2x32_shape: JAX's threefry co
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+import faxbridge as fb
+
 
 @dataclasses.dataclass(frozen=True)
 class Case:
@@ -421,6 +423,21 @@ def _calls_family(x):
   return inner(x), jax.grad(lambda v: jax.nn.logsumexp(inner(v)))(x), jax.device_put(x) + 1
 
 
+def _ragged_family(w, x, count):
+  """``fb.fold`` over a client's examples (docs/ragged.md), traced as the exports see it: padded to 8
+  rows of which ``count`` are real (the rest 1e30, which no result may read). In batches of 4
+  (``faxbridge_batches``, then ``faxbridge_fold`` over the batches and their mask) and one example
+  at a time, with the gradient of the batched loss (the fold's transpose: lax loops)."""
+
+  def batched(w):
+    def step(h, xb, m):
+      return h + jnp.sum(jnp.where(m[:, None], jnp.tanh(xb * w), 0.0), 0) + jnp.sum(m)
+    return fb.fold(step, jnp.zeros(x.shape[1]), fb.Ragged(x, count, batch_size=4))
+
+  single = fb.fold(lambda h, e: 0.5 * h + e * w, jnp.ones(x.shape[1]), fb.Ragged(x, count))
+  return batched(w), single, jax.grad(lambda w: jnp.sum(batched(w) ** 2))(w)
+
+
 @functools.cache
 def _one_device_mesh(kind: AxisType) -> Mesh:
   # Built on first use (not at import) and on one device, whatever device count the process has.
@@ -461,6 +478,8 @@ SAMPLES: list[Case] = [
     Case("annotations_family", _annotations_family,
          (_X, np.array([0, 5], np.uint32), _U[1:3].copy(), _U)),
     Case("lgamma", lax.lgamma, (np.abs(_X) + 2.5,)),
+    Case("ragged_family", _ragged_family,
+         (np.float32(0.7), np.concatenate([_X, np.full((5, 4), 1e30, np.float32)]), np.int32(3))),
     *(Case(f"small_int_{dt}", _small_int_family, _small_ints(dt, k))
       for k, dt in enumerate(SMALL_INTS)),
 ]

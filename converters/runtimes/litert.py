@@ -3,6 +3,11 @@
 Every piece is a model whose signature key is the piece's name and whose signature inputs and
 outputs carry the plan's tensor names; ``faxbridge.converters.plan.run_plan`` orchestrates the round from
 ``plan.json`` alone.
+
+Clients with their own data sizes (``fb.ragged``): ``run_plan`` hands each client its own examples
+(``x[i, :count[i]]``, no padding) and the model's ragged inputs have a dynamic leading dimension
+(shape signature ``[-1, ...]``): each call resizes them to the client's own rows, so one model
+serves every size. Only a dynamic dimension may differ from the model's shape.
 """
 
 from __future__ import annotations
@@ -43,9 +48,23 @@ def load_piece(model: bytes, piece: dict, where: str) -> PieceFunction:
   if piece["name"] not in keys:
     raise VerificationError(f"{where}: no signature {piece['name']!r} (has {sorted(keys)})")
   runner = interpreter.get_signature_runner(piece["name"])
+  # -1: a dimension the model leaves open (a ragged input's rows: a client's own examples).
+  takes = {name: [int(d) for d in detail["shape_signature"]]
+           for name, detail in runner.get_input_details().items()}
 
   def call(args: list[np.ndarray]) -> list[np.ndarray]:
-    out = runner(**{s["name"]: a for s, a in zip(piece["inputs"], args)})
+    feeds = {}
+    for s, a in zip(piece["inputs"], args):
+      a = np.asarray(a)
+      want = takes.get(s["name"], list(s["shape"]))
+      if a.ndim != len(want) or any(w not in (-1, n) for w, n in zip(want, a.shape)):
+        shown = [None if w == -1 else w for w in want]
+        raise VerificationError(f"{where}: input {s['name']} is {a.dtype}{list(a.shape)}, the "
+                                f"model takes {shown} (None: any size)")
+      feeds[s["name"]] = a
+    # The signature runner resizes every input to its array's shape before it runs: checked
+    # above, only the dynamic dimensions (a client's own number of examples) change.
+    out = runner(**feeds)
     return [np.asarray(out[s["name"]]) for s in piece["outputs"]]
 
   call.interpreter = interpreter  # type: ignore[attr-defined]  # keeps the model's buffer alive

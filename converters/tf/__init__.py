@@ -11,6 +11,7 @@ from . import (  # noqa: F401  (importing a rule module registers its rules)
     rules_elementwise,
     rules_indexing,
     rules_linalg,
+    rules_ragged,
     rules_random,
     rules_reductions,
     rules_structural,

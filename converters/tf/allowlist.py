@@ -27,6 +27,8 @@ ALLOWED_OPS: frozenset[str] = frozenset({
     # layout
     "Reshape", "BroadcastTo", "Transpose", "ConcatV2", "Pack", "Split", "SplitV", "StridedSlice", "Slice",
     "ReverseV2", "PadV2", "Pad", "Range", "Fill", "ExpandDims", "Squeeze",
+    # the rows of a client's own examples, a dimension the graph does not know (rules_ragged.py)
+    "Shape",
     # reductions, scans, sorting
     "Sum", "Max", "Min", "Prod", "All", "Any", "ArgMax", "ArgMin", "Cumsum", "Cumprod",
     "CumulativeLogsumexp", "TopKV2",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 import jax
@@ -17,6 +17,7 @@ from faxbridge.extend import ExportError
 
 from . import allowlist
 from .lower import Lowering, physical, tf_dtype
+from .rules_ragged import input_shape
 
 
 def _key_text(k: Any) -> str:
@@ -107,11 +108,13 @@ def to_tf(fn: Callable[..., Any], *example_args: Any) -> Any:
 
 
 def lower_jaxpr(closed_jaxpr: jcore.ClosedJaxpr, input_names: Sequence[str],
-                output_names: Sequence[str]) -> tf.Graph:
+                output_names: Sequence[str], ragged: Collection[str] = ()) -> tf.Graph:
   """A TF1-style ``tf.Graph`` computing ``closed_jaxpr``.
 
   Input ``i`` is a ``Placeholder`` named ``input_names[i]`` and output ``j`` an ``Identity`` named
   ``output_names[j]``, so their tensors are ``name:0``. Keys are fed as their uint32 key data.
+  The inputs named in ``ragged`` (a client's own examples) get an unknown leading dimension
+  (``rules_ragged.input_shape``): the graph runs on a client of any size.
   """
   jaxpr = closed_jaxpr.jaxpr
   if len(input_names) != len(jaxpr.invars) or len(output_names) != len(jaxpr.outvars):
@@ -121,12 +124,17 @@ def lower_jaxpr(closed_jaxpr: jcore.ClosedJaxpr, input_names: Sequence[str],
   if len(set(names)) != len(names):
     raise ExportError(f"lower_jaxpr: input and output names must be unique, got {names}")
   _check_x64(input_names, [v.aval for v in jaxpr.invars])
+  unknown = set(ragged) - set(input_names)
+  if unknown:
+    raise ExportError(f"lower_jaxpr: ragged inputs {sorted(unknown)} are not among the inputs "
+                      f"{list(input_names)}")
   graph = tf.Graph()
   with graph.as_default():
     args = []
     for name, v in zip(input_names, jaxpr.invars):
       shape, dtype = physical(v.aval)
-      args.append(tf.compat.v1.placeholder(tf_dtype(dtype), shape, name=name))
+      args.append(tf.compat.v1.placeholder(tf_dtype(dtype), input_shape(shape, name in ragged),
+                                           name=name))
     outs = Lowering().lower_closed(closed_jaxpr, args)
     for name, t in zip(output_names, outs):
       out = tf.identity(t, name=name)
@@ -170,6 +178,6 @@ def graph_def_bytes(graph: tf.Graph | graph_pb2.GraphDef) -> bytes:
 
 
 def jaxpr_to_graph_def(closed_jaxpr: jcore.ClosedJaxpr, input_names: Sequence[str],
-                       output_names: Sequence[str]) -> bytes:
+                       output_names: Sequence[str], ragged: Collection[str] = ()) -> bytes:
   """``graph_def_bytes(lower_jaxpr(...))``: what the TFF exporter embeds in a TensorFlow computation."""
-  return graph_def_bytes(lower_jaxpr(closed_jaxpr, input_names, output_names))
+  return graph_def_bytes(lower_jaxpr(closed_jaxpr, input_names, output_names, ragged))

@@ -199,7 +199,11 @@ class Lowering:
                         f"expected {len(eqn.outvars)}{where}")
     for v, t in zip(eqn.outvars, outs):
       shape, dtype = physical(v.aval)
-      if tuple(t.shape.as_list()) != shape or t.dtype != tf_dtype(dtype):
+      # A dimension TF does not know passes: a client's own number of examples (rules_ragged.py),
+      # traced at the padded length. Every known dimension must be the jaxpr's.
+      got = t.shape.as_list() if t.shape.rank is not None else None
+      if got is None or len(got) != len(shape) or t.dtype != tf_dtype(dtype) or \
+          any(g is not None and g != s for g, s in zip(got, shape)):
         raise ExportError(f"internal: rule for '{name}' produced {t.dtype.name}{t.shape} where the "
                           f"jaxpr has {dtype}{list(shape)}{where}")
     return outs

@@ -23,7 +23,10 @@ TARGET = Target(
               "--save-inputs --force",
               "faxbridge verify build/fedavg_tff --runtime=tff"),
     demo=Demo("faxbridge.examples.fedavg:process", runtime="tff", rounds=5),
-    default=True)
+    default=True,
+    # Clients with their own data sizes: a ragged leaf is a TensorType(dtype, [None, ...]) and its
+    # TF placeholder [None, ...] (local.py), so one computation serves every size.
+    ragged=True)
 
 
 def versions() -> dict[str, str]:

@@ -48,7 +48,9 @@ _PLACEMENT = {SERVER: fl.SERVER, CLIENTS: fl.CLIENTS}
 
 
 def parameter_type(form: FederatedForm) -> fl.StructType:
-  """One element per positional argument: ``T@SERVER`` or ``{T}@CLIENTS``, ``T`` its pytree."""
+  """One element per positional argument: ``T@SERVER`` or ``{T}@CLIENTS``, ``T`` its pytree (a
+  ragged leaf, a client's examples, with an unknown leading dimension: ``local.py``)."""
+  ragged = {b.name for b in form.ragged_inputs}
   elements = []
   for i, name in enumerate(form.arg_names):
     leaves = [b for b in form.inputs if b.path[0] == i]
@@ -56,7 +58,7 @@ def parameter_type(form: FederatedForm) -> fl.StructType:
       elements.append((name, fl.StructType([])))
       continue
     place = leaves[0].placement
-    member = struct_type_of([b.path[1:] for b in leaves], [b.spec for b in leaves])
+    member = struct_type_of([b.path[1:] for b in leaves], [b.spec for b in leaves], ragged)
     elements.append((name, fl.FederatedType(member, _PLACEMENT[place], all_equal=place is SERVER)))
   return fl.StructType(elements)
 
@@ -94,9 +96,11 @@ class TffBackend(Backend):
   """
 
   def __init__(self, pieces: dict[str, Any], local_form: str,
-               result_names: dict[str, list[str]] | None = None):
+               result_names: dict[str, list[str]] | None = None,
+               ragged: frozenset[str] = frozenset()):
     self.pieces, self.local_form = pieces, local_form
     self.result_names = result_names or {}
+    self.ragged = ragged  # the input leaves that are a client's own examples (fb.ragged)
     self.origin: dict[int, tuple[Any, int, Any]] = {}  # id(leaf) -> (struct, index, leaf)
 
   # -- where a leaf came from ---------------------------------------------------------------------
@@ -155,7 +159,7 @@ class TffBackend(Backend):
     else:
       value, layout = self._arrange(list(args.values()))
       comp = local.local_computation(piece, self.local_form, layout,
-                                     self.result_names.get(piece.name))
+                                     self.result_names.get(piece.name), self.ragged)
       done = fl.federated_map(comp, value)
     return self.leaves(done, names)
 
@@ -203,7 +207,8 @@ def to_federated_computation(
             for p in form.pieces() if p.outputs and not p.inputs}
   names = _result_names(form)
   backend = TffBackend(pieces, local_form,
-                       {form.server_result.name: names} if names is not None else {})
+                       {form.server_result.name: names} if names is not None else {},
+                       frozenset(b.name for b in form.ragged_inputs))
 
   def body(param):
     inputs, parents = {}, {}
@@ -302,6 +307,7 @@ def export_tff(split: SplitProgram, out: Path, local: str = "tensorflow", **opti
     raise ExportError(f"the tff target takes no options {sorted(options)}")
   if local not in LOCAL_FORMS:
     raise ExportError(f"--local must be one of {LOCAL_FORMS}, got {local!r}")
+  _check_ragged_local(split, local)
   for form in split.forms.values():  # refuse an aggregation without intrinsic before tracing
     for stage in form.stages:
       for agg in stage.aggregations:
@@ -317,6 +323,26 @@ def export_tff(split: SplitProgram, out: Path, local: str = "tensorflow", **opti
     _write(comp, out, name)
     part[name] = {"type_signature": str(comp.type_signature)}
   return part
+
+
+def _check_ragged_local(split: SplitProgram, local: str) -> None:
+  """Ragged leaves (a client's own examples) are tensors with an unknown leading dimension, which
+  only TF local computations take: an XLA module's shapes are static.
+
+  Raises:
+    ExportError: ``local="xla"`` for a program with a ragged input, naming it and its count.
+  """
+  if local == "tensorflow":
+    return
+  for comp_name, form in split.forms.items():
+    if form.ragged_inputs:
+      leaf = form.ragged_inputs[0]
+      where = "" if comp_name == "computation" else f" ({comp_name})"
+      raise ExportError(
+          f"{split.name}{where}: its input {leaf.name} holds each client's own number of examples "
+          f"(fb.ragged, counted by {leaf.ragged.count}), a tensor whose leading dimension is "  # type: ignore[union-attr]
+          f"unknown, and local={local!r} builds XLA local computations, whose shapes are static. "
+          "Export with local='tensorflow' (the default).")
 
 
 def _check_iterative(init, nxt, name: str) -> None:

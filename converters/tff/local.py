@@ -9,6 +9,14 @@ the pieces' tensor names:
 
 Also here: pytrees of tensors as federated_language types, and the struct paths that locate their
 leaves (the parameter and result types of the federated computation are built from them).
+
+Clients with their own data sizes (``fb.ragged``, docs/ragged.md): a ragged leaf (a client's
+examples; ``ragged`` below names them, the form's inputs whose ``Binding.ragged`` is set) is typed
+``TensorType(dtype, [None, ...])``, a tensor whose leading dimension, the client's own number of
+examples, is unknown (issue 19 allows this in place of a ``tff.SequenceType``), in the federated
+parameter and in the client piece's parameter, whose placeholder is ``[None, ...]`` too: one
+computation serves clients of every size. Only the ``tensorflow`` form takes it: an XLA module has
+static shapes (the exporter refuses ``local="xla"`` for a ragged program).
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ import contextlib
 import contextvars
 import dataclasses
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from typing import Any
 
 import federated_language as fl
@@ -26,7 +34,7 @@ import numpy as np
 from federated_language.proto import computation_pb2 as pb
 from google.protobuf import any_pb2
 
-from faxbridge.extend import Piece, TensorSpec, emit
+from faxbridge.extend import ExportError, Piece, TensorSpec, emit
 
 # The computation (``computation``, ``initialize``, ``next``) whose pieces are being lowered, for
 # the progress events: a piece's name alone (``server_result``) is in every computation.
@@ -44,7 +52,13 @@ def lowering_computation(name: str) -> Iterator[None]:
 
 
 # -- pytrees of tensors as federated_language types ----------------------------------------------
-def tensor_type(spec: TensorSpec) -> fl.TensorType:
+def tensor_type(spec: TensorSpec, ragged: bool = False) -> fl.TensorType:
+  """The type of ``spec``; for a ragged leaf with an unknown leading dimension (the TF lowering's
+  ``rules_ragged.input_shape``, imported only then: ragged leaves go with TF local computations)."""
+  if ragged:
+    from faxbridge.converters.tf.rules_ragged import input_shape
+
+    return fl.TensorType(np.dtype(spec.dtype), input_shape(spec.shape, True))
   return fl.TensorType(np.dtype(spec.dtype), list(spec.shape))
 
 
@@ -82,13 +96,15 @@ def struct_items(items):
   return [(k, v) if isinstance(k, str) else (None, v) for k, v in items]
 
 
-def struct_type_of(paths, specs: Sequence[TensorSpec]) -> fl.Type:
-  return nest(paths, specs, tensor_type, lambda items: fl.StructType(struct_items(items)))
+def struct_type_of(paths, specs: Sequence[TensorSpec], ragged: Collection[str] = ()) -> fl.Type:
+  """The struct of ``specs`` at ``paths``; the leaves named in ``ragged`` with an unknown leading
+  dimension."""
+  return nest(paths, specs, lambda s: tensor_type(s, s.name in ragged),
+              lambda items: fl.StructType(struct_items(items)))
 
 
-
-def flat_struct_type(specs: Sequence[TensorSpec]) -> fl.StructType:
-  return fl.StructType(struct_items([(s.name, tensor_type(s)) for s in specs]))
+def flat_struct_type(specs: Sequence[TensorSpec], ragged: Collection[str] = ()) -> fl.StructType:
+  return fl.StructType(struct_items([(s.name, tensor_type(s, s.name in ragged)) for s in specs]))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,13 +123,14 @@ class ParamLayout:
   whole: bool = False
 
 
-def flat_layout(piece: Piece) -> ParamLayout:
-  return ParamLayout(flat_struct_type(piece.inputs), (0,) * len(piece.inputs))
+def flat_layout(piece: Piece, ragged: Collection[str] = ()) -> ParamLayout:
+  return ParamLayout(flat_struct_type(piece.inputs, ragged), (0,) * len(piece.inputs))
 
 
 def _function_type(piece: Piece, layout: ParamLayout | None,
-                   result_names: Sequence[str] | None = None) -> fl.FunctionType:
-  param = (layout or flat_layout(piece)).type if piece.inputs else None
+                   result_names: Sequence[str] | None = None,
+                   ragged: Collection[str] = ()) -> fl.FunctionType:
+  param = (layout or flat_layout(piece, ragged)).type if piece.inputs else None
   result = flat_struct_type(piece.outputs) if result_names is None else fl.StructType(
       [(n, tensor_type(s)) for n, s in zip(result_names, piece.outputs)])
   return fl.FunctionType(param, result)
@@ -145,29 +162,32 @@ def _tf_binding(tensor_names: Sequence[str],
       lambda items: pb.TensorFlow.Binding(struct=pb.TensorFlow.StructBinding(element=items)))
 
 
-def tensorflow_graph(piece: Piece) -> tuple[bytes, list[str], list[str]]:
-  """The piece as a plain-TF GraphDef (serialized), its input and output tensor names."""
+def tensorflow_graph(piece: Piece, ragged: Collection[str] = ()) -> tuple[bytes, list[str], list[str]]:
+  """The piece as a plain-TF GraphDef (serialized), its input and output tensor names; the
+  placeholders of the inputs named in ``ragged`` have an unknown leading dimension."""
   in_names = [f"param/{s.name}" for s in piece.inputs]
   out_names = [f"result/{s.name}" for s in piece.outputs]
-  graph = _graph_def_bytes(piece, in_names, out_names)
+  unknown = [f"param/{s.name}" for s in piece.inputs if s.name in ragged]
+  graph = _graph_def_bytes(piece, in_names, out_names, unknown)
   return graph, [f"{n}:0" for n in in_names], [f"{n}:0" for n in out_names]
 
 
-def _graph_def_bytes(piece: Piece, in_names, out_names) -> bytes:
+def _graph_def_bytes(piece: Piece, in_names, out_names, ragged: Sequence[str] = ()) -> bytes:
   from tensorflow.core.framework import graph_pb2
 
   from faxbridge.converters.tf import jaxpr_to_graph_def
   from faxbridge.converters.tf.canonical import canonical_bytes
 
-  graph = jaxpr_to_graph_def(piece.jaxpr, in_names, out_names)
+  graph = jaxpr_to_graph_def(piece.jaxpr, in_names, out_names, ragged)
   return canonical_bytes(graph_pb2.GraphDef.FromString(graph))
 
 
 def tensorflow_computation(piece: Piece, layout: ParamLayout | None = None,
-                           result_names: Sequence[str] | None = None) -> pb.Computation:
-  graph, ins, outs = tensorflow_graph(piece)
+                           result_names: Sequence[str] | None = None,
+                           ragged: Collection[str] = ()) -> pb.Computation:
+  graph, ins, outs = tensorflow_graph(piece, ragged)
   return pb.Computation(
-      type=_function_type(piece, layout, result_names).to_proto(),
+      type=_function_type(piece, layout, result_names, ragged).to_proto(),
       tensorflow=pb.TensorFlow(
           graph_def=any_pb2.Any(type_url="type.googleapis.com/tensorflow.GraphDef", value=graph),
           parameter=_tf_binding(ins, layout) if piece.inputs else None,
@@ -184,8 +204,18 @@ def _xla_binding(count: int, layout: ParamLayout | None = None) -> pb.Xla.Bindin
 
 
 def xla_computation(piece: Piece, layout: ParamLayout | None = None,
-                    result_names: Sequence[str] | None = None) -> pb.Computation:
-  """The piece as an HloModuleProto taking flat parameters and returning a flat tuple."""
+                    result_names: Sequence[str] | None = None,
+                    ragged: Collection[str] = ()) -> pb.Computation:
+  """The piece as an HloModuleProto taking flat parameters and returning a flat tuple.
+
+  Raises:
+    ExportError: the piece takes a ragged input (``export_tff`` refuses such a program first):
+      an HLO module's shapes are static.
+  """
+  taken = sorted(s.name for s in piece.inputs if s.name in ragged)
+  if taken:
+    raise ExportError(f"piece {piece.name}: its inputs {taken} hold each client's own number of "
+                      "examples, which an XLA local computation (static shapes) cannot take")
   fn = jax.extend.core.jaxpr_as_fun(piece.jaxpr)
   args = [jax.ShapeDtypeStruct(s.shape, np.dtype(s.dtype)) for s in piece.inputs]
   lowered = jax.jit(lambda *a: tuple(fn(*a))).lower(*args)
@@ -206,11 +236,12 @@ _BUILDERS = {"tensorflow": tensorflow_computation, "xla": xla_computation}
 
 
 def local_computation(piece: Piece, form: str = "tensorflow", layout: ParamLayout | None = None,
-                      result_names: Sequence[str] | None = None
+                      result_names: Sequence[str] | None = None, ragged: Collection[str] = ()
                       ) -> fl.framework.ConcreteComputation:
   """A typed federated_language computation running ``piece`` locally, its parameter grouped as
   ``layout`` says (default: the flat struct of its inputs), its result's elements named
-  ``result_names`` (default: the outputs' tensor names)."""
+  ``result_names`` (default: the outputs' tensor names); its inputs named in ``ragged`` (a
+  client's examples) have an unknown leading dimension."""
   if form == "tensorflow" and "tensorflow" not in sys.modules:
     # Its import takes seconds: a step of its own, not billed to the first piece's lowering.
     emit("tff.import", "importing TensorFlow")
@@ -220,4 +251,4 @@ def local_computation(piece: Piece, form: str = "tensorflow", layout: ParamLayou
        f"{'TF' if form == 'tensorflow' else 'XLA'} local computation", computation=where,
        piece=piece.name, form=form)
   return fl.framework.ConcreteComputation.from_proto(
-      _BUILDERS[form](piece, layout, result_names))
+      _BUILDERS[form](piece, layout, result_names, ragged))

@@ -15,6 +15,9 @@ TARGET = Target(
     options=(Option("lowering", str, LOWERINGS[0],
                     "how pieces reach TF: faxbridge's own lowering or jax2tf", LOWERINGS),),
     runtimes=("litert",),
-    steps=("tflite.import", "tflite.convert"))
+    steps=("tflite.import", "tflite.convert"),
+    # Clients with their own data sizes: a ragged leaf has a dynamic leading dimension, resized
+    # per client by LiteRT (export.py), so one .tflite file serves every size.
+    ragged=True)
 
 __all__ = ["LOWERINGS", "TARGET"]

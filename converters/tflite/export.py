@@ -16,6 +16,13 @@ How a piece becomes TFLite (``lowering``, ``--lowering``; measured in ``docs/tar
 
 After converting, the export runs each model once on zeros: an op that converts but that LiteRT's
 kernels cannot prepare fails the export, not a device.
+
+Clients with their own data sizes (``fb.ragged``, docs/ragged.md): a client piece's ragged inputs
+(a client's examples) have an unknown leading dimension in the model (shape signature
+``[-1, ...]``, from ``rules_ragged.input_shape``), a TFLite dynamic dimension: LiteRT resizes the
+input to each client's own rows (``converters/runtimes/litert.py``), so ONE ``.tflite`` file serves
+clients of every size; the count stays an ordinary int32 input. The fold is a TFLite ``WHILE`` of
+``count`` steps. The smoke run then also runs an empty client (zero rows).
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import re
 import sys
 import tempfile
 import warnings
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -111,15 +119,19 @@ def check_dtypes(split) -> None:
       + "\n  ".join(found))
 
 
-def _tf_function(piece, lowering: str, scoped=None):
+def _tf_function(piece, lowering: str, scoped=None, ragged: frozenset[str] = frozenset()):
   """A ``tf.function`` of the piece over named inputs, returning a dict of named outputs.
 
   ``scoped`` (a ``Lowering(name_scopes=True)``, ``"tf"`` lowering only) lowers the piece with each
   equation's ops under its own name scope, to find which equation a converter error is about.
+  The inputs named in ``ragged`` (a client's own examples) get an unknown leading dimension.
   """
   import tensorflow as tf
 
-  signature = [tf.TensorSpec(s.shape, tf.as_dtype(s.dtype), name=s.name) for s in piece.inputs]
+  from faxbridge.converters.tf.rules_ragged import input_shape
+
+  signature = [tf.TensorSpec(input_shape(s.shape, s.name in ragged), tf.as_dtype(s.dtype),
+                             name=s.name) for s in piece.inputs]
   if lowering == "tf":
     from faxbridge.converters.tf import Lowering
 
@@ -145,17 +157,28 @@ def _converter_ops(message: str) -> list[str]:
   return sorted(ops)
 
 
-def convert_piece(piece, lowering: str = "tf") -> bytes:
+def convert_piece(piece, lowering: str = "tf", ragged: Collection[str] = ()) -> bytes:
   """The ``.tflite`` bytes of one piece: signature ``piece.name``, TFLITE_BUILTINS only.
+
+  ``ragged``: names of the piece's inputs that hold a client's own examples (``fb.ragged``): their
+  leading dimension is dynamic in the model (any number of rows, zero included).
 
   Raises:
     ExportError: listing the primitives (with the user's file:line) or TF ops that have no
       TFLite builtin, or the ops LiteRT could not prepare. When the converter itself fails, the
-      first line names the JAX primitive and the user's file:line it failed on.
+      first line names the JAX primitive and the user's file:line it failed on. A ragged input
+      with ``lowering="jax2tf"`` (which exports the traced, padded shapes only).
   """
   if lowering not in LOWERINGS:
     raise ExportError(f"--lowering must be one of {LOWERINGS}, got {lowering!r}")
   where = f"piece {piece.name}"
+  ragged = frozenset(ragged) & {s.name for s in piece.inputs}
+  if ragged and lowering != "tf":
+    raise ExportError(
+        f"{where}: its inputs {sorted(ragged)} hold each client's own number of examples "
+        f"(fb.ragged), which only lowering='tf' exports (an unknown leading dimension); "
+        f"lowering={lowering!r} fixes the padded shape it was traced with. Export with "
+        "lowering='tf' (the default).")
   if lowering == "tf":
     bad = _unsupported_primitives(piece.jaxpr)
     if bad:  # the first line names the first one, with its line; all are listed below it
@@ -163,15 +186,15 @@ def convert_piece(piece, lowering: str = "tf") -> bytes:
       raise ExportError(f"{where} cannot become TFLite builtins: JAX primitive {bad[0]}{more}; "
                         "unsupported JAX primitives:\n  " + "\n  ".join(bad))
   try:
-    fn = _tf_function(piece, lowering)
+    fn = _tf_function(piece, lowering, ragged=ragged)
     concrete = fn.get_concrete_function()
   except FaxbridgeError as e:
     raise ExportError(f"{where}: lowering to TensorFlow failed: {e}") from e
   try:
     model = _convert(fn, concrete, piece.name)
   except Exception as e:  # ConverterError: MLIR diagnostics, naming TF ops, not the user's code
-    raise _converter_error(piece, lowering, where, str(e)) from e
-  _smoke_run(model, piece, where)
+    raise _converter_error(piece, lowering, where, str(e), ragged) from e
+  _smoke_run(model, piece, where, ragged)
   return model
 
 
@@ -198,7 +221,7 @@ def _error_lines(message: str) -> str:
   return "\n".join(line for line in message.splitlines() if ": error:" in line)
 
 
-def _culprits(piece) -> list[tuple[str, str]]:
+def _culprits(piece, ragged: frozenset[str] = frozenset()) -> list[tuple[str, str]]:
   """(primitive name, " at file:line (fn)") of the equations whose TF ops the converter rejects.
 
   The failed conversion is repeated on a lowering that puts each equation's ops under its own name
@@ -208,7 +231,7 @@ def _culprits(piece) -> list[tuple[str, str]]:
   from faxbridge.converters.tf import Lowering
 
   scoped = Lowering(name_scopes=True)
-  fn = _tf_function(piece, "tf", scoped)
+  fn = _tf_function(piece, "tf", scoped, ragged)
   try:
     _convert(fn, fn.get_concrete_function(), piece.name)
   except Exception as e:
@@ -216,7 +239,8 @@ def _culprits(piece) -> list[tuple[str, str]]:
   return []
 
 
-def _converter_error(piece, lowering: str, where: str, message: str) -> ExportError:
+def _converter_error(piece, lowering: str, where: str, message: str,
+                     ragged: frozenset[str] = frozenset()) -> ExportError:
   """An error whose first line names the JAX primitive(s) and the user's line(s) the converter
   failed on (when the ``"tf"`` lowering lets them be found), then the TF ops, then the MLIR dump."""
   ops = _converter_ops(message)
@@ -224,7 +248,7 @@ def _converter_error(piece, lowering: str, where: str, message: str) -> ExportEr
   found = re.search(r"error: ([^\n]*)", message)
   # the diagnostic's own text, without the MLIR location that leads it
   reason = re.sub(r"^loc\(.*\):\s*", "", found.group(1).strip())[:300] if found else "conversion failed"
-  culprits = _culprits(piece) if lowering == "tf" else []
+  culprits = _culprits(piece, ragged) if lowering == "tf" else []
   if culprits:
     kind = "primitive" if len(culprits) == 1 else "primitives"
     named = ", ".join(f"'{name}'{at}" for name, at in culprits)
@@ -242,12 +266,17 @@ def model_ops(model: bytes) -> list[str]:
   return sorted({d["op_name"] for d in interpreter._get_ops_details()})
 
 
-def _smoke_run(model: bytes, piece, where: str) -> None:
+def _smoke_run(model: bytes, piece, where: str, ragged: frozenset[str] = frozenset()) -> None:
+  """Run the model on zeros at the traced shapes, and with ragged inputs also at zero rows (an
+  empty client: the dynamic dimension resized)."""
   from ai_edge_litert.interpreter import Interpreter
 
+  rows = [None, 0] if ragged else [None]
   try:
     runner = Interpreter(model_content=model).get_signature_runner(piece.name)
-    runner(**{s.name: np.zeros(s.shape, s.dtype) for s in piece.inputs})
+    for m in rows:
+      runner(**{s.name: np.zeros((m, *s.shape[1:]) if m is not None and s.name in ragged
+                                 else s.shape, s.dtype) for s in piece.inputs})
   except Exception as e:  # LiteRT's "Node number N (OP) failed to prepare"
     named = sorted(set(re.findall(r"\(([A-Z][A-Z0-9_]+)\) failed to prepare", str(e))))
     ops = ", ".join(named or model_ops(model))
@@ -278,7 +307,9 @@ def export_tflite(split, out: Path, lowering: str = "tf", **options: Any) -> dic
          computation=comp_name, piece=piece.name)
     rel = f"pieces/{comp_name}/{piece.name}.tflite"
     (out / rel).parent.mkdir(parents=True, exist_ok=True)
-    model = convert_piece(piece, lowering)
+    # Piece input names are the form's input names: its ragged leaves are the client's examples.
+    ragged = {b.name for b in split.forms[comp_name].ragged_inputs}
+    model = convert_piece(piece, lowering, ragged)
     (out / rel).write_bytes(model)
     ops[rel] = model_ops(model)
     return {"tflite": rel}

@@ -40,6 +40,7 @@ client's own length: a symbolic ``L`` under ``jax.export``, an unknown dimension
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -135,11 +136,12 @@ class Ragged:
     return out
 
 
-# An export's native reference (jax.export) keeps the computation's input pytree, a Ragged in it.
+# Exports serialize the computation with jax.export (the native reference), whose calling convention
+# holds the input pytree: a Ragged node's aux data is its batch size (an int or None).
 jax.export.register_pytree_node_serialization(
     Ragged, serialized_name="faxbridge.Ragged",
-    serialize_auxdata=lambda batch_size: str(batch_size).encode(),
-    deserialize_auxdata=lambda data: None if data == b"None" else int(data))
+    serialize_auxdata=lambda batch_size: json.dumps(batch_size).encode(),
+    deserialize_auxdata=lambda data: json.loads(data))
 
 
 def ragged(clients: Sequence[PyTree], *, batch_size: int | None = None,

@@ -1,5 +1,12 @@
 """Values across the boundary: TFF arguments built from npz leaves and manifest paths, and a TFF
 result read back into npz leaves (``docs/tff_runner_protocol.md``, "Signature blocks", "Values").
+
+Clients with their own data sizes: an input entry with a ``"ragged"`` block
+(``{"count": NAME, "max_length": L, ...}``, as faxbridge's manifests write it) is a CLIENTS leaf whose
+npz array is padded (``[num_clients, L, ...]``) and whose client ``c`` holds only its first
+``NAME[c]`` rows, ``NAME`` being another input (int, one per client). Each client is given exactly
+those rows: the exported type has an unknown leading dimension there (``float32[?,3]``), so the
+client's computation runs on its own examples, never on the padding.
 """
 
 from __future__ import annotations
@@ -94,6 +101,7 @@ def build_argument(param_type: Any, entries: list[dict], arrays: dict[str, np.nd
   or None when no such input fixes it (then TFF cannot infer it from the argument either).
   """
   fixed = dict(fixed or {})
+  rows = _ragged_rows(entries, arrays, where)
   leaves: dict[tuple[int, ...], tuple[dict, np.ndarray]] = {}
   for entry in entries:
     name = entry["name"]
@@ -149,6 +157,8 @@ def build_argument(param_type: Any, entries: list[dict], arrays: dict[str, np.nd
         _check_leaf(entry, array, type_, client is not None, where)
       used.add(path)
       value = array[client] if client is not None else array
+      if client is not None and entry["name"] in rows:  # a client's own examples only
+        value = value[: rows[entry["name"]][client]]
       # 0-d arrays travel as numpy scalars, which every TFF value path accepts.
       return value[()] if np.ndim(value) == 0 else value
     raise ProtocolError(f"{where}: parameters of type {type_} are not supported by this runner")
@@ -162,6 +172,37 @@ def build_argument(param_type: Any, entries: list[dict], arrays: dict[str, np.nd
     raise ProtocolError(f"{where}: the CLIENTS inputs disagree on the number of clients: "
                         + ", ".join(f"{list(p)}: {n}" for p, n in client_counts.items()))
   return value, next(iter(client_counts.values()), None)
+
+
+def _ragged_rows(entries: list[dict], arrays: dict[str, np.ndarray],
+                 where: str) -> dict[str, list[int]]:
+  """For each input entry with a ``"ragged"`` block, the rows each client holds: its count input's
+  value per client, checked to be integers within ``[0, padded length]``."""
+  out: dict[str, list[int]] = {}
+  for entry in entries:
+    spec = entry.get("ragged")
+    if not spec:
+      continue
+    name = entry["name"]
+    count = spec.get("count") if isinstance(spec, dict) else None
+    if not isinstance(count, str):
+      raise ProtocolError(f"{where}: {name!r} has a ragged block without a count input: {spec!r}")
+    if count not in arrays or name not in arrays:
+      missing = count if count not in arrays else name
+      raise ProtocolError(f"{where}: ragged input {name!r} needs {missing!r} in the inputs "
+                          f"(have {sorted(arrays)})")
+    counts, array = np.asarray(arrays[count]), np.asarray(arrays[name])
+    if counts.ndim != 1 or counts.dtype.kind not in "iu" or array.ndim < 2 or \
+        len(counts) != len(array):
+      raise ProtocolError(f"{where}: ragged input {name!r} ({array.dtype}{list(array.shape)}) "
+                          f"needs its count {count!r} as one integer per client, got "
+                          f"{counts.dtype}{list(counts.shape)}")
+    bad = [int(c) for c in counts if not 0 <= int(c) <= array.shape[1]]
+    if bad:
+      raise ProtocolError(f"{where}: {count!r} holds counts {bad} outside [0, {array.shape[1]}] "
+                          f"(the padded rows of {name!r})")
+    out[name] = [int(c) for c in counts]
+  return out
 
 
 def element(value: Any, index: int) -> Any:
