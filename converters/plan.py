@@ -207,7 +207,8 @@ def run_plan(plan: dict, call: PieceCall, inputs: dict[str, np.ndarray],
     ragged = {b.name: b.ragged for b in form.inputs if b.ragged is not None}
 
     def call_piece(piece, args: list[np.ndarray]) -> Sequence[np.ndarray]:
-      return call(_entry(piece), own_rows(piece, args, ragged) if ragged else args)
+      return call(_entry(piece), own_rows([s.name for s in piece.inputs], args, ragged)
+                  if ragged else args)
 
     try:
       backend = PerClientBackend(number_of_clients(form, named), call_piece)
@@ -221,17 +222,19 @@ def run_plan(plan: dict, call: PieceCall, inputs: dict[str, np.ndarray],
   return run_program(plan["kind"], run, inputs, rounds, plan.get("state"), who=who)
 
 
-def own_rows(piece, args: list[np.ndarray], ragged: Mapping[str, RaggedSpec]) -> list[np.ndarray]:
-  """One client's arguments of ``piece`` with each ragged leaf (the inputs ``ragged`` names: the
-  form's inputs whose ``plan.json`` binding has a ``ragged`` block) zero-padded from its own rows
+def own_rows(names: Sequence[str], args: Sequence[np.ndarray],
+             ragged: Mapping[str, RaggedSpec]) -> list[np.ndarray]:
+  """One client's arguments of a piece (its inputs' ``names``) with each ragged leaf (the inputs
+  ``ragged`` names: the form's inputs whose ``plan.json`` binding has a ``ragged`` block, a
+  ``{name: RaggedSpec}``) zero-padded from its own rows
   to ``own_length(rows, batch_size)``: whole batches, at least one, what a piece exported with
   the symbolic length ``b*k`` (``k >= 1``) takes. An empty client gets one batch of zeros (its
   count, 0, keeps them out of every value). The plan's shape of the leaf is the length it was
   traced with, not a bound: axis 0 is the client's own.
   """
   out = []
-  for spec, x in zip(piece.inputs, args):
-    r = ragged.get(spec.name)
+  for name, x in zip(names, args):
+    r = ragged.get(name)
     if r is not None and x.shape[0] != own_length(x.shape[0], r.batch_size):
       padded = np.zeros((own_length(x.shape[0], r.batch_size), *x.shape[1:]), x.dtype)
       padded[: x.shape[0]] = x

@@ -34,7 +34,8 @@ TARGET = Target(
     examples=("faxbridge export examples.fedavg:process --target=flower -o build/fedavg_flower "
               "--force",
               "faxbridge verify build/fedavg_flower --runtime=flower --rounds 3 --program "
-              "examples.fedavg:process"))
+              "examples.fedavg:process"),
+    ragged=True)  # its client pieces are the tflite and stablehlo targets'; each node its own rows
 
 RUNTIME = Runtime(
     "flower", runner="faxbridge.converters.flower.deployment:verify_run",

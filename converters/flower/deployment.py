@@ -476,7 +476,8 @@ def _run(deployment: LocalDeployment, n: int, export_dir: Path, block: dict,
     by_client = {b.name: client_values(b, inputs, n) for b in map(Binding.from_json, block["inputs"])
                  if b.placement is CLIENTS}  # a ragged input: each node its own examples only
     for k, path in enumerate(data_files):
-      np.savez(path, **{name: by_client[name][k] for name in clients})
+      node_data: dict[str, Any] = {name: by_client[name][k] for name in clients}
+      np.savez(path, **node_data)
     run_config: dict[str, Any] = {"export": str(settings.server_export or export_dir), "out": str(out),
                                   "rounds": max(settings.rounds, 1), "clients-per-round": admitted,
                                   # every node admitted: those holding this run's data among them

@@ -40,7 +40,14 @@ from typing import Any
 import numpy as np
 
 from faxbridge.converters.flower import protocol, secagg
-from faxbridge.extend import FaxbridgeError, FederatedForm, VerificationError, check_signature
+from faxbridge.converters.plan import own_rows
+from faxbridge.extend import (
+  FaxbridgeError,
+  FederatedForm,
+  RaggedSpec,
+  VerificationError,
+  check_signature,
+)
 
 
 def default_store() -> Path:
@@ -163,7 +170,7 @@ class NodeRun:
     for s in specs:  # a ragged input's rows are the node's examples: its count must say as many
       if s.get("ragged"):
         count = s["ragged"]["count"]
-        if np.shape(out.get(count)) != () or int(out[count]) != len(out[s["name"]]):
+        if count not in out or np.shape(out[count]) != () or int(out[count]) != len(out[s["name"]]):
           raise self._refuse(f"its data {s['name']!r} holds {len(out[s['name']])} examples and its "
                              f"{count!r} is {out.get(count)!r}: the count must be the number of "
                              "examples")
@@ -263,6 +270,7 @@ class NodeRun:
       call = self.load(piece)
       ragged = {b["name"]: b for b in self.app.plan["computations"][computation]["inputs"]
                 if b.get("ragged")}
+      names = [s["name"] for s in piece["inputs"]]
       args = []
       for s in piece["inputs"]:
         if s["name"] not in env:
@@ -272,6 +280,8 @@ class NodeRun:
           raise self._refuse(f"{name}: {s['name']!r} is {value.dtype}{list(value.shape)}, the plan "
                              f"says {s['dtype']}{s['shape']}")
         args.append(value)
+      if ragged:  # the node's examples in whole batches, as every plan runtime passes them
+        args = own_rows(names, args, {n: RaggedSpec.from_json(b["ragged"]) for n, b in ragged.items()})
       ready = time.perf_counter()
       env.update(zip((s["name"] for s in piece["outputs"]), call(args)))
       done = time.perf_counter()

@@ -257,7 +257,7 @@ def _batches_abstract_eval(*args, batch_size: int):
   lengths = {x.shape[0] if x.ndim else None for x in leaves}
   if None in lengths or len(lengths) != 1:
     raise TypeError(f"fb.fold: examples of different lengths {[x.shape for x in leaves]}")
-  length = lengths.pop()
+  length: Any = lengths.pop()  # an int, or a symbolic dimension under jax.export
   if isinstance(length, int) and length % batch_size:
     raise TypeError(f"fb.fold: the padded length {length} is not a multiple of batch_size "
                     f"{batch_size}")
@@ -723,7 +723,7 @@ def padding_reads(jaxpr: jcore.Jaxpr, ragged: Sequence[bool]) -> list[tuple[Any,
   """
   padded = {v for v, r in zip(jaxpr.invars, ragged) if r}
   batched: set = set()
-  out = []
+  out: list[tuple[Any, str]] = []
   for eqn in jaxpr.eqns:
     reads = [i for i, v in enumerate(eqn.invars) if not isinstance(v, jcore.Literal)
              and (v in padded or v in batched)]
