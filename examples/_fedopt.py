@@ -51,7 +51,7 @@ def fedopt_process(server_opt: optax.GradientTransformation, local_lr: float,
   client as ``_data.client_batches`` gives it (``x``, ``y``, ``num_examples``)."""
 
   def client_update(params, data):
-    trained = _mlp.sgd_epoch(params, {"x": data["x"], "y": data["y"]}, local_lr)
+    trained = _mlp.sgd_batches(params, {"x": data["x"], "y": data["y"]}, local_lr)
     return jax.tree.map(lambda new, old: new - old, trained, params), data["num_examples"]
 
   def next_round(state, data):
@@ -83,5 +83,5 @@ def example_inputs(process: fb.IterativeProcess, clients: int, *, batches: int,
 def train(process: fb.IterativeProcess, *, rounds: int, clients: int, log) -> list[dict]:
   """Train natively from ``initialize`` on digits (8 batches of 16 per client and round, more local
   steps than the export's example inputs) and report the held-out loss and accuracy per round."""
-  return _mlp.simulate(process, rounds=rounds, clients=clients, batches=8, batch_size=16,
+  return _mlp.simulate_batches(process, rounds=rounds, clients=clients, batches=8, batch_size=16,
                        params_of=lambda state: state["params"], log=log)

@@ -47,7 +47,7 @@ def _local(models: dict, data: dict, lr: float):
   select = lambda m: jnp.tensordot(group, m, axes=1)  # exact: the other rows are multiplied by 0
   start = jax.tree.map(select, models)
   batches = {"x": data["x"], "y": data["y"]}
-  trained = _mlp.sgd_epoch(start, batches, lr)
+  trained = _mlp.sgd_batches(start, batches, lr)
   weight = group * data["num_examples"]  # [K]: n_i in the client's slot
   slotted = jax.tree.map(lambda new, old: jnp.tensordot(weight, new - old, axes=0), trained, start)
   return slotted, weight, _mlp.loss(trained, jax.tree.map(lambda b: b[-1], batches))

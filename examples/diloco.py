@@ -75,7 +75,7 @@ def example_inputs(clients: int = CLIENTS):
 def main(rounds: int = 8, clients: int = 16, log=print) -> list[dict]:
   """Train natively on digits (8 batches of 16 per client and round: 8 inner AdamW steps) and
   report the held-out loss and accuracy per round."""
-  return _mlp.simulate(process, rounds=rounds, clients=clients, batches=8, batch_size=16,
+  return _mlp.simulate_batches(process, rounds=rounds, clients=clients, batches=8, batch_size=16,
                        params_of=lambda state: state["params"], log=log)
 
 

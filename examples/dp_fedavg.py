@@ -39,7 +39,7 @@ SEED = 0
 
 def client_update(params: dict, data: dict) -> dict:
   """Local SGD over the client's batches; the update (trained - initial) is what is clipped."""
-  trained = _mlp.sgd_epoch(params, {"x": data["x"], "y": data["y"]}, LOCAL_LR)
+  trained = _mlp.sgd_batches(params, {"x": data["x"], "y": data["y"]}, LOCAL_LR)
   return jax.tree.map(lambda new, old: new - old, trained, params)
 
 

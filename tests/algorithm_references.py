@@ -38,8 +38,39 @@ def _sgd(params: dict, batches, lr: float, grad) -> dict:
   return params
 
 
-def _digit_batches(data: dict, i: int) -> list[dict]:
+def own_examples(data) -> list[dict]:
+  """Each client's real examples only (an ``fb.Ragged``'s rows ``[i, :count[i]]``, read as plain
+  arrays): the references never see the padding."""
+  counts = np.asarray(data.count)
+  return [{k: np.asarray(v)[i, :m] for k, v in data.examples.items()} for i, m in enumerate(counts)]
+
+
+def own_batches(examples: dict, batch_size: int) -> list[dict]:
+  """A client's examples in order, cut into batches of ``batch_size`` (the last one shorter)."""
+  m = len(next(iter(examples.values())))
+  return [{k: v[s:s + batch_size] for k, v in examples.items()} for s in range(0, m, batch_size)]
+
+
+def _digit_batches(data: dict, i: int) -> list[dict]:  # equal-shaped client data (not yet converted)
   return [{"x": x, "y": y} for x, y in zip(data["x"][i], data["y"][i])]
+
+
+def digit_batches(data, i: int) -> list[dict]:
+  """Client ``i``'s own digits batches: its real examples in the data's batch size."""
+  return own_batches(own_examples(data)[i], data.batch_size)
+
+
+def local_sgd(params: dict, batches: list[dict], lr: float) -> tuple[dict, np.float32]:
+  """One epoch of SGD on ``_mlp.loss`` over a client's own batches (a Python loop), and the epoch's
+  training loss: each example's loss before its batch's step, averaged over the client's examples
+  (0 without any)."""
+  params = {k: np.asarray(v) for k, v in params.items()}
+  total, count = F32(0), 0
+  for batch in batches:
+    value, g = _mlp_grad(params, batch)
+    params = {k: params[k] - F32(lr) * np.asarray(g[k]) for k in params}
+    total, count = F32(total + F32(value) * F32(len(batch["y"]))), count + len(batch["y"])
+  return params, F32(total / F32(max(count, 1)))
 
 
 def _mean(values: list) -> np.ndarray:

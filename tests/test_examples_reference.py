@@ -5,9 +5,11 @@ the aggregation rules that both sides share would pass it. Here each example is 
 without faxbridge: per-client work as a Python loop over clients (or ``jax.vmap``), aggregations
 as explicit numpy reductions over the clients axis (sum keeps the dtype, mean = sum / n,
 weighted_mean = sum(w * x) / sum(w), max / min over clients, secure_sum an integer sum), and an
-iterative process as a Python loop feeding its state back. Only the plain-JAX model helpers of
-``examples/_mlp.py`` are shared (the loss and the initial parameters); nothing here calls ``fb.*``
-or an example's ``fb.computation``.
+iterative process as a Python loop feeding its state back. A client with its own number of examples
+(an ``fb.Ragged`` input) is a loop over its real examples only, read as ``examples[i, :count[i]]``
+and cut into batches by slicing (the last one shorter): the reference never sees the padding. Only
+the plain-JAX model helpers of ``examples/_mlp.py`` are shared (the loss and the initial
+parameters); nothing here calls ``fb.*`` or an example's ``fb.computation``.
 
 The runtime's outputs must equal the reference elementwise within ``1e-6 + 1e-5 * |reference|``
 for floats, exactly for integers, with the reference's dtype and shape. In the slow suite the same
@@ -67,7 +69,9 @@ def agg_mean(x: np.ndarray) -> np.ndarray:
 
 
 def agg_weighted_mean(x: np.ndarray, w: np.ndarray) -> np.ndarray:
-  x, w = np.asarray(x), np.asarray(w)
+  """The weights in the values' dtype (integer counts too), as fb.weighted_mean casts them."""
+  x = np.asarray(x)
+  w = np.asarray(w).astype(x.dtype)
   wx = w.reshape(w.shape + (1,) * (x.ndim - 1)) * x
   return (agg_sum(wx) / agg_sum(w)).astype(x.dtype)
 
@@ -91,17 +95,19 @@ _loss = jax.jit(_mlp.loss)
 _value_and_grad_per_client = jax.jit(jax.vmap(jax.value_and_grad(_mlp.loss), in_axes=(None, 0)))
 
 
-def ref_fedavg_round(params: dict, data: dict, lr: float = FEDAVG_LR) -> tuple:
-  clients = data["x"].shape[0]
+def ref_fedavg_round(params: dict, data, lr: float = FEDAVG_LR,
+                     weights: np.ndarray | None = None) -> tuple:
+  """Each client one epoch of SGD over its own batches; deltas and training losses averaged with
+  the clients' real example counts as weights (or ``weights``)."""
   deltas, losses = [], []
-  for i in range(clients):
-    trained = local_sgd(params, data["x"][i], data["y"][i], lr)
-    deltas.append({k: np.asarray(trained[k]) - np.asarray(params[k]) for k in params})
-    losses.append(_loss(trained, {"x": data["x"][i][0], "y": data["y"][i][0]}))
+  for i in range(len(data.count)):
+    trained, loss = algo.local_sgd(params, algo.digit_batches(data, i), lr)
+    deltas.append({k: trained[k] - np.asarray(params[k]) for k in params})
+    losses.append(loss)
   deltas = tree_stack(deltas)
-  weights = np.asarray(data["num_examples"])
+  weights = np.asarray(data.count) if weights is None else weights
   new_params = {k: np.asarray(params[k]) + agg_weighted_mean(deltas[k], weights) for k in params}
-  return new_params, agg_mean(np.stack([np.asarray(v) for v in losses]))
+  return new_params, agg_weighted_mean(np.stack(losses), weights)
 
 
 def ref_fedsgd_round(params: dict, batch: dict, lr: float = FEDSGD_LR) -> tuple:
@@ -482,6 +488,55 @@ def check_against_reference(run_example, name: str, kind: str, runtime: str,
 def _programs() -> list[tuple[str, str]]:
   return [(name, kind) for name in EXAMPLES
           for kind in ("computation", *(("process",) if REFERENCES[name][1] else ()))]
+
+
+# -- native: every program against its reference, without an export ---------------------------------
+def _keyed(tree: Any) -> dict[str, np.ndarray]:
+  return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def native_trees(name: str, kind: str, args: tuple, rounds: int = ROUNDS) -> list[tuple[str, str, Any]]:
+  """``reference_trees``' blocks from faxbridge's own native run of the example."""
+  module = importlib.import_module(f"examples.{name}")
+  if kind == "computation":
+    return [("computation", "", module.computation(*args))]
+  state = module.process.initialize()
+  trees = [("initialize", "initialize/", state)]
+  for r in range(1, rounds + 1):
+    state, metrics = module.process.next(state, *args[1:])
+    trees.append(("next", f"round{r}/", (state, metrics)))
+  return trees
+
+
+# The quick suite runs FedAvg (a ragged client loop, a weighted mean by the real counts) and the
+# cheap computations; the others take seconds each to compile (optimizers, DP noise, attention).
+NATIVE_QUICK = {("fedavg", "process"), ("analytics", "computation"), ("two_stage", "computation")}
+
+
+@pytest.mark.parametrize("name,kind", [
+    pytest.param(n, k, id=f"{n}-{k}", marks=() if (n, k) in NATIVE_QUICK else pytest.mark.slow)
+    for n, k in [(n, "process" if REFERENCES[n][1] else "computation") for n in EXAMPLES]])
+def test_native_run_matches_the_reference(name, kind):
+  """The example run natively (``fb.computation``'s own execution), every output of every round,
+  against its independent reference: the reference's tolerance, dtypes and pytree paths."""
+  args = example_args(name)
+  want, got = reference_trees(name, kind, args), native_trees(name, kind, args)
+  assert [b for b, *_ in want] == [b for b, *_ in got]
+  for (_, prefix, ref), (_, _, out) in zip(want, got, strict=True):
+    assert jax.tree.structure(ref) == jax.tree.structure(out), prefix
+    bad = mismatches(compare(_keyed(ref), _keyed(out)))
+    assert not bad, f"{name} {kind} {prefix or 'computation'}: {bad}"
+
+
+def test_native_fedavg_is_told_apart_from_wrong_references():
+  """Not vacuous: a local learning rate 1% off, or clients weighted equally rather than by their
+  real counts, fails the native comparison."""
+  params, data = example_args("fedavg")
+  got = _keyed(native_trees("fedavg", "process", (params, data), rounds=1)[1][2])
+  wrong_lr = ref_fedavg_round(params, data, lr=FEDAVG_LR * 1.01)
+  assert mismatches(compare(_keyed(wrong_lr), got))
+  unweighted = ref_fedavg_round(params, data, weights=np.ones(len(data.count), F32))
+  assert mismatches(compare(_keyed(unweighted), got))
 
 
 # -- quick: one program on jax.export in a fresh process --------------------------------------------
