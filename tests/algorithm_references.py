@@ -27,7 +27,6 @@ CHAR_LM_LR = 0.3
 _mlp_grad = jax.jit(jax.value_and_grad(_mlp.loss))
 _mlp_loss = jax.jit(_mlp.loss)
 _lm_grad = jax.jit(jax.value_and_grad(_transformer.loss))
-_lm_loss = jax.jit(_transformer.loss)
 
 
 def _sgd(params: dict, batches, lr: float, grad) -> dict:
@@ -163,15 +162,23 @@ def ref_papa_round(state: dict, data: dict) -> tuple[dict, dict]:
 
 
 # -- char LM ---------------------------------------------------------------------------------------
-def ref_char_lm_round(params: dict, data: dict, lr: float = CHAR_LM_LR) -> tuple[dict, dict]:
-  """FedAvg: local SGD over each client's token batches, example-weighted mean of the deltas."""
+def ref_char_lm_round(params: dict, data, lr: float = CHAR_LM_LR) -> tuple[dict, dict]:
+  """FedAvg: one epoch of SGD over each client's own batches of windows (its real windows only,
+  the last batch shorter), the deltas and training losses averaged with the clients' real window
+  counts as weights."""
   params = {k: np.asarray(v) for k, v in params.items()}
-  w = np.asarray(data["num_examples"])
+  counts = np.asarray(data.count).astype(F32)
   total = {k: np.zeros_like(v) for k, v in params.items()}
   losses = []
-  for i, tokens in enumerate(data["tokens"]):
-    trained = _sgd(params, tokens, lr, _lm_grad)
+  for i, own in enumerate(own_examples(data)):
+    p, loss_sum = dict(params), F32(0)
+    for batch in own_batches(own, data.batch_size):
+      value, g = _lm_grad(p, batch["tokens"])
+      p = {k: p[k] - F32(lr) * np.asarray(g[k]) for k in p}
+      loss_sum = F32(loss_sum + F32(value) * F32(len(batch["tokens"])))
     for k in params:
-      total[k] += w[i] * (trained[k] - params[k])
-    losses.append(_lm_loss(trained, tokens[0]))
-  return ({k: params[k] + total[k] / np.sum(w) for k in params}, {"train_loss": _mean(losses)})
+      total[k] += counts[i] * (p[k] - params[k])
+    losses.append(F32(loss_sum / F32(max(counts[i], 1))))
+  weight = np.sum(counts, dtype=F32)
+  return ({k: params[k] + total[k] / weight for k in params},
+          {"train_loss": F32(np.sum(counts * np.stack(losses), dtype=F32) / weight)})

@@ -122,7 +122,7 @@ def numpy_logits(p: dict, tokens: np.ndarray, heads: int = 2) -> np.ndarray:
 
 
 def test_transformer_matches_numpy_attention():
-  _, heldout = _text.topic_shards(8, 1, 1, _transformer.CONTEXT, heldout_windows=3)
+  _, heldout = _text.topic_shards(8, 1, _transformer.CONTEXT, heldout_windows=3)
   params = _transformer.init_params(seed=3)
   tokens = heldout[:, :-1]
   logits = np.asarray(_transformer.logits(params, tokens))
@@ -136,14 +136,35 @@ def test_transformer_matches_numpy_attention():
 
 
 def test_text_corpus_is_split_by_topic():
-  data, heldout = _text.topic_shards(8, 2, 4, 16, heldout_windows=5)
-  assert data["tokens"].shape == (8, 2, 4, 17) and data["tokens"].dtype == np.int32
-  assert heldout.shape == (5, 17)
-  assert data["tokens"].min() >= 0 and data["tokens"].max() < _text.VOCAB
+  """One topic per client, all of its windows each once (the text's own length: counts differ),
+  the padding zeros; each client's histogram differs from every other's (non-IID by topic)."""
+  from pydoc_data import topics
+
+  data, heldout = _text.topic_shards(8, 4, 16, heldout_windows=5)
+  tokens, counts = data.examples["tokens"], np.asarray(data.count)
+  assert data.batch_size == 4 and tokens.dtype == np.int32 and tokens.shape[2] == 17
+  assert tokens.shape[1] == -(-counts.max() // 4) * 4 and heldout.shape == (5, 17)
+  assert tokens.min() >= 0 and tokens.max() < _text.VOCAB
+  assert len(set(counts.tolist())) > 4 and counts.max() > 10 * counts.min()  # sizes vary
   assert _text.decode(_text.encode("def f(x):\n  return x")) == "def f(x):\n  return x"
   assert _text.decode(_text.encode("é")) == " "  # outside printable ASCII: a space
-  # Non-IID: each client's character histogram differs from every other client's.
-  hist = np.stack([np.bincount(t.ravel(), minlength=_text.VOCAB) / t.size
-                   for t in data["tokens"]])
+  # Windows of 17 ids every 16 of each topic's text, written out here: a client's windows are
+  # exactly one topic's (as a multiset: every window once), and no two clients share a topic.
+  windows = {}
+  for name, text in topics.topics.items():
+    ids = _text.encode(text)
+    windows[name] = sorted(ids[j * 16: j * 16 + 17].tobytes() for j in range((len(ids) - 1) // 16))
+  owners = []
+  for i, m in enumerate(counts):
+    assert not tokens[i, m:].any()
+    own = sorted(w.tobytes() for w in tokens[i, :m])
+    owners.append([name for name, want in windows.items() if want == own])
+    assert len(owners[-1]) == 1, (i, owners[-1])
+  assert len({o[0] for o in owners}) == 8
+  hist = np.stack([np.bincount(tokens[i, :m].ravel(), minlength=_text.VOCAB) / tokens[i, :m].size
+                   for i, m in enumerate(counts)])
   gaps = np.abs(hist[:, None] - hist[None]).sum(-1)[~np.eye(8, dtype=bool)]
   assert gaps.min() > 0.05
+  # max_windows leaves the longer topics out; length pads to a fixed length.
+  small, _ = _text.topic_shards(8, 4, 16, max_windows=100, length=128, heldout_windows=1)
+  assert small.examples["tokens"].shape[1] == 128 and int(np.max(small.count)) <= 100
