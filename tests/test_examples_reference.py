@@ -117,7 +117,16 @@ def ref_fedsgd_round(params: dict, batch: dict, lr: float = FEDSGD_LR) -> tuple:
           agg_mean(losses))
 
 
-def _local_deltas(params: dict, data: dict, lr: float) -> dict:
+def _local_deltas(params: dict, data, lr: float) -> dict:
+  """Each client's update after one epoch of SGD over its own batches, stacked over clients."""
+  deltas = []
+  for i in range(len(data.count)):
+    trained, _ = algo.local_sgd(params, algo.digit_batches(data, i), lr)
+    deltas.append({k: trained[k] - np.asarray(params[k]) for k in params})
+  return tree_stack(deltas)
+
+
+def _batch_deltas(params: dict, data: dict, lr: float) -> dict:
   deltas = []
   for i in range(data["x"].shape[0]):
     trained = local_sgd(params, data["x"][i], data["y"][i], lr)
@@ -137,7 +146,7 @@ def ref_fedopt_round(state: dict, data: dict, second_moment: Callable, h: dict,
   server_lr = h["server_lr"] if server_lr is None else server_lr
   params = {k: np.asarray(v) for k, v in state["params"].items()}
   deltas = _local_deltas(params, data, h["local_lr"])
-  weights = np.asarray(data["num_examples"])
+  weights = np.asarray(data.count)
   grad = {k: -agg_weighted_mean(deltas[k], weights) for k in params}
   norm = np.sqrt(sum(np.sum(g * g, dtype=F32) for _, g in sorted(grad.items()))).astype(F32)
   moments, empty = state["opt"]
@@ -227,7 +236,7 @@ def ref_dp_fedavg_round(state: dict, data: dict) -> tuple:
   """DP-FedAvg with adaptive clipping (Andrew et al. 2021) in numpy float32; only the Gaussian
   draws come from ``jax.random`` (threefry), from the key derivation docs/dp.md states."""
   h, params, clip = DP_FEDAVG, state["params"], F32(state["clip"]["clip_norm"])
-  deltas = _local_deltas(params, data, h["local_lr"])
+  deltas = _batch_deltas(params, data, h["local_lr"])
   n, names = data["x"].shape[0], sorted(params)  # leaf order: sorted dict keys
   norms = np.sqrt(sum(np.sum(np.square(deltas[k]).reshape(n, -1), axis=1, dtype=F32)
                       for k in names)).astype(F32)
