@@ -54,11 +54,16 @@ def loss(params: dict, batch: dict) -> jax.Array:
   return jnp.mean(example_losses(params, batch))
 
 
+def summed_loss(params: dict, batch: dict, mask: jax.Array) -> jax.Array:
+  """Cross-entropy summed over the real examples of a batch (``mask`` bool [B]):
+  ``sum(mask * loss_j)``."""
+  return jnp.sum(mask.astype(jnp.float32) * example_losses(params, batch))
+
+
 def masked_loss(params: dict, batch: dict, mask: jax.Array) -> jax.Array:
   """Mean cross-entropy over the real examples of a batch (``mask`` bool [B]):
   ``sum(mask * loss_j) / max(sum(mask), 1)`` (0 for a batch with none)."""
-  real = mask.astype(jnp.float32)
-  return jnp.sum(real * example_losses(params, batch)) / jnp.maximum(jnp.sum(real), 1.0)
+  return summed_loss(params, batch, mask) / jnp.maximum(jnp.sum(mask.astype(jnp.float32)), 1.0)
 
 
 def sgd_step(params: dict, batch: dict, mask: jax.Array, lr: float) -> tuple[dict, jax.Array]:

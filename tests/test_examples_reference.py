@@ -92,7 +92,6 @@ def local_sgd(params: dict, xs: np.ndarray, ys: np.ndarray, lr: float) -> dict:
 
 _grad = jax.jit(jax.grad(_mlp.loss))
 _loss = jax.jit(_mlp.loss)
-_value_and_grad_per_client = jax.jit(jax.vmap(jax.value_and_grad(_mlp.loss), in_axes=(None, 0)))
 
 
 def ref_fedavg_round(params: dict, data, lr: float = FEDAVG_LR,
@@ -110,11 +109,18 @@ def ref_fedavg_round(params: dict, data, lr: float = FEDAVG_LR,
   return new_params, agg_weighted_mean(np.stack(losses), weights)
 
 
-def ref_fedsgd_round(params: dict, batch: dict, lr: float = FEDSGD_LR) -> tuple:
-  losses, grads = _value_and_grad_per_client(params, batch)
-  mean_grad = {k: agg_mean(grads[k]) for k in grads}
+def ref_fedsgd_round(params: dict, data, lr: float = FEDSGD_LR) -> tuple:
+  """Each client's mean loss over all of its own examples at once and its gradient; one step with
+  the count-weighted mean gradient."""
+  losses, grads = [], []
+  for own in algo.own_examples(data):
+    loss, grad = algo.mlp_value_and_grad(params, own)
+    losses.append(loss)
+    grads.append(grad)
+  grads, weights = tree_stack(grads), np.asarray(data.count)
+  mean_grad = {k: agg_weighted_mean(grads[k], weights) for k in grads}
   return ({k: np.asarray(params[k]) - F32(lr) * mean_grad[k] for k in params},
-          agg_mean(losses))
+          agg_weighted_mean(np.stack(losses), weights))
 
 
 def _local_deltas(params: dict, data, lr: float) -> dict:
