@@ -82,18 +82,6 @@ def tree_stack(trees: list) -> Any:
 
 
 # -- the examples, without faxbridge ---------------------------------------------------------------
-def local_sgd(params: dict, xs: np.ndarray, ys: np.ndarray, lr: float) -> dict:
-  """SGD over a client's mini-batches as a Python loop (the example uses ``lax.scan``)."""
-  for x, y in zip(xs, ys):
-    g = _grad(params, {"x": x, "y": y})
-    params = {k: params[k] - F32(lr) * g[k] for k in params}
-  return params
-
-
-_grad = jax.jit(jax.grad(_mlp.loss))
-_loss = jax.jit(_mlp.loss)
-
-
 def ref_fedavg_round(params: dict, data, lr: float = FEDAVG_LR,
                      weights: np.ndarray | None = None) -> tuple:
   """Each client one epoch of SGD over its own batches; deltas and training losses averaged with
@@ -129,14 +117,6 @@ def _local_deltas(params: dict, data, lr: float) -> dict:
   for i in range(len(data.count)):
     trained, _ = algo.local_sgd(params, algo.digit_batches(data, i), lr)
     deltas.append({k: trained[k] - np.asarray(params[k]) for k in params})
-  return tree_stack(deltas)
-
-
-def _batch_deltas(params: dict, data: dict, lr: float) -> dict:
-  deltas = []
-  for i in range(data["x"].shape[0]):
-    trained = local_sgd(params, data["x"][i], data["y"][i], lr)
-    deltas.append({k: np.asarray(trained[k]) - params[k] for k in params})
   return tree_stack(deltas)
 
 
@@ -242,8 +222,8 @@ def ref_dp_fedavg_round(state: dict, data: dict) -> tuple:
   """DP-FedAvg with adaptive clipping (Andrew et al. 2021) in numpy float32; only the Gaussian
   draws come from ``jax.random`` (threefry), from the key derivation docs/dp.md states."""
   h, params, clip = DP_FEDAVG, state["params"], F32(state["clip"]["clip_norm"])
-  deltas = _batch_deltas(params, data, h["local_lr"])
-  n, names = data["x"].shape[0], sorted(params)  # leaf order: sorted dict keys
+  deltas = _local_deltas(params, data, h["local_lr"])
+  n, names = len(data.count), sorted(params)  # leaf order: sorted dict keys
   norms = np.sqrt(sum(np.sum(np.square(deltas[k]).reshape(n, -1), axis=1, dtype=F32)
                       for k in names)).astype(F32)
   scale = np.minimum(F32(1), clip / np.maximum(norms, F32(1e-12)))
