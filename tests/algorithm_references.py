@@ -100,24 +100,22 @@ def ref_diloco_init() -> dict:
   return {"params": params, "momentum": {k: np.zeros_like(v) for k, v in params.items()}}
 
 
-def ref_diloco_round(state: dict, data: dict, nesterov: bool = True) -> tuple[dict, dict]:
-  """Inner: AdamW from a fresh state over the client's batches. Outer: ``g`` the mean of
-  ``theta - theta_i``, ``m <- mu m + g``, ``theta <- theta - lr (g + mu m)``."""
+def ref_diloco_round(state: dict, data, nesterov: bool = True) -> tuple[dict, dict]:
+  """Inner: AdamW from a fresh state over the client's own batches (numpy gradients, optax's
+  AdamW update). Outer: ``g`` the mean of ``theta - theta_i``, ``m <- mu m + g``,
+  ``theta <- theta - lr (g + mu m)``."""
   h, params = DILOCO, {k: np.asarray(v) for k, v in state["params"].items()}
   inner = optax.adamw(h["inner_lr"], weight_decay=h["weight_decay"])
-
-  @jax.jit
-  def inner_step(p, opt_state, batch):
-    value, g = jax.value_and_grad(_mlp.loss)(p, batch)
-    updates, opt_state = inner.update(g, opt_state, p)
-    return optax.apply_updates(p, updates), opt_state, value
+  update = jax.jit(inner.update)  # shapes of the params only: one compile
 
   pseudo, losses = [], []
-  for i in range(len(data["x"])):
-    p, opt_state = dict(params), inner.init(params)
-    for batch in _digit_batches(data, i):
-      p, opt_state, value = inner_step(p, opt_state, batch)
-    pseudo.append({k: params[k] - np.asarray(p[k]) for k in params})
+  for i in range(len(data.count)):
+    p, opt_state, value = dict(params), inner.init(params), F32(0)
+    for batch in digit_batches(data, i):
+      value, g = mlp_value_and_grad(p, batch)
+      updates, opt_state = update(g, opt_state, p)
+      p = {k: np.asarray(v) for k, v in optax.apply_updates(p, updates).items()}
+    pseudo.append({k: params[k] - p[k] for k in params})
     losses.append(value)  # the loss of the last inner step's batch, before that step
   g = {k: _mean([c[k] for c in pseudo]) for k in params}
   mu, lr = F32(h["momentum"]), F32(h["outer_lr"])
