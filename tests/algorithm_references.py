@@ -24,17 +24,7 @@ BTM = {"branches": 2, "lr": 0.5}
 PAPA = {"members": 3, "lr": 0.5, "every": 2, "pull": 0.5}
 CHAR_LM_LR = 0.3
 
-_mlp_grad = jax.jit(jax.value_and_grad(_mlp.loss))
-_mlp_loss = jax.jit(_mlp.loss)
 _lm_grad = jax.jit(jax.value_and_grad(_transformer.loss))
-
-
-def _sgd(params: dict, batches, lr: float, grad) -> dict:
-  """Plain SGD, one step per batch, as a Python loop."""
-  for batch in batches:
-    _, g = grad(params, batch)
-    params = {k: np.asarray(params[k]) - F32(lr) * np.asarray(g[k]) for k in params}
-  return params
 
 
 def mlp_value_and_grad(params: dict, batch: dict) -> tuple[np.float32, dict]:
@@ -66,10 +56,6 @@ def own_batches(examples: dict, batch_size: int) -> list[dict]:
   """A client's examples in order, cut into batches of ``batch_size`` (the last one shorter)."""
   m = len(next(iter(examples.values())))
   return [{k: v[s:s + batch_size] for k, v in examples.items()} for s in range(0, m, batch_size)]
-
-
-def _digit_batches(data: dict, i: int) -> list[dict]:  # equal-shaped client data (not yet converted)
-  return [{"x": x, "y": y} for x, y in zip(data["x"][i], data["y"][i])]
 
 
 def digit_batches(data, i: int) -> list[dict]:
@@ -127,25 +113,25 @@ def ref_diloco_round(state: dict, data, nesterov: bool = True) -> tuple[dict, di
 
 # -- groups of models: branch-train-merge and PAPA -------------------------------------------------
 def ref_group_training(models: dict, data: dict, lr: float):
-  """Each stacked model FedAvg'd (weights n_i) over the clients whose one-hot ``data["group"]``
-  row picks it; also the examples per group and the clients' mean last-batch loss after training."""
-  groups = np.asarray(data["group"])
+  """Each stacked model FedAvg'd (weights n_i, the clients' real counts) over the clients whose
+  one-hot ``data["group"]`` row picks it, each client one epoch of SGD over its own batches; also
+  the examples per group and the clients' training loss per example."""
+  groups, digits = np.asarray(data["group"]), data["digits"]
   models = {k: np.asarray(v) for k, v in models.items()}
   sums = {k: np.zeros_like(v) for k, v in models.items()}
   examples, losses = np.zeros(groups.shape[1], F32), []
-  for i in range(len(data["x"])):
+  counts = np.asarray(digits.count).astype(F32)
+  for i in range(len(counts)):
     k = int(np.argmax(groups[i]))
     start = {name: v[k] for name, v in models.items()}
-    batches = _digit_batches(data, i)
-    trained = _sgd(start, batches, lr, _mlp_grad)
-    n = F32(data["num_examples"][i])
+    trained, loss = local_sgd(start, digit_batches(digits, i), lr)
     for name in sums:
-      sums[name][k] += n * (trained[name] - start[name])
-    examples[k] += n
-    losses.append(_mlp_loss(trained, batches[-1]))
+      sums[name][k] += counts[i] * (trained[name] - start[name])
+    examples[k] += counts[i]
+    losses.append(loss)
   new = {name: v + sums[name] / examples.reshape((-1,) + (1,) * (v.ndim - 1))
          for name, v in models.items()}
-  return new, examples, _mean(losses)
+  return new, examples, F32(np.sum(counts * np.stack(losses), dtype=F32) / np.sum(counts, dtype=F32))
 
 
 def ref_btm_init() -> dict:
