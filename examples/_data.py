@@ -113,36 +113,3 @@ def example_clients(clients: int = EXAMPLE_CLIENTS, *, batch_size: int, alpha: f
   parts = partition(train_y, clients, alpha=alpha, seed=seed)
   return client_examples(train_x, train_y, parts, batch_size=batch_size, length=length, seed=seed)
 
-
-# -- equal shapes, for the examples not converted to real partitions yet ----------------------------
-def client_batches(x: np.ndarray, y: np.ndarray, parts: list[np.ndarray], *, batches: int,
-                   batch_size: int, seed: int = 0) -> dict[str, np.ndarray]:
-  """Equal-shaped client data: ``x`` [n, batches, batch_size, ...], ``y`` [n, batches, batch_size]
-  and ``num_examples`` [n] float32 (each client's real count ``len(parts[i])``).
-
-  Client i's ``batches * batch_size`` examples come from ``parts[i]`` only: a seeded subset when it
-  has enough, else its shuffled examples repeated cyclically (see the module docstring).
-  """
-  rng = np.random.default_rng(seed)
-  need = batches * batch_size
-  picks = []
-  for part in parts:
-    if len(part) == 0:
-      raise ValueError("a client has no examples; partition() never returns one")
-    if len(part) >= need:
-      picks.append(rng.choice(part, size=need, replace=False))
-    else:
-      picks.append(np.resize(rng.permutation(part), need))  # np.resize repeats cyclically
-  idx = np.stack(picks).reshape(len(parts), batches, batch_size)
-  return {"x": np.asarray(x)[idx], "y": np.asarray(y)[idx],
-          "num_examples": np.asarray([len(p) for p in parts], dtype=np.float32)}
-
-
-def digits_clients(clients: int, *, batches: int, batch_size: int, alpha: float = 0.5,
-                   seed: int = 0) -> tuple[dict[str, np.ndarray], tuple[np.ndarray, np.ndarray]]:
-  """Digits over ``clients`` (Dirichlet(alpha) label skew) as ``(client_data, (test_x, test_y))``,
-  ``client_data`` as ``client_batches`` returns it; one ``seed`` for split, partition and draw."""
-  train_x, train_y, test_x, test_y = load_digits_split(seed)
-  parts = partition(train_y, clients, alpha=alpha, seed=seed)
-  data = client_batches(train_x, train_y, parts, batches=batches, batch_size=batch_size, seed=seed)
-  return data, (test_x, test_y)

@@ -87,18 +87,6 @@ def sgd_epoch(params: dict, data: fb.Ragged, lr: float) -> tuple[dict, jax.Array
   return trained, total / jnp.maximum(data.count.astype(jnp.float32), 1.0)
 
 
-def sgd_batches(params: dict, data: dict, lr: float) -> dict:
-  """One pass of SGD over a client's mini-batches (``lax.scan`` over the batch axis):
-  ``params <- params - lr * grad loss(params, batch)`` for each batch in turn."""
-
-  def step(p, batch):
-    g = jax.grad(loss)(p, batch)
-    return jax.tree.map(lambda w, gw: w - lr * gw, p, g), None
-
-  params, _ = jax.lax.scan(step, params, data)
-  return params
-
-
 @jax.jit
 def evaluate(params: dict, x: jax.Array, y: jax.Array) -> dict:
   """Held-out loss and accuracy (fraction of argmax predictions equal to the label)."""
@@ -138,30 +126,3 @@ def simulate(process: Any, *, rounds: int, clients: int, batch_size: int,
           f" ({len(test_y)} test digits)")
   return history
 
-
-def simulate_batches(process: Any, *, rounds: int, clients: int, batches: int, batch_size: int,
-             params_of: Callable[[Any], dict] = lambda state: state, alpha: float = 0.5,
-             seed: int = 0, log: Callable[[str], None] | None = print) -> list[dict]:
-  """Run ``process`` (an ``fb.IterativeProcess`` whose ``next(state, data)`` takes the client data
-  of ``_data.client_batches``) natively for ``rounds`` rounds on digits split over ``clients``.
-
-  The partition is fixed; each round every client draws a fresh ``batches x batch_size`` from its
-  own examples (seed ``seed * 1000 + round``). Returns, per round and starting with round 0 (the
-  initial model), the held-out loss and accuracy of ``params_of(state)``; logs them when ``log``.
-  """
-  train_x, train_y, test_x, test_y = _data.load_digits_split(seed)
-  parts = _data.partition(train_y, clients, alpha=alpha, seed=seed)
-  state = process.initialize()
-  history = []
-  for r in range(rounds + 1):
-    if r:
-      data = _data.client_batches(train_x, train_y, parts, batches=batches,
-                                  batch_size=batch_size, seed=seed * 1000 + r)
-      out = process.next(state, data)
-      state = out[0] if isinstance(out, tuple) else out
-    metrics = {k: float(v) for k, v in evaluate(params_of(state), test_x, test_y).items()}
-    history.append({"round": r, **metrics})
-    if log:
-      log(f"round {r:2d}: held-out loss {metrics['loss']:.4f}, accuracy {metrics['accuracy']:.3f}"
-          f" ({len(test_y)} test digits)")
-  return history

@@ -1,9 +1,11 @@
 """DiLoCo, branch-train-merge, PAPA and the char-LM FedAvg written without faxbridge: a Python
-loop over clients, a Python loop over each client's batches, the aggregations as explicit numpy
-sums over clients, and the server steps written out by hand (DiLoCo's Nesterov step in numpy,
-not optax). Only the plain-JAX models are shared (``_mlp.loss``, ``_transformer.loss``; the
-transformer itself is checked against numpy in ``test_examples_algorithms.py``) and optax's
-AdamW for DiLoCo's inner steps.
+loop over clients, a Python loop over each client's own batches (its real examples only, read as
+``examples[i, :count[i]]`` and cut by slicing, the last batch shorter: the padding of an
+``fb.Ragged`` never enters), the aggregations as explicit numpy sums over clients, and the server
+steps written out by hand (DiLoCo's Nesterov step in numpy, not optax). The digits MLP's loss and
+gradient are numpy too (``mlp_value_and_grad``, the backward pass written out); only the
+transformer's ``_transformer.loss`` is shared (itself checked against numpy in
+``test_examples_algorithms.py``), and optax's AdamW update for DiLoCo's inner steps.
 
 Each ``ref_*_round(state, *client_args)`` returns ``(new_state, metrics)`` with the example's
 pytree structure; each ``ref_*_init()`` the initial state. Hyperparameters are restated here, not

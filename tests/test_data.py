@@ -1,4 +1,5 @@
-"""examples/_data.py: the digits split, the Dirichlet label-skew partition and the client arrays."""
+"""examples/_data.py: the digits split, the Dirichlet label-skew partition and each client's own
+examples (an fb.Ragged: every example once, no repetition or subsample)."""
 
 from __future__ import annotations
 
@@ -53,31 +54,6 @@ def test_skew_grows_as_alpha_falls(split):
            for a in (100.0, 1.0, 0.1)]
   assert skews[0] < 0.1 < skews[1] < skews[2], skews  # near IID at alpha=100, far from it at 0.1
   assert skews[2] > 0.5, skews
-
-
-def test_client_batches_shapes_counts_and_own_examples(split):
-  train_x, train_y = split[0], split[1]
-  parts = _data.partition(train_y, 6, alpha=0.3, seed=0)
-  data = _data.client_batches(train_x, train_y, parts, batches=3, batch_size=40, seed=1)
-  assert data["x"].shape == (6, 3, 40, 64) and data["y"].shape == (6, 3, 40)
-  assert data["x"].dtype == np.float32 and data["y"].dtype == np.int32
-  assert data["num_examples"].dtype == np.float32
-  np.testing.assert_array_equal(data["num_examples"], [len(p) for p in parts])
-  for i, part in enumerate(parts):
-    # Every drawn example is one of the client's own (row and label), none from another client.
-    own = {(train_x[j].tobytes(), int(train_y[j])) for j in part}
-    drawn = list(zip(data["x"][i].reshape(-1, 64), data["y"][i].reshape(-1)))
-    assert all((r.tobytes(), int(lab)) in own for r, lab in drawn)
-    # Digits has no duplicate rows, so distinct rows count distinct examples: no repetition when
-    # the client has enough, all of its examples (repeated) when it has fewer than 120.
-    assert len({r.tobytes() for r, _ in drawn}) == min(len(part), 120)
-
-
-def test_digits_clients_matches_its_parts(split):
-  data, (_, test_y) = _data.digits_clients(4, batches=2, batch_size=8, alpha=0.5, seed=0)
-  np.testing.assert_array_equal(test_y, split[3])
-  assert data["x"].shape == (4, 2, 8, 64)
-  assert data["num_examples"].sum() == len(split[1])
 
 
 def test_client_examples_are_each_clients_own_examples_once(split):

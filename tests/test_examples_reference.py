@@ -7,9 +7,10 @@ as explicit numpy reductions over the clients axis (sum keeps the dtype, mean = 
 weighted_mean = sum(w * x) / sum(w), max / min over clients, secure_sum an integer sum), and an
 iterative process as a Python loop feeding its state back. A client with its own number of examples
 (an ``fb.Ragged`` input) is a loop over its real examples only, read as ``examples[i, :count[i]]``
-and cut into batches by slicing (the last one shorter): the reference never sees the padding. Only
-the plain-JAX model helpers of ``examples/_mlp.py`` are shared (the loss and the initial
-parameters); nothing here calls ``fb.*`` or an example's ``fb.computation``.
+and cut into batches by slicing (the last one shorter): the reference never sees the padding. The
+digits MLP's loss and gradient are numpy (``algorithm_references.mlp_value_and_grad``); only the
+initial parameters of ``examples/_mlp.py`` are shared; nothing here calls ``fb.*`` or an example's
+``fb.computation``.
 
 The runtime's outputs must equal the reference elementwise within ``1e-6 + 1e-5 * |reference|``
 for floats, exactly for integers, with the reference's dtype and shape. In the slow suite the same
@@ -19,7 +20,8 @@ on each runtime serves both checks. The quick suite runs two programs on runtime
 (``faxbridge._src.verify.run_on_runtime``: a fresh process each); the slow suite runs every program
 on TFF (all in one runner process), IREE, LiteRT and jax (all in one fresh process, jax_batch.py).
 A negative check shows that a reference with a slightly wrong learning rate, or shifted by one
-round, is caught.
+round, is caught. The same references check every example's native run, no export needed
+(``test_native_run_matches_the_reference``; FedAvg and the two computations in the quick suite).
 """
 
 from __future__ import annotations
@@ -176,15 +178,16 @@ def ref_fedyogi_init() -> dict:
 
 
 def ref_analytics(levels, values) -> dict:
-  """Per client: mean, bin counts, max, min; the server: mean of means, the summed counts, the max
-  of maxima, the min of minima, and each quantile found by walking the cumulative counts to the
-  bin where q N falls."""
-  values = np.asarray(values)
+  """Per client, over its own values only: mean, bin counts, max, min; the server: the mean of
+  means weighted by the counts, the summed counts, the max of maxima, the min of minima, and each
+  quantile found by walking the cumulative counts to the bin where q N falls."""
+  own = [np.asarray(v) for v in (np.asarray(values.examples)[i, :m]
+                                 for i, m in enumerate(np.asarray(values.count)))]
   lo, hi, bins = ANALYTICS["lo"], ANALYTICS["hi"], ANALYTICS["bins"]
   width = F32((hi - lo) / bins)
-  means = np.stack([np.mean(v, dtype=F32) for v in values])
+  means = np.stack([np.sum(v, dtype=F32) / F32(max(len(v), 1)) for v in own]).astype(F32)
   counts = []
-  for v in values:
+  for v in own:
     index = np.clip(np.floor((v - F32(lo)) * F32(bins / (hi - lo))), 0, bins - 1).astype(int)
     counts.append(np.bincount(index, minlength=bins).astype(np.int32))
   histogram = agg_sum(np.stack(counts))  # secure_sum: an exact integer sum
@@ -197,8 +200,9 @@ def ref_analytics(levels, values) -> dict:
       k += 1
     inside = 0.0 if histogram[k] == 0 else min(max((target - below) / histogram[k], 0.0), 1.0)
     quantiles.append(lo + (k + inside) * float(width))
-  return {"histogram": histogram, "max": np.max(np.stack([v.max() for v in values]), axis=0),
-          "mean": agg_mean(means), "min": np.min(np.stack([v.min() for v in values]), axis=0),
+  return {"histogram": histogram, "max": np.max(np.stack([v.max() for v in own]), axis=0),
+          "mean": agg_weighted_mean(means, np.asarray(values.count)),
+          "min": np.min(np.stack([v.min() for v in own]), axis=0),
           "quantiles": np.asarray(quantiles, F32)}
 
 
