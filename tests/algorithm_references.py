@@ -166,6 +166,17 @@ def ref_papa_round(state: dict, data: dict) -> tuple[dict, dict]:
 
 
 # -- char LM ---------------------------------------------------------------------------------------
+def _lm_value_and_grad(p: dict, windows: np.ndarray, batch_size: int) -> tuple:
+  """The mean loss of ``windows`` and its gradient; a shorter (last) batch as the mean of its
+  windows' own values and gradients, so that only two shapes are ever compiled."""
+  if len(windows) == batch_size:
+    return _lm_grad(p, windows)
+  each = [_lm_grad(p, w[None]) for w in windows]
+  n = F32(len(windows))
+  value = F32(np.sum([F32(v) for v, _ in each], dtype=F32) / n)
+  return value, {k: np.sum([np.asarray(g[k]) for _, g in each], axis=0, dtype=F32) / n for k in p}
+
+
 def ref_char_lm_round(params: dict, data, lr: float = CHAR_LM_LR) -> tuple[dict, dict]:
   """FedAvg: one epoch of SGD over each client's own batches of windows (its real windows only,
   the last batch shorter), the deltas and training losses averaged with the clients' real window
@@ -177,7 +188,7 @@ def ref_char_lm_round(params: dict, data, lr: float = CHAR_LM_LR) -> tuple[dict,
   for i, own in enumerate(own_examples(data)):
     p, loss_sum = dict(params), F32(0)
     for batch in own_batches(own, data.batch_size):
-      value, g = _lm_grad(p, batch["tokens"])
+      value, g = _lm_value_and_grad(p, batch["tokens"], data.batch_size)
       p = {k: p[k] - F32(lr) * np.asarray(g[k]) for k in p}
       loss_sum = F32(loss_sum + F32(value) * F32(len(batch["tokens"])))
     for k in params:
