@@ -41,7 +41,9 @@ import pytest
 from jax_batch import run_on_jax
 from run_shared import made_once
 
+import faxbridge as fb
 from examples import EXAMPLES, _mlp, _transformer
+from faxbridge._src.export import check_padding_unread, split_program
 from faxbridge._src.verify import compare_all, native_outputs, run_on_runtime
 from faxbridge.converters.runtimes import jax_runner
 
@@ -525,6 +527,29 @@ def test_native_run_matches_the_reference(name, kind):
     assert jax.tree.structure(ref) == jax.tree.structure(out), prefix
     bad = mismatches(compare(_keyed(ref), _keyed(out)))
     assert not bad, f"{name} {kind} {prefix or 'computation'}: {bad}"
+
+
+# Every example but two_stage (values per client, no examples to loop over) holds real partitions.
+EQUAL_SHAPES = {"two_stage"}
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_examples_hold_real_partitions_read_only_through_fold(name):
+  """Each example's client data is ragged (an ``fb.Ragged`` input whose counts differ) and its client
+  work reads the examples only through ``fb.fold``: the check an export makes
+  (``check_padding_unread``), so the exporters of ragged programs can take every example."""
+  module = importlib.import_module(f"examples.{name}")
+  args = example_args(name)
+  ragged = [leaf for leaf in jax.tree.leaves(args, is_leaf=lambda x: isinstance(x, fb.Ragged))
+            if isinstance(leaf, fb.Ragged)]
+  assert bool(ragged) == (name not in EQUAL_SHAPES), name
+  for data in ragged:
+    assert len(set(np.asarray(data.count).tolist())) > 1, name  # sizes differ
+  for program, program_args in ((module.computation, args),
+                                *(((module.process, args[1:]),) if hasattr(module, "process") else ())):
+    split = split_program(program, program_args)
+    assert any(form.ragged_inputs for form in split.forms.values()) == bool(ragged), name
+    check_padding_unread(split)
 
 
 def test_native_fedavg_is_told_apart_from_wrong_references():
