@@ -9,26 +9,33 @@ The API, smallest first:
 - ``load_digits_split(seed)``: a seeded held-out split, ``(train_x, train_y, test_x, test_y)``.
 - ``partition(labels, clients, alpha=, seed=)``: a seeded Dirichlet label-skew partition (non-IID)
   of example indices over clients; disjoint, covering every index, no client empty.
-- ``client_batches(x, y, parts, batches=, batch_size=, seed=)``: equal-shaped client arrays with a
-  leading clients axis (a CLIENTS pytree), plus each client's real example count for weighting.
-- ``digits_clients(clients, batches=, batch_size=, alpha=, seed=)``: the three above in one call.
+- ``client_examples(x, y, parts, batch_size=, length=, seed=)``: each client's own examples, all of
+  them and each once, as an ``fb.Ragged`` (a CLIENTS input; ``count`` = the client's examples).
+- ``example_clients(clients, batch_size=, alpha=, length=, seed=)``: the three above in one call
+  (the exported examples' inputs).
 
-Equal shapes: every client's data is ``batches x batch_size`` examples drawn from its own examples
-only. A client with at least that many takes a seeded random subset (without replacement); a
-smaller one repeats its shuffled examples cyclically. No padding and no mask, so the model's loss
-needs no change; ``num_examples`` keeps the client's real count (float32), the FedAvg weight n_k.
-Drawing again with another ``seed`` (say, the round number) shows clients other examples.
+Real partitions: client ``i`` holds exactly the examples ``parts[i]`` (no repetition, no
+subsample), so clients hold from a handful to hundreds of examples. ``fb.ragged`` pads them to one
+length ``L`` and keeps each count; a client's loop (``fb.fold``) runs over its own
+``ceil(count / batch_size)`` batches, with the mask of the real examples of its last one, and the
+count is the FedAvg weight n_k. Drawing again with another ``seed`` (say, the round number) shows a
+client its examples in another order.
 
-Other datasets (e.g. a text corpus for ``char_lm``) may be added below as further sections.
+``EXAMPLE_*``: the sizes of the exported examples' inputs (``example_inputs()``): 8 clients at
+``alpha = 0.05`` (split seed 0) hold 1, 3, 22, 57, 156, 251, 386 and 562 examples, padded to
+``EXAMPLE_LENGTH = 576`` (36 batches of 16, 72 of 8).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+import faxbridge as fb
+
 # -- digits ----------------------------------------------------------------------------------------
 FEATURES, CLASSES = 64, 10
 TEST_FRACTION = 0.2
+EXAMPLE_CLIENTS, EXAMPLE_ALPHA, EXAMPLE_LENGTH = 8, 0.05, 576
 
 
 def load_digits_split(seed: int = 0, test_fraction: float = TEST_FRACTION) -> tuple[np.ndarray, ...]:
@@ -77,34 +84,32 @@ def partition(labels: np.ndarray, clients: int, *, alpha: float = 0.5,
   return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
 
 
-def client_batches(x: np.ndarray, y: np.ndarray, parts: list[np.ndarray], *, batches: int,
-                   batch_size: int, seed: int = 0) -> dict[str, np.ndarray]:
-  """Equal-shaped client data: ``x`` [n, batches, batch_size, ...], ``y`` [n, batches, batch_size]
-  and ``num_examples`` [n] float32 (each client's real count ``len(parts[i])``).
+def client_examples(x: np.ndarray, y: np.ndarray, parts: list[np.ndarray], *,
+                    batch_size: int, length: int | None = None, seed: int = 0) -> fb.Ragged:
+  """Each client's own examples as an ``fb.Ragged`` (examples ``{"x": [n, L, 64], "y": [n, L]}``,
+  ``count`` int32 [n] = ``len(parts[i])``, batches of ``batch_size``).
 
-  Client i's ``batches * batch_size`` examples come from ``parts[i]`` only: a seeded subset when it
-  has enough, else its shuffled examples repeated cyclically (see the module docstring).
+  Client i's real rows are ``x[parts[i]]`` and ``y[parts[i]]``, every one once, in a seeded random
+  order (the order its SGD sees them in). ``L`` is ``length`` (rounded up to whole batches), or the
+  largest client's count where that is more (or ``length`` is None).
   """
   rng = np.random.default_rng(seed)
-  need = batches * batch_size
-  picks = []
+  x, y = np.asarray(x), np.asarray(y)
+  own = []
   for part in parts:
-    if len(part) == 0:
-      raise ValueError("a client has no examples; partition() never returns one")
-    if len(part) >= need:
-      picks.append(rng.choice(part, size=need, replace=False))
-    else:
-      picks.append(np.resize(rng.permutation(part), need))  # np.resize repeats cyclically
-  idx = np.stack(picks).reshape(len(parts), batches, batch_size)
-  return {"x": np.asarray(x)[idx], "y": np.asarray(y)[idx],
-          "num_examples": np.asarray([len(p) for p in parts], dtype=np.float32)}
+    order = rng.permutation(np.asarray(part))
+    own.append({"x": x[order], "y": y[order]})
+  largest = max(len(p) for p in parts)
+  return fb.ragged(own, batch_size=batch_size,
+                   max_length=None if length is None else max(length, largest))
 
 
-def digits_clients(clients: int, *, batches: int, batch_size: int, alpha: float = 0.5,
-                   seed: int = 0) -> tuple[dict[str, np.ndarray], tuple[np.ndarray, np.ndarray]]:
-  """Digits over ``clients`` (Dirichlet(alpha) label skew) as ``(client_data, (test_x, test_y))``,
-  ``client_data`` as ``client_batches`` returns it; one ``seed`` for split, partition and draw."""
-  train_x, train_y, test_x, test_y = load_digits_split(seed)
+def example_clients(clients: int = EXAMPLE_CLIENTS, *, batch_size: int, alpha: float = EXAMPLE_ALPHA,
+                    length: int | None = EXAMPLE_LENGTH, seed: int = 0) -> fb.Ragged:
+  """The exported examples' client data: the digits train split (seed ``seed``) over ``clients``
+  at ``alpha``, in batches of ``batch_size``, padded to ``length`` (to the largest client where
+  another number of clients gives a larger one)."""
+  train_x, train_y, _, _ = load_digits_split(seed)
   parts = partition(train_y, clients, alpha=alpha, seed=seed)
-  data = client_batches(train_x, train_y, parts, batches=batches, batch_size=batch_size, seed=seed)
-  return data, (test_x, test_y)
+  return client_examples(train_x, train_y, parts, batch_size=batch_size, length=length, seed=seed)
+

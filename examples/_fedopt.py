@@ -1,6 +1,7 @@
-"""FedOpt (Reddi et al., 2021), shared by ``fedadam`` and ``fedyogi``: clients run local SGD from
-the server model and upload their model deltas; the server averages them (weighted by each client's
-number of examples n_k, as FedAvg does) and feeds the negated mean delta to a server optimizer as
+"""FedOpt (Reddi et al., 2021), shared by ``fedadam`` and ``fedyogi``: clients run one epoch of local
+SGD over their own examples (``_mlp.sgd_epoch``: an ``fb.fold`` over the client's batches) from the
+server model and upload their model deltas; the server averages them (weighted by each client's
+real number of examples n_k, as FedAvg does) and feeds the negated mean delta to a server optimizer as
 its gradient (the pseudo-gradient):
 
     g_t = -sum_k n_k (w_k - w_t) / sum_k n_k
@@ -47,16 +48,16 @@ def from_plain(template: Any, plain: Any) -> Any:
 def fedopt_process(server_opt: optax.GradientTransformation, local_lr: float,
                    name: str) -> fb.IterativeProcess:
   """The FedOpt ``IterativeProcess`` with ``server_opt`` on the server and SGD(``local_lr``) on
-  the clients; ``next(state, data)`` returns ``(state, {"update_norm": |g_t|})``, ``data`` per
-  client as ``_data.client_batches`` gives it (``x``, ``y``, ``num_examples``)."""
+  the clients; ``next(state, data)`` returns ``(state, {"update_norm": |g_t|})``, ``data`` the
+  clients' own examples as ``_data.client_examples`` gives them (an ``fb.Ragged``)."""
 
   def client_update(params, data):
-    trained = _mlp.sgd_epoch(params, {"x": data["x"], "y": data["y"]}, local_lr)
-    return jax.tree.map(lambda new, old: new - old, trained, params), data["num_examples"]
+    trained, _ = _mlp.sgd_epoch(params, data, local_lr)
+    return jax.tree.map(lambda new, old: new - old, trained, params)
 
   def next_round(state, data):
-    updates, weights = fb.map(client_update, fb.broadcast(state["params"]), data)
-    pseudo_grad = jax.tree.map(jnp.negative, fb.weighted_mean(updates, weights))
+    updates = fb.map(client_update, fb.broadcast(state["params"]), data)
+    pseudo_grad = jax.tree.map(jnp.negative, fb.weighted_mean(updates, data.count))
     opt_state = from_plain(server_opt.init(state["params"]), state["opt"])  # types only
     step, opt_state = server_opt.update(pseudo_grad, opt_state, state["params"])
     params = optax.apply_updates(state["params"], step)
@@ -73,15 +74,16 @@ def fedopt_process(server_opt: optax.GradientTransformation, local_lr: float,
                              fb.computation(next_round, in_placements=(fb.SERVER, fb.CLIENTS)))
 
 
-def example_inputs(process: fb.IterativeProcess, clients: int, *, batches: int,
-                   batch_size: int) -> tuple[Any, dict]:
-  """The initial server state and one round of digits client data (Dirichlet(0.5) label skew)."""
-  data, _ = _data.digits_clients(clients, batches=batches, batch_size=batch_size)
-  return process.initialize(), data
+def example_inputs(process: fb.IterativeProcess, clients: int, *,
+                   batch_size: int) -> tuple[Any, fb.Ragged]:
+  """The initial server state and one round of digits client data: ``_data.example_clients``
+  (8 clients holding 1 to 562 examples, padded to 576)."""
+  return process.initialize(), _data.example_clients(clients, batch_size=batch_size)
 
 
-def train(process: fb.IterativeProcess, *, rounds: int, clients: int, log) -> list[dict]:
-  """Train natively from ``initialize`` on digits (8 batches of 16 per client and round, more local
-  steps than the export's example inputs) and report the held-out loss and accuracy per round."""
-  return _mlp.simulate(process, rounds=rounds, clients=clients, batches=8, batch_size=16,
+def train(process: fb.IterativeProcess, *, rounds: int, clients: int, batch_size: int,
+          log) -> list[dict]:
+  """Train natively from ``initialize`` on digits (Dirichlet(0.5): every client one epoch over its
+  own examples per round) and report the held-out loss and accuracy per round."""
+  return _mlp.simulate(process, rounds=rounds, clients=clients, batch_size=batch_size,
                        params_of=lambda state: state["params"], log=log)

@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import faxbridge as fb
+
 from ._text import VOCAB
 
 D_MODEL, HEADS, CONTEXT, D_MLP = 32, 2, 32, 64
@@ -63,19 +65,37 @@ def logits(p: dict, tokens: jax.Array) -> jax.Array:
   return layer_norm(x, p["lnf_scale"], p["lnf_bias"]) @ p["unembed"] + p["unembed_bias"]
 
 
-def loss(p: dict, windows: jax.Array) -> jax.Array:
-  """Mean next-character cross-entropy (nats) of windows int32 [B, CONTEXT + 1]: the first
-  ``CONTEXT`` characters predict the last ``CONTEXT``."""
+def window_losses(p: dict, windows: jax.Array) -> jax.Array:
+  """Mean next-character cross-entropy (nats) of each window [B] of windows int32
+  [B, CONTEXT + 1]: the first ``CONTEXT`` characters predict the last ``CONTEXT``."""
   inputs, targets = windows[:, :-1], windows[:, 1:]
   log_probs = jax.nn.log_softmax(logits(p, inputs))
-  return -jnp.mean(jnp.sum(log_probs * jax.nn.one_hot(targets, VOCAB, dtype=jnp.float32), -1))
+  return -jnp.mean(jnp.sum(log_probs * jax.nn.one_hot(targets, VOCAB, dtype=jnp.float32), -1), -1)
 
 
-def sgd_epoch(p: dict, batches: jax.Array, lr: float) -> dict:
-  """One pass of SGD over a client's batches [batches, B, CONTEXT + 1] (``lax.scan``)."""
+def loss(p: dict, windows: jax.Array) -> jax.Array:
+  """Mean next-character cross-entropy (nats) over windows int32 [B, CONTEXT + 1]."""
+  return jnp.mean(window_losses(p, windows))
 
-  def step(p, batch):
-    g = jax.grad(loss)(p, batch)
-    return jax.tree.map(lambda w, gw: w - lr * gw, p, g), None
 
-  return jax.lax.scan(step, p, batches)[0]
+def masked_loss(p: dict, windows: jax.Array, mask: jax.Array) -> jax.Array:
+  """``loss`` over the real windows of a batch (``mask`` bool [B]):
+  ``sum(mask * loss_j) / max(sum(mask), 1)``."""
+  real = mask.astype(jnp.float32)
+  return jnp.sum(real * window_losses(p, windows)) / jnp.maximum(jnp.sum(real), 1.0)
+
+
+def sgd_epoch(p: dict, data: fb.Ragged, lr: float) -> tuple[dict, jax.Array]:
+  """One pass of SGD over a client's own batches of windows (inside ``fb.map``; ``data`` its
+  ``fb.Ragged`` of ``{"tokens": [L, CONTEXT + 1]}``), as ``fb.fold``. Returns the trained params
+  and the epoch's training loss: the mean over the client's windows of each one's loss before
+  its batch's step (0 for a client with none)."""
+
+  def step(carry, batch, mask):
+    p, total = carry
+    value, g = jax.value_and_grad(masked_loss)(p, batch["tokens"], mask)
+    p = jax.tree.map(lambda w, gw: w - lr * gw, p, g)
+    return p, total + value * jnp.sum(mask.astype(jnp.float32))
+
+  trained, total = fb.fold(step, (p, jnp.zeros((), jnp.float32)), data)
+  return trained, total / jnp.maximum(data.count.astype(jnp.float32), 1.0)

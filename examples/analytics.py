@@ -1,13 +1,13 @@
 """Federated analytics on digits: how much ink the clients' handwritten digits carry.
 
-Each client holds the ink of some of its digits (an image's mean pixel intensity, in [0, 1]). In one
-round, without any client revealing a value:
+Each client holds the ink of all of its digits (an image's mean pixel intensity, in [0, 1]): its real
+Dirichlet label-skew share, from a handful of digits to hundreds (an ``fb.Ragged``; a client reads
+its own values in batches with ``fb.fold``). In one round, without any client revealing a value:
 
-- mean: ``fb.mean`` of the clients' means (every client holds the same number of values, so this is
-  the pooled mean);
+- mean: ``fb.weighted_mean`` of the clients' means weighted by their counts (the pooled mean);
 - histogram: per-client counts in ``BINS`` equal bins over ``[LO, HI)`` (values outside go to the
   edge bins), summed with ``fb.secure_sum(bitwidth=16)``: the server learns only the total counts,
-  which stay below 2^16 for up to 65,535 values in all;
+  which stay below 2^16 for up to 65,535 values in all (digits' train split has 1,438);
 - range: ``fb.max`` of the clients' maxima and ``fb.min`` of their minima;
 - quantiles: the server reads the quantiles at ``levels`` off the summed histogram, interpolating
   linearly within a bin (the CDF as a piecewise-linear function), so the estimate is within one bin
@@ -18,6 +18,7 @@ Run ``python -m examples.analytics`` to compare the federated answers with the p
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -25,17 +26,33 @@ import faxbridge as fb
 
 from . import _cli, _data
 
-CLIENTS, VALUES = 8, 32  # clients and ink values per client in example_inputs
+CLIENTS, BATCH_SIZE = 8, 32  # example_inputs: 8 clients holding 1 to 562 values, padded to 576
 BINS, LO, HI = 20, 0.1, 0.5  # the histogram's bins over [LO, HI): 0.02 wide
 BITWIDTH = 16
 LEVELS = (0.1, 0.5, 0.9)
 
 
-def client_stats(values):
-  """One client's mean, bin counts (int32 [BINS]), max and min of its values [n]."""
+def bin_counts(values: jax.Array, mask: jax.Array) -> jax.Array:
+  """int32 [BINS]: how many of the real ``values`` (``mask``) fall in each bin (edges clipped)."""
   bins = jnp.clip(jnp.floor((values - LO) * (BINS / (HI - LO))).astype(jnp.int32), 0, BINS - 1)
-  counts = jnp.sum((bins[:, None] == jnp.arange(BINS, dtype=jnp.int32)).astype(jnp.int32), axis=0)
-  return jnp.mean(values), counts, jnp.max(values), jnp.min(values)
+  hits = (bins[:, None] == jnp.arange(BINS, dtype=jnp.int32)) & mask[:, None]
+  return jnp.sum(hits.astype(jnp.int32), axis=0)
+
+
+def client_stats(values: fb.Ragged):
+  """One client's mean, bin counts (int32 [BINS]), max and min of its own values: one pass over
+  its batches (``fb.fold``). A client with none: mean 0, no counts, max -inf, min inf."""
+
+  def step(carry, batch, mask):
+    total, counts, high, low = carry
+    return (total + jnp.sum(jnp.where(mask, batch, 0.0)), counts + bin_counts(batch, mask),
+            jnp.maximum(high, jnp.max(jnp.where(mask, batch, -jnp.inf))),
+            jnp.minimum(low, jnp.min(jnp.where(mask, batch, jnp.inf))))
+
+  f32 = lambda v: jnp.asarray(v, jnp.float32)
+  init = (f32(0.0), jnp.zeros(BINS, jnp.int32), f32(-jnp.inf), f32(jnp.inf))
+  total, counts, high, low = fb.fold(step, init, values)
+  return total / jnp.maximum(values.count.astype(jnp.float32), 1.0), counts, high, low
 
 
 def histogram_quantiles(counts, levels):
@@ -54,25 +71,31 @@ def histogram_quantiles(counts, levels):
 
 @fb.computation(in_placements=(fb.SERVER, fb.CLIENTS))
 def analytics(levels, values):
-  """``levels`` [Q] at the server, ``values`` [n] per client -> mean, histogram (a secure sum),
-  max, min and the quantile estimates at ``levels``."""
+  """``levels`` [Q] at the server, ``values`` each client's own values (an ``fb.Ragged``) -> mean,
+  histogram (a secure sum), max, min and the quantile estimates at ``levels``."""
   means, counts, highs, lows = fb.map(client_stats, values)
   histogram = fb.secure_sum(counts, bitwidth=BITWIDTH)
-  return {"mean": fb.mean(means), "histogram": histogram, "max": fb.max(highs),
+  return {"mean": fb.weighted_mean(means, values.count), "histogram": histogram, "max": fb.max(highs),
           "min": fb.min(lows), "quantiles": histogram_quantiles(histogram, levels)}
 
 
 computation = analytics
 
 
-def client_ink(clients: int = CLIENTS, values: int = VALUES, seed: int = 0) -> np.ndarray:
-  """[clients, values] float32: the ink of ``values`` digits of each client's (Dirichlet(0.5)
-  label-skewed) share of the digits train split."""
-  data, _ = _data.digits_clients(clients, batches=1, batch_size=values, seed=seed)
-  return data["x"][:, 0].mean(axis=-1)
+def client_ink(clients: int = CLIENTS, seed: int = 0) -> fb.Ragged:
+  """The ink of every digit each client holds (the digits clients of ``_data.example_clients``:
+  Dirichlet label skew, padded to 576), in batches of ``BATCH_SIZE``."""
+  digits = _data.example_clients(clients, batch_size=BATCH_SIZE, seed=seed)
+  return fb.Ragged(digits.examples["x"].mean(axis=-1), digits.count, BATCH_SIZE)
 
 
-def example_inputs(clients: int = CLIENTS) -> tuple[np.ndarray, np.ndarray]:
+def pooled(values: fb.Ragged) -> np.ndarray:
+  """Every client's real values in one array (what the federated answers estimate)."""
+  x, count = np.asarray(values.examples), np.asarray(values.count)
+  return np.concatenate([x[i, :m] for i, m in enumerate(count)])
+
+
+def example_inputs(clients: int = CLIENTS) -> tuple[np.ndarray, fb.Ragged]:
   return np.asarray(LEVELS, np.float32), client_ink(clients)
 
 
@@ -80,11 +103,13 @@ def main(clients: int = 32, log=print) -> dict:
   """The federated answers on ``clients`` clients next to the pooled data's (numpy); returns both."""
   levels, ink = example_inputs(clients)
   result = {k: np.asarray(v) for k, v in analytics(levels, ink).items()}
-  pooled = ink.reshape(-1)
-  exact = {"mean": pooled.mean(), "max": pooled.max(), "min": pooled.min(),
-           "quantiles": np.quantile(pooled, levels)}
+  values = pooled(ink)
+  exact = {"mean": values.mean(), "max": values.max(), "min": values.min(),
+           "quantiles": np.quantile(values, levels)}
   if log:
-    log(f"{clients} clients, {ink.shape[1]} digits each: federated vs pooled data")
+    counts = np.asarray(ink.count)
+    log(f"{clients} clients holding {counts.min()} to {counts.max()} digits ({counts.sum()} in all):"
+        " federated vs pooled data")
     for key in ("mean", "max", "min"):
       log(f"  {key:10s} {float(result[key]):.4f}  {float(exact[key]):.4f}")
     for q, got, want in zip(levels, result["quantiles"], exact["quantiles"]):

@@ -17,7 +17,7 @@ import faxbridge as fb
 
 from . import _cli, _mlp, _population
 
-CLIENTS, BATCHES, BATCH_SIZE = 8, 2, 8  # the exported program's sizes
+CLIENTS, BATCH_SIZE = 8, 8
 BRANCHES = 2
 LOCAL_LR = 0.5
 
@@ -51,8 +51,9 @@ process = fb.IterativeProcess(initialize, branch_train_merge_round)
 
 
 def example_inputs(clients: int = CLIENTS):
-  return init_state(), _population.client_data(clients, BRANCHES, batches=BATCHES,
-                                               batch_size=BATCH_SIZE)
+  """The initial state and ``_population.client_data``: 8 clients holding 1 to 562 digits (padded
+  to 576, batches of 8) with their groups."""
+  return init_state(), _population.client_data(clients, BRANCHES, batch_size=BATCH_SIZE)
 
 
 def _models(state, examples) -> dict:
@@ -62,10 +63,11 @@ def _models(state, examples) -> dict:
 
 
 def main(rounds: int = 8, clients: int = 16, log=print) -> list[dict]:
-  """Train natively on digits (8 batches of 16 per client and round) and report the held-out loss
-  and accuracy of each branch and of the merge (the result) per round."""
-  return _population.simulate(process, BRANCHES, rounds=rounds, clients=clients, batches=8,
-                              batch_size=16, models_of=_models, log=log)
+  """Train natively on digits (every client one epoch over its own examples per round, in
+  batches of 16) and report the held-out loss and accuracy of each branch and of the
+  merge (the result) per round."""
+  return _population.simulate(process, BRANCHES, rounds=rounds, clients=clients, batch_size=16,
+                              models_of=_models, log=log)
 
 
 if __name__ == "__main__":

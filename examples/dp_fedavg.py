@@ -10,6 +10,11 @@ are static) while the accountant assumes Poisson sampling with that rate: the us
 (as in McMahan et al. 2018). At this scale (200 clients) epsilon is large; DP-FedAvg needs many
 clients per round to make the noise small next to the signal.
 
+Clients hold their real partitions (1 to 16 digits each, Dirichlet(1.0)): a client's local epoch
+runs over its own batches (``fb.fold``), so its number of local steps is its own; the clipping
+bounds each client's contribution whatever it did. Every round's sample is padded to the largest
+client's count over all 200 (16, two batches of 8), so every round has one signature.
+
 Run ``python -m examples.dp_fedavg`` for held-out accuracy and epsilon per round.
 
 The PRNG key is server state, split each round: one half for this round's noise, one carried on. An
@@ -33,13 +38,13 @@ CLIPPED_COUNT_STDDEV = CLIENTS_PER_ROUND / 20  # sigma_b, the paper's choice
 TARGET_QUANTILE, CLIP_LEARNING_RATE, INITIAL_CLIP = 0.5, 0.2, 0.5
 DELTA = 1e-3  # < 1 / TOTAL_CLIENTS
 LOCAL_LR, SERVER_LR = 0.5, 1.0
-BATCHES, BATCH_SIZE = 2, 8
+BATCH_SIZE = 8
 SEED = 0
 
 
-def client_update(params: dict, data: dict) -> dict:
-  """Local SGD over the client's batches; the update (trained - initial) is what is clipped."""
-  trained = _mlp.sgd_epoch(params, {"x": data["x"], "y": data["y"]}, LOCAL_LR)
+def client_update(params: dict, data: fb.Ragged) -> dict:
+  """Local SGD over the client's own batches; the update (trained - initial) is what is clipped."""
+  trained, _ = _mlp.sgd_epoch(params, data, LOCAL_LR)
   return jax.tree.map(lambda new, old: new - old, trained, params)
 
 
@@ -83,14 +88,14 @@ def _split():
   return train_x, train_y, parts, (test_x, test_y)
 
 
-def _sample(round_: int, train_x, train_y, parts) -> dict:
-  """This round's clients (a seeded sample of CLIENTS_PER_ROUND, without replacement) and their
-  data, without the example counts (the round is unweighted)."""
+def _sample(round_: int, train_x, train_y, parts) -> fb.Ragged:
+  """This round's clients (a seeded sample of CLIENTS_PER_ROUND, without replacement) with their
+  own examples, padded to the largest client's count of all (one signature for every round). The
+  counts bound each client's loop only: the round does not weight by them."""
   rng = np.random.default_rng(SEED * 1000 + round_)
   chosen = rng.choice(len(parts), size=CLIENTS_PER_ROUND, replace=False)
-  data = _data.client_batches(train_x, train_y, [parts[i] for i in chosen], batches=BATCHES,
-                              batch_size=BATCH_SIZE, seed=SEED * 1000 + round_)
-  return {"x": data["x"], "y": data["y"]}
+  return _data.client_examples(train_x, train_y, [parts[i] for i in chosen], batch_size=BATCH_SIZE,
+                               length=max(len(p) for p in parts), seed=SEED * 1000 + round_)
 
 
 def train(rounds: int = ROUNDS, log=print) -> list[dict]:
@@ -112,6 +117,8 @@ def train(rounds: int = ROUNDS, log=print) -> list[dict]:
 
 
 def example_inputs(clients: int = CLIENTS_PER_ROUND):
+  """The initial state and round 1's sample (its first ``clients``): 50 clients holding 2 to 15
+  digits, padded to 16."""
   train_x, train_y, parts, _ = _split()
   data = _sample(1, train_x, train_y, parts)
   return init_state(), jax.tree.map(lambda v: v[:clients], data)

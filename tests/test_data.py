@@ -1,10 +1,12 @@
-"""examples/_data.py: the digits split, the Dirichlet label-skew partition and the client arrays."""
+"""examples/_data.py: the digits split, the Dirichlet label-skew partition and each client's own
+examples (an fb.Ragged: every example once, no repetition or subsample)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
+import faxbridge as fb
 from examples import _data
 
 
@@ -54,26 +56,40 @@ def test_skew_grows_as_alpha_falls(split):
   assert skews[2] > 0.5, skews
 
 
-def test_client_batches_shapes_counts_and_own_examples(split):
+def test_client_examples_are_each_clients_own_examples_once(split):
+  """Real partitions: client i's real rows are exactly ``parts[i]`` (each example once, none of
+  another client's, none repeated or left out), the counts are the parts' sizes, and the padding
+  is zeros up to the fixed length."""
   train_x, train_y = split[0], split[1]
-  parts = _data.partition(train_y, 6, alpha=0.3, seed=0)
-  data = _data.client_batches(train_x, train_y, parts, batches=3, batch_size=40, seed=1)
-  assert data["x"].shape == (6, 3, 40, 64) and data["y"].shape == (6, 3, 40)
-  assert data["x"].dtype == np.float32 and data["y"].dtype == np.int32
-  assert data["num_examples"].dtype == np.float32
-  np.testing.assert_array_equal(data["num_examples"], [len(p) for p in parts])
+  parts = _data.partition(train_y, 6, alpha=0.1, seed=0)
+  data = _data.client_examples(train_x, train_y, parts, batch_size=16, length=600, seed=1)
+  assert isinstance(data, fb.Ragged) and data.batch_size == 16
+  assert data.examples["x"].shape == (6, 608, 64) and data.examples["y"].shape == (6, 608)
+  assert data.examples["x"].dtype == np.float32 and data.examples["y"].dtype == np.int32
+  assert data.count.dtype == np.int32 and data.count.tolist() == [len(p) for p in parts]
+  row = {train_x[j].tobytes(): j for j in range(len(train_y))}  # digits' rows are distinct
+  seen = []
   for i, part in enumerate(parts):
-    # Every drawn example is one of the client's own (row and label), none from another client.
-    own = {(train_x[j].tobytes(), int(train_y[j])) for j in part}
-    drawn = list(zip(data["x"][i].reshape(-1, 64), data["y"][i].reshape(-1)))
-    assert all((r.tobytes(), int(lab)) in own for r, lab in drawn)
-    # Digits has no duplicate rows, so distinct rows count distinct examples: no repetition when
-    # the client has enough, all of its examples (repeated) when it has fewer than 120.
-    assert len({r.tobytes() for r, _ in drawn}) == min(len(part), 120)
+    m = len(part)
+    own = [row[r.tobytes()] for r in data.examples["x"][i, :m]]
+    assert sorted(own) == part.tolist()  # all of its own examples, each once
+    np.testing.assert_array_equal(data.examples["y"][i, :m], train_y[own])
+    assert not data.examples["x"][i, m:].any() and not data.examples["y"][i, m:].any()
+    seen += own
+  assert sorted(seen) == list(range(len(train_y)))  # the clients together: every example once
+  # Another seed: the same examples in another order (what a new round's SGD sees).
+  again = _data.client_examples(train_x, train_y, parts, batch_size=16, seed=2)
+  largest = max(len(p) for p in parts)  # without a length: the largest client, in whole batches
+  assert again.examples["x"].shape[1] == -(-largest // 16) * 16
+  np.testing.assert_array_equal(again.count, data.count)
+  assert not np.array_equal(again.examples["y"][:, :10], data.examples["y"][:, :10])
 
 
-def test_digits_clients_matches_its_parts(split):
-  data, (_, test_y) = _data.digits_clients(4, batches=2, batch_size=8, alpha=0.5, seed=0)
-  np.testing.assert_array_equal(test_y, split[3])
-  assert data["x"].shape == (4, 2, 8, 64)
-  assert data["num_examples"].sum() == len(split[1])
+def test_example_clients_sizes_vary_from_a_handful_to_hundreds(split):
+  data = _data.example_clients(batch_size=16)
+  counts = sorted(data.count.tolist())
+  assert len(counts) == _data.EXAMPLE_CLIENTS and sum(counts) == len(split[1])
+  assert counts[0] <= 5 and counts[-1] >= 300, counts
+  assert data.examples["x"].shape[1] == _data.EXAMPLE_LENGTH  # the documented padded length
+  # Fewer clients hold more each: the length grows to the largest client rather than failing.
+  assert _data.example_clients(2, batch_size=16).examples["x"].shape[1] >= _data.EXAMPLE_LENGTH

@@ -63,22 +63,24 @@ def test_branch_train_merge_round_matches_the_reference():
   # Each branch saw only its group, so they differ; the merge lies between them.
   w1 = want[0]["branches"]["w1"]
   assert not np.allclose(w1[0], w1[1])
+  counts = np.asarray(data["digits"].count)
   np.testing.assert_allclose(want[1]["examples_per_branch"],
-                             [data["num_examples"][groups[:, k] == 1].sum() for k in (0, 1)])
+                             [counts[groups[:, k] == 1].sum() for k in (0, 1)])
 
 
 @pytest.mark.slow  # the quick suite keeps the per-head attention and corpus checks
 def test_papa_rounds_match_the_reference():
   state, data = papa.example_inputs()
-  spread = []
+  spread = lambda population: np.abs(population["w1"] - population["w1"].mean(axis=0)).max()
   for r in (1, 2, 3):  # PULL_EVERY = 2: round 2 pulls, rounds 1 and 3 do not
     got = papa.process.next(state, data)
     assert_trees_close(got, ref_papa_round(state, data))
     assert float(got[1]["pulled"]) == (PAPA["pull"] if r == 2 else 0.0)
+    if r == 2:  # the pull halved the members' distance to their average (vs the same round unpulled)
+      unpulled = ref_papa_round({**state, "round": np.int32(0)}, data)[0]["population"]
+      np.testing.assert_allclose(spread(jax.tree.map(np.asarray, got[0]["population"])),
+                                 0.5 * spread(unpulled), rtol=1e-4)
     state = jax.tree.map(np.asarray, got[0])
-    w1 = state["population"]["w1"]
-    spread.append(float(np.abs(w1 - w1.mean(axis=0)).max()))
-  assert spread[1] < 0.6 * spread[0]  # the pull halved the members' distance to their average
   # Round 4 pulls; a reference that skips that pull (off by one round) is told apart.
   late = ref_papa_round({**state, "round": np.int32(2)}, data)[0]["population"]
   with pytest.raises(AssertionError):
@@ -122,7 +124,7 @@ def numpy_logits(p: dict, tokens: np.ndarray, heads: int = 2) -> np.ndarray:
 
 
 def test_transformer_matches_numpy_attention():
-  _, heldout = _text.topic_shards(8, 1, 1, _transformer.CONTEXT, heldout_windows=3)
+  _, heldout = _text.topic_shards(8, 1, _transformer.CONTEXT, heldout_windows=3)
   params = _transformer.init_params(seed=3)
   tokens = heldout[:, :-1]
   logits = np.asarray(_transformer.logits(params, tokens))
@@ -136,14 +138,35 @@ def test_transformer_matches_numpy_attention():
 
 
 def test_text_corpus_is_split_by_topic():
-  data, heldout = _text.topic_shards(8, 2, 4, 16, heldout_windows=5)
-  assert data["tokens"].shape == (8, 2, 4, 17) and data["tokens"].dtype == np.int32
-  assert heldout.shape == (5, 17)
-  assert data["tokens"].min() >= 0 and data["tokens"].max() < _text.VOCAB
+  """One topic per client, all of its windows each once (the text's own length: counts differ),
+  the padding zeros; each client's histogram differs from every other's (non-IID by topic)."""
+  from pydoc_data import topics
+
+  data, heldout = _text.topic_shards(8, 4, 16, heldout_windows=5)
+  tokens, counts = data.examples["tokens"], np.asarray(data.count)
+  assert data.batch_size == 4 and tokens.dtype == np.int32 and tokens.shape[2] == 17
+  assert tokens.shape[1] == -(-counts.max() // 4) * 4 and heldout.shape == (5, 17)
+  assert tokens.min() >= 0 and tokens.max() < _text.VOCAB
+  assert len(set(counts.tolist())) > 4 and counts.max() > 10 * counts.min()  # sizes vary
   assert _text.decode(_text.encode("def f(x):\n  return x")) == "def f(x):\n  return x"
   assert _text.decode(_text.encode("é")) == " "  # outside printable ASCII: a space
-  # Non-IID: each client's character histogram differs from every other client's.
-  hist = np.stack([np.bincount(t.ravel(), minlength=_text.VOCAB) / t.size
-                   for t in data["tokens"]])
+  # Windows of 17 ids every 16 of each topic's text, written out here: a client's windows are
+  # exactly one topic's (as a multiset: every window once), and no two clients share a topic.
+  windows = {}
+  for name, text in topics.topics.items():
+    ids = _text.encode(text)
+    windows[name] = sorted(ids[j * 16: j * 16 + 17].tobytes() for j in range((len(ids) - 1) // 16))
+  owners = []
+  for i, m in enumerate(counts):
+    assert not tokens[i, m:].any()
+    own = sorted(w.tobytes() for w in tokens[i, :m])
+    owners.append([name for name, want in windows.items() if want == own])
+    assert len(owners[-1]) == 1, (i, owners[-1])
+  assert len({o[0] for o in owners}) == 8
+  hist = np.stack([np.bincount(tokens[i, :m].ravel(), minlength=_text.VOCAB) / tokens[i, :m].size
+                   for i, m in enumerate(counts)])
   gaps = np.abs(hist[:, None] - hist[None]).sum(-1)[~np.eye(8, dtype=bool)]
   assert gaps.min() > 0.05
+  # max_windows leaves the longer topics out; length pads to a fixed length.
+  small, _ = _text.topic_shards(8, 4, 16, max_windows=100, length=128, heldout_windows=1)
+  assert small.examples["tokens"].shape[1] == 128 and int(np.max(small.count)) <= 100

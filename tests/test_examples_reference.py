@@ -5,9 +5,12 @@ the aggregation rules that both sides share would pass it. Here each example is 
 without faxbridge: per-client work as a Python loop over clients (or ``jax.vmap``), aggregations
 as explicit numpy reductions over the clients axis (sum keeps the dtype, mean = sum / n,
 weighted_mean = sum(w * x) / sum(w), max / min over clients, secure_sum an integer sum), and an
-iterative process as a Python loop feeding its state back. Only the plain-JAX model helpers of
-``examples/_mlp.py`` are shared (the loss and the initial parameters); nothing here calls ``fb.*``
-or an example's ``fb.computation``.
+iterative process as a Python loop feeding its state back. A client with its own number of examples
+(an ``fb.Ragged`` input) is a loop over its real examples only, read as ``examples[i, :count[i]]``
+and cut into batches by slicing (the last one shorter): the reference never sees the padding. The
+digits MLP's loss and gradient are numpy (``algorithm_references.mlp_value_and_grad``); only the
+initial parameters of ``examples/_mlp.py`` are shared; nothing here calls ``fb.*`` or an example's
+``fb.computation``.
 
 The runtime's outputs must equal the reference elementwise within ``1e-6 + 1e-5 * |reference|``
 for floats, exactly for integers, with the reference's dtype and shape. In the slow suite the same
@@ -17,7 +20,8 @@ on each runtime serves both checks. The quick suite runs two programs on runtime
 (``faxbridge._src.verify.run_on_runtime``: a fresh process each); the slow suite runs every program
 on TFF (all in one runner process), IREE, LiteRT and jax (all in one fresh process, jax_batch.py).
 A negative check shows that a reference with a slightly wrong learning rate, or shifted by one
-round, is caught.
+round, is caught. The same references check every example's native run, no export needed
+(``test_native_run_matches_the_reference``; FedAvg and the two computations in the quick suite).
 """
 
 from __future__ import annotations
@@ -37,7 +41,9 @@ import pytest
 from jax_batch import run_on_jax
 from run_shared import made_once
 
+import faxbridge as fb
 from examples import EXAMPLES, _mlp, _transformer
+from faxbridge._src.export import check_padding_unread, split_program
 from faxbridge._src.verify import compare_all, native_outputs, run_on_runtime
 from faxbridge.converters.runtimes import jax_runner
 
@@ -67,7 +73,9 @@ def agg_mean(x: np.ndarray) -> np.ndarray:
 
 
 def agg_weighted_mean(x: np.ndarray, w: np.ndarray) -> np.ndarray:
-  x, w = np.asarray(x), np.asarray(w)
+  """The weights in the values' dtype (integer counts too), as fb.weighted_mean casts them."""
+  x = np.asarray(x)
+  w = np.asarray(w).astype(x.dtype)
   wx = w.reshape(w.shape + (1,) * (x.ndim - 1)) * x
   return (agg_sum(wx) / agg_sum(w)).astype(x.dtype)
 
@@ -78,44 +86,41 @@ def tree_stack(trees: list) -> Any:
 
 
 # -- the examples, without faxbridge ---------------------------------------------------------------
-def local_sgd(params: dict, xs: np.ndarray, ys: np.ndarray, lr: float) -> dict:
-  """SGD over a client's mini-batches as a Python loop (the example uses ``lax.scan``)."""
-  for x, y in zip(xs, ys):
-    g = _grad(params, {"x": x, "y": y})
-    params = {k: params[k] - F32(lr) * g[k] for k in params}
-  return params
-
-
-_grad = jax.jit(jax.grad(_mlp.loss))
-_loss = jax.jit(_mlp.loss)
-_value_and_grad_per_client = jax.jit(jax.vmap(jax.value_and_grad(_mlp.loss), in_axes=(None, 0)))
-
-
-def ref_fedavg_round(params: dict, data: dict, lr: float = FEDAVG_LR) -> tuple:
-  clients = data["x"].shape[0]
+def ref_fedavg_round(params: dict, data, lr: float = FEDAVG_LR,
+                     weights: np.ndarray | None = None) -> tuple:
+  """Each client one epoch of SGD over its own batches; deltas and training losses averaged with
+  the clients' real example counts as weights (or ``weights``)."""
   deltas, losses = [], []
-  for i in range(clients):
-    trained = local_sgd(params, data["x"][i], data["y"][i], lr)
-    deltas.append({k: np.asarray(trained[k]) - np.asarray(params[k]) for k in params})
-    losses.append(_loss(trained, {"x": data["x"][i][0], "y": data["y"][i][0]}))
+  for i in range(len(data.count)):
+    trained, loss = algo.local_sgd(params, algo.digit_batches(data, i), lr)
+    deltas.append({k: trained[k] - np.asarray(params[k]) for k in params})
+    losses.append(loss)
   deltas = tree_stack(deltas)
-  weights = np.asarray(data["num_examples"])
+  weights = np.asarray(data.count) if weights is None else weights
   new_params = {k: np.asarray(params[k]) + agg_weighted_mean(deltas[k], weights) for k in params}
-  return new_params, agg_mean(np.stack([np.asarray(v) for v in losses]))
+  return new_params, agg_weighted_mean(np.stack(losses), weights)
 
 
-def ref_fedsgd_round(params: dict, batch: dict, lr: float = FEDSGD_LR) -> tuple:
-  losses, grads = _value_and_grad_per_client(params, batch)
-  mean_grad = {k: agg_mean(grads[k]) for k in grads}
+def ref_fedsgd_round(params: dict, data, lr: float = FEDSGD_LR) -> tuple:
+  """Each client's mean loss over all of its own examples at once and its gradient; one step with
+  the count-weighted mean gradient."""
+  losses, grads = [], []
+  for own in algo.own_examples(data):
+    loss, grad = algo.mlp_value_and_grad(params, own)
+    losses.append(loss)
+    grads.append(grad)
+  grads, weights = tree_stack(grads), np.asarray(data.count)
+  mean_grad = {k: agg_weighted_mean(grads[k], weights) for k in grads}
   return ({k: np.asarray(params[k]) - F32(lr) * mean_grad[k] for k in params},
-          agg_mean(losses))
+          agg_weighted_mean(np.stack(losses), weights))
 
 
-def _local_deltas(params: dict, data: dict, lr: float) -> dict:
+def _local_deltas(params: dict, data, lr: float) -> dict:
+  """Each client's update after one epoch of SGD over its own batches, stacked over clients."""
   deltas = []
-  for i in range(data["x"].shape[0]):
-    trained = local_sgd(params, data["x"][i], data["y"][i], lr)
-    deltas.append({k: np.asarray(trained[k]) - params[k] for k in params})
+  for i in range(len(data.count)):
+    trained, _ = algo.local_sgd(params, algo.digit_batches(data, i), lr)
+    deltas.append({k: trained[k] - np.asarray(params[k]) for k in params})
   return tree_stack(deltas)
 
 
@@ -131,7 +136,7 @@ def ref_fedopt_round(state: dict, data: dict, second_moment: Callable, h: dict,
   server_lr = h["server_lr"] if server_lr is None else server_lr
   params = {k: np.asarray(v) for k, v in state["params"].items()}
   deltas = _local_deltas(params, data, h["local_lr"])
-  weights = np.asarray(data["num_examples"])
+  weights = np.asarray(data.count)
   grad = {k: -agg_weighted_mean(deltas[k], weights) for k in params}
   norm = np.sqrt(sum(np.sum(g * g, dtype=F32) for _, g in sorted(grad.items()))).astype(F32)
   moments, empty = state["opt"]
@@ -175,15 +180,16 @@ def ref_fedyogi_init() -> dict:
 
 
 def ref_analytics(levels, values) -> dict:
-  """Per client: mean, bin counts, max, min; the server: mean of means, the summed counts, the max
-  of maxima, the min of minima, and each quantile found by walking the cumulative counts to the
-  bin where q N falls."""
-  values = np.asarray(values)
+  """Per client, over its own values only: mean, bin counts, max, min; the server: the mean of
+  means weighted by the counts, the summed counts, the max of maxima, the min of minima, and each
+  quantile found by walking the cumulative counts to the bin where q N falls."""
+  own = [np.asarray(v) for v in (np.asarray(values.examples)[i, :m]
+                                 for i, m in enumerate(np.asarray(values.count)))]
   lo, hi, bins = ANALYTICS["lo"], ANALYTICS["hi"], ANALYTICS["bins"]
   width = F32((hi - lo) / bins)
-  means = np.stack([np.mean(v, dtype=F32) for v in values])
+  means = np.stack([np.sum(v, dtype=F32) / F32(max(len(v), 1)) for v in own]).astype(F32)
   counts = []
-  for v in values:
+  for v in own:
     index = np.clip(np.floor((v - F32(lo)) * F32(bins / (hi - lo))), 0, bins - 1).astype(int)
     counts.append(np.bincount(index, minlength=bins).astype(np.int32))
   histogram = agg_sum(np.stack(counts))  # secure_sum: an exact integer sum
@@ -196,8 +202,9 @@ def ref_analytics(levels, values) -> dict:
       k += 1
     inside = 0.0 if histogram[k] == 0 else min(max((target - below) / histogram[k], 0.0), 1.0)
     quantiles.append(lo + (k + inside) * float(width))
-  return {"histogram": histogram, "max": np.max(np.stack([v.max() for v in values]), axis=0),
-          "mean": agg_mean(means), "min": np.min(np.stack([v.min() for v in values]), axis=0),
+  return {"histogram": histogram, "max": np.max(np.stack([v.max() for v in own]), axis=0),
+          "mean": agg_weighted_mean(means, np.asarray(values.count)),
+          "min": np.min(np.stack([v.min() for v in own]), axis=0),
           "quantiles": np.asarray(quantiles, F32)}
 
 
@@ -222,7 +229,7 @@ def ref_dp_fedavg_round(state: dict, data: dict) -> tuple:
   draws come from ``jax.random`` (threefry), from the key derivation docs/dp.md states."""
   h, params, clip = DP_FEDAVG, state["params"], F32(state["clip"]["clip_norm"])
   deltas = _local_deltas(params, data, h["local_lr"])
-  n, names = data["x"].shape[0], sorted(params)  # leaf order: sorted dict keys
+  n, names = len(data.count), sorted(params)  # leaf order: sorted dict keys
   norms = np.sqrt(sum(np.sum(np.square(deltas[k]).reshape(n, -1), axis=1, dtype=F32)
                       for k in names)).astype(F32)
   scale = np.minimum(F32(1), clip / np.maximum(norms, F32(1e-12)))
@@ -482,6 +489,78 @@ def check_against_reference(run_example, name: str, kind: str, runtime: str,
 def _programs() -> list[tuple[str, str]]:
   return [(name, kind) for name in EXAMPLES
           for kind in ("computation", *(("process",) if REFERENCES[name][1] else ()))]
+
+
+# -- native: every program against its reference, without an export ---------------------------------
+def _keyed(tree: Any) -> dict[str, np.ndarray]:
+  return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def native_trees(name: str, kind: str, args: tuple, rounds: int = ROUNDS) -> list[tuple[str, str, Any]]:
+  """``reference_trees``' blocks from faxbridge's own native run of the example."""
+  module = importlib.import_module(f"examples.{name}")
+  if kind == "computation":
+    return [("computation", "", module.computation(*args))]
+  state = module.process.initialize()
+  trees = [("initialize", "initialize/", state)]
+  for r in range(1, rounds + 1):
+    state, metrics = module.process.next(state, *args[1:])
+    trees.append(("next", f"round{r}/", (state, metrics)))
+  return trees
+
+
+# The quick suite runs FedAvg (a ragged client loop, a weighted mean by the real counts) and the
+# cheap computations; the others take seconds each to compile (optimizers, DP noise, attention).
+NATIVE_QUICK = {("fedavg", "process"), ("analytics", "computation"), ("two_stage", "computation")}
+
+
+@pytest.mark.parametrize("name,kind", [
+    pytest.param(n, k, id=f"{n}-{k}", marks=() if (n, k) in NATIVE_QUICK else pytest.mark.slow)
+    for n, k in [(n, "process" if REFERENCES[n][1] else "computation") for n in EXAMPLES]])
+def test_native_run_matches_the_reference(name, kind):
+  """The example run natively (``fb.computation``'s own execution), every output of every round,
+  against its independent reference: the reference's tolerance, dtypes and pytree paths."""
+  args = example_args(name)
+  want, got = reference_trees(name, kind, args), native_trees(name, kind, args)
+  assert [b for b, *_ in want] == [b for b, *_ in got]
+  for (_, prefix, ref), (_, _, out) in zip(want, got, strict=True):
+    assert jax.tree.structure(ref) == jax.tree.structure(out), prefix
+    bad = mismatches(compare(_keyed(ref), _keyed(out)))
+    assert not bad, f"{name} {kind} {prefix or 'computation'}: {bad}"
+
+
+# Every example but two_stage (values per client, no examples to loop over) holds real partitions.
+EQUAL_SHAPES = {"two_stage"}
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_examples_hold_real_partitions_read_only_through_fold(name):
+  """Each example's client data is ragged (an ``fb.Ragged`` input whose counts differ) and its client
+  work reads the examples only through ``fb.fold``: the check an export makes
+  (``check_padding_unread``), so the exporters of ragged programs can take every example."""
+  module = importlib.import_module(f"examples.{name}")
+  args = example_args(name)
+  ragged = [leaf for leaf in jax.tree.leaves(args, is_leaf=lambda x: isinstance(x, fb.Ragged))
+            if isinstance(leaf, fb.Ragged)]
+  assert bool(ragged) == (name not in EQUAL_SHAPES), name
+  for data in ragged:
+    assert len(set(np.asarray(data.count).tolist())) > 1, name  # sizes differ
+  for program, program_args in ((module.computation, args),
+                                *(((module.process, args[1:]),) if hasattr(module, "process") else ())):
+    split = split_program(program, program_args)
+    assert any(form.ragged_inputs for form in split.forms.values()) == bool(ragged), name
+    check_padding_unread(split)
+
+
+def test_native_fedavg_is_told_apart_from_wrong_references():
+  """Not vacuous: a local learning rate 1% off, or clients weighted equally rather than by their
+  real counts, fails the native comparison."""
+  params, data = example_args("fedavg")
+  got = _keyed(native_trees("fedavg", "process", (params, data), rounds=1)[1][2])
+  wrong_lr = ref_fedavg_round(params, data, lr=FEDAVG_LR * 1.01)
+  assert mismatches(compare(_keyed(wrong_lr), got))
+  unweighted = ref_fedavg_round(params, data, weights=np.ones(len(data.count), F32))
+  assert mismatches(compare(_keyed(unweighted), got))
 
 
 # -- quick: one program on jax.export in a fresh process --------------------------------------------
