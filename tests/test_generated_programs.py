@@ -30,7 +30,17 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from federated_programs import Program, generate, leaf_mismatch, mismatches, names, program
+from federated_programs import (
+  Program,
+  build,
+  example_inputs,
+  generate,
+  leaf_mismatch,
+  mismatches,
+  names,
+  program,
+  reference,
+)
 from jax_batch import run_on_jax
 
 import faxbridge as fb
@@ -269,6 +279,45 @@ def test_sample_on_flower(seed, flower_runs):
     if isinstance(result, Exception):
       raise result
     _check_outputs(p, *result)
+
+
+# -- programs whose clients hold their own numbers of examples (fb.ragged), on every path -----------
+# The ragged family of the generator: unbatched and batched inputs, folds from an input and from a
+# value (tests/test_ragged.py checks these seeds cover that). The native padding is poisoned (NaN,
+# 1e30); every export runs each client on its own examples only, one artifact for all sizes.
+RAGGED_SEEDS = [0, 3, 5, 7]
+
+
+@functools.cache
+def _ragged_program(seed: int) -> Program:
+  recipe = generate(seed, ragged=True)
+  args = example_inputs(recipe)
+  return Program(recipe, build(recipe), args, reference(recipe, *args))
+
+
+@pytest.mark.parametrize(("seed", "runtime"), [
+    pytest.param(seed, runtime, id=f"seed{seed}-{runtime}",  # one quick case, the rest slow
+                 marks=() if (seed, runtime) == (RAGGED_SEEDS[0], "jax") else pytest.mark.slow)
+    for seed in RAGGED_SEEDS for runtime in ("jax", "iree", "litert", "tff")])
+def test_ragged_on_runtime(seed, runtime, tmp_path):
+  _round_trip(_ragged_program(seed), runtime, tmp_path)
+
+
+@pytest.mark.slow
+def test_ragged_on_flower(tmp_path):
+  """The ragged seeds on one shared local deployment, client runtimes alternating: each node's data
+  file holds its own client's examples only."""
+  from faxbridge.converters.flower import deployment
+
+  clients = max(_ragged_program(seed).recipe.clients for seed in RAGGED_SEEDS)
+  with deployment.reused(clients) as shared:
+    for i, seed in enumerate(RAGGED_SEEDS):
+      p = _ragged_program(seed)
+      with _about(p, "flower on flower"):
+        out, block, inputs = _export(p, "flower", tmp_path / f"seed{seed}",
+                                     client_runtime=FLOWER_CLIENT_RUNTIMES[i % 2])
+        _check_outputs(p, block, run_on_runtime(out, "flower", inputs).outputs)
+  assert not deployment.leftovers(shared.root), "a process of the shared deployment outlived it"
 
 
 # -- the generator itself --------------------------------------------------------------------------
