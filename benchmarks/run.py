@@ -20,10 +20,18 @@
 6. Clients with their own data sizes (``ragged_round.py``): a FedAvg round over skewed client sizes
    (the largest 10x the mean) beside the same round with every client at the mean size, per
    execution strategy, at 128 and 512 clients.
+7. faxbridge's overhead: its default (``auto``) against the hand-written streaming round (a jitted
+   ``lax.scan`` over blocks of 8 clients, ``vmap`` inside) at 8, 32, 128 and 2,048 clients, the two
+   alone in one process per size, interleaved, many runs (the ratios are a few percent: the
+   FedAvg table's 3 runs per implementation cannot show them).
 
 Writes ``benchmarks/results.json``, ``benchmarks/results.md`` and plots in ``benchmarks/results/``.
 ``--quick`` runs everything at tiny sizes (the smoke test, ``tests/test_benchmarks.py``), into
 ``--out`` (default: a temporary directory; nothing committed is touched).
+
+``--update --skip ...`` reruns some sections and keeps the others of the existing results.json (each
+section dated in its ``sections`` block, and in results.md when they differ): the overhead on a
+quiet machine, say, without the half hour of everything else.
 
 A size is skipped, with the reason recorded, when the estimate from the size before (time and
 memory grow linearly in the clients) says a round would take longer than ``--round-budget-s`` or
@@ -189,6 +197,30 @@ def fedavg(sizes: list[int], repeats: int, budget_s: float, memory_mb: float,
     if peers:
       rows[size].update(peer_rows(size, repeats, budget_s, memory_mb, work, last, mismatched, log))
   return rows
+
+
+OVERHEAD_SIZES, QUICK_OVERHEAD_SIZES = [8, 32, 128, 2048], [2, 4]
+OVERHEAD_PAIR = ("faxbridge auto", "scan of vmap blocks")
+
+
+def overhead(sizes: list[int], runs: int, budget_s: float, log) -> dict:
+  """faxbridge's default against the hand-written streaming round, the two alone, interleaved, up
+  to ``runs`` passes (fewer when a size's ``budget_s`` runs out): {size: {impl: row, "ratio":
+  median / median, "ratio_min": fastest / fastest}}."""
+  script = str(HERE / "fedavg_round.py")
+  out: dict[int, dict] = {}
+  for size in sizes:
+    log(f"overhead, {size} clients: {list(OVERHEAD_PAIR)}, up to {runs} interleaved runs")
+    impl_args = [a for n in OVERHEAD_PAIR for a in ("--impl", n)]
+    timed = _run_json([CORE, script, "time", "--clients", str(size), "--repeats", str(runs),
+                       "--budget-s", str(budget_s), *impl_args], 3600)
+    rows = {n: _summary(timed["times_s"][n]) for n in OVERHEAD_PAIR if n in timed["times_s"]}
+    if len(rows) == 2:
+      auto, hand = (rows[n] for n in OVERHEAD_PAIR)
+      rows["ratio"] = auto["median_s"] / hand["median_s"]
+      rows["ratio_min"] = auto["min_s"] / hand["min_s"]
+    out[size] = rows
+  return out
 
 
 def ragged(sizes: list[int], repeats: int, budget_s: float, log) -> dict:
@@ -360,11 +392,15 @@ def main(argv: list[str] | None = None) -> int:
                       help="skip a size whose estimated round takes longer")
   parser.add_argument("--memory-fraction", type=float, default=0.7)
   parser.add_argument("--skip", nargs="*", default=[],
-                      choices=["fedavg", "tff", "peers", "huge", "big_model", "export", "ragged"])
+                      choices=["fedavg", "tff", "peers", "huge", "big_model", "export", "ragged",
+                               "overhead"])
   parser.add_argument("--huge-sizes", type=int, nargs="*", help="clients of the one-process rounds "
                       "(default 10,000 and 100,000; --quick: 64 and 256)")
   parser.add_argument("--report-only", action="store_true",
                       help="rewrite results.md and the plots from results.json")
+  parser.add_argument("--update", action="store_true",
+                      help="keep the sections of the existing results.json this run skips (each "
+                      "section's run is dated in `sections`): rerun one part on a quieter machine")
   ns = parser.parse_args(argv)
   if ns.report_only:
     out = ns.out or HERE
@@ -403,6 +439,10 @@ def main(argv: list[str] | None = None) -> int:
                            min(repeats, 2), 120.0, mem_mb, log)
   if "big_model" not in ns.skip:
     results["big_model"] = big_model(quick, repeats, log)
+  if "overhead" not in ns.skip:
+    results["overhead"] = {str(k): v for k, v in overhead(
+        QUICK_OVERHEAD_SIZES if quick else OVERHEAD_SIZES, 3 if quick else 41,
+        5.0 if quick else 90.0, log).items()}
   if "ragged" not in ns.skip:
     ragged_sizes = [16] if quick else [128, 512]
     results["ragged"] = {str(k): v for k, v in ragged(
@@ -416,6 +456,17 @@ def main(argv: list[str] | None = None) -> int:
     if not quick:
       results["export_cost"] += export_cost(params[:1], eqns[:1], ["tflite"], log)
   results["total_s"] = time.perf_counter() - started
+  ran = [k for k in ("fedavg", "tff_profile", "huge", "big_model", "overhead", "ragged", "export_cost")
+         if k in results]
+  today = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+  results["sections"] = {k: today for k in ran}
+  if ns.update and (out / "results.json").exists():
+    earlier = json.loads((out / "results.json").read_text())
+    for key, value in earlier.items():
+      if key not in ran and key not in ("machine", "versions", "quick", "repeats", "round_budget_s",
+                                        "total_s", "sections"):
+        results[key] = value
+        results["sections"][key] = earlier.get("sections", {}).get(key, "an earlier run")
   (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
   sys.path.insert(0, str(HERE))
   import report
