@@ -178,13 +178,21 @@ def test_gradient_jaxpr_keeps_the_federated_primitives():
 def test_meta_gradient_of_fedsgd_keeps_the_boundary():
   from examples import _mlp, fedsgd
 
-  params, batch = fedsgd.example_inputs(clients=3)
-  # The server loss after one round, differentiated through the clients' own gradient steps.
-  meta = lambda p: _mlp.loss(fedsgd.computation(p, batch)[0], jax.tree.map(lambda d: d[0], batch))
-  names = prim_names(jax.grad(meta), params)
-  assert {"faxbridge_broadcast", "faxbridge_map", "faxbridge_mean", "faxbridge_sum"} <= set(names)
-  # Reverse mode sums the broadcast model's per-client cotangents: a sum that the forward pass
-  # does not have.
+  params, data = fedsgd.example_inputs(clients=3)
+  # The server loss after one round on the first client's real examples, differentiated through
+  # every client's own gradient (a fold over its batches).
+  own = int(data.count[0])
+  first = {k: np.asarray(v)[0, :own] for k, v in data.examples.items()}
+  meta = lambda p: _mlp.loss(fedsgd.computation(p, data)[0], first)
+  grad = jax.make_jaxpr(jax.grad(meta))(params).jaxpr
+  names = [e.primitive.name for e in all_eqns(grad)]
+  assert {"faxbridge_broadcast", "faxbridge_map", "faxbridge_weighted_mean", "faxbridge_sum",
+          "faxbridge_fold"} <= set(names)
+  # Reverse mode sums the broadcast model's per-client cotangents: for each model leaf a sum from
+  # [clients, *leaf] to the leaf's shape, which the forward pass does not have (it has no sum).
+  summed = {(tuple(e.invars[0].aval.shape), tuple(e.outvars[0].aval.shape))
+            for e in all_eqns(grad) if e.primitive.name == "faxbridge_sum"}
+  assert {(tuple(data.count.shape) + np.shape(w), np.shape(w)) for w in params.values()} <= summed
   assert "faxbridge_sum" not in prim_names(meta, params)
 
 

@@ -114,15 +114,20 @@ def test_vmap_over_the_weight_of_weighted_mean():
 def test_vmap_of_a_fedsgd_round_is_a_batch_of_independent_simulations():
   from examples import _mlp, fedsgd
 
-  params, batch = fedsgd.example_inputs(clients=3)
+  params, data = fedsgd.example_inputs(clients=3)
   starts = jax.tree.map(lambda *p: np.stack(p), params, _mlp.init_params(seed=7))
+  # FedSGD with the clients' counts as weights is one step on the pooled examples: the mean loss
+  # over every client's real rows [i, :count[i]], concatenated (no fold, no mask, no weights).
+  count = np.asarray(data.count)
+  pooled = {k: np.concatenate([np.asarray(v)[i, :n] for i, n in enumerate(count)])
+            for k, v in data.examples.items()}
 
   @jax.jit
   def reference(p):
-    losses, grads = jax.vmap(jax.value_and_grad(_mlp.loss), in_axes=(None, 0))(p, batch)
-    return jax.tree.map(lambda w, g: w - fedsgd.SERVER_LR * g.mean(0), p, grads), losses.mean()
+    loss, grad = jax.value_and_grad(_mlp.loss)(p, pooled)
+    return jax.tree.map(lambda w, g: w - fedsgd.SERVER_LR * g, p, grad), loss
 
-  got = jax.vmap(fedsgd.computation, in_axes=(0, None))(starts, batch)
+  got = jax.vmap(fedsgd.computation, in_axes=(0, None))(starts, data)
   want = jax.vmap(reference)(starts)
   jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6), got, want)
   assert not np.allclose(got[1][0], got[1][1])  # two different simulations

@@ -8,7 +8,7 @@ import numpy as np
 from jax.extend import core as jcore
 
 import faxbridge as fb
-from examples import fedavg, two_stage
+from examples import _mlp, fedavg, two_stage
 
 N = 4
 S = np.float32(0.5)
@@ -137,16 +137,32 @@ def test_computation_keeps_the_wrapped_functions_name_and_doc():
 
 
 @jax.jit
+def _sgd_step(params, batch):
+  loss, grad = jax.value_and_grad(_mlp.loss)(params, batch)
+  return jax.tree.map(lambda w, g: w - fedavg.LOCAL_LR * g, params, grad), loss
+
+
 def _fedavg_reference(params, data):
-  """FedAvg in plain JAX: vmap over clients, a weighted sum over the client axis."""
-  deltas, weights, losses = jax.vmap(fedavg.client_update, in_axes=(None, 0))(params, data)
-  weights = weights / jnp.sum(weights)
-  mean_delta = jax.tree.map(lambda d: jnp.tensordot(weights, d, axes=1), deltas)
-  return jax.tree.map(jnp.add, params, mean_delta), jnp.mean(losses)
+  """FedAvg in plain JAX and Python loops: each client SGD over its own rows ``[i, :count[i]]`` in
+  slices of ``batch_size`` (the last one shorter), the deltas averaged with weights count / N; the
+  loss the mean over all N real examples of each one's loss before its batch's step."""
+  count, b = np.asarray(data.count), data.batch_size
+  deltas, loss_sum = [], 0.0
+  for i, n in enumerate(count):
+    own = {k: np.asarray(v)[i, :n] for k, v in data.examples.items()}
+    trained = params
+    for start in range(0, n, b):
+      trained, loss = _sgd_step(trained, {k: v[start:start + b] for k, v in own.items()})
+      loss_sum += float(loss) * len(own["y"][start:start + b])
+    deltas.append(jax.tree.map(jnp.subtract, trained, params))
+  weights = count / count.sum()
+  mean_delta = jax.tree.map(lambda *d: sum(w * x for w, x in zip(weights, d)), *deltas)
+  return jax.tree.map(jnp.add, params, mean_delta), loss_sum / count.sum()
 
 
 def test_fedavg_round_equals_plain_jax():
   args = fedavg.example_inputs()
+  assert len(set(np.asarray(args[1].count).tolist())) > 1  # clients of different sizes
   got = fedavg.computation(*args)
   want = _fedavg_reference(*args)
   jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=2e-5, atol=1e-6), got, want)

@@ -329,18 +329,18 @@ def test_the_fedavg_drawing_shows_the_process_as_written(fedavg_page):
 
   rows = [[_text(td) for td in tr] for tr in _by_tag(_by_class(sections["next"], "aggs")[0], "tr")]
   rows = rows[1:]  # the header
-  model = _mlp.init_params()  # fedavg: weighted_mean of each model leaf's delta, mean of the loss
-  assert sorted(r[0] for r in rows) == ["mean"] + ["weighted_mean"] * len(model)
-  for kind, value, weight, params, result, used_by, leaves in rows:
-    assert params == "-"
-    if kind == "weighted_mean":  # fb.weighted_mean(deltas, weights), as examples/fedavg.py has it
+  model = _mlp.init_params()  # fedavg: weighted_mean of each model leaf's delta and of the loss
+  assert sorted(r[0] for r in rows) == ["weighted_mean"] * (len(model) + 1)
+  for _, value, weight, params, result, used_by, leaves in rows:
+    assert params == "-" and leaves.startswith("upload")
+    assert weight == "data.count"  # fb.weighted_mean(..., data.count), as examples/fedavg.py has it
+    if used_by != "out[1]":  # fb.weighted_mean(deltas, data.count)
       key = used_by.removeprefix("out[0]")
       assert used_by in {f"out[0][{k!r}]" for k in model}
       assert (value, result.split()[0]) == (f"deltas{key}", f"mean_delta{key}")
-      assert weight == "weights = data['num_examples']"  # the weight the program uploads
-      assert leaves.startswith("upload")
-    else:
-      assert (value, weight, used_by) == ("losses", "-", "out[1]")
+    else:  # fb.weighted_mean(losses, data.count)
+      assert value == "losses"
+  assert sorted(r[5] for r in rows) == sorted([f"out[0][{k!r}]" for k in model] + ["out[1]"])
   model_bytes = sum(np.asarray(v).nbytes for v in model.values())
   down = _text(_by_class(sections["next"], "wire-bytes")[0])
   assert down == f"{model_bytes / 1024:.1f} KiB per client"

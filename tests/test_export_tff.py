@@ -51,6 +51,8 @@ def _local_kinds(comp: pb.Computation) -> set[str]:
 
 
 def test_export_writes_proto_manifest_and_rendering(example_export):
+  from examples import analytics
+
   out, _ = example_export("analytics", "computation", "tff")  # shared: read, never written
   files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
   assert files == ["computation.pb", "computation.txt", "manifest.json", "native/computation.jax"]
@@ -59,18 +61,26 @@ def test_export_writes_proto_manifest_and_rendering(example_export):
   assert set(manifest["versions"]) == {"faxbridge", "jax", "federated_language"}
   assert set(manifest["files"]) == {"computation.pb", "computation.txt", "native/computation.jax"}
   block = manifest["computation"]
+  # values: each client's own ink (an fb.Ragged): its examples have no fixed length in TFF's type
+  # (one computation serves clients of every size), the manifest keeps the padded length of the
+  # example inputs, the batch size and the count input.
   assert block["type_signature"] == (
-      "(<levels=float32[3]@SERVER,values={float32[32]}@CLIENTS> -> <histogram=int32[20],max=float32,"
-      "mean=float32,min=float32,quantiles=float32[3]>@SERVER)")
+      "(<levels=float32[3]@SERVER,values={<examples=float32[?],count=int32>}@CLIENTS> -> "
+      "<histogram=int32[20],max=float32,mean=float32,min=float32,quantiles=float32[3]>@SERVER)")
+  levels, values = analytics.example_inputs()
+  padded = np.shape(values.examples)[1]
   assert [(i["name"], i["placement"], i["shape"]) for i in block["inputs"]] == [
-      ("levels", "SERVER", [3]), ("values", "CLIENTS", [32])]
+      ("levels", "SERVER", [len(levels)]), ("values_examples", "CLIENTS", [padded]),
+      ("values_count", "CLIENTS", [])]
+  assert block["inputs"][1]["ragged"] == {"count": "values_count", "max_length": padded,
+                                          "batch_size": analytics.BATCH_SIZE}
   assert {o["name"] for o in block["outputs"]} == {
       "out_histogram", "out_max", "out_mean", "out_min", "out_quantiles"}
   # The proto is a federated_language Computation whose type matches the manifest's.
   proto = pb.Computation.FromString((out / "computation.pb").read_bytes())
   loaded = fl.framework.ConcreteComputation.from_proto(proto)
   assert str(loaded.type_signature) == block["type_signature"]
-  assert {"federated_map", "federated_mean", "federated_max",
+  assert {"federated_map", "federated_weighted_mean", "federated_max",
           "federated_min", "federated_secure_sum_bitwidth", "federated_apply",
           "federated_zip_at_clients"} <= _intrinsics(proto)
   assert _local_kinds(proto) == {"tensorflow"}

@@ -139,18 +139,38 @@ def test_every_examples_exported_plan_validates(example_export, name, kind):
 def test_plan_records_stages_broadcasts_and_aggregations():
   from examples import analytics, fedavg, two_stage
 
-  plan, _ = _plan_with_pieces(fedavg.computation, fedavg.example_inputs())
+  args = fedavg.example_inputs()
+  plan, kept = _plan_with_pieces(fedavg.computation, args)
   comp = plan["computations"]["computation"]
   (stage,) = comp["stages"]
-  kinds = {a["kind"] for a in stage["aggregations"]}
-  assert kinds == {"weighted_mean", "mean"}
-  weights = {a.get("weight") for a in stage["aggregations"] if a["kind"] == "weighted_mean"}
-  assert len(weights) == 1 and weights <= set(stage["uploads"])
+  # fb.weighted_mean(deltas, data.count) per model leaf and fb.weighted_mean(losses, data.count).
+  kinds = [a["kind"] for a in stage["aggregations"]]
+  assert kinds == ["weighted_mean"] * (len(args[0]) + 1)
+  weights = {a["weight"] for a in stage["aggregations"]}
+  values = {a["value"] for a in stage["aggregations"]}
+  assert weights <= set(stage["uploads"]) and not weights & values
+  assert {a["names"]["weight"] for a in stage["aggregations"]} == {"data.count"}
   assert {s["name"] for s in stage["client_work"]["inputs"]} >= set(stage["broadcasts"])
-  data_x = next(b for b in comp["inputs"] if b["name"] == "data_x")
-  assert data_x["placement"] == "CLIENTS" and data_x["shape"] == [2, 16, 64]  # one client's
-  assert data_x["path"] == [1, "x"]
-  assert plan["clients"] == fedavg.CLIENTS
+  # Each weight the client work uploads is the client's count (run for the largest client).
+  work = stage["client_work"]
+  count = np.asarray(args[1].count)
+  largest = int(np.argmax(count))
+  leaves = dict(zip([b["name"] for b in comp["inputs"]], jax.tree.leaves(args)))
+  outs = _jax_call(kept)(work, [np.asarray(leaves[s["name"]])[largest] if s["name"].startswith(
+      "data_") else leaves[s["name"]] for s in work["inputs"]])
+  uploaded = dict(zip([s["name"] for s in work["outputs"]], outs))
+  assert {float(uploaded[w]) for w in weights} == {float(count.max())}
+  # The clients' examples: one client's padded rows, ragged with their count and batch size.
+  by_name = {b["name"]: b for b in comp["inputs"]}
+  data_x = by_name["data_examples_x"]
+  assert data_x["placement"] == "CLIENTS" and data_x["path"] == [1, "examples", "x"]
+  padded = list(np.shape(args[1].examples["x"])[1:])  # [576, 64]: one client's
+  assert data_x["shape"] == padded
+  assert data_x["ragged"] == {"count": "data_count", "max_length": padded[0],
+                              "batch_size": fedavg.BATCH_SIZE}
+  assert by_name["data_count"] == {"name": "data_count", "shape": [], "dtype": "int32",
+                                   "placement": "CLIENTS", "path": [1, "count"]}
+  assert plan["clients"] == fedavg.CLIENTS == len(count)
 
   plan, _ = _plan_with_pieces(analytics.computation, analytics.example_inputs())
   (secure,) = [a for s in plan["computations"]["computation"]["stages"] for a in s["aggregations"]
@@ -176,7 +196,8 @@ def test_iterative_plan_links_the_state():
   metrics = [b["name"] for b in plan["computations"]["next"]["outputs"] if b["path"][0] == 1]
   assert metrics and not set(metrics) & {link["from"] for link in links["next_to_next"]}
   blocks = split_program(fedadam.process, fedadam.example_inputs()[1:]).blocks()
-  assert [b["name"] for b in blocks["next"]["inputs"]] == ["data_num_examples", "data_x", "data_y"]
+  assert [b["name"] for b in blocks["next"]["inputs"]] == [
+      "data_examples_x", "data_examples_y", "data_count"]
 
 
 def test_mismatched_state_is_an_export_error():

@@ -146,13 +146,17 @@ def test_secure_sum_histogram_and_range_of_the_analytics_example():
   levels, values = analytics.example_inputs()
   got = analytics.computation(levels, values)
   assert got["histogram"].dtype == jnp.int32
+  # The pooled data: every client's real values [i, :count[i]] (the padding is no one's).
+  count = np.asarray(values.count)
+  assert len(set(count.tolist())) > 1  # clients of different sizes
+  pooled = np.concatenate([np.asarray(values.examples)[i, :n] for i, n in enumerate(count)])
   edges = np.linspace(analytics.LO, analytics.HI, analytics.BINS + 1)
-  assert values.min() > analytics.LO and values.max() < analytics.HI  # no value clipped to an edge
-  np.testing.assert_array_equal(got["histogram"], np.histogram(values, bins=edges)[0])
-  np.testing.assert_allclose(got["mean"], values.mean(), rtol=1e-5)
-  assert float(got["max"]) == values.max() and float(got["min"]) == values.min()
+  assert pooled.min() > analytics.LO and pooled.max() < analytics.HI  # no value clipped to an edge
+  np.testing.assert_array_equal(got["histogram"], np.histogram(pooled, bins=edges)[0])
+  np.testing.assert_allclose(got["mean"], pooled.mean(), rtol=1e-5)
+  assert float(got["max"]) == pooled.max() and float(got["min"]) == pooled.min()
   # Each quantile estimate is within one bin of the pooled values' quantile.
-  np.testing.assert_allclose(got["quantiles"], np.quantile(values, levels),
+  np.testing.assert_allclose(got["quantiles"], np.quantile(pooled, levels),
                              atol=(analytics.HI - analytics.LO) / analytics.BINS)
 
 

@@ -37,6 +37,14 @@ def test_pieces_in_order_equal_the_computation(name):
     np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=1e-6, atol=1e-7)
 
 
+def _one_client(form, piece, args, i):
+  """``piece``'s inputs for client ``i``: its row of each CLIENTS input, the SERVER ones as they are
+  (a client work piece's broadcasts are server inputs by name here)."""
+  leaves = {b.name: (np.asarray(v), b.placement)
+            for b, v in zip(form.inputs, jax.tree.leaves(args), strict=True)}
+  return [v[i] if place is fb.CLIENTS else v for v, place in (leaves[s.name] for s in piece.inputs)]
+
+
 def test_each_piece_is_a_jaxpr_and_a_callable():
   comp, args = _example("fedavg")
   form = fb.split(comp, *args)
@@ -44,30 +52,39 @@ def test_each_piece_is_a_jaxpr_and_a_callable():
       "stage0_server_prepare", "stage0_client_work", "server_result"]
   work = form.stages[0].client_work
   # Client work is per client: one client's data, no clients axis.
-  data_x = next(s for s in work.inputs if s.name == "data_x")
-  assert data_x.shape == args[1]["x"].shape[1:]
+  data_x = next(s for s in work.inputs if s.name == "data_examples_x")
+  assert data_x.shape == args[1].examples["x"].shape[1:]
   assert isinstance(work.jaxpr, jax.extend.core.ClosedJaxpr)
-  one_client = [np.asarray(jax.tree.leaves(args[1])[0][0])]
-  assert len(one_client) == 1  # the callable takes flat per-client values
+  # The callable takes one client's flat values and gives one value per output spec.
+  outs = work(*_one_client(form, work, args, 0))
+  assert [np.shape(o) for o in outs] == [s.shape for s in work.outputs]
   primitives = {e.primitive.name for e in work.jaxpr.jaxpr.eqns}
   assert not primitives & {"faxbridge_broadcast", "faxbridge_map", "faxbridge_mean",
                           "faxbridge_weighted_mean"}
+  assert "faxbridge_fold" in primitives  # the client's own loop over its batches
 
 
 def test_aggregation_kinds_weights_and_params():
   comp, args = _example("analytics")
   (stage,) = fb.split(comp, *args).stages
   kinds = sorted(a.kind for a in stage.aggregations)
-  assert kinds == ["max", "mean", "min", "secure_sum"]
+  assert kinds == ["max", "min", "secure_sum", "weighted_mean"]  # the mean weighted by the counts
   (secure,) = [a for a in stage.aggregations if a.kind == "secure_sum"]
   assert secure.params == {"bitwidth": 16} and secure.result.dtype == "int32"
 
   comp, args = _example("fedavg")
-  (stage,) = fb.split(comp, *args).stages
+  form = fb.split(comp, *args)
+  (stage,) = form.stages
   weighted = [a for a in stage.aggregations if a.kind == "weighted_mean"]
-  assert len(weighted) == 4  # one per model leaf, all with the same per-client weight
-  assert {a.weight for a in weighted} == {weighted[0].weight}
-  assert weighted[0].weight in stage.uploads
+  assert len(weighted) == 5  # one per model leaf and the loss, all weighted by the client's count
+  assert {a.user_weight for a in weighted} == {"data.count"}
+  assert {a.weight for a in weighted} <= set(stage.uploads)
+  # Every weight upload is the client's own count (client work run for the largest client).
+  count = np.asarray(args[1].count)
+  largest = int(np.argmax(count))
+  work = stage.client_work
+  outs = dict(zip([s.name for s in work.outputs], work(*_one_client(form, work, args, largest))))
+  assert {float(outs[a.weight]) for a in weighted} == {float(count.max())}
 
 
 def test_a_broadcast_that_depends_on_an_aggregate_opens_a_stage():
@@ -84,8 +101,12 @@ def test_bytes_per_client_come_from_shapes_and_dtypes():
   form = fb.split(comp, *args)
   params = args[0]
   model_bytes = sum(np.asarray(v).nbytes for v in jax.tree.leaves(params))
-  # Download: the model. Upload: a gradient per leaf and the loss.
-  assert form.bytes_per_client() == [{"download": model_bytes, "upload": model_bytes + 4}]
+  # Download: the model. Upload: a gradient per leaf and the loss (f32), each a weighted mean whose
+  # weight, the client's int32 count, fb.weighted_mean casts to the leaf's dtype as client work:
+  # one f32 upload per leaf.
+  weighted = len(params) + 1
+  assert form.bytes_per_client() == [
+      {"download": model_bytes, "upload": model_bytes + 4 + weighted * 4}]
   comp, args = _example("two_stage")
   assert fb.split(comp, *args).bytes_per_client() == [
       {"download": 4, "upload": 12}, {"download": 12, "upload": 12}]

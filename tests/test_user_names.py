@@ -55,17 +55,19 @@ def _stage_lines(text: str, stage: int) -> list[str]:
 
 
 def test_inspect_names_fedavgs_uploads_and_aggregates_as_its_source_does(inspected):
-  """examples/fedavg.py: ``deltas, weights, losses = fb.map(client_update, ...)``,
-  ``mean_delta = fb.weighted_mean(deltas, weights)``, ``fb.mean(losses)``: one line per model
-  leaf and one for the loss, each by those names (not only upload0, aggregate0)."""
+  """examples/fedavg.py: ``deltas, losses = fb.map(client_update, ...)``,
+  ``mean_delta = fb.weighted_mean(deltas, data.count)``, ``fb.weighted_mean(losses, data.count)``:
+  one line per model leaf and one for the loss, each by those names (not only upload0,
+  aggregate0)."""
   from examples import _mlp
 
   text, _ = inspected["fedavg"]
   aggregates = [line.split(None, 1)[1] for line in _stage_lines(text, 0)
                 if line.lstrip().startswith("aggregate")]
   keys = sorted(_mlp.init_params())
-  expected = [f"weighted_mean(deltas[{k!r}], weight weights) -> mean_delta[{k!r}]" for k in keys]
-  assert [a.split(" f32")[0] for a in aggregates] == [*expected, "mean(losses) -> aggregate4 = out[1]"]
+  expected = [f"weighted_mean(deltas[{k!r}], weight data.count) -> mean_delta[{k!r}]" for k in keys]
+  assert [a.split(" f32")[0] for a in aggregates] == [
+      *expected, "weighted_mean(losses, weight data.count) -> aggregate4 = out[1]"]
   # The internal names stay beside them: they are plan.json's and every export's.
   assert all(re.search(r"\[upload\d+(, upload\d+)? -> aggregate\d+\]$", a) for a in aggregates)
 
