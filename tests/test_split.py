@@ -101,10 +101,10 @@ def test_bytes_per_client_come_from_shapes_and_dtypes():
   form = fb.split(comp, *args)
   params = args[0]
   model_bytes = sum(np.asarray(v).nbytes for v in jax.tree.leaves(params))
-  # Download: the model. Upload: a gradient per leaf and the loss (f32), each a weighted mean whose
-  # weight, the client's int32 count, fb.weighted_mean casts to the leaf's dtype as client work:
-  # one f32 upload per leaf.
-  weighted = len(params) + 1
+  # Download: the model. Upload: a gradient per leaf and the loss (f32), weighted means whose
+  # weight, the client's int32 count, fb.weighted_mean casts to the leaves' dtype as client work:
+  # once per call (the gradients', the loss's), not once per leaf.
+  weighted = 2
   assert form.bytes_per_client() == [
       {"download": model_bytes, "upload": model_bytes + 4 + weighted * 4}]
   comp, args = _example("two_stage")

@@ -220,10 +220,14 @@ def aggregate(prim, x: PyTree, weight: jax.Array | None = None, **params) -> PyT
         f"not {weight.shape}."
     )
   out = []
+  cast: dict = {}  # one cast per dtype, so that the clients upload the weight once, not per leaf
   for v, scope in zip(leaves, scopes):
     v, w = jnp.asarray(v), weight
     if w.dtype != v.dtype:  # the cast is per-client work
-      (w,) = P.bind_map(lambda wi, dt=v.dtype: [wi.astype(dt)], weight, axis_name=clients_axis())
+      if v.dtype not in cast:
+        (cast[v.dtype],) = P.bind_map(lambda wi, dt=v.dtype: [wi.astype(dt)], weight,
+                                      axis_name=clients_axis())
+      w = cast[v.dtype]
     with jax.named_scope(scope):
       out.append(prim.bind(v, w, **params))
   return jax.tree.unflatten(tree, out)
