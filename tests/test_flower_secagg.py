@@ -380,7 +380,9 @@ def test_analytics_on_four_supernodes_its_histogram_by_secaggplus_exact(client_r
   manifest = json.loads((out / "manifest.json").read_text())
   plan = json.loads((out / "plan.json").read_text())["computations"]["computation"]
   form = FederatedForm.from_json(plan, "computation")
-  inputs = {b.name: v for b, v in zip(form.inputs, (levels, ink))}
+  # The leaves in the form's input order: the levels, then the fb.Ragged's examples and counts.
+  inputs = {b.name: np.asarray(v)
+            for b, v in zip(form.inputs, jax.tree.leaves((levels, ink)), strict=True)}
   kept = tmp_path / "kept"
   kept.mkdir()
   result = deployment.deploy(out, manifest, inputs, 1, keep=kept)

@@ -1,6 +1,6 @@
 """Tests of converters/tflite/export.py: named signatures with TFLITE_BUILTINS only, a client work
-with local epochs (lax.scan) converting to a WHILE, errors that list the unsupported operations,
-determinism, and the measured reason the plain-TF lowering is the default."""
+with a local epoch (fb.fold over its own batches) converting to a WHILE, errors that list the
+unsupported operations, determinism, and the measured reason the plain-TF lowering is the default."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from examples import fedavg, two_stage
 from faxbridge._src.errors import ExportError
 from faxbridge._src.export import read_manifest
 from faxbridge.converters.tflite import export as tx
+from faxbridge.extend import fold_p
 
 # Op names the LiteRT runtime exposes for kernels outside the builtin set.
 NON_BUILTIN = ("FLEX", "CUSTOM", "DELEGATE")
@@ -142,15 +143,26 @@ def test_options_are_checked(tmp_path):
 
 @pytest.mark.slow
 def test_local_epochs_convert_to_a_while_loop():
+  """FedAvg's local epoch, an fb.fold over the client's own batches, becomes a TFLite WHILE in a
+  model whose examples' leading dimension is dynamic (as the export converts it). On one client's
+  own 37 rows (two whole batches of 16 and a partial one) it equals the piece run by JAX on the
+  same rows padded to the traced length with NaN, which the fold never reads."""
   form = fb.split(fedavg.computation, *fedavg.example_inputs())
   piece = form.stages[0].client_work
-  assert any(e.primitive.name == "scan" for e in piece.jaxpr.jaxpr.eqns)
-  model = tx.convert_piece(piece)
+  assert any(e.primitive is fold_p for e in piece.jaxpr.jaxpr.eqns)
+  ragged = {b.name for b in form.inputs if b.ragged}
+  assert ragged == {"data_examples_x", "data_examples_y"}
+  model = tx.convert_piece(piece, ragged=ragged)
   assert "WHILE" in tx.model_ops(model)
-  args = _random_args(piece, seed=3)
-  args = [np.abs(a) + 1 if s.name == "data_num_examples" else a for s, a in zip(piece.inputs, args)]
-  want = jax.jit(jcore.jaxpr_as_fun(piece.jaxpr))(*args)
-  for got, w in zip(_run(model, piece, args), want):
+  own = 37
+  padded = [np.asarray(own, s.dtype) if s.name == "data_count" else a
+            for s, a in zip(piece.inputs, _random_args(piece, seed=3))]
+  padded = [np.concatenate([a[:own], np.full_like(a[own:], np.nan)]) if s.name == "data_examples_x"
+            else a for s, a in zip(piece.inputs, padded)]
+  want = jax.jit(jcore.jaxpr_as_fun(piece.jaxpr))(*padded)
+  rows = [a[:own] if s.name in ragged else a for s, a in zip(piece.inputs, padded)]
+  for got, w in zip(_run(model, piece, rows), want, strict=True):
+    assert np.all(np.isfinite(got))
     np.testing.assert_allclose(got, np.asarray(w), rtol=1e-4, atol=1e-6)
 
 

@@ -38,6 +38,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.extend import core as jcore
 from jax.extend.mlir.dialects import stablehlo as shlo
+from jax.interpreters import partial_eval as pe
 
 from faxbridge.converters import plan as fplan
 from faxbridge.extend import (
@@ -157,21 +158,33 @@ def _batches_rule(*args, batch_size: int) -> list:
 
 
 def _fold_rule(*args, jaxpr: jcore.ClosedJaxpr, num_consts: int, num_carry: int) -> list:
-  """``fold_p`` over batches left unmade: ``fold_p``'s loop (``count`` steps of a while loop, the
-  count clipped to the number of batches) whose step ``j`` slices batch ``j`` from the rows."""
+  """``fold_p`` over a client's rows of symbolic length: ``fold_p``'s loop (``count`` steps of a
+  while loop, the count clipped to the number of items) whose step ``j`` reads item ``j``: batch
+  ``j`` sliced from the rows (batches left unmade, a :class:`_Batches`), or row ``j``.
+
+  A carry that the step overwrites without reading it (DiLoCo's last batch loss) is kept as
+  ``where(j < n, new, old)``, which is ``new`` on every step the loop runs: IREE 3.13 crashes
+  (a segmentation fault in ConvertToStream's ``scf.while`` conversion) on a while loop whose body
+  never reads a value it carries, as its canonicalization leaves the loop's two regions carrying
+  different values. The select reads it at the cost of one select per such carry and step."""
   consts = list(args[:num_consts])
   init = list(args[num_consts: num_consts + num_carry])
   count = args[num_consts + num_carry]
   items = list(args[num_consts + num_carry + 1:])
-  n = jnp.clip(count, 0, next(x for x in items if isinstance(x, _Batches)).length)
+  first = items[0]
+  n = jnp.clip(count, 0, first.length if isinstance(first, _Batches) else jnp.shape(first)[0])
   step = jcore.jaxpr_as_fun(jaxpr)
+  _, live = pe.dce_jaxpr(jaxpr.jaxpr, [True] * len(jaxpr.jaxpr.outvars))
+  unread = [not used for used in live[num_consts: num_consts + num_carry]]
 
   def item(x, j):
     return x.batch(j) if isinstance(x, _Batches) else lax.dynamic_index_in_dim(x, j, 0, False)
 
   def body(state):
     j, carry = state
-    return j + 1, list(step(*consts, *carry, *(item(x, j) for x in items)))
+    new = step(*consts, *carry, *(item(x, j) for x in items))
+    return j + 1, [jnp.where(j < n, x, old) if skip else x
+                   for x, old, skip in zip(new, carry, unread, strict=True)]
 
   _, out = lax.while_loop(lambda s: s[0] < n, body, (jnp.zeros((), n.dtype), init))
   return out
@@ -187,7 +200,9 @@ def piece_function(closed: jcore.ClosedJaxpr) -> Callable[..., list]:
   'stablehlo.dynamic_reshape'"; nor a ``dynamic_update_slice`` into a ``[k, b, ...]`` buffer). A
   ``dynamic_slice`` of ``b`` rows it compiles, and the batches are never copied. The values are
   ``batches_p``'s and ``fb.fold``'s (``tests/test_ragged_stablehlo.py`` checks them against numpy,
-  with NaN in the padding). A fold without batches is ``fold_p`` itself (its loop indexes the rows).
+  with NaN in the padding). A fold without batches is the same loop indexing the rows (as
+  ``fold_p``'s own), so that every fold of the piece keeps the carries IREE needs read
+  (:func:`_fold_rule`).
 
   Raises:
     ExportError: a fold over batches of another size than the ragged input's (its rows are
@@ -209,7 +224,7 @@ def piece_function(closed: jcore.ClosedJaxpr) -> Callable[..., list]:
               f"fb.ragged input exported with {length} rows per client (its own batch size): "
               f"give fb.ragged(..., batch_size={b}), the batch size of the fold")
         outs = _batches_rule(*invals, **eqn.params)
-      elif eqn.primitive is fold_p and lazy:
+      elif eqn.primitive is fold_p:
         outs = _fold_rule(*invals, **eqn.params)
       elif lazy:
         raise ExportError(f"the batches of a client's examples reach {eqn.primitive.name}, not "
