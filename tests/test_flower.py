@@ -325,6 +325,7 @@ def test_ctrl_c_stops_every_process(fedavg_inputs, tmp_path):
                   client_runtime="iree")
   code = ("import faxbridge as fb\nfrom examples import fedavg\n"
           f"fb.verify({str(out)!r}, *fedavg.example_inputs(4)[1:], runtime='flower', rounds=3)\n")
+  start = time.monotonic()
   child = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT,
                            env={**os.environ, "TMPDIR": str(tmp_path)})  # its deployment's folder
@@ -334,9 +335,16 @@ def test_ctrl_c_stops_every_process(fedavg_inputs, tmp_path):
       time.sleep(0.5)
     started = deployment.leftovers(tmp_path, below=True)
     assert len(started) >= 5, "the deployment did not start"  # a SuperLink and 4 SuperNodes
+    seen = time.monotonic() - start
+    interrupted = child.poll() is None  # send_signal sends nothing to a child that has ended
     child.send_signal(signal.SIGINT)
     output = child.communicate(timeout=60)[0].decode(errors="replace")
-    assert child.returncode != 0 and "KeyboardInterrupt" in output, output[-2000:]
+    # Said when it fails (once, under load, the child had exited 0 with no output): whether the
+    # signal was sent, and when the deployment's processes were seen.
+    assert child.returncode != 0 and "KeyboardInterrupt" in output, (
+        f"exit {child.returncode}; {len(started)} processes seen {seen:.1f} s after the start; "
+        f"SIGINT {'sent' if interrupted else 'not sent: the child had ended'}; "
+        f"output: {output[-2000:]}")
   finally:
     if child.poll() is None:
       child.kill()
