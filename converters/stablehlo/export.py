@@ -171,8 +171,8 @@ def _fold_rule(*args, jaxpr: jcore.ClosedJaxpr, num_consts: int, num_carry: int)
   init = list(args[num_consts: num_consts + num_carry])
   count = args[num_consts + num_carry]
   items = list(args[num_consts + num_carry + 1:])
-  first = items[0]
-  n = jnp.clip(count, 0, first.length if isinstance(first, _Batches) else jnp.shape(first)[0])
+  batched = [x for x in items if isinstance(x, _Batches)]
+  n = jnp.clip(count, 0, batched[0].length if batched else jnp.shape(items[0])[0])
   step = jcore.jaxpr_as_fun(jaxpr)
   _, live = pe.dce_jaxpr(jaxpr.jaxpr, [True] * len(jaxpr.jaxpr.outvars))
   unread = [not used for used in live[num_consts: num_consts + num_carry]]
