@@ -360,6 +360,36 @@ def test_a_fold_over_batches_of_another_size_is_refused(tmp_path):
     fb.export(rebatched, data, target="stablehlo", out_dir=tmp_path / "e")
 
 
+@pytest.mark.parametrize("runtime", QUICK_ON_IREE)
+def test_a_fold_that_overwrites_a_carry_it_never_reads(runtime, tmp_path):
+  """A step that keeps the last example (or batch sum) without reading the carry it replaces, as
+  DiLoCo keeps its last loss: IREE 3.13's compiler crashes on a while loop carrying such a value,
+  so the exporter keeps it as ``where(j < n, new, old)``. Batched and not, against numpy."""
+
+  def last(d):
+    return fb.fold(lambda c, x: (c[0] + x, 2.0 * x), (jnp.float32(0), jnp.float32(-1)), d)
+
+  def last_batch(d):
+    step = lambda c, x, m: (c[0] + jnp.sum(x), jnp.sum(jnp.where(m, x, 0.0)))
+    return fb.fold(step, (jnp.float32(0), jnp.float32(-1)), d)
+
+  @fb.computation(in_placements=(fb.CLIENTS, fb.CLIENTS))
+  def keeps_the_last(a, b):
+    return fb.map(last, a), fb.map(last_batch, b)
+
+  sizes = [1, 3, 17, 0]
+  rows = [RNG.normal(size=m).astype(np.float32) for m in sizes]
+  a, b = fb.ragged(rows), fb.ragged(rows, batch_size=4)
+  want_a = [(x.sum(), 2.0 * x[-1] if len(x) else -1.0) for x in rows]
+  want_b = [(x.sum(), x[(len(x) - 1) // 4 * 4:].sum() if len(x) else -1.0) for x in rows]
+  (sa, la), (sb, lb) = keeps_the_last(a, b)
+  _close(np.stack([sa, la], 1), np.array(want_a))
+  _close(np.stack([sb, lb], 1), np.array(want_b))
+  out = fb.export(keeps_the_last, a, b, target="stablehlo", out_dir=tmp_path / "e")
+  report = fb.verify(out, _poisoned(a, np.nan), _poisoned(b, np.nan), runtime=runtime)
+  assert report.ok, str(report)
+
+
 # -- generated programs with a ragged input --------------------------------------------------------
 GENERATED = [pytest.param(seed, runtime, id=f"seed{seed}-{runtime}",
                           marks=() if (seed, runtime) in {(0, "iree"), (7, "iree")} else pytest.mark.slow)
