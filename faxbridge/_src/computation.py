@@ -274,23 +274,22 @@ class Computation:
     mesh = self._resolve_mesh()
     if mesh is None:  # the common case, kept short: it runs on every call
       return self._executable(args, None)[1](*args)
-    if _explicit_context(mesh, args) is not None:
+    if _traced_under_explicit_mesh(mesh, args):
       return _in_auto_axes(self, args, mesh)
     with _as_ambient(mesh):
       traced, jitted, sharded, _ = self._executable(args, mesh)
       return jitted(*_placed(traced, mesh, args)) if sharded else jitted(*args)
 
 
-def _explicit_context(mesh, args: Sequence):
-  """The abstract mesh in force while an outer ``jax.jit`` traces this call (``args`` are tracers),
-  when it is ``mesh``'s with Explicit axes (``jax.set_mesh`` of a ``jax.make_mesh`` mesh), else
-  None. Called eagerly, ``_as_ambient`` puts the computation's Auto copy in force instead."""
-  if not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(args)):
-    return None
+def _traced_under_explicit_mesh(mesh, args: Sequence) -> bool:
+  """Whether an outer ``jax.jit`` traces this call (``args`` are tracers) with ``mesh``'s axes in
+  force as Explicit ones (``jax.set_mesh`` of a ``jax.make_mesh`` mesh). Called eagerly,
+  ``_as_ambient`` puts the computation's Auto copy in force instead. The mesh is read first: it
+  is the cheap test, and the common call has none."""
   ctx = jax.sharding.get_abstract_mesh()
-  if ctx.empty or ctx.axis_names != mesh.axis_names or not ctx.explicit_axes:
-    return None
-  return ctx
+  if ctx.empty or not ctx.explicit_axes or ctx.axis_names != mesh.axis_names:
+    return False
+  return any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(args))
 
 
 def _in_auto_axes(comp: Computation, args: Sequence, mesh) -> PyTree:
