@@ -322,3 +322,24 @@ def test_auto_on_accelerators_vmaps_while_a_quarter_of_free_memory_holds_the_cli
   monkeypatch.setattr(jax, "devices", lambda: [_FakeDevice("cpu", None)])
   assert execution.resolve("auto", jaxpr, 5, 1) == ("stream", execution.CPU_BLOCK)
   assert execution.resolve(("stream", 3), jaxpr, 5, 1) == ("stream", 3)  # explicit: as given
+
+
+def test_auto_on_cpu_takes_larger_blocks_in_large_rounds_of_small_clients(monkeypatch):
+  monkeypatch.setattr(jax, "devices", lambda: [_FakeDevice("cpu", None)])
+  small = fb.computation(_round, in_placements=(fb.SERVER, fb.CLIENTS)).trace(
+      np.ones((32, 256), np.float32), np.ones((64, 64, 32), np.float32)).jaxpr.jaxpr
+  assert execution.per_client_bytes(small) * execution.CPU_LARGE_BLOCK <= execution.CPU_LARGE_BLOCK_BYTES
+  large_round = execution.CPU_LARGE_ROUND
+  for clients, devices, want in [
+      (large_round - 1, 1, execution.CPU_BLOCK),
+      (large_round, 1, execution.CPU_LARGE_BLOCK),
+      (100_000, 1, execution.CPU_LARGE_BLOCK),
+      (large_round, 2, execution.CPU_BLOCK),  # 512 clients on each device
+      (2 * large_round, 2, execution.CPU_LARGE_BLOCK),
+  ]:
+    assert execution.resolve("auto", small, clients, devices) == ("stream", want), (clients, devices)
+  # Clients whose values are large (16 of them over 256 MiB) keep blocks of 8 in any round.
+  big = fb.computation(_round, in_placements=(fb.SERVER, fb.CLIENTS)).trace(
+      np.ones((32, 256), np.float32), np.ones((2, 2**17, 32), np.float32)).jaxpr.jaxpr
+  assert execution.per_client_bytes(big) * execution.CPU_LARGE_BLOCK > execution.CPU_LARGE_BLOCK_BYTES
+  assert execution.resolve("auto", big, 100_000, 1) == ("stream", execution.CPU_BLOCK)

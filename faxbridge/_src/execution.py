@@ -60,6 +60,18 @@ _STRATEGY: contextvars.ContextVar[Strategy | None] = contextvars.ContextVar(
 # 0.15-0.31x at 128 clients, 0.16-0.26x at 512, 0.25x at 2,048; one client per step 0.18-0.39x,
 # 0.17-0.38x, 0.29x. Memory stays that of 8 clients.
 CPU_BLOCK = 8
+# ... and from CPU_LARGE_ROUND clients on (per device), blocks of CPU_LARGE_BLOCK while that many
+# clients' values take at most CPU_LARGE_BLOCK_BYTES. A scan step has a fixed cost (the
+# accumulators' adds over the whole model, the loop itself) that a larger block spreads over more
+# clients, and a fixed cost per round that is larger for larger blocks (a short scan of large
+# blocks runs slower per step). Measured on the anchor round (benchmarks/fedavg_round.py: 6 MiB
+# per client; one process, 11-21 interleaved runs, quiet 2-core machine), ms per client for blocks
+# of 8 / 16: 0.289 / 0.346 at 128 clients, 0.276 / 0.296 at 256, 0.265 / 0.272 at 512,
+# 0.261 / 0.248 at 1,024, 0.264 / 0.243 at 2,048, 0.261 / 0.244 at 4,096; blocks of 32 and 64
+# were slower than 16 at every size (0.261 and 0.316 at 2,048).
+CPU_LARGE_ROUND = 1024
+CPU_LARGE_BLOCK = 16
+CPU_LARGE_BLOCK_BYTES = 256 * 2**20
 # Sorted by their folds' steps, the largest clients of a stream run in blocks of k / 4. Measured on
 # the ragged benchmark's step (MLP 256-512-10, a batch of 16; 2 shared cores): a loop step of 1, 2,
 # 4, 8 clients takes 0.43, 0.46, 0.78, 2.2 ms, so small blocks cost about one client's step, and
@@ -170,7 +182,9 @@ def resolve(strategy: Strategy, jaxpr: jcore.Jaxpr, clients: int | None,
   """What ``strategy`` means for this computation here: ``"vmap"`` or ``("stream", k)``.
 
   ``"auto"``: on CPU, ``("stream", CPU_BLOCK)`` = ``("stream", 8)`` (a scan is faster than vmap
-  from a few dozen clients on, and its memory is flat). On GPU/TPU, ``"vmap"`` while the
+  from a few dozen clients on, and its memory is flat); from ``CPU_LARGE_ROUND`` = 1,024 clients
+  per device on, ``("stream", 16)`` where 16 clients' values (the same bound as below) take at
+  most ``CPU_LARGE_BLOCK_BYTES`` = 256 MiB. On GPU/TPU, ``"vmap"`` while the
   per-client footprint of the largest map (every value its jaxpr defines) times the clients on one
   device fits in ``MEMORY_SHARE`` of the device's free memory, else ``("stream", k)`` with the
   largest ``k`` that does. Without maps (or a count of clients), ``"vmap"``.
@@ -182,10 +196,11 @@ def resolve(strategy: Strategy, jaxpr: jcore.Jaxpr, clients: int | None,
   if not clients or not per_client:
     return "vmap"
   device = jax.devices()[0]
-  if device.platform == "cpu":
-    return ("stream", CPU_BLOCK)
-  free = _free_memory(device)
   local = -(-clients // devices)
+  if device.platform == "cpu":
+    large = local >= CPU_LARGE_ROUND and per_client * CPU_LARGE_BLOCK <= CPU_LARGE_BLOCK_BYTES
+    return ("stream", CPU_LARGE_BLOCK if large else CPU_BLOCK)
+  free = _free_memory(device)
   if free is None:
     return "vmap"
   budget = int(free * MEMORY_SHARE)
