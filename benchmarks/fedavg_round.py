@@ -223,7 +223,9 @@ def huge_mode(clients: int, name: str, repeats: int, budget_s: float) -> dict:
   data made and put on the device (its host copy dropped), then compile + one round, then timed rounds
   (at least one, more while ``budget_s`` lasts). Memory is this process's resident set sampled while
   the rounds run (``peer_io.PeakMemory``: ``ru_maxrss`` would keep the moment the data existed twice):
-  ``baseline_mb`` before compiling, ``peak_mb`` the most during the rounds."""
+  ``baseline_mb`` before compiling, ``peak_mb`` the most during the rounds. ``xla_temp_mb``: the
+  compiled round's temporaries (``memory_analysis``, compiled again after the timed rounds), which
+  unlike the resident set do not move with the allocator's and the OS's bookkeeping."""
   import gc
 
   import peer_io
@@ -246,6 +248,8 @@ def huge_mode(clients: int, name: str, repeats: int, budget_s: float) -> dict:
   out = {"clients": clients, "impl": name, "data_mb": data_mb, "baseline_mb": mem.baseline_mb,
          "peak_mb": mem.peak_mb, "delta_mb": mem.peak_mb - mem.baseline_mb, "first_call_s": first,
          "times_s": times, "process_maxrss_mb": _maxrss_mb()}
+  compiled = jax.jit(lambda p, d: fn(p, d)).lower(params, data).compile()
+  out["xla_temp_mb"] = compiled.memory_analysis().temp_size_in_bytes / 2**20
   if name.endswith("auto"):
     out["auto_picked"] = auto_choice(fn, params, data)
   return out

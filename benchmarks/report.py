@@ -42,6 +42,11 @@ def _fmt(x, spec: str = ".3f") -> str:
   return "-" if x is None else format(x, spec)
 
 
+def _mb(value: float | None) -> str:
+  """A size in MB for a table cell; ``-`` where a run before the column existed left none."""
+  return "-" if value is None else f"{value:.1f}"
+
+
 def _cell(text: str) -> str:
   """Text for a table cell: one line, no column separators."""
   return " ".join(str(text).split()).replace("|", "/")
@@ -115,6 +120,9 @@ def targets(fedavg: dict, huge: dict | None = None, overhead: dict | None = None
         1e3 * big["median_s"] / int(HUGE) if big else None, 0.3, " ms")
   check("memory flat in clients: the round's own memory (peak - baseline) at 100,000 <= 1.1x at 10,000",
         big["delta_mb"] / max(base["delta_mb"], 1.0) if big and base else None, 1.1)
+  temps = big and base and big.get("xla_temp_mb") and base.get("xla_temp_mb")
+  check("memory flat in clients: the compiled round's temporaries at 100,000 <= 1.0x at 10,000",
+        big["xla_temp_mb"] / base["xla_temp_mb"] if temps else None, 1.0)
   return out
 
 
@@ -162,20 +170,21 @@ def huge_table(huge: dict) -> list[str]:
   lines = ["Each size in one fresh process (`fedavg_round.py huge`). Memory is the process's resident set "
            "sampled while compiling and running the rounds: `baseline` once the data is on the device "
            "(its host copy dropped), `peak` the most during the rounds, `peak - data` what is not the "
-           "clients' data.", "",
+           "clients' data. `XLA temporaries`: the compiled round's own (`memory_analysis`).", "",
            "| clients | implementation | median s | min s | runs | first call s | ms per client | data MB | "
-           "baseline MB | peak MB | round's own MB (peak - baseline) | peak - data MB | note |",
-           "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+           "baseline MB | peak MB | round's own MB (peak - baseline) | peak - data MB | "
+           "XLA temporaries MB | note |",
+           "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
   for size, r in huge.items():
     n = int(size)
     if "skipped" in r:
-      lines.append(f"| {n:,} | {HUGE_IMPL_LABEL} |" + " - |" * 10 + f" skipped: {_cell(r['skipped'])} |")
+      lines.append(f"| {n:,} | {HUGE_IMPL_LABEL} |" + " - |" * 11 + f" skipped: {_cell(r['skipped'])} |")
       continue
     note = f"auto picked {r['auto_picked']}" if r.get("auto_picked") else ""
     lines.append(f"| {n:,} | {HUGE_IMPL_LABEL} | {r['median_s']:.3f} | {r['min_s']:.3f} | {r['runs']} | "
                  f"{r['first_call_s']:.2f} | {1e3 * r['median_s'] / n:.3f} | {r['data_mb']:.0f} | "
                  f"{r['baseline_mb']:.0f} | {r['peak_mb']:.0f} | {r['delta_mb']:.0f} | "
-                 f"{r['peak_mb'] - r['data_mb']:.0f} | {note} |")
+                 f"{r['peak_mb'] - r['data_mb']:.0f} | {_mb(r.get('xla_temp_mb'))} | {note} |")
   return lines
 
 

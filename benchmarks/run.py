@@ -338,6 +338,7 @@ def huge(sizes: list[int], repeats: int, budget_s: float, memory_mb: float, log)
     row.update({k: got[k] for k in ("first_call_s", "data_mb", "baseline_mb", "peak_mb", "delta_mb",
                                     "process_maxrss_mb")})
     row["auto_picked"] = got.get("auto_picked")
+    row["xla_temp_mb"] = got.get("xla_temp_mb")
     rows[str(size)] = row
   return rows
 

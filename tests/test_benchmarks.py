@@ -211,6 +211,7 @@ def test_huge_mode_times_and_measures_the_round_beside_the_data():
   assert len(got["times_s"]) == 2 and all(t > 0 for t in got["times_s"])
   assert got["peak_mb"] >= got["baseline_mb"] > got["data_mb"]
   assert got["auto_picked"] == "('stream', 8)"
+  assert 0 < got["xla_temp_mb"] < 64  # a block of 8 clients' values, not 64
 
 
 # -- the peers' plumbing (numpy only: runs without .venv-bench) -------------------------------------------
@@ -261,21 +262,26 @@ def test_peers_mode_writes_the_inputs_and_the_reference(tmp_path):
 
 
 # -- the report's new sections -----------------------------------------------------------------------
-def _huge_row(median_s, data_mb, baseline_mb, peak_mb):
+def _huge_row(median_s, data_mb, baseline_mb, peak_mb, xla_temp_mb=32.75):
   return {"median_s": median_s, "min_s": median_s, "max_s": median_s, "runs": 1, "first_call_s": 1.0,
           "data_mb": data_mb, "baseline_mb": baseline_mb, "peak_mb": peak_mb,
-          "delta_mb": peak_mb - baseline_mb, "process_maxrss_mb": 2 * data_mb, "auto_picked": "x"}
+          "delta_mb": peak_mb - baseline_mb, "process_maxrss_mb": 2 * data_mb, "auto_picked": "x",
+          "xla_temp_mb": xla_temp_mb}
 
 
 def test_report_verdicts_of_the_huge_round_and_peer_rows():
-  huge = {"10000": _huge_row(3.3, 314.0, 490.0, 620.0), "100000": _huge_row(27.0, 3137.0, 3300.0, 3440.0)}
+  huge = {"10000": _huge_row(3.3, 314.0, 490.0, 620.0),
+          "100000": _huge_row(27.0, 3137.0, 3300.0, 3440.0, xla_temp_mb=33.0)}
   text = "\n".join(report.targets({}, huge))
   assert "| auto at 100,000 clients (one process) <= 0.3 ms per client | 0.27 ms | met |" in text
   # 140 MB of the round's own at 100,000 clients against 130 at 10,000: 1.08x.
-  assert "at 100,000 <= 1.1x at 10,000 | 1.08x | met |" in text
+  assert "(peak - baseline) at 100,000 <= 1.1x at 10,000 | 1.08x | met |" in text
+  assert "temporaries at 100,000 <= 1.0x at 10,000 | 1.01x | missed by 1% |" in text
   table = "\n".join(report.huge_table(huge))
   assert "| 100,000 | faxbridge auto | 27.000 |" in table
-  assert "| 0.270 | 3137 | 3300 | 3440 | 140 | 303 |" in table
+  assert "| 0.270 | 3137 | 3300 | 3440 | 140 | 303 | 33.0 |" in table
+  old = {k: {n: v for n, v in row.items() if n != "xla_temp_mb"} for k, row in huge.items()}
+  assert "| 303 | - |" in "\n".join(report.huge_table(old))  # results from before the column
   rows = {"8": {"jit+vmap": {"median_s": 1.0, "min_s": 1.0, "max_s": 1.0, "runs": 1, "peak_mb": 1.0,
                              "delta_mb": 1.0},
                 "pfl (Keras 3)": {"mismatch": "differs | in w1"},
