@@ -22,7 +22,7 @@ from faxbridge._src.errors import (
   UnsupportedPrimitiveError,
   VerificationError,
 )
-from faxbridge._src.execution import execution_strategy
+from faxbridge._src.execution import compiler_options, execution_strategy
 from faxbridge._src.export import export
 from faxbridge._src.form import FederatedForm
 from faxbridge._src.iterative import IterativeProcess
@@ -51,6 +51,7 @@ __all__ = [
     "UnsupportedPrimitiveError",
     "VerificationError",
     "broadcast",
+    "compiler_options",
     "computation",
     "dp_adaptive_init",
     "dp_adaptive_mean",

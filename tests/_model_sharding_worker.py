@@ -95,9 +95,14 @@ def plain_grad(loss):
 
 
 # -- measuring --------------------------------------------------------------------------------------
-def compiled(fn, *args):
-  """``fn`` compiled for ``args`` and its per-device bytes (one device's share of a sharded program)."""
-  exe = jax.jit(fn).lower(*args).compile()
+def compiled(fn, *args, options=None):
+  """``fn`` compiled under an outer ``jax.jit`` (with XLA ``options``) for ``args``, and its
+  per-device bytes (one device's share of a sharded program)."""
+  return _measured(jax.jit(fn, compiler_options=options).lower(*args))
+
+
+def _measured(lowered):
+  exe = lowered.compile()
   m = exe.memory_analysis()
   return exe, {"arguments": int(m.argument_size_in_bytes), "outputs": int(m.output_size_in_bytes),
                "temporaries": int(m.temp_size_in_bytes)}
@@ -131,8 +136,11 @@ def mesh_of(shape: dict) -> jax.sharding.Mesh:
 def case(loss, params, data, param_specs, shape: dict, data_spec=None, direct=False) -> dict:
   """One mesh: faxbridge (both strategies) and drjax against the one-device answer.
 
-  The rounds run as compiled for ``memory_analysis`` (under an outer ``jax.jit``); with ``direct``,
-  also called as they are (the computation places its inputs itself).
+  The rounds run as compiled for ``memory_analysis`` under an outer ``jax.jit`` (``memory``, XLA's
+  default options, and drjax's the same); ``own_memory`` is the round as its own call compiles it
+  (``Computation.lower``: with ``fb.compiler_options()``), beside drjax under those options
+  (``drjax.own_memory``). With ``direct``, the rounds are also called as they are (the
+  computation places its inputs itself).
   """
   mesh = mesh_of(shape)
   w = jax.device_put(params, jax.tree.map(lambda s: NS(mesh, s), param_specs))
@@ -147,14 +155,16 @@ def case(loss, params, data, param_specs, shape: dict, data_spec=None, direct=Fa
     grad = jax.grad(faxbridge_loss(loss, mesh, strategy))(w, x)
     out[name] = {"strategy": str(rnd.strategy_for(w, x)), "specs": specs(got), "grad_specs": specs(grad),
                  "value_diff": max_diff(got, want), "grad_diff": max_diff(grad, want_grad),
-                 "memory": mem}
+                 "memory": mem, "own_memory": _measured(rnd.lower(w, x))[1]}
     if direct:
       called = rnd(w, x)
       out[name].update(direct_specs=specs(called), direct_diff=max_diff(called, want))
   with jax.set_mesh(mesh):  # drjax reads the ambient mesh where it is not given one
     exe, mem = compiled(drjax_round(loss, mesh), w, x)
     got = exe(w, x)
-    out["drjax"] = {"specs": specs(got), "value_diff": max_diff(got, want), "memory": mem}
+    out["drjax"] = {"specs": specs(got), "value_diff": max_diff(got, want), "memory": mem,
+                    "own_memory": compiled(drjax_round(loss, mesh), w, x,
+                                           options=fb.compiler_options())[1]}
   return out
 
 
@@ -192,7 +202,19 @@ def mlp_cases() -> dict:
   return {"unsharded": unsharded(mlp_loss, params, data), "inside": constraint_inside_client_work(),
           "cases": [case(mlp_loss, params, data, param_specs, {"clients": 2, "model": 4}, direct=True),
                     case(mlp_loss, params, data, param_specs, {"clients": 2, "data": 2, "model": 2},
-                         P("clients", "data"))]}
+                         P("clients", "data"))],
+          "outer_jit_with_options": outer_jit_with_options(params, data, param_specs)}
+
+
+def outer_jit_with_options(params, data, param_specs) -> dict:
+  """The streamed MLP round on the data-axis mesh under a user's ``jax.jit`` given
+  ``fb.compiler_options()``, beside the round's own compilation: the same per-device bytes."""
+  mesh = mesh_of({"clients": 2, "data": 2, "model": 2})
+  w = jax.device_put(params, jax.tree.map(lambda s: NS(mesh, s), param_specs))
+  x = jax.device_put(data, NS(mesh, P("clients", "data")))
+  rnd = faxbridge_round(mlp_loss, mesh, "auto")
+  return {"outer": compiled(rnd, w, x, options=fb.compiler_options())[1],
+          "own": _measured(rnd.lower(w, x))[1], "options": fb.compiler_options()}
 
 
 def transformer_cases() -> dict:

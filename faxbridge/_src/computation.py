@@ -7,14 +7,14 @@ import dataclasses
 import functools
 import inspect
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 from jax.extend import core as jcore
 from jax.extend import source_info_util
 
-from faxbridge._src import execution, placements
+from faxbridge._src import execution, jax_internals, placements
 from faxbridge._src.api import federated_context, in_federated_trace
 from faxbridge._src.errors import PlacementError, TraceError
 from faxbridge._src.execution import Strategy
@@ -257,7 +257,12 @@ class Computation:
       sharded = mesh is not None and "clients" in mesh.axis_names
       if sharded:
         _check_even(traced, mesh)
-      entry = self._signatures[key] = (traced, jax.jit(run), sharded, resolved)
+      jitted = jax.jit(run)
+      # XLA options apply to a top-level jit only (JAX refuses them on a nested one), so a call
+      # under the user's own jit runs `jitted`, inlined into theirs.
+      options = execution.compiler_options() if mesh is not None else {}
+      top = jax.jit(run, compiler_options=options) if options else jitted
+      entry = self._signatures[key] = _Executable(traced, jitted, top, sharded, resolved)
     return entry
 
   def strategy_for(self, *args: PyTree) -> str | tuple[str, int]:
@@ -268,17 +273,48 @@ class Computation:
     """
     mesh = self._resolve_mesh()
     with _as_ambient(mesh):
-      return self._executable(args, mesh)[3]
+      return self._executable(args, mesh).strategy
+
+  def lower(self, *args: PyTree) -> jax.stages.Lowered:
+    """This computation lowered for ``args`` (arrays or ``jax.ShapeDtypeStruct`` pytrees) as a
+    call compiles it: its strategy, its inputs placed on its mesh as a call places them, and
+    :func:`faxbridge.compiler_options`. As with ``jax.jit(f).lower``, ``.compile()`` gives the
+    executable and its ``memory_analysis()``.
+
+    Example:
+      >>> @fb.computation(in_placements=(fb.SERVER, fb.CLIENTS))
+      ... def total(s, x):
+      ...   return fb.sum(fb.map(jnp.multiply, fb.broadcast(s), x))
+      >>> x = jax.ShapeDtypeStruct((1000, 64), jnp.float32)
+      >>> exe = total.lower(jax.ShapeDtypeStruct((), jnp.float32), x).compile()
+      >>> exe.memory_analysis().output_size_in_bytes
+      256
+    """
+    mesh = self._resolve_mesh()
+    with _as_ambient(mesh):
+      run = self._executable(args, mesh)
+      return run.top.lower(*_placed(run.traced, mesh, args) if run.sharded else args)
 
   def __call__(self, *args: PyTree) -> PyTree:
     mesh = self._resolve_mesh()
     if mesh is None:  # the common case, kept short: it runs on every call
-      return self._executable(args, None)[1](*args)
+      return self._executable(args, None).jitted(*args)
     if _traced_under_explicit_mesh(mesh, args):
       return _in_auto_axes(self, args, mesh)
     with _as_ambient(mesh):
-      traced, jitted, sharded, _ = self._executable(args, mesh)
-      return jitted(*_placed(traced, mesh, args)) if sharded else jitted(*args)
+      run = self._executable(args, mesh)
+      jitted = run.top if jax_internals.at_top_level() else run.jitted
+      return jitted(*_placed(run.traced, mesh, args)) if run.sharded else jitted(*args)
+
+
+class _Executable(NamedTuple):
+  """A computation's native program for one input signature (``Computation._executable``)."""
+
+  traced: TracedComputation
+  jitted: Callable  # jax.jit of the program
+  top: Callable  # the same with faxbridge's XLA options, for calls outside any JAX trace
+  sharded: bool  # its CLIENTS inputs are split over a mesh's ``clients`` axis
+  strategy: str | tuple[str, int]  # what the execution strategy resolved to
 
 
 def _traced_under_explicit_mesh(mesh, args: Sequence) -> bool:
@@ -306,8 +342,7 @@ def _in_auto_axes(comp: Computation, args: Sequence, mesh) -> PyTree:
                                                    for p in placed.out_placements])
 
   def inside(*args):
-    _, jitted, _, _ = comp._executable(args, mesh)
-    return jitted(*args)
+    return comp._executable(args, mesh).jitted(*args)
 
   return jax.sharding.auto_axes(inside, out_sharding=out_specs)(*args)
 
@@ -380,6 +415,8 @@ def _put(x, sharding):
   # numpy inputs for arrays that span other processes' devices.
   if isinstance(x, jax.core.Tracer) or (isinstance(x, jax.Array) and x.sharding == sharding):
     return x
+  if isinstance(x, jax.ShapeDtypeStruct):  # lowered for a signature (Computation.lower)
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding, weak_type=x.weak_type)
   return jax.device_put(x, sharding)
 
 

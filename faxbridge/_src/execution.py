@@ -81,6 +81,32 @@ TOP_BLOCK_DIVISOR = 4
 MEMORY_SHARE = 0.25
 
 
+# XLA's CPU compiler merges independent all-reduces into one (its ``cpu-all-reduce-combiner``
+# pass). On a mesh with an axis inside each client (``data``), every client's gradient is
+# all-reduced over that axis, and merged, the all-reduces of all layers and of all the clients of a
+# block are live at once. Measured on the 4-layer transformer of tests/test_model_sharding.py on a
+# 2 x 2 x 2 (clients, data, model) host mesh, per device: the streamed round's temporaries 19.3 MB
+# with the pass, 3.1 MB without, and the round 66.9 -> 49.4 ms; vmap's 29.4 -> 13.5 MB,
+# 83.9 -> 75.1 ms; the same bits. Without such an axis (2 x 4) no change (2.26 / 2.24 MB).
+CPU_MESH_COMPILER_OPTIONS = {"xla_disable_hlo_passes": "cpu-all-reduce-combiner"}
+
+
+def compiler_options() -> dict[str, str]:
+  """The XLA options faxbridge compiles a native call on a mesh with, on the default backend.
+
+  On CPU, XLA's pass that merges all-reduces is turned off: merged, the per-client all-reduces of a
+  mesh axis inside each client (a ``data`` axis) keep every layer's per-client gradients live at
+  once, several times the memory. Elsewhere none (``{}``). A call of a computation compiles with
+  them; pass them to your own ``jax.jit`` around one (``jax.jit(step,
+  compiler_options=fb.compiler_options())``), whose compilation is the one that counts there.
+
+  Example:
+    >>> fb.compiler_options()  # on CPU
+    {'xla_disable_hlo_passes': 'cpu-all-reduce-combiner'}
+  """
+  return dict(CPU_MESH_COMPILER_OPTIONS) if jax.default_backend() == "cpu" else {}
+
+
 def validate(strategy: Strategy) -> Strategy:
   """``strategy`` in canonical form (``"stream"`` -> ``("stream", 1)``); a clear error otherwise."""
   if strategy in ("auto", "vmap"):

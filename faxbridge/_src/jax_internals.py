@@ -95,3 +95,12 @@ def eqn_context_on(ctx, mesh):
       ctx.compute_type, ctx.threefry_partitionable, mesh, ctx.cur_layout_mode,
       ctx.remove_size_one_mesh_axis, ctx.no_collectives,
       None if ctx.xla_metadata is None else tuple(sorted(ctx.xla_metadata.items())))
+
+
+# Private because: whether a call happens inside a JAX trace (an outer ``jax.jit``, ``grad``,
+# ``vmap``) is JAX's trace context; no public API says so. A computation's call compiles with XLA
+# options only outside one, where its own ``jax.jit`` is the top-level one (JAX refuses options on
+# a nested jit).
+def at_top_level() -> bool:
+  """Whether no JAX trace is in progress here."""
+  return _core.trace_state_clean()
