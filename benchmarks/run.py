@@ -403,6 +403,10 @@ def main(argv: list[str] | None = None) -> int:
                       help="keep the sections of the existing results.json this run skips (each "
                       "section's run is dated in `sections`): rerun one part on a quieter machine")
   ns = parser.parse_args(argv)
+  if ns.update and "fedavg" not in ns.skip and {"tff", "peers"} & set(ns.skip):
+    # The FedAvg section holds the TFF and peer rows: rerun without them, it would lose them.
+    parser.error("--update replaces the FedAvg section whole, its TFF and peer rows and the TFF "
+                 "profile included: skip fedavg as well, or neither tff nor peers")
   if ns.report_only:
     out = ns.out or HERE
     sys.path.insert(0, str(HERE))

@@ -398,3 +398,14 @@ def test_run_quick_gives_the_peers_rows(tmp_path):
   assert versions[".venv-bench pfl"] == "0.6.0" and versions[".venv-bench flwr"] == "1.42.0"
   text = (tmp_path / "results.md").read_text()
   assert "| pfl (Keras 3) | - |" in text and ".venv-bench pfl 0.6.0" in text
+
+
+# -- run.py --update ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("skipped", [["tff"], ["peers"], ["tff", "peers"]])
+def test_update_refuses_to_rerun_the_fedavg_section_without_its_tff_or_peer_rows(skipped, capsys):
+  import run
+
+  with pytest.raises(SystemExit) as stop:
+    run.main(["--update", "--skip", *skipped, "huge", "big_model", "export", "ragged", "overhead"])
+  assert stop.value.code == 2  # a usage error, before anything ran or was written
+  assert "replaces the FedAvg section whole" in capsys.readouterr().err
