@@ -344,6 +344,14 @@ def test_the_fedavg_drawing_shows_the_process_as_written(fedavg_page):
   model_bytes = sum(np.asarray(v).nbytes for v in model.values())
   down = _text(_by_class(sections["next"], "wire-bytes")[0])
   assert down == f"{model_bytes / 1024:.1f} KiB per client"
+  # The clients' examples are ragged (fb.ragged): drawn at the traced length, which is a bound.
+  from examples import _data
+
+  facts = [_text(li) for li in _by_tag(_by_class(sections["next"], "facts")[0], "li")]
+  assert any(f.startswith("client inputs 3 leaves (at most ") for f in facts), facts
+  tags = [_text(t) for t in _by_class(sections["next"], "tag")]
+  own = f"own rows, at most {_data.EXAMPLE_LENGTH}"
+  assert tags.count(own) == 2, tags  # x and y; not the count itself
 
 
 def test_uploads_are_named_by_what_the_user_wrote_where_they_are_a_client_input():

@@ -280,6 +280,11 @@ def test_the_form_carries_the_ragged_spec():
   count = next(b for b in form.inputs if b.name == "data_count")
   assert count.spec.shape == () and count.spec.dtype == "int32" and count.ragged is None
   _close(form.run(W, data), comp(W, data))
+  # `faxbridge inspect` lists the leaf at its traced length and says what a client really holds.
+  from faxbridge._src import render
+
+  text = render.form_text(form, "comp")
+  assert "  data['examples']: own rows: the first data['count'] of at most 256\n" in text
 
 
 @pytest.fixture

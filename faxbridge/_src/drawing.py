@@ -28,9 +28,11 @@ from faxbridge._src.render import (
   aggregate_uses,
   count_text,
   piece_sources,
+  ragged_tag,
   server_labels,
   shape_text,
   size_text,
+  user_name,
   user_steps,
 )
 
@@ -503,7 +505,10 @@ def _leaves_panel(form: FederatedForm) -> str:
   if server:
     blocks.append(("inputs on the server", _named_leaves(server, form)))
   if clients:
-    blocks.append(("inputs on each client (shapes per client)", _named_leaves(clients, form)))
+    ragged = {b.name: b for b in form.inputs if b.ragged is not None}
+    blocks.append(("inputs on each client (shapes per client)", [
+        dataclasses.replace(leaf, note=ragged_tag(ragged[leaf.spec.name]))
+        if leaf.spec.name in ragged else leaf for leaf in _named_leaves(clients, form)]))
   on_clients = any(b.placement is CLIENTS for b in form.outputs)
   blocks.append(("outputs" + (" (on the server unless marked)" if on_clients else ""), [
       dataclasses.replace(leaf, note="on the clients" if b.placement is CLIENTS else "")
@@ -537,8 +542,10 @@ def _facts(form: FederatedForm) -> str:
     facts.append(f"server inputs {count_text(len(server_in), 'leaf').replace('leafs', 'leaves')} "
                  f"({total(server_in)})")
   if client_in:
+    # A ragged leaf is drawn at its traced (padded) length: its bytes are an upper bound.
+    bound = "at most " if any(b.ragged is not None for b in client_in) else ""
     facts.append(f"client inputs {count_text(len(client_in), 'leaf').replace('leafs', 'leaves')} "
-                 f"({total(client_in)} per client)")
+                 f"({bound}{total(client_in)} per client)")
   facts.append(f"outputs {count_text(len(form.outputs), 'leaf').replace('leafs', 'leaves')} "
                f"({total(form.outputs)})")
   return '<ul class="facts">' + "".join(f"<li>{_e(f)}</li>" for f in facts) + "</ul>"

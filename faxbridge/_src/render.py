@@ -300,6 +300,21 @@ def _upload_specs(stage: Stage) -> dict[str, TensorSpec]:
   return {s.name: s for s in stage.client_work.outputs if s.name in stage.uploads}
 
 
+def ragged_note(binding: Binding, form: FederatedForm) -> str:
+  """What a ragged input leaf's (``fb.ragged``) shape means: its traced length is a bound, and a
+  client holds, sends to a runtime and reads only its own first ``count`` rows."""
+  spec = binding.ragged
+  assert spec is not None, binding.name
+  count = next(b for b in form.inputs if b.name == spec.count)
+  return f"own rows: the first {user_name(count, form.arg_names)} of at most {spec.max_length}"
+
+
+def ragged_tag(binding: Binding) -> str:
+  """:func:`ragged_note` short enough for a tag beside the leaf (the count is its sibling leaf)."""
+  assert binding.ragged is not None, binding.name
+  return f"own rows, at most {binding.ragged.max_length}"
+
+
 def _leaves_table(form: FederatedForm, bindings: Sequence[Binding], output: bool) -> str:
   if not bindings:
     return "  (none)"
@@ -321,8 +336,11 @@ def form_text(form: FederatedForm, title: str) -> str:
   where = (f"{count_text(len(form.stages), 'stage')}, traced for {form.clients} clients" if form.stages
            else "runs on the server only (no round trip to clients)")
   lines = [f"{title}: {where}", "",
-           "inputs (CLIENTS shapes are per client)", _leaves_table(form, form.inputs, False), "",
-           "outputs", _leaves_table(form, form.outputs, True)]
+           "inputs (CLIENTS shapes are per client)", _leaves_table(form, form.inputs, False)]
+  # A ragged leaf's row shows its traced (padded) length: say what a client really holds.
+  lines += [f"  {user_name(b, form.arg_names)}: {ragged_note(b, form)}"
+            for b in form.inputs if b.ragged is not None]
+  lines += ["", "outputs", _leaves_table(form, form.outputs, True)]
   for stage, traffic in zip(form.stages, form.bytes_per_client()):
     lines += ["", f"stage {stage.index}: each client downloads {size_text(traffic['download'])} "
               f"and uploads {size_text(traffic['upload'])}"]
