@@ -32,7 +32,6 @@ from faxbridge._src.render import (
   server_labels,
   shape_text,
   size_text,
-  user_name,
   user_steps,
 )
 
