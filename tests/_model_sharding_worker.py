@@ -213,8 +213,10 @@ def outer_jit_with_options(params, data, param_specs) -> dict:
   w = jax.device_put(params, jax.tree.map(lambda s: NS(mesh, s), param_specs))
   x = jax.device_put(data, NS(mesh, P("clients", "data")))
   rnd = faxbridge_round(mlp_loss, mesh, "auto")
+  shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), (w, x))
   return {"outer": compiled(rnd, w, x, options=fb.compiler_options())[1],
-          "own": _measured(rnd.lower(w, x))[1], "options": fb.compiler_options()}
+          "own": _measured(rnd.lower(w, x))[1], "options": fb.compiler_options(),
+          "own_from_shapes": _measured(rnd.lower(*shapes))[1]}
 
 
 def transformer_cases() -> dict:

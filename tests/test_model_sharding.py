@@ -105,6 +105,8 @@ def test_an_outer_jit_given_the_compiler_options_compiles_as_the_call_does(mlp):
   outer = mlp["outer_jit_with_options"]
   assert outer["options"] == {"xla_disable_hlo_passes": "cpu-all-reduce-combiner"}
   assert outer["outer"] == outer["own"]
+  # Lowered from shapes that carry the shardings (ShapeDtypeStruct(..., sharding=)), as from arrays.
+  assert outer["own_from_shapes"] == outer["own"]
 
 
 @pytest.mark.timeout(1500)

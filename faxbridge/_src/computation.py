@@ -439,7 +439,7 @@ def _on_mesh(x, mesh, clients: bool) -> jax.sharding.NamedSharding:
   split over ``clients`` only.
   """
   P = jax.sharding.PartitionSpec
-  given = getattr(x, "sharding", None) if isinstance(x, jax.Array) else None
+  given = getattr(x, "sharding", None) if isinstance(x, jax.Array | jax.ShapeDtypeStruct) else None
   if (isinstance(given, jax.sharding.NamedSharding) and given.mesh.axis_names == mesh.axis_names
       and given.mesh.devices.shape == mesh.devices.shape
       and (given.mesh.devices == mesh.devices).all()):
