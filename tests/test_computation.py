@@ -178,3 +178,30 @@ def test_two_stage_equals_plain_jax():
   got_mean, got_centred = two_stage.computation(scale, values)
   np.testing.assert_allclose(got_mean, mean, rtol=1e-5)
   np.testing.assert_allclose(got_centred, centred, rtol=1e-5)
+
+
+def test_a_call_on_a_mesh_compiles_with_the_options_where_jax_allows_them():
+  """On a mesh, a call compiles with fb.compiler_options(); JAX takes options on a top-level jit
+  only, so under an outer jit, scan or checkpoint the call is staged in without them, and under
+  grad or vmap alone it keeps them. Every composition runs and equals plain JAX."""
+  from faxbridge._src import jax_internals
+
+  mesh = jax.make_mesh((1,), ("clients",), axis_types=(jax.sharding.AxisType.Auto,))
+  comp = fb.computation(lambda w, x: fb.mean(fb.map(lambda w, x: jnp.sin(w * x).sum(),
+                                                     fb.broadcast(w), x)),
+                        in_placements=(fb.SERVER, fb.CLIENTS), mesh=mesh)
+  plain = lambda w, x: jnp.mean(jnp.sin(w * x).sum(axis=1))
+  w, x = np.float32(0.5), np.arange(12, dtype=np.float32).reshape(4, 3)
+  assert comp.lower(w, x).compile().as_text() is not None
+  vmapped = lambda f: lambda w, x: jax.vmap(f, (None, 0))(w, jnp.stack([x, x + 1]))
+  for transform, staged in [(lambda f: f, False), (jax.grad, False), (vmapped, False),
+                            (jax.jit, True), (lambda f: jax.jit(jax.grad(f)), True),
+                            (jax.checkpoint, True), (lambda f: jax.grad(jax.checkpoint(f)), True)]:
+    seen = []
+
+    def probe(w, x, seen=seen):  # a new function each time: JAX caches traces per function
+      seen.append(jax_internals.inside_a_staged_trace())
+      return comp(w, x)
+
+    np.testing.assert_allclose(transform(probe)(w, x), transform(plain)(w, x), rtol=1e-5, atol=1e-6)
+    assert seen == [staged], (transform, seen)

@@ -259,7 +259,8 @@ class Computation:
         _check_even(traced, mesh)
       jitted = jax.jit(run)
       # XLA options apply to a top-level jit only (JAX refuses them on a nested one), so a call
-      # under the user's own jit runs `jitted`, inlined into theirs.
+      # staged into the user's own jit (or scan, checkpoint) runs `jitted`, inlined into theirs;
+      # under grad or vmap alone, `top` still runs as a top-level jit.
       options = execution.compiler_options() if mesh is not None else {}
       top = jax.jit(run, compiler_options=options) if options else jitted
       entry = self._signatures[key] = _Executable(traced, jitted, top, sharded, resolved)
@@ -303,7 +304,7 @@ class Computation:
       return _in_auto_axes(self, args, mesh)
     with _as_ambient(mesh):
       run = self._executable(args, mesh)
-      jitted = run.top if jax_internals.at_top_level() else run.jitted
+      jitted = run.jitted if jax_internals.inside_a_staged_trace() else run.top
       return jitted(*_placed(run.traced, mesh, args)) if run.sharded else jitted(*args)
 
 
@@ -312,7 +313,7 @@ class _Executable(NamedTuple):
 
   traced: TracedComputation
   jitted: Callable  # jax.jit of the program
-  top: Callable  # the same with faxbridge's XLA options, for calls outside any JAX trace
+  top: Callable  # the same with faxbridge's XLA options, for calls no outer trace stages in
   sharded: bool  # its CLIENTS inputs are split over a mesh's ``clients`` axis
   strategy: str | tuple[str, int]  # what the execution strategy resolved to
 

@@ -17,6 +17,7 @@ from jax._src import callback as _callback
 from jax._src import core as _core
 from jax._src import debugging as _debugging
 from jax._src import source_info_util as _source_info_util
+from jax._src.interpreters import partial_eval as _pe
 from jax._src.pjit import reshard_p
 from jax._src.random import prng, random_clone_p
 
@@ -24,6 +25,7 @@ __all__ = [
   "PYTHON_CALLBACKS",
   "eqn_context_on",
   "innermost_scope",
+  "inside_a_staged_trace",
   "is_user_filename",
   "prng",
   "random_clone_p",
@@ -97,10 +99,15 @@ def eqn_context_on(ctx, mesh):
       None if ctx.xla_metadata is None else tuple(sorted(ctx.xla_metadata.items())))
 
 
-# Private because: whether a call happens inside a JAX trace (an outer ``jax.jit``, ``grad``,
-# ``vmap``) is JAX's trace context; no public API says so. A computation's call compiles with XLA
-# options only outside one, where its own ``jax.jit`` is the top-level one (JAX refuses options on
-# a nested jit).
-def at_top_level() -> bool:
-  """Whether no JAX trace is in progress here."""
-  return _core.trace_state_clean()
+# Private because: whether a call is being staged into a jaxpr (an outer ``jax.jit``, ``make_jaxpr``,
+# ``lax.scan``, ``jax.checkpoint``) is JAX's trace context; no public API says so. A computation's
+# call compiles with XLA options only outside one: JAX refuses options on a jit that another stages
+# in, while one evaluated under ``grad`` or ``vmap`` alone still runs as a top-level jit.
+def inside_a_staged_trace() -> bool:
+  """Whether a trace that stages out a jaxpr is in progress here (at any depth)."""
+  trace = _core.trace_ctx.trace
+  while trace is not None:
+    if isinstance(trace, _pe.DynamicJaxprTrace):
+      return True
+    trace = getattr(trace, "parent_trace", None)
+  return False
