@@ -248,7 +248,7 @@ def huge_mode(clients: int, name: str, repeats: int, budget_s: float) -> dict:
   out = {"clients": clients, "impl": name, "data_mb": data_mb, "baseline_mb": mem.baseline_mb,
          "peak_mb": mem.peak_mb, "delta_mb": mem.peak_mb - mem.baseline_mb, "first_call_s": first,
          "times_s": times, "process_maxrss_mb": _maxrss_mb()}
-  compiled = jax.jit(lambda p, d: fn(p, d)).lower(params, data).compile()
+  compiled = jax.jit(fn).lower(params, data).compile()
   out["xla_temp_mb"] = compiled.memory_analysis().temp_size_in_bytes / 2**20
   if name.endswith("auto"):
     out["auto_picked"] = auto_choice(fn, params, data)

@@ -199,6 +199,8 @@ def fedavg(sizes: list[int], repeats: int, budget_s: float, memory_mb: float,
   return rows
 
 
+# The measured parts of results.json (the rest describes the run); --update keeps the ones it skips.
+SECTIONS = ("fedavg", "tff_profile", "huge", "big_model", "overhead", "ragged", "export_cost")
 OVERHEAD_SIZES, QUICK_OVERHEAD_SIZES = [8, 32, 128, 2048], [2, 4]
 OVERHEAD_PAIR = ("faxbridge auto", "scan of vmap blocks")
 
@@ -461,16 +463,13 @@ def main(argv: list[str] | None = None) -> int:
     if not quick:
       results["export_cost"] += export_cost(params[:1], eqns[:1], ["tflite"], log)
   results["total_s"] = time.perf_counter() - started
-  ran = [k for k in ("fedavg", "tff_profile", "huge", "big_model", "overhead", "ragged", "export_cost")
-         if k in results]
   today = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-  results["sections"] = {k: today for k in ran}
+  results["sections"] = {k: today for k in SECTIONS if k in results}
   if ns.update and (out / "results.json").exists():
     earlier = json.loads((out / "results.json").read_text())
-    for key, value in earlier.items():
-      if key not in ran and key not in ("machine", "versions", "quick", "repeats", "round_budget_s",
-                                        "total_s", "sections"):
-        results[key] = value
+    for key in SECTIONS:
+      if key not in results and key in earlier:
+        results[key] = earlier[key]
         results["sections"][key] = earlier.get("sections", {}).get(key, "an earlier run")
   (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
   sys.path.insert(0, str(HERE))

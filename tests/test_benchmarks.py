@@ -418,3 +418,16 @@ def test_update_refuses_to_rerun_the_fedavg_section_without_its_tff_or_peer_rows
     run.main(["--update", "--skip", *skipped, "huge", "big_model", "export", "ragged", "overhead"])
   assert stop.value.code == 2  # a usage error, before anything ran or was written
   assert "replaces the FedAvg section whole" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # compiles the two overhead rounds at 2 and 4 clients (~10 s)
+def test_update_reruns_the_sections_it_does_not_skip_and_keeps_the_others_with_their_dates(tmp_path):
+  earlier = json.loads((ROOT / "benchmarks" / "results.json").read_text())
+  (tmp_path / "results.json").write_text(json.dumps(earlier))
+  subprocess.run([sys.executable, "benchmarks/run.py", "--quick", "--update", "--out", str(tmp_path),
+                  "--skip", "fedavg", "tff", "peers", "huge", "big_model", "export", "ragged"],
+                 check=True, cwd=ROOT, capture_output=True, timeout=600)
+  now = json.loads((tmp_path / "results.json").read_text())
+  assert set(now["overhead"]) == {"2", "4"} and now["sections"]["overhead"] != earlier["sections"]["overhead"]
+  for key in ("fedavg", "tff_profile", "huge", "big_model", "ragged", "export_cost"):
+    assert now[key] == earlier[key] and now["sections"][key] == earlier["sections"][key], key
